@@ -1,0 +1,25 @@
+//! The shared domain of Sigil: everything both the server and the agent must agree on.
+//!
+//! - [`id`]: SPIFFE IDs and trust domains (the `spiffe` crate's types, with Sigil's stricter checks
+//!   and the well-known IDs of Sigil's own components).
+//! - [`selector`]: `type:value` selectors that describe workloads and nodes.
+//! - [`entry`]: registration entries and their validation.
+//! - [`bundle`]: trust bundles and the SPIFFE bundle JSON format.
+//! - [`x509`]: the X509-SVID profile: CSR checks, leaf and CA certificate parameters, parsing.
+//! - [`tls`]: rustls verifiers that authenticate peers by SPIFFE ID against a bundle.
+//! - [`clock`]: the injectable clock that every expiry and rotation decision reads.
+//! - [`health`]: the `/ready` probe behind both `healthcheck` commands.
+//!
+//! Errors are one enum, [`Error`], whose messages name the field that was wrong.
+
+pub mod bundle;
+pub mod clock;
+pub mod entry;
+mod error;
+pub mod health;
+pub mod id;
+pub mod selector;
+pub mod tls;
+pub mod x509;
+
+pub use error::{Error, Result};

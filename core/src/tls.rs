@@ -1,0 +1,115 @@
+//! rustls verification by SPIFFE ID.
+//!
+//! SPIFFE peers carry no DNS names, so the usual hostname check does not apply: a peer is
+//! authenticated when its chain verifies against the trust bundle of its domain and its single URI
+//! SAN is the SPIFFE ID we expect. Everything runs on rustls' ring provider.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+
+use crate::id::SpiffeId;
+use crate::x509::certificate_facts;
+use crate::{Error, Result};
+
+/// The crypto provider every Sigil TLS endpoint uses.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Trust anchors from DER root certificates.
+pub fn trust_anchors(roots: &[Vec<u8>]) -> Result<Vec<TrustAnchor<'static>>> {
+    roots
+        .iter()
+        .map(|der| {
+            webpki::anchor_from_trusted_cert(&CertificateDer::from(der.as_slice()))
+                .map(|anchor| anchor.to_owned())
+                .map_err(|e| Error::InvalidCertificate(format!("unusable trust anchor: {e}")))
+        })
+        .collect()
+}
+
+/// Authenticates a TLS server by SPIFFE ID: its chain must verify against `roots` and its URI SAN
+/// must equal the expected ID. The TLS server name is ignored.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    roots: Vec<TrustAnchor<'static>>,
+    expected: SpiffeId,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeServerVerifier {
+    /// A verifier that accepts only `expected`, signed by one of `roots` (DER).
+    pub fn new(roots: &[Vec<u8>], expected: SpiffeId) -> Result<Self> {
+        Ok(SpiffeServerVerifier {
+            roots: trust_anchors(roots)?,
+            expected,
+            algorithms: crypto_provider().signature_verification_algorithms,
+        })
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| rustls::Error::General(format!("bad server certificate: {e}")))?;
+        cert.verify_for_usage(
+            self.algorithms.all,
+            &self.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| {
+            rustls::Error::General(format!(
+                "the server's certificate does not verify against the trust bundle: {e}"
+            ))
+        })?;
+        let facts =
+            certificate_facts(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
+        match facts.spiffe_id {
+            Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
+            Some(id) => Err(rustls::Error::General(format!(
+                "the server presented {id}, expected {}",
+                self.expected
+            ))),
+            None => Err(rustls::Error::General(
+                "the server's certificate has no single SPIFFE ID".into(),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,20 @@
+//! Generates the tonic code for Sigil's protobuf APIs with a vendored `protoc` (and its bundled
+//! well-known types), so a fresh machine needs no system package.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    let protos = [
+        "proto/common.proto",
+        "proto/agent.proto",
+        "proto/admin.proto",
+        "proto/workload.proto",
+        "proto/istio_ca.proto",
+    ]
+    .map(PathBuf::from);
+    let includes = [PathBuf::from("proto"), protoc_bin_vendored::include_path()?];
+    tonic_prost_build::configure().compile_with_config(config, &protos, &includes)?;
+    Ok(())
+}
