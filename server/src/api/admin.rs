@@ -1,0 +1,333 @@
+//! The admin API: join tokens, registration entries, agents, the bundle and the issuance record.
+//!
+//! It listens only on a Unix socket with owner-only permissions: whoever can open the socket is
+//! the operator. Every write goes to the datastore first and then into the in-memory
+//! authorizations, so an entry created here is visible to sync streams before the call returns.
+
+use std::sync::Arc;
+
+use ring::rand::{SecureRandom, SystemRandom};
+use sigil_core::entry::EntryInput;
+use sigil_core::id::{parse_member_id, server_id};
+use sigil_core::selector::Selector;
+use sigil_proto::admin::admin_api_server::AdminApi;
+use sigil_proto::admin::{
+    Agent, AgentId, CreateEntryRequest, CreateJoinTokenRequest, CreateJoinTokenResponse, EntryId,
+    GetBundleRequest, IssuedSvid, ListAgentsRequest, ListAgentsResponse, ListEntriesRequest,
+    ListEntriesResponse, ListSvidsRequest, ListSvidsResponse, SvidSerial, UpdateEntryRequest,
+};
+use sigil_proto::common;
+use tonic::{Request, Response, Status};
+
+use super::ServerState;
+use super::convert::{agent_to_proto, entry_input, entry_to_proto, issued_to_proto};
+use crate::attest::{generate_join_token, hash_token, token_agent_id, token_selector};
+use crate::datastore::{DataStore, EntryFilter, JoinToken, SvidFilter};
+use crate::{Error, Result};
+
+/// The admin API over a [`ServerState`].
+#[derive(Debug)]
+pub struct AdminService<D> {
+    state: Arc<ServerState<D>>,
+}
+
+impl<D> AdminService<D> {
+    /// The service over shared server state.
+    pub fn new(state: Arc<ServerState<D>>) -> Self {
+        AdminService { state }
+    }
+}
+
+/// A new entry id: 128 random bits in hex.
+fn new_entry_id() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| Error::Ca("the system random source failed".into()))?;
+    Ok(hex::encode(bytes))
+}
+
+fn required(field: &'static str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        Err(Error::Invalid(sigil_core::Error::field(
+            field,
+            "is required",
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+impl<D: DataStore> AdminService<D> {
+    async fn create_token(
+        &self,
+        request: CreateJoinTokenRequest,
+    ) -> Result<CreateJoinTokenResponse> {
+        let trust_domain = self.state.ca.trust_domain();
+        if request.ttl < 0 {
+            return Err(Error::Invalid(sigil_core::Error::field(
+                "ttl",
+                "must be positive",
+            )));
+        }
+        let now = self.state.clock.unix_now();
+        let ttl = if request.ttl == 0 {
+            i64::try_from(self.state.join_token_ttl.as_secs()).unwrap_or(600)
+        } else {
+            request.ttl
+        };
+        let token = generate_join_token()?;
+        let token_hash = hash_token(&token);
+        if !request.alias_spiffe_id.is_empty() {
+            // The alias is a node-alias entry: parented to the server, matching this token's
+            // selector, so the agent that uses the token also obtains the alias's entries.
+            let alias = parse_member_id("spiffe_id", &request.alias_spiffe_id, trust_domain)?;
+            let entry = EntryInput {
+                spiffe_id: alias.to_string(),
+                parent_id: server_id(trust_domain).to_string(),
+                selectors: vec![token_selector(&token_hash)?],
+                ..EntryInput::default()
+            }
+            .validate(trust_domain, new_entry_id()?, now)?;
+            self.state.datastore.create_entry(&entry).await?;
+        }
+        self.state
+            .datastore
+            .create_join_token(&JoinToken {
+                token_hash: token_hash.clone(),
+                alias_spiffe_id: request.alias_spiffe_id,
+                expires_at: now + ttl,
+                created_at: now,
+            })
+            .await?;
+        self.state
+            .authz
+            .catch_up(self.state.datastore.as_ref())
+            .await?;
+        Ok(CreateJoinTokenResponse {
+            token,
+            expires_at: now + ttl,
+            agent_spiffe_id: token_agent_id(trust_domain, &token_hash)?.to_string(),
+        })
+    }
+
+    async fn write_entry(
+        &self,
+        entry: Option<common::Entry>,
+        create: bool,
+    ) -> Result<common::Entry> {
+        let entry = entry
+            .ok_or_else(|| Error::Invalid(sigil_core::Error::field("entry", "is required")))?;
+        let now = self.state.clock.unix_now();
+        let trust_domain = self.state.ca.trust_domain();
+        let stored = if create {
+            let checked = entry_input(entry).validate(trust_domain, new_entry_id()?, now)?;
+            self.state.datastore.create_entry(&checked).await?
+        } else {
+            required("id", &entry.id)?;
+            let existing = self
+                .state
+                .datastore
+                .get_entry(&entry.id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("entry `{}`", entry.id)))?;
+            let id = entry.id.clone();
+            let mut checked = entry_input(entry).validate(trust_domain, id, now)?;
+            checked.created_at = existing.created_at;
+            self.state.datastore.update_entry(&checked).await?
+        };
+        self.state
+            .authz
+            .catch_up(self.state.datastore.as_ref())
+            .await?;
+        Ok(entry_to_proto(&stored))
+    }
+}
+
+#[tonic::async_trait]
+impl<D: DataStore> AdminApi for AdminService<D> {
+    async fn create_join_token(
+        &self,
+        request: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        Ok(Response::new(
+            self.create_token(request.into_inner()).await?,
+        ))
+    }
+
+    async fn create_entry(
+        &self,
+        request: Request<CreateEntryRequest>,
+    ) -> Result<Response<common::Entry>, Status> {
+        Ok(Response::new(
+            self.write_entry(request.into_inner().entry, true).await?,
+        ))
+    }
+
+    async fn update_entry(
+        &self,
+        request: Request<UpdateEntryRequest>,
+    ) -> Result<Response<common::Entry>, Status> {
+        Ok(Response::new(
+            self.write_entry(request.into_inner().entry, false).await?,
+        ))
+    }
+
+    async fn delete_entry(
+        &self,
+        request: Request<EntryId>,
+    ) -> Result<Response<common::Entry>, Status> {
+        let id = request.into_inner().id;
+        required("id", &id)?;
+        let deleted = self.state.datastore.delete_entry(&id).await?;
+        self.state
+            .authz
+            .catch_up(self.state.datastore.as_ref())
+            .await?;
+        Ok(Response::new(entry_to_proto(&deleted)))
+    }
+
+    async fn get_entry(
+        &self,
+        request: Request<EntryId>,
+    ) -> Result<Response<common::Entry>, Status> {
+        let id = request.into_inner().id;
+        required("id", &id)?;
+        let entry = self
+            .state
+            .datastore
+            .get_entry(&id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("entry `{id}`")))?;
+        Ok(Response::new(entry_to_proto(&entry)))
+    }
+
+    async fn list_entries(
+        &self,
+        request: Request<ListEntriesRequest>,
+    ) -> Result<Response<ListEntriesResponse>, Status> {
+        let request = request.into_inner();
+        let selectors: Vec<Selector> = request.selectors.into_iter().map(Selector::from).collect();
+        for selector in &selectors {
+            selector.check().map_err(Error::from)?;
+        }
+        let filter = EntryFilter {
+            spiffe_id: Some(request.spiffe_id).filter(|s| !s.is_empty()),
+            parent_id: Some(request.parent_id).filter(|s| !s.is_empty()),
+            selectors,
+        };
+        let entries = self.state.datastore.list_entries(&filter).await?;
+        Ok(Response::new(ListEntriesResponse {
+            entries: entries.iter().map(entry_to_proto).collect(),
+        }))
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        let agents = self.state.datastore.list_agents().await?;
+        Ok(Response::new(ListAgentsResponse {
+            agents: agents.iter().map(agent_to_proto).collect(),
+        }))
+    }
+
+    async fn get_agent(&self, request: Request<AgentId>) -> Result<Response<Agent>, Status> {
+        let id = request.into_inner().spiffe_id;
+        let agent = self
+            .state
+            .datastore
+            .get_agent(&id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("agent `{id}`")))?;
+        Ok(Response::new(agent_to_proto(&agent)))
+    }
+
+    async fn evict_agent(&self, request: Request<AgentId>) -> Result<Response<Agent>, Status> {
+        let id = request.into_inner().spiffe_id;
+        let agent = self.state.datastore.delete_agent(&id).await?;
+        self.state
+            .authz
+            .catch_up(self.state.datastore.as_ref())
+            .await?;
+        tracing::info!(agent = %id, "agent evicted; it must attest again");
+        Ok(Response::new(agent_to_proto(&agent)))
+    }
+
+    async fn ban_agent(&self, request: Request<AgentId>) -> Result<Response<Agent>, Status> {
+        let id = request.into_inner().spiffe_id;
+        let agent = self
+            .state
+            .datastore
+            .ban_agent(&id, self.state.clock.unix_now())
+            .await?;
+        self.state
+            .authz
+            .catch_up(self.state.datastore.as_ref())
+            .await?;
+        tracing::info!(agent = %id, "agent banned");
+        Ok(Response::new(agent_to_proto(&agent)))
+    }
+
+    async fn get_bundle(
+        &self,
+        _request: Request<GetBundleRequest>,
+    ) -> Result<Response<common::Bundle>, Status> {
+        Ok(Response::new(common::Bundle::from(
+            self.state.ca.bundle().as_ref(),
+        )))
+    }
+
+    async fn list_svids(
+        &self,
+        request: Request<ListSvidsRequest>,
+    ) -> Result<Response<ListSvidsResponse>, Status> {
+        let request = request.into_inner();
+        let filter = SvidFilter {
+            spiffe_id: Some(request.spiffe_id).filter(|s| !s.is_empty()),
+            agent_id: Some(request.agent_id).filter(|s| !s.is_empty()),
+            valid_at: request.valid_only.then(|| self.state.clock.unix_now()),
+        };
+        let svids = self.state.datastore.list_issued_svids(&filter).await?;
+        Ok(Response::new(ListSvidsResponse {
+            svids: svids.iter().map(issued_to_proto).collect(),
+        }))
+    }
+
+    async fn get_svid(&self, request: Request<SvidSerial>) -> Result<Response<IssuedSvid>, Status> {
+        let serial = request.into_inner().serial.to_ascii_lowercase();
+        let svid = self
+            .state
+            .datastore
+            .get_issued_svid(&serial)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("issued SVID with serial `{serial}`")))?;
+        Ok(Response::new(issued_to_proto(&svid)))
+    }
+}
+
+/// A client of the admin API on the Unix socket at `socket` (what the CLI and the quickstart use).
+pub async fn connect(
+    socket: &std::path::Path,
+) -> Result<sigil_proto::admin::admin_api_client::AdminApiClient<tonic::transport::Channel>> {
+    let path = socket.to_path_buf();
+    // The URI is required by the API but unused: every connection goes to the Unix socket.
+    let channel = tonic::transport::Endpoint::from_static("http://admin.sock")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot reach the server's admin socket {} ({e}); is `sigil-server run` running, and is --socket (or SIGIL_ADMIN_SOCKET) right?",
+                socket.display()
+            ))
+        })?;
+    Ok(
+        sigil_proto::admin::admin_api_client::AdminApiClient::new(channel)
+            .max_decoding_message_size(usize::MAX),
+    )
+}

@@ -1,0 +1,463 @@
+//! The agent API: node attestation, the agent's own SVID, the sync stream and SVID signing.
+//!
+//! Every call but `AttestNode` must come with the agent's SVID as the TLS client certificate. The
+//! caller's agent ID is read from that certificate (the handshake already verified it against the
+//! bundle), then checked against the in-memory authorizations: no call on this path waits on the
+//! database except the writes that record an attestation or renewal.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use sigil_core::id::is_agent_id;
+use sigil_core::x509::{certificate_facts, check_csr};
+use sigil_proto::agent::agent_api_server::AgentApi;
+use sigil_proto::agent::{
+    AttestNodeRequest, AttestNodeResponse, BatchSignX509SvidRequest, BatchSignX509SvidResponse,
+    RenewAgentSvidRequest, RenewAgentSvidResponse, SignJwtSvidRequest, SignJwtSvidResponse,
+    SyncRequest, SyncResponse, X509SvidResult,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::ServerState;
+use super::convert::{entry_to_proto, svid_to_proto};
+use crate::datastore::{AgentRecord, DataStore, IssuedSvid};
+use crate::metrics::{AttestationLabels, SvidLabels};
+use crate::{Error, Result};
+
+/// The most CSRs one batch may carry.
+pub const MAX_BATCH: usize = 1000;
+
+/// The agent API over a [`ServerState`].
+#[derive(Debug)]
+pub struct AgentService<D> {
+    state: Arc<ServerState<D>>,
+    streams: Arc<StreamCounts>,
+}
+
+impl<D> AgentService<D> {
+    /// The service over shared server state.
+    pub fn new(state: Arc<ServerState<D>>) -> Self {
+        AgentService {
+            state,
+            streams: Arc::default(),
+        }
+    }
+}
+
+/// The calling agent's SPIFFE ID, from its verified client certificate.
+fn caller_agent<T>(request: &Request<T>, state: &ServerState<impl DataStore>) -> Result<String> {
+    let certs = request.peer_certs().ok_or_else(|| {
+        Error::Unauthenticated(
+            "this call needs the agent's SVID as the TLS client certificate; attest the node first"
+                .into(),
+        )
+    })?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Error::Unauthenticated("no client certificate".into()))?;
+    let facts = certificate_facts(leaf)?;
+    let id = facts
+        .spiffe_id
+        .filter(|id| is_agent_id(id, state.ca.trust_domain()))
+        .ok_or_else(|| {
+            Error::PermissionDenied(
+                "the client certificate is not an agent SVID of this trust domain".into(),
+            )
+        })?;
+    let id = id.to_string();
+    state.authz.check_agent(&id)?;
+    Ok(id)
+}
+
+impl<D: DataStore> AgentService<D> {
+    fn record(
+        &self,
+        kind: &'static str,
+        spiffe_id: &str,
+        agent_id: &str,
+        entry_id: &str,
+        svid: &crate::ca::SignedX509Svid,
+    ) {
+        self.state
+            .metrics
+            .svids_signed
+            .get_or_create(&SvidLabels { kind })
+            .inc();
+        self.state.recorder.record(IssuedSvid {
+            serial: svid.serial.clone(),
+            kind: "x509".into(),
+            spiffe_id: spiffe_id.to_string(),
+            agent_id: agent_id.to_string(),
+            entry_id: entry_id.to_string(),
+            authority_id: svid.authority_id.clone(),
+            not_before: svid.not_before,
+            not_after: svid.not_after,
+        });
+    }
+
+    /// Signs an agent SVID for the key in `csr`.
+    fn sign_agent_svid(
+        &self,
+        agent_id: &sigil_core::id::SpiffeId,
+        csr: &[u8],
+    ) -> Result<crate::ca::SignedX509Svid> {
+        let csr = check_csr(csr)?;
+        let svid = self.state.ca.sign_x509_svid(
+            &csr.public_key,
+            agent_id,
+            &[],
+            self.state.agent_svid_ttl,
+        )?;
+        self.record(
+            "agent",
+            &agent_id.to_string(),
+            &agent_id.to_string(),
+            "",
+            &svid,
+        );
+        Ok(svid)
+    }
+
+    async fn attest(&self, request: AttestNodeRequest) -> Result<AttestNodeResponse> {
+        let attestor = self
+            .state
+            .attestors
+            .get(request.attestor.as_str())
+            .ok_or_else(|| {
+                let mut known: Vec<&str> = self.state.attestors.keys().copied().collect();
+                known.sort_unstable();
+                Error::Invalid(sigil_core::Error::field(
+                    "attestor",
+                    format!(
+                        "`{}` is not enabled on this server; enabled: {}",
+                        request.attestor,
+                        known.join(", ")
+                    ),
+                ))
+            })?;
+        // Check the CSR before the attestor uses up a one-time token on a request that would fail.
+        check_csr(&request.csr)?;
+        let node = attestor.attest(&request.payload).await?;
+        let agent_id = node.agent_id.to_string();
+        let existing = self.state.datastore.get_agent(&agent_id).await?;
+        if existing.as_ref().is_some_and(|a| a.banned) {
+            return Err(Error::PermissionDenied(format!(
+                "agent {agent_id} is banned; an operator must evict it before it can attest again"
+            )));
+        }
+        let svid = self.sign_agent_svid(&node.agent_id, &request.csr)?;
+        let now = self.state.clock.unix_now();
+        self.state
+            .datastore
+            .put_agent(&AgentRecord {
+                spiffe_id: agent_id.clone(),
+                attestor: attestor.name().to_string(),
+                selectors: node.selectors,
+                svid_serial: svid.serial.clone(),
+                svid_expires_at: svid.not_after,
+                banned: false,
+                created_at: existing.map_or(now, |a| a.created_at),
+                updated_at: now,
+            })
+            .await?;
+        self.state
+            .authz
+            .catch_up(self.state.datastore.as_ref())
+            .await?;
+        tracing::info!(agent = %agent_id, attestor = attestor.name(), "node attested");
+        Ok(AttestNodeResponse {
+            svid: Some(svid_to_proto(agent_id, &svid)),
+            bundle: Some(sigil_proto::common::Bundle::from(
+                self.state.ca.bundle().as_ref(),
+            )),
+        })
+    }
+
+    fn sign_one(
+        &self,
+        agent_id: &str,
+        entry_id: &str,
+        csr: &[u8],
+    ) -> Result<sigil_proto::common::X509Svid> {
+        let started = Instant::now();
+        let entry = self.state.authz.authorize(agent_id, entry_id)?;
+        let csr = check_csr(csr)?;
+        if let Some(requested) = csr.spiffe_id.as_ref().filter(|id| **id != entry.spiffe_id) {
+            return Err(Error::PermissionDenied(format!(
+                "the CSR asks for {requested}, but entry `{entry_id}` is {}; the agent is not authorized for that ID",
+                entry.spiffe_id
+            )));
+        }
+        let ttl = Duration::from_secs(u64::try_from(entry.x509_svid_ttl).unwrap_or(0));
+        let svid = self.state.ca.sign_x509_svid(
+            &csr.public_key,
+            &entry.spiffe_id,
+            &entry.dns_names,
+            ttl,
+        )?;
+        self.state
+            .metrics
+            .signing_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let spiffe_id = entry.spiffe_id.to_string();
+        self.record("x509", &spiffe_id, agent_id, entry_id, &svid);
+        Ok(svid_to_proto(spiffe_id, &svid))
+    }
+}
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<SyncResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<D: DataStore> AgentApi for AgentService<D> {
+    async fn attest_node(
+        &self,
+        request: Request<AttestNodeRequest>,
+    ) -> Result<Response<AttestNodeResponse>, Status> {
+        let request = request.into_inner();
+        let attestor = request.attestor.clone();
+        let outcome = self.attest(request).await;
+        let result = match &outcome {
+            Ok(_) => "success",
+            Err(Error::Unauthenticated(_) | Error::PermissionDenied(_) | Error::Invalid(_)) => {
+                "refused"
+            }
+            Err(_) => "error",
+        };
+        self.state
+            .metrics
+            .attestations
+            .get_or_create(&AttestationLabels { attestor, result })
+            .inc();
+        if let Err(e) = &outcome {
+            tracing::warn!(error = %e, "node attestation refused");
+        }
+        Ok(Response::new(outcome?))
+    }
+
+    async fn renew_agent_svid(
+        &self,
+        request: Request<RenewAgentSvidRequest>,
+    ) -> Result<Response<RenewAgentSvidResponse>, Status> {
+        let agent_id = caller_agent(&request, &self.state)?;
+        let id = sigil_core::id::parse_spiffe_id("agent_id", &agent_id).map_err(Error::from)?;
+        let svid = self
+            .sign_agent_svid(&id, &request.get_ref().csr)
+            .inspect_err(|e| {
+                tracing::warn!(agent = %agent_id, error = %e, "agent SVID renewal refused");
+            })?;
+        let now = self.state.clock.unix_now();
+        self.state
+            .datastore
+            .set_agent_svid(&agent_id, &svid.serial, svid.not_after, now)
+            .await?;
+        Ok(Response::new(RenewAgentSvidResponse {
+            svid: Some(svid_to_proto(agent_id, &svid)),
+        }))
+    }
+
+    type SyncStream = SyncStream;
+
+    async fn sync(
+        &self,
+        request: Request<SyncRequest>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let agent_id = caller_agent(&request, &self.state)?;
+        let (sender, receiver) = mpsc::channel(16);
+        let state = self.state.clone();
+        let streams = self.streams.clone();
+        tokio::spawn(async move {
+            state.metrics.sync_streams.inc();
+            let first_stream = streams.open(&agent_id);
+            if first_stream {
+                state.metrics.agents_connected.inc();
+            }
+            stream_changes(&state, &agent_id, sender).await;
+            state.metrics.sync_streams.dec();
+            if streams.close(&agent_id) {
+                state.metrics.agents_connected.dec();
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn batch_sign_x509_svid(
+        &self,
+        request: Request<BatchSignX509SvidRequest>,
+    ) -> Result<Response<BatchSignX509SvidResponse>, Status> {
+        let agent_id = caller_agent(&request, &self.state)?;
+        let requests = request.into_inner().requests;
+        if requests.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "a batch carries at most {MAX_BATCH} CSRs; this one had {}; split it",
+                requests.len()
+            )));
+        }
+        let results = requests
+            .into_iter()
+            .map(|item| match self.sign_one(&agent_id, &item.entry_id, &item.csr) {
+                Ok(svid) => X509SvidResult {
+                    entry_id: item.entry_id,
+                    svid: Some(svid),
+                    error_code: 0,
+                    error_message: String::new(),
+                },
+                Err(e) => {
+                    tracing::warn!(agent = %agent_id, entry = %item.entry_id, error = %e, "X509-SVID request refused");
+                    let status = e.status();
+                    X509SvidResult {
+                        entry_id: item.entry_id,
+                        svid: None,
+                        error_code: status.code() as i32,
+                        error_message: status.message().to_string(),
+                    }
+                }
+            })
+            .collect();
+        Ok(Response::new(BatchSignX509SvidResponse { results }))
+    }
+
+    async fn sign_jwt_svid(
+        &self,
+        request: Request<SignJwtSvidRequest>,
+    ) -> Result<Response<SignJwtSvidResponse>, Status> {
+        let agent_id = caller_agent(&request, &self.state)?;
+        let request = request.into_inner();
+        let entry = self.state.authz.authorize(&agent_id, &request.entry_id)?;
+        let ttl = Duration::from_secs(u64::try_from(entry.jwt_svid_ttl).unwrap_or(0));
+        let signed = self
+            .state
+            .ca
+            .sign_jwt_svid(&entry.spiffe_id, &request.audience, ttl)?;
+        self.state
+            .metrics
+            .svids_signed
+            .get_or_create(&SvidLabels { kind: "jwt" })
+            .inc();
+        let spiffe_id = entry.spiffe_id.to_string();
+        self.state.recorder.record(IssuedSvid {
+            serial: signed.token_id.clone(),
+            kind: "jwt".into(),
+            spiffe_id: spiffe_id.clone(),
+            agent_id,
+            entry_id: entry.id.clone(),
+            authority_id: signed.key_id.clone(),
+            not_before: signed.issued_at,
+            not_after: signed.expires_at,
+        });
+        Ok(Response::new(SignJwtSvidResponse {
+            spiffe_id,
+            token: signed.token,
+            expires_at: signed.expires_at,
+        }))
+    }
+}
+
+/// Sends `agent_id` its snapshot, then every difference, until the agent goes away or loses its
+/// right to call (evicted or banned).
+async fn stream_changes<D: DataStore>(
+    state: &ServerState<D>,
+    agent_id: &str,
+    sender: mpsc::Sender<Result<SyncResponse, Status>>,
+) {
+    let mut changes = state.authz.subscribe();
+    let mut stopping = state.stopping.clone();
+    let mut sent: HashMap<String, u64> = HashMap::new();
+    let mut bundle_sequence = None;
+    let mut first = true;
+    loop {
+        let revision = *changes.borrow_and_update();
+        if let Err(e) = state.authz.check_agent(agent_id) {
+            let _ = sender.send(Err(e.status())).await;
+            return;
+        }
+        let entries = state.authz.entries_for_agent(agent_id);
+        let mut message = SyncResponse {
+            full_snapshot: first,
+            revision,
+            ..SyncResponse::default()
+        };
+        let mut current = HashMap::with_capacity(entries.len());
+        for entry in &entries {
+            current.insert(entry.id.clone(), entry.revision);
+            if first || sent.get(&entry.id) != Some(&entry.revision) {
+                message.entries.push(entry_to_proto(entry));
+            }
+        }
+        if !first {
+            message.removed_entry_ids = sent
+                .keys()
+                .filter(|id| !current.contains_key(*id))
+                .cloned()
+                .collect();
+            message.removed_entry_ids.sort();
+        }
+        let bundle = state.authz.bundle().unwrap_or_else(|| state.ca.bundle());
+        if bundle_sequence != Some(bundle.sequence) {
+            bundle_sequence = Some(bundle.sequence);
+            message.bundle = Some(sigil_proto::common::Bundle::from(bundle.as_ref()));
+        }
+        let changed = first
+            || !message.entries.is_empty()
+            || !message.removed_entry_ids.is_empty()
+            || message.bundle.is_some();
+        if changed && sender.send(Ok(message)).await.is_err() {
+            return;
+        }
+        sent = current;
+        first = false;
+        let server_stopping = tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return } else { false },
+            () = sender.closed() => return,
+            _ = stopping.wait_for(|stop| *stop) => true,
+        };
+        if server_stopping {
+            let _ = sender
+                .send(Err(Status::unavailable(
+                    "the server is stopping; reconnect",
+                )))
+                .await;
+            return;
+        }
+    }
+}
+
+/// Counts open sync streams per agent, for the `agents_connected` gauge.
+#[derive(Debug, Default)]
+struct StreamCounts(std::sync::Mutex<HashMap<String, usize>>);
+
+impl StreamCounts {
+    /// Returns true when this is the agent's first open stream.
+    fn open(&self, agent_id: &str) -> bool {
+        let mut guard = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = guard.entry(agent_id.to_string()).or_insert(0);
+        *count += 1;
+        *count == 1
+    }
+
+    /// Returns true when this was the agent's last open stream.
+    fn close(&self, agent_id: &str) -> bool {
+        let mut guard = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match guard.get_mut(agent_id) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            Some(_) => {
+                guard.remove(agent_id);
+                true
+            }
+            None => false,
+        }
+    }
+}

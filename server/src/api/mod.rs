@@ -1,0 +1,65 @@
+//! The server's network faces.
+//!
+//! - [`agent`]: the agent API, gRPC over mutual TLS on TCP, served with the server's own SVID.
+//! - [`admin`]: the admin API, gRPC on a Unix socket only the server's user can open.
+//! - [`health`]: `/live`, `/ready` and `/metrics` over plain HTTP.
+//! - [`istio`]: Istio's certificate service (Sigil as Istio's external CA), on the agent API port.
+//! - [`tls`]: the server's own SVID and the TLS configuration built from it.
+//!
+//! A signing request flows: TLS handshake ([`tls`]) -> [`agent::AgentService`] finds the calling
+//! agent from its certificate -> [`crate::authz`] says whether the agent may obtain the entry ->
+//! [`sigil_core::x509::check_csr`] checks the CSR -> [`crate::ca::Ca`] signs -> the
+//! [`crate::ca::IssuanceRecorder`] writes the record in the background.
+
+pub mod admin;
+pub mod agent;
+mod convert;
+pub mod health;
+pub mod istio;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil_core::clock::SharedClock;
+
+use crate::attest::NodeAttestor;
+use crate::authz::Authorizations;
+use crate::ca::{Ca, IssuanceRecorder};
+use crate::metrics::Metrics;
+
+/// What every API handler shares.
+pub struct ServerState<D> {
+    /// The source of truth.
+    pub datastore: Arc<D>,
+    /// The CA.
+    pub ca: Arc<Ca>,
+    /// Who may obtain what.
+    pub authz: Arc<Authorizations>,
+    /// The background writer of issued-SVID records.
+    pub recorder: IssuanceRecorder,
+    /// Prometheus series.
+    pub metrics: Arc<Metrics>,
+    /// The clock.
+    pub clock: SharedClock,
+    /// Node attestors by name.
+    pub attestors: HashMap<&'static str, Arc<dyn NodeAttestor>>,
+    /// Lifetime of agent SVIDs.
+    pub agent_svid_ttl: Duration,
+    /// Lifetime of join tokens when the request sets none.
+    pub join_token_ttl: Duration,
+    /// DNS names of the server's own certificate.
+    pub server_dns_names: Vec<String>,
+    /// Turns true when the server begins to stop: long-lived streams end so the stop can finish.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl<D> std::fmt::Debug for ServerState<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState")
+            .field("ca", &self.ca)
+            .field("attestors", &self.attestors.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,152 @@
+//! The server's own identity on the agent API: an X509-SVID for `spiffe://<td>/sigil/server`,
+//! signed by its own CA, renewed at half-life and whenever the bundle changes, and swapped into
+//! the TLS configuration without a restart.
+//!
+//! Client certificates are optional at the TLS layer (attestation happens before an agent has
+//! one) and verified against the bundle when present; each handler decides whether it needs one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rcgen::KeyPair;
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sigil_core::id::server_id;
+use sigil_core::tls::crypto_provider;
+use sigil_core::x509::KeyType;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use super::ServerState;
+use crate::datastore::{DataStore, IssuedSvid};
+use crate::{Error, Result};
+
+/// How long a client has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The current TLS configuration of the agent API.
+#[derive(Debug)]
+pub struct ServerTls {
+    config: ArcSwap<rustls::ServerConfig>,
+    expires_at: std::sync::atomic::AtomicI64,
+    bundle_sequence: std::sync::atomic::AtomicU64,
+}
+
+impl ServerTls {
+    /// Issues the server's first SVID.
+    pub fn new<D: DataStore>(state: &ServerState<D>) -> Result<Self> {
+        let (config, expires_at, sequence) = build(state)?;
+        Ok(ServerTls {
+            config: ArcSwap::from_pointee(config),
+            expires_at: expires_at.into(),
+            bundle_sequence: sequence.into(),
+        })
+    }
+
+    /// Renews the server SVID when half its life has passed or the bundle changed.
+    pub fn refresh_if_due<D: DataStore>(&self, state: &ServerState<D>) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let now = state.clock.unix_now();
+        let expires_at = self.expires_at.load(Ordering::SeqCst);
+        let lifetime =
+            i64::try_from(state.ca.settings().default_x509_svid_ttl.as_secs()).unwrap_or(i64::MAX);
+        let bundle_changed =
+            state.ca.bundle().sequence != self.bundle_sequence.load(Ordering::SeqCst);
+        if bundle_changed || expires_at - now <= lifetime / 2 {
+            let (config, expires_at, sequence) = build(state)?;
+            self.config.store(Arc::new(config));
+            self.expires_at.store(expires_at, Ordering::SeqCst);
+            self.bundle_sequence.store(sequence, Ordering::SeqCst);
+            tracing::info!(expires_at, "renewed the server SVID");
+        }
+        Ok(())
+    }
+
+    /// Accepts TCP connections on `listener`, completes TLS handshakes off the accept loop, and
+    /// hands finished connections to `sender` (the gRPC server's incoming stream).
+    pub async fn accept(
+        self: Arc<Self>,
+        listener: TcpListener,
+        sender: mpsc::Sender<std::io::Result<TlsStream<tokio::net::TcpStream>>>,
+        mut stopped: watch::Receiver<bool>,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stopped.wait_for(|stop| *stop) => return,
+            };
+            let (socket, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting an agent API connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = socket.set_nodelay(true);
+            let acceptor = TlsAcceptor::from(self.config.load_full());
+            let handoff = sender.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = handoff.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+            if sender.is_closed() {
+                return;
+            }
+        }
+    }
+}
+
+fn build<D: DataStore>(state: &ServerState<D>) -> Result<(rustls::ServerConfig, i64, u64)> {
+    let provider = crypto_provider();
+    let key = KeyType::EcP256.generate()?;
+    let id = server_id(state.ca.trust_domain());
+    let svid = state
+        .ca
+        .sign_x509_svid(&key, &id, &state.server_dns_names, Duration::ZERO)?;
+    state.recorder.record(IssuedSvid {
+        serial: svid.serial.clone(),
+        kind: "x509".into(),
+        spiffe_id: id.to_string(),
+        agent_id: String::new(),
+        entry_id: String::new(),
+        authority_id: svid.authority_id.clone(),
+        not_before: svid.not_before,
+        not_after: svid.not_after,
+    });
+    let bundle = state.ca.bundle();
+    let mut roots = RootCertStore::empty();
+    for der in &bundle.x509_authorities {
+        roots
+            .add(CertificateDer::from(der.clone()))
+            .map_err(|e| Error::Ca(format!("a bundle certificate is not a usable root: {e}")))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| Error::Ca(format!("cannot build the client verifier: {e}")))?;
+    let chain: Vec<CertificateDer<'static>> = svid
+        .chain
+        .iter()
+        .cloned()
+        .map(CertificateDer::from)
+        .collect();
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(KeyPair::serialize_der(&key)));
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Ca(format!("TLS configuration: {e}")))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key_der)
+        .map_err(|e| Error::Ca(format!("TLS configuration: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((config, svid.not_after, bundle.sequence))
+}

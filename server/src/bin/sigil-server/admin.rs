@@ -1,0 +1,469 @@
+//! The subcommands: `run` starts a server; the rest talk to a running one over its admin socket.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use sigil_core::bundle::TrustBundle;
+use sigil_core::clock::SystemClock;
+use sigil_core::selector::Selector;
+use sigil_proto::admin::admin_api_client::AdminApiClient;
+use sigil_proto::admin::{
+    AgentId, CreateEntryRequest, CreateJoinTokenRequest, EntryId, GetBundleRequest,
+    ListAgentsRequest, ListEntriesRequest, ListSvidsRequest, SvidSerial, UpdateEntryRequest,
+};
+use sigil_proto::common;
+use sigil_server::config::{LogFormat, ServerConfig, parse_ttl};
+use tonic::transport::Channel;
+use tracing_subscriber::EnvFilter;
+
+use crate::Command;
+use crate::output::{self, Format};
+
+/// `sigil-server run`
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// The TOML configuration file; flags below override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The trust domain this server is the CA of, e.g. example.org.
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Where the SQLite database, keys and admin socket live.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The agent API address (mTLS).
+    #[arg(long)]
+    bind_address: Option<SocketAddr>,
+    /// The /live, /ready and /metrics address.
+    #[arg(long)]
+    health_address: Option<SocketAddr>,
+    /// The admin socket path (default <data-dir>/admin.sock).
+    #[arg(long)]
+    admin_socket: Option<PathBuf>,
+    /// sqlite://<path> or postgres://user@host/db (also from SIGIL_DATASTORE_URL, e.g. a Secret).
+    #[arg(long, env = "SIGIL_DATASTORE_URL")]
+    datastore_url: Option<String>,
+    /// error, warn, info, debug, trace, or a tracing filter.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (mut config, source) = match &args.config {
+        Some(path) => (ServerConfig::from_file(path)?, path.clone()),
+        None => (ServerConfig::default(), PathBuf::from("<flags>")),
+    };
+    if let Some(value) = args.trust_domain {
+        config.trust_domain = Some(value);
+    }
+    if let Some(value) = args.data_dir {
+        config.data_dir = value;
+    }
+    if let Some(value) = args.bind_address {
+        config.bind_address = value;
+    }
+    if let Some(value) = args.health_address {
+        config.health_address = value;
+    }
+    if let Some(value) = args.admin_socket {
+        config.admin_socket = Some(value);
+    }
+    if let Some(value) = args.datastore_url {
+        config.datastore.url = Some(value);
+    }
+    if let Some(value) = args.log_level {
+        config.log_level = value;
+    }
+    let filter = EnvFilter::try_new(&config.log_level).with_context(|| {
+        format!(
+            "log_level `{}` is not a level or tracing filter",
+            config.log_level
+        )
+    })?;
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => subscriber.init(),
+        LogFormat::Json => subscriber.json().init(),
+    }
+    let server = sigil_server::server::start(config, &source, Arc::new(SystemClock)).await?;
+    wait_for_signal().await?;
+    tracing::info!("stopping");
+    server.shutdown().await?;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+/// `sigil-server healthcheck`
+#[derive(Debug, Args)]
+pub(crate) struct HealthcheckArgs {
+    /// The server's health address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    health_address: SocketAddr,
+}
+
+pub(crate) async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<()> {
+    let address = args.health_address;
+    let body = tokio::task::spawn_blocking(move || {
+        sigil_core::health::probe_ready(address, Duration::from_secs(5))
+    })
+    .await?
+    .map_err(|why| anyhow::anyhow!(why))?;
+    println!("{body}");
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum TokenCommand {
+    /// Generates a one-time join token.
+    Generate {
+        /// A node alias the agent attesting with this token also receives.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// How long the token stays usable (default: the server's join_token.default_ttl).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<Duration>,
+    },
+}
+
+/// Flags shared by `entry create` and `entry update`.
+#[derive(Debug, Args)]
+pub(crate) struct EntryFields {
+    /// The SPIFFE ID workloads matching the entry receive.
+    #[arg(long)]
+    spiffe_id: String,
+    /// The agent (or node alias) whose workloads may receive it.
+    #[arg(long)]
+    parent_id: String,
+    /// A selector, type:value (repeat for several; all must match).
+    #[arg(long = "selector", required = true)]
+    selectors: Vec<String>,
+    /// X509-SVID lifetime (e.g. 1h); default: the server's.
+    #[arg(long, value_parser = parse_ttl)]
+    x509_svid_ttl: Option<Duration>,
+    /// JWT-SVID lifetime (e.g. 5m); default: the server's.
+    #[arg(long, value_parser = parse_ttl)]
+    jwt_svid_ttl: Option<Duration>,
+    /// A DNS SAN (repeat for several).
+    #[arg(long = "dns")]
+    dns_names: Vec<String>,
+    /// A foreign trust domain whose bundle the workload receives (repeat for several).
+    #[arg(long = "federates-with")]
+    federates_with: Vec<String>,
+    /// The workload may use the admin API.
+    #[arg(long)]
+    admin: bool,
+    /// The workload is a downstream CA.
+    #[arg(long)]
+    downstream: bool,
+    /// A hint for workloads holding several SVIDs.
+    #[arg(long, default_value = "")]
+    hint: String,
+    /// Unix seconds after which the entry no longer applies.
+    #[arg(long, default_value_t = 0)]
+    expires_at: i64,
+}
+
+impl EntryFields {
+    fn into_proto(self, id: String) -> anyhow::Result<common::Entry> {
+        let selectors = selector_flags(&self.selectors)?;
+        let seconds = |ttl: Option<Duration>| {
+            ttl.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        };
+        Ok(common::Entry {
+            id,
+            spiffe_id: self.spiffe_id,
+            parent_id: self.parent_id,
+            selectors,
+            x509_svid_ttl: seconds(self.x509_svid_ttl),
+            jwt_svid_ttl: seconds(self.jwt_svid_ttl),
+            dns_names: self.dns_names,
+            federates_with: self.federates_with,
+            admin: self.admin,
+            downstream: self.downstream,
+            hint: self.hint,
+            expires_at: self.expires_at,
+            ..common::Entry::default()
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum EntryCommand {
+    /// Creates a registration entry.
+    Create(EntryFields),
+    /// Replaces a registration entry (every field is set anew).
+    Update {
+        /// The entry to replace.
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        fields: EntryFields,
+    },
+    /// Deletes a registration entry.
+    Delete {
+        /// The entry to delete.
+        #[arg(long)]
+        id: String,
+    },
+    /// Shows one registration entry.
+    Show {
+        /// The entry to show.
+        #[arg(long)]
+        id: String,
+    },
+    /// Lists registration entries.
+    List {
+        /// Only entries with this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Only entries with this parent.
+        #[arg(long)]
+        parent_id: Option<String>,
+        /// Only entries having this selector (repeat: all of them).
+        #[arg(long = "selector")]
+        selectors: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AgentCommand {
+    /// Lists attested agents.
+    List,
+    /// Shows one agent.
+    Show {
+        /// The agent's SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+    },
+    /// Deletes an agent: it must attest again.
+    Evict {
+        /// The agent's SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+    },
+    /// Bans an agent: it can neither call the server nor attest again until evicted.
+    Ban {
+        /// The agent's SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BundleCommand {
+    /// Prints the trust domain's bundle.
+    Show {
+        /// pem (X.509 roots, for openssl and agents' bootstrap) or spiffe (the SPIFFE bundle JSON).
+        #[arg(long, value_enum, default_value_t = output::BundleFormat::Pem)]
+        format: output::BundleFormat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SvidCommand {
+    /// Lists issued SVIDs, newest first.
+    List {
+        /// Only SVIDs with this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// Only SVIDs issued to this agent.
+        #[arg(long)]
+        agent_id: Option<String>,
+        /// Only SVIDs not yet expired.
+        #[arg(long)]
+        valid: bool,
+    },
+    /// Shows one issued SVID.
+    Show {
+        /// Its hex serial (or a JWT's jti).
+        #[arg(long)]
+        serial: String,
+    },
+}
+
+async fn connect(socket: &Path) -> anyhow::Result<AdminApiClient<Channel>> {
+    Ok(sigil_server::api::admin::connect(socket).await?)
+}
+
+/// The server's message for a failed call, without gRPC framing.
+fn refused(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", status.message())
+}
+
+pub(crate) async fn administer(
+    socket: &Path,
+    format: Format,
+    command: Command,
+) -> anyhow::Result<()> {
+    let mut client = connect(socket).await?;
+    match command {
+        Command::Token(TokenCommand::Generate { spiffe_id, ttl }) => {
+            let response = client
+                .create_join_token(CreateJoinTokenRequest {
+                    alias_spiffe_id: spiffe_id.unwrap_or_default(),
+                    ttl: ttl.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            output::token(format, &response);
+        }
+        Command::Entry(EntryCommand::Create(fields)) => {
+            let entry = fields.into_proto(String::new())?;
+            let created = client
+                .create_entry(CreateEntryRequest { entry: Some(entry) })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            output::entries(format, &[created]);
+        }
+        Command::Entry(EntryCommand::Update { id, fields }) => {
+            let entry = fields.into_proto(id)?;
+            let updated = client
+                .update_entry(UpdateEntryRequest { entry: Some(entry) })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            output::entries(format, &[updated]);
+        }
+        Command::Entry(EntryCommand::Delete { id }) => {
+            let deleted = client
+                .delete_entry(EntryId { id })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            output::entries(format, &[deleted]);
+        }
+        Command::Entry(EntryCommand::Show { id }) => {
+            let entry = client
+                .get_entry(EntryId { id })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            output::entries(format, &[entry]);
+        }
+        Command::Entry(EntryCommand::List {
+            spiffe_id,
+            parent_id,
+            selectors,
+        }) => {
+            let selectors = selector_flags(&selectors)?;
+            let response = client
+                .list_entries(ListEntriesRequest {
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                    parent_id: parent_id.unwrap_or_default(),
+                    selectors,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            output::entries(format, &response.entries);
+        }
+        Command::Agent(AgentCommand::List) => {
+            let response = client
+                .list_agents(ListAgentsRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner();
+            output::agents(format, &response.agents);
+        }
+        Command::Agent(AgentCommand::Show { spiffe_id }) => {
+            let agent = client
+                .get_agent(AgentId { spiffe_id })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            output::agents(format, &[agent]);
+        }
+        Command::Agent(AgentCommand::Evict { spiffe_id }) => {
+            let agent = client
+                .evict_agent(AgentId { spiffe_id })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            output::agents(format, &[agent]);
+        }
+        Command::Agent(AgentCommand::Ban { spiffe_id }) => {
+            let agent = client
+                .ban_agent(AgentId { spiffe_id })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            output::agents(format, &[agent]);
+        }
+        Command::Bundle(BundleCommand::Show {
+            format: bundle_format,
+        }) => {
+            let bundle = client
+                .get_bundle(GetBundleRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner();
+            print!("{}", render_bundle(bundle, bundle_format)?);
+        }
+        Command::Svid(SvidCommand::List {
+            spiffe_id,
+            agent_id,
+            valid,
+        }) => {
+            let response = client
+                .list_svids(ListSvidsRequest {
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                    agent_id: agent_id.unwrap_or_default(),
+                    valid_only: valid,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            output::svids(format, &response.svids);
+        }
+        Command::Svid(SvidCommand::Show { serial }) => {
+            let svid = client
+                .get_svid(SvidSerial { serial })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            output::svids(format, &[svid]);
+        }
+        Command::Run(_) | Command::Healthcheck(_) => {
+            bail!("`run` and `healthcheck` do not use the admin socket")
+        }
+    }
+    Ok(())
+}
+
+fn render_bundle(bundle: common::Bundle, format: output::BundleFormat) -> anyhow::Result<String> {
+    let bundle = TrustBundle::try_from(&bundle)?;
+    Ok(match format {
+        output::BundleFormat::Pem => bundle.to_pem(),
+        output::BundleFormat::Spiffe => format!("{}\n", bundle.to_spiffe_json()?),
+    })
+}
+
+/// `--selector` flags as selectors, refusing a malformed one before anything is sent.
+fn selector_flags(flags: &[String]) -> anyhow::Result<Vec<common::Selector>> {
+    flags
+        .iter()
+        .map(|text| {
+            Ok(common::Selector::from(
+                &Selector::parse(text).map_err(|e| anyhow::anyhow!("--selector: {e}"))?,
+            ))
+        })
+        .collect()
+}

@@ -1,0 +1,83 @@
+//! `sigil-server`: runs the Sigil server, and administers a running one over its admin socket.
+//!
+//! The binary only parses flags and prints; everything it does is in the `sigil_server` library.
+
+mod admin;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// The Sigil server: the SPIFFE certificate authority of one trust domain.
+#[derive(Debug, Parser)]
+#[command(name = "sigil-server", version, about)]
+struct Cli {
+    /// The admin socket of the running server (for every command but `run`).
+    #[arg(
+        long,
+        global = true,
+        env = "SIGIL_ADMIN_SOCKET",
+        default_value = ".sigil/server/admin.sock"
+    )]
+    socket: PathBuf,
+
+    /// Output format of listing commands.
+    #[arg(long, global = true, value_enum, default_value_t = output::Format::Text)]
+    output: output::Format,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the server until SIGINT or SIGTERM.
+    Run(admin::RunArgs),
+    /// Join tokens for node attestation.
+    #[command(subcommand)]
+    Token(admin::TokenCommand),
+    /// Registration entries.
+    #[command(subcommand)]
+    Entry(admin::EntryCommand),
+    /// Attested agents.
+    #[command(subcommand)]
+    Agent(admin::AgentCommand),
+    /// The trust domain's bundle.
+    #[command(subcommand)]
+    Bundle(admin::BundleCommand),
+    /// The record of issued SVIDs.
+    #[command(subcommand)]
+    Svid(admin::SvidCommand),
+    /// Exits 0 when the server's `/ready` answers 200.
+    Healthcheck(admin::HealthcheckArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async move {
+        match cli.command {
+            Command::Run(args) => admin::run(args).await,
+            Command::Healthcheck(args) => admin::healthcheck(args).await,
+            command => admin::administer(&cli.socket, cli.output, command).await,
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! How the CLI prints: aligned `Key : value` blocks for people, JSON for scripts.
+
+use serde_json::{Value, json};
+use sigil_proto::{admin, common};
+
+/// `--output`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Format {
+    /// Aligned blocks, one per item.
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+/// `bundle show --format`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum BundleFormat {
+    /// PEM certificates of the X.509 authorities.
+    Pem,
+    /// The SPIFFE bundle JSON document.
+    Spiffe,
+}
+
+fn print_blocks(blocks: &[Vec<(&str, String)>], empty: &str) {
+    if blocks.is_empty() {
+        println!("{empty}");
+        return;
+    }
+    for (index, block) in blocks.iter().enumerate() {
+        if index > 0 {
+            println!();
+        }
+        for (key, value) in block {
+            println!("{key:<16}: {value}");
+        }
+    }
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+fn ttl(seconds: i64) -> String {
+    if seconds == 0 {
+        "default".into()
+    } else {
+        format!("{seconds}s")
+    }
+}
+
+fn selector_text(selector: &common::Selector) -> String {
+    format!("{}:{}", selector.r#type, selector.value)
+}
+
+pub(crate) fn token(format: Format, token: &admin::CreateJoinTokenResponse) {
+    match format {
+        Format::Text => {
+            println!("Token: {}", token.token);
+            println!("Agent ID: {}", token.agent_spiffe_id);
+            println!("Expires at: {}", token.expires_at);
+        }
+        Format::Json => print_json(&json!({
+            "token": token.token,
+            "agent_spiffe_id": token.agent_spiffe_id,
+            "expires_at": token.expires_at,
+        })),
+    }
+}
+
+pub(crate) fn entries(format: Format, entries: &[common::Entry]) {
+    match format {
+        Format::Text => {
+            let blocks: Vec<_> = entries
+                .iter()
+                .map(|entry| {
+                    let mut block = vec![
+                        ("Entry ID", entry.id.clone()),
+                        ("SPIFFE ID", entry.spiffe_id.clone()),
+                        ("Parent ID", entry.parent_id.clone()),
+                        ("Revision", entry.revision.to_string()),
+                        ("X509-SVID TTL", ttl(entry.x509_svid_ttl)),
+                        ("JWT-SVID TTL", ttl(entry.jwt_svid_ttl)),
+                    ];
+                    block.extend(
+                        entry
+                            .selectors
+                            .iter()
+                            .map(|s| ("Selector", selector_text(s))),
+                    );
+                    block.extend(entry.dns_names.iter().map(|d| ("DNS name", d.clone())));
+                    block.extend(
+                        entry
+                            .federates_with
+                            .iter()
+                            .map(|t| ("FederatesWith", t.clone())),
+                    );
+                    if entry.admin {
+                        block.push(("Admin", "true".into()));
+                    }
+                    if entry.downstream {
+                        block.push(("Downstream", "true".into()));
+                    }
+                    if !entry.hint.is_empty() {
+                        block.push(("Hint", entry.hint.clone()));
+                    }
+                    if entry.expires_at != 0 {
+                        block.push(("Expires at", entry.expires_at.to_string()));
+                    }
+                    block
+                })
+                .collect();
+            print_blocks(&blocks, "No entries found");
+        }
+        Format::Json => print_json(&json!({ "entries": entries.iter().map(|entry| json!({
+            "id": entry.id,
+            "spiffe_id": entry.spiffe_id,
+            "parent_id": entry.parent_id,
+            "selectors": entry.selectors.iter().map(|s| json!({"type": s.r#type, "value": s.value})).collect::<Vec<_>>(),
+            "x509_svid_ttl": entry.x509_svid_ttl,
+            "jwt_svid_ttl": entry.jwt_svid_ttl,
+            "dns_names": entry.dns_names,
+            "federates_with": entry.federates_with,
+            "admin": entry.admin,
+            "downstream": entry.downstream,
+            "hint": entry.hint,
+            "expires_at": entry.expires_at,
+            "created_at": entry.created_at,
+            "revision": entry.revision,
+        })).collect::<Vec<_>>() })),
+    }
+}
+
+pub(crate) fn agents(format: Format, agents: &[admin::Agent]) {
+    match format {
+        Format::Text => {
+            let blocks: Vec<_> = agents
+                .iter()
+                .map(|agent| {
+                    let mut block = vec![
+                        ("SPIFFE ID", agent.spiffe_id.clone()),
+                        ("Attestor", agent.attestor.clone()),
+                        ("SVID serial", agent.svid_serial.clone()),
+                        ("SVID expires at", agent.svid_expires_at.to_string()),
+                        ("Banned", agent.banned.to_string()),
+                    ];
+                    block.extend(
+                        agent
+                            .selectors
+                            .iter()
+                            .map(|s| ("Selector", selector_text(s))),
+                    );
+                    block
+                })
+                .collect();
+            print_blocks(&blocks, "No attested agents found");
+        }
+        Format::Json => print_json(&json!({ "agents": agents.iter().map(|agent| json!({
+            "spiffe_id": agent.spiffe_id,
+            "attestor": agent.attestor,
+            "selectors": agent.selectors.iter().map(|s| json!({"type": s.r#type, "value": s.value})).collect::<Vec<_>>(),
+            "svid_serial": agent.svid_serial,
+            "svid_expires_at": agent.svid_expires_at,
+            "banned": agent.banned,
+            "created_at": agent.created_at,
+            "updated_at": agent.updated_at,
+        })).collect::<Vec<_>>() })),
+    }
+}
+
+pub(crate) fn svids(format: Format, svids: &[admin::IssuedSvid]) {
+    match format {
+        Format::Text => {
+            let blocks: Vec<_> = svids
+                .iter()
+                .map(|svid| {
+                    vec![
+                        ("Serial", svid.serial.clone()),
+                        ("Kind", svid.kind.clone()),
+                        ("SPIFFE ID", svid.spiffe_id.clone()),
+                        ("Agent ID", svid.agent_id.clone()),
+                        ("Entry ID", svid.entry_id.clone()),
+                        ("Authority", svid.authority_id.clone()),
+                        ("Not before", svid.not_before.to_string()),
+                        ("Not after", svid.not_after.to_string()),
+                    ]
+                })
+                .collect();
+            print_blocks(&blocks, "No issued SVIDs found");
+        }
+        Format::Json => print_json(&json!({ "svids": svids.iter().map(|svid| json!({
+            "serial": svid.serial,
+            "kind": svid.kind,
+            "spiffe_id": svid.spiffe_id,
+            "agent_id": svid.agent_id,
+            "entry_id": svid.entry_id,
+            "authority_id": svid.authority_id,
+            "not_before": svid.not_before,
+            "not_after": svid.not_after,
+        })).collect::<Vec<_>>() })),
+    }
+}

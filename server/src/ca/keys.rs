@@ -1,0 +1,152 @@
+//! Where the CA's private keys live.
+//!
+//! [`KeyManager`] is deliberately small: make a key, load it back, forget it. The disk
+//! implementation keeps PKCS#8 files with mode 0600 in the data directory, so a restarted server
+//! keeps its CA; the memory implementation is for tests and throwaway servers. Keys never go to
+//! the datastore or the logs; the journal holds only the key's id.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use rcgen::KeyPair;
+use sigil_core::x509::KeyType;
+
+use crate::{Error, Result};
+
+/// Creates and loads private keys by id.
+pub trait KeyManager: Send + Sync + std::fmt::Debug + 'static {
+    /// Generates a key of `key_type`, stores it under `id` and returns it.
+    fn generate(&self, id: &str, key_type: KeyType) -> Result<KeyPair>;
+    /// The key stored under `id`, if any.
+    fn load(&self, id: &str) -> Result<Option<KeyPair>>;
+}
+
+/// Keys as PKCS#8 DER files, mode 0600, in one directory (mode 0700).
+#[derive(Debug)]
+pub struct DiskKeyManager {
+    dir: PathBuf,
+}
+
+impl DiskKeyManager {
+    /// Uses (and creates) `dir`.
+    pub fn new(dir: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("creating key directory {}", dir.display()), e))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(format!("restricting {}", dir.display()), e))?;
+        Ok(DiskKeyManager { dir })
+    }
+
+    fn path(&self, id: &str) -> Result<PathBuf> {
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(Error::Ca(format!("key id `{id}` is not a safe file name")));
+        }
+        Ok(self.dir.join(format!("{id}.p8")))
+    }
+}
+
+impl KeyManager for DiskKeyManager {
+    fn generate(&self, id: &str, key_type: KeyType) -> Result<KeyPair> {
+        let key = key_type.generate()?;
+        let path = self.path(id)?;
+        // Write to a temporary name and rename, so a crash never leaves a half-written key
+        // under the real name.
+        let tmp = path.with_extension("p8.tmp");
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| Error::io(format!("writing key {}", tmp.display()), e))?;
+        file.write_all(&key.serialize_der())
+            .and_then(|()| file.sync_all())
+            .map_err(|e| Error::io(format!("writing key {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| Error::io(format!("storing key {}", path.display()), e))?;
+        Ok(key)
+    }
+
+    fn load(&self, id: &str) -> Result<Option<KeyPair>> {
+        let path = self.path(id)?;
+        let der = match std::fs::read(&path) {
+            Ok(der) => der,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("reading key {}", path.display()), e)),
+        };
+        let key = KeyPair::try_from(der.as_slice())
+            .map_err(|e| Error::Ca(format!("key file {} is unreadable: {e}", path.display())))?;
+        Ok(Some(key))
+    }
+}
+
+/// Keys in memory only: gone when the process exits.
+#[derive(Debug, Default)]
+pub struct MemoryKeyManager {
+    keys: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+impl KeyManager for MemoryKeyManager {
+    fn generate(&self, id: &str, key_type: KeyType) -> Result<KeyPair> {
+        let key = key_type.generate()?;
+        self.keys
+            .lock()
+            .map_err(|_| Error::Ca("key store lock poisoned".into()))?
+            .insert(id.to_string(), key.serialize_der());
+        Ok(key)
+    }
+
+    fn load(&self, id: &str) -> Result<Option<KeyPair>> {
+        let keys = self
+            .keys
+            .lock()
+            .map_err(|_| Error::Ca("key store lock poisoned".into()))?;
+        keys.get(id)
+            .map(|der| {
+                KeyPair::try_from(der.as_slice())
+                    .map_err(|e| Error::Ca(format!("stored key `{id}` is unreadable: {e}")))
+            })
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::PublicKeyData;
+    use std::os::unix::fs::MetadataExt;
+
+    fn round_trip(manager: &dyn KeyManager) {
+        assert!(manager.load("ca-1").expect("load").is_none());
+        let key = manager.generate("ca-1", KeyType::EcP256).expect("generate");
+        let loaded = manager.load("ca-1").expect("load").expect("present");
+        assert_eq!(loaded.der_bytes(), key.der_bytes());
+    }
+
+    #[test]
+    fn disk_keys_survive_and_are_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let manager = DiskKeyManager::new(dir.path().join("keys")).expect("manager");
+        round_trip(&manager);
+        let mode = std::fs::metadata(dir.path().join("keys/ca-1.p8"))
+            .expect("file")
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = DiskKeyManager::new(dir.path().join("keys")).expect("manager");
+        assert!(again.load("ca-1").expect("load").is_some());
+        assert!(again.load("../escape").is_err());
+    }
+
+    #[test]
+    fn memory_keys() {
+        round_trip(&MemoryKeyManager::default());
+    }
+}

@@ -1,0 +1,610 @@
+//! The trust domain's certificate authority.
+//!
+//! [`Ca`] holds the active X.509 authority and JWT key, signs X509-SVIDs and JWT-SVIDs, and keeps
+//! the trust domain's own bundle in the datastore in step with the CA journal (the `authorities`
+//! table). Private keys live behind a [`KeyManager`]; the journal holds only their ids.
+//!
+//! Rotation today is the simple policy: when the active authority has less than twice the
+//! longest SVID lifetime left, a new one is made, published in the bundle and used at once; the
+//! old one stays in the bundle until it expires. The prepared -> active -> old journal with a
+//! publication delay builds on this.
+
+mod jwt;
+mod keys;
+mod record;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rcgen::{Issuer, KeyPair, PublicKeyData};
+use sigil_core::bundle::{JwtAuthority, TrustBundle};
+use sigil_core::clock::{SharedClock, from_unix_seconds, unix_seconds};
+use sigil_core::id::{SpiffeId, TrustDomain};
+use sigil_core::x509::{KeyType, certificate_facts, leaf_params, root_ca_params};
+use tokio::sync::Mutex;
+
+use crate::datastore::{Authority, AuthorityKind, DataStore};
+use crate::{Error, Result};
+
+pub use jwt::JwtKey;
+pub use keys::{DiskKeyManager, KeyManager, MemoryKeyManager};
+pub use record::IssuanceRecorder;
+
+/// How the CA is shaped; from the `[ca]` section of the configuration.
+#[derive(Debug, Clone)]
+pub struct CaSettings {
+    /// The trust domain this CA speaks for.
+    pub trust_domain: TrustDomain,
+    /// The CA key's type.
+    pub key_type: KeyType,
+    /// Lifetime of each CA certificate (and JWT key).
+    pub ca_ttl: Duration,
+    /// X509-SVID lifetime when an entry does not set one.
+    pub default_x509_svid_ttl: Duration,
+    /// JWT-SVID lifetime when an entry does not set one.
+    pub default_jwt_svid_ttl: Duration,
+    /// Advertised `spiffe_refresh_hint` of the bundle.
+    pub bundle_refresh_hint: Duration,
+}
+
+/// An X.509 CA that can sign.
+struct X509Authority {
+    id: String,
+    issuer: Issuer<'static, KeyPair>,
+    not_after: i64,
+}
+
+/// A signed X509-SVID.
+#[derive(Debug, Clone)]
+pub struct SignedX509Svid {
+    /// DER certificates, leaf first (the root is in the bundle, not the chain).
+    pub chain: Vec<Vec<u8>>,
+    /// Hex serial.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// The signing authority's id (hex subject key identifier).
+    pub authority_id: String,
+}
+
+/// A signed JWT-SVID.
+#[derive(Debug, Clone)]
+pub struct SignedJwtSvid {
+    /// The compact JWS.
+    pub token: String,
+    /// Its `jti`.
+    pub token_id: String,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// The signing key's `kid`.
+    pub key_id: String,
+}
+
+/// The certificate authority of one trust domain.
+pub struct Ca {
+    settings: CaSettings,
+    keys: Arc<dyn KeyManager>,
+    clock: SharedClock,
+    x509: ArcSwap<X509Authority>,
+    jwt: ArcSwap<JwtKey>,
+    bundle: ArcSwap<TrustBundle>,
+    /// Serializes rotation so two checks never both make a new authority.
+    rotation: Mutex<()>,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.settings.trust_domain)
+            .field("x509_authority", &self.x509.load().id)
+            .field("jwt_key", &self.jwt.load().key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// Loads the active authorities from the journal (and their keys from `keys`), making new ones
+    /// when there are none usable, and brings the stored bundle in step.
+    pub async fn load<D: DataStore>(
+        settings: CaSettings,
+        keys: Arc<dyn KeyManager>,
+        clock: SharedClock,
+        datastore: &D,
+    ) -> Result<Self> {
+        let journal = datastore.list_authorities().await?;
+        let now = clock.unix_now();
+        let min_life = settings.minimum_remaining_life();
+        let x509 = match usable(&journal, AuthorityKind::X509, now, min_life)
+            .find_map(|a| load_x509(a, keys.as_ref()).transpose())
+            .transpose()?
+        {
+            Some(authority) => authority,
+            None => create_x509(&settings, keys.as_ref(), clock.now(), datastore).await?,
+        };
+        let jwt = match usable(&journal, AuthorityKind::Jwt, now, min_life)
+            .find_map(|a| load_jwt(a, keys.as_ref()).transpose())
+            .transpose()?
+        {
+            Some(key) => key,
+            None => create_jwt(&settings, keys.as_ref(), now, datastore).await?,
+        };
+        let bundle = TrustBundle::new(settings.trust_domain.clone());
+        let ca = Ca {
+            settings,
+            keys,
+            clock,
+            x509: ArcSwap::from_pointee(x509),
+            jwt: ArcSwap::from_pointee(jwt),
+            bundle: ArcSwap::from_pointee(bundle),
+            rotation: Mutex::new(()),
+        };
+        ca.publish_bundle(datastore).await?;
+        Ok(ca)
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.settings.trust_domain
+    }
+
+    /// The settings the CA runs with.
+    pub fn settings(&self) -> &CaSettings {
+        &self.settings
+    }
+
+    /// The current own trust bundle.
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.bundle.load_full()
+    }
+
+    /// Makes new authorities when the active ones are near their end, and republishes the
+    /// bundle when anything changed. Returns whether the bundle changed.
+    pub async fn rotate_if_due<D: DataStore>(&self, datastore: &D) -> Result<bool> {
+        let _guard = self.rotation.lock().await;
+        let now = self.clock.unix_now();
+        let min_life = self.settings.minimum_remaining_life();
+        let mut changed = false;
+        if self.x509.load().not_after - now < min_life {
+            let fresh = create_x509(
+                &self.settings,
+                self.keys.as_ref(),
+                self.clock.now(),
+                datastore,
+            )
+            .await?;
+            tracing::info!(authority = %fresh.id, "rotated the X.509 CA");
+            self.x509.store(Arc::new(fresh));
+            changed = true;
+        }
+        if self.jwt.load().not_after - now < min_life {
+            let fresh = create_jwt(&self.settings, self.keys.as_ref(), now, datastore).await?;
+            tracing::info!(key_id = %fresh.key_id, "rotated the JWT signing key");
+            self.jwt.store(Arc::new(fresh));
+            changed = true;
+        }
+        let published = self.publish_bundle(datastore).await?;
+        Ok(changed || published)
+    }
+
+    /// Rebuilds the bundle from the journal (every authority not yet expired) and stores it
+    /// with the next sequence number if it differs from what is stored. Returns whether it did.
+    async fn publish_bundle<D: DataStore>(&self, datastore: &D) -> Result<bool> {
+        let now = self.clock.unix_now();
+        let journal = datastore.list_authorities().await?;
+        let mut fresh = TrustBundle::new(self.settings.trust_domain.clone());
+        fresh.refresh_hint_seconds =
+            i64::try_from(self.settings.bundle_refresh_hint.as_secs()).unwrap_or(300);
+        for authority in journal.iter().filter(|a| a.not_after > now) {
+            match authority.kind {
+                AuthorityKind::X509 => fresh.x509_authorities.push(authority.public_data.clone()),
+                AuthorityKind::Jwt => fresh.jwt_authorities.push(JwtAuthority {
+                    key_id: authority.id.clone(),
+                    public_key: authority.public_data.clone(),
+                    expires_at: authority.not_after,
+                }),
+            }
+        }
+        let stored = datastore.get_bundle(&self.settings.trust_domain).await?;
+        let same = |stored: &TrustBundle| {
+            stored.x509_authorities == fresh.x509_authorities
+                && stored
+                    .jwt_authorities
+                    .iter()
+                    .map(|k| (&k.key_id, &k.public_key))
+                    .eq(fresh
+                        .jwt_authorities
+                        .iter()
+                        .map(|k| (&k.key_id, &k.public_key)))
+                && stored.refresh_hint_seconds == fresh.refresh_hint_seconds
+        };
+        let changed = match &stored {
+            Some(stored) if same(stored) => {
+                fresh.sequence = stored.sequence;
+                false
+            }
+            Some(stored) => {
+                fresh.sequence = stored.sequence + 1;
+                true
+            }
+            None => {
+                fresh.sequence = 1;
+                true
+            }
+        };
+        if changed {
+            datastore.put_bundle(&fresh).await?;
+        }
+        self.bundle.store(Arc::new(fresh));
+        Ok(changed)
+    }
+
+    /// Signs an X509-SVID for `public_key` naming `spiffe_id`, valid for `ttl` (capped by the CA's
+    /// own expiry). Zero `ttl` means the default.
+    pub fn sign_x509_svid(
+        &self,
+        public_key: &impl PublicKeyData,
+        spiffe_id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<SignedX509Svid> {
+        let authority = self.x509.load();
+        let now = self.clock.now();
+        let ttl = if ttl.is_zero() {
+            self.settings.default_x509_svid_ttl
+        } else {
+            ttl
+        };
+        let not_after = (now + ttl).min(from_unix_seconds(authority.not_after));
+        let params = leaf_params(spiffe_id, dns_names, now, not_after)?;
+        let certificate = params
+            .signed_by(public_key, &authority.issuer)
+            .map_err(|e| Error::Ca(format!("signing an X509-SVID for {spiffe_id} failed: {e}")))?;
+        Ok(SignedX509Svid {
+            serial: params
+                .serial_number
+                .as_ref()
+                .map(|s| hex::encode(s.to_bytes()))
+                .unwrap_or_default(),
+            chain: vec![certificate.der().to_vec()],
+            not_before: unix_seconds(params.not_before.into()),
+            not_after: unix_seconds(not_after),
+            authority_id: authority.id.clone(),
+        })
+    }
+
+    /// Signs a JWT-SVID for `spiffe_id` and `audience`, valid for `ttl` (zero: the default),
+    /// never past the signing key's own expiry.
+    pub fn sign_jwt_svid(
+        &self,
+        spiffe_id: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+    ) -> Result<SignedJwtSvid> {
+        if audience.is_empty() || audience.iter().any(String::is_empty) {
+            return Err(Error::Invalid(sigil_core::Error::field(
+                "audience",
+                "at least one non-empty audience is required",
+            )));
+        }
+        let key = self.jwt.load();
+        let now = self.clock.unix_now();
+        let ttl = if ttl.is_zero() {
+            self.settings.default_jwt_svid_ttl
+        } else {
+            ttl
+        };
+        let expires_at =
+            (now + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2)).min(key.not_after);
+        let token_id = hex::encode(sigil_core::x509::random_serial()?.to_bytes());
+        let token = key.sign(spiffe_id, audience, now, expires_at, &token_id)?;
+        Ok(SignedJwtSvid {
+            token,
+            token_id,
+            issued_at: now,
+            expires_at,
+            key_id: key.key_id.clone(),
+        })
+    }
+}
+
+impl CaSettings {
+    /// An authority with less life than this left is replaced: twice the longest default SVID
+    /// lifetime, so every SVID it signs can live its full span, and never more than half its own
+    /// lifetime.
+    fn minimum_remaining_life(&self) -> i64 {
+        let longest = self.default_x509_svid_ttl.max(self.default_jwt_svid_ttl);
+        let wanted = longest.saturating_mul(2).min(self.ca_ttl / 2);
+        i64::try_from(wanted.as_secs()).unwrap_or(i64::MAX)
+    }
+}
+
+fn usable(
+    journal: &[Authority],
+    kind: AuthorityKind,
+    now: i64,
+    min_life: i64,
+) -> impl Iterator<Item = &Authority> {
+    // Newest first: after a restart, the most recently made authority is the one in use.
+    journal
+        .iter()
+        .rev()
+        .filter(move |a| a.kind == kind && a.state == "active" && a.not_after - now >= min_life)
+}
+
+fn load_x509(authority: &Authority, keys: &dyn KeyManager) -> Result<Option<X509Authority>> {
+    let Some(key) = keys.load(&authority.key_ref)? else {
+        tracing::warn!(authority = %authority.id, "the key of a CA in the journal is missing; making a new CA");
+        return Ok(None);
+    };
+    let issuer =
+        Issuer::from_ca_cert_der(&authority.public_data.as_slice().into(), key).map_err(|e| {
+            Error::Ca(format!(
+                "stored CA certificate {} is unreadable: {e}",
+                authority.id
+            ))
+        })?;
+    Ok(Some(X509Authority {
+        id: authority.id.clone(),
+        issuer,
+        not_after: authority.not_after,
+    }))
+}
+
+fn load_jwt(authority: &Authority, keys: &dyn KeyManager) -> Result<Option<JwtKey>> {
+    let Some(key) = keys.load(&authority.key_ref)? else {
+        tracing::warn!(key_id = %authority.id, "a JWT key in the journal is missing; making a new one");
+        return Ok(None);
+    };
+    JwtKey::new(authority.id.clone(), &key, authority.not_after).map(Some)
+}
+
+async fn create_x509<D: DataStore>(
+    settings: &CaSettings,
+    keys: &dyn KeyManager,
+    now: SystemTime,
+    datastore: &D,
+) -> Result<X509Authority> {
+    let key_ref = format!("x509-ca-{}", unix_seconds(now));
+    let key_ref = unique_key_ref(keys, key_ref)?;
+    let key = keys.generate(&key_ref, settings.key_type)?;
+    let params = root_ca_params(&settings.trust_domain, now, settings.ca_ttl)?;
+    let certificate = params
+        .self_signed(&key)
+        .map_err(|e| Error::Ca(format!("cannot self-sign the CA certificate: {e}")))?;
+    let facts = certificate_facts(certificate.der())?;
+    datastore
+        .put_authority(&Authority {
+            id: facts.subject_key_id.clone(),
+            kind: AuthorityKind::X509,
+            key_ref,
+            public_data: certificate.der().to_vec(),
+            state: "active".into(),
+            not_after: facts.not_after,
+            created_at: unix_seconds(now),
+        })
+        .await?;
+    tracing::info!(authority = %facts.subject_key_id, not_after = facts.not_after, "created a new X.509 CA");
+    Ok(X509Authority {
+        id: facts.subject_key_id,
+        issuer: Issuer::new(params, key),
+        not_after: facts.not_after,
+    })
+}
+
+async fn create_jwt<D: DataStore>(
+    settings: &CaSettings,
+    keys: &dyn KeyManager,
+    now: i64,
+    datastore: &D,
+) -> Result<JwtKey> {
+    let key_ref = unique_key_ref(keys, format!("jwt-{now}"))?;
+    // JWT-SVIDs are ES256 whatever the CA's key type: the algorithm every SPIFFE verifier supports.
+    let key = keys.generate(&key_ref, KeyType::EcP256)?;
+    let key_id = hex::encode(&sigil_core::x509::random_serial()?.to_bytes()[..12]);
+    let not_after = now + i64::try_from(settings.ca_ttl.as_secs()).unwrap_or(i64::MAX / 2);
+    let jwt = JwtKey::new(key_id.clone(), &key, not_after)?;
+    datastore
+        .put_authority(&Authority {
+            id: key_id,
+            kind: AuthorityKind::Jwt,
+            key_ref,
+            public_data: jwt.public_key.clone(),
+            state: "active".into(),
+            not_after,
+            created_at: now,
+        })
+        .await?;
+    Ok(jwt)
+}
+
+/// `base`, or `base-N` when a key of that name exists (two authorities made in one second).
+fn unique_key_ref(keys: &dyn KeyManager, base: String) -> Result<String> {
+    if keys.load(&base)?.is_none() {
+        return Ok(base);
+    }
+    for n in 1..1000 {
+        let candidate = format!("{base}-{n}");
+        if keys.load(&candidate)?.is_none() {
+            return Ok(candidate);
+        }
+    }
+    Err(Error::Ca(format!(
+        "cannot find a free key name near `{base}`"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use sigil_core::clock::{Clock, ManualClock};
+    use sigil_core::id::parse_trust_domain;
+    use sigil_core::x509::check_leaf_profile;
+
+    use super::*;
+    use crate::datastore::SqlDataStore;
+
+    fn settings() -> CaSettings {
+        CaSettings {
+            trust_domain: parse_trust_domain("trust_domain", "example.org").expect("td"),
+            key_type: KeyType::EcP256,
+            ca_ttl: Duration::from_secs(7 * 24 * 3600),
+            default_x509_svid_ttl: Duration::from_secs(24 * 3600),
+            default_jwt_svid_ttl: Duration::from_secs(300),
+            bundle_refresh_hint: Duration::from_secs(300),
+        }
+    }
+
+    /// A temporary directory, a clock standing at a fixed time, and a SQLite datastore in it.
+    async fn fixture() -> (tempfile::TempDir, Arc<ManualClock>, SqlDataStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(
+            UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        ));
+        let ds = datastore(&dir, clock.clone()).await;
+        (dir, clock, ds)
+    }
+
+    /// A CA whose keys live in memory only.
+    async fn memory_ca(clock: &Arc<ManualClock>, ds: &SqlDataStore) -> Ca {
+        Ca::load(
+            settings(),
+            Arc::new(MemoryKeyManager::default()),
+            clock.clone(),
+            ds,
+        )
+        .await
+        .expect("ca")
+    }
+
+    async fn datastore(dir: &tempfile::TempDir, clock: SharedClock) -> SqlDataStore {
+        let url = format!("sqlite://{}", dir.path().join("db.sqlite3").display());
+        SqlDataStore::connect(&url, clock).await.expect("datastore")
+    }
+
+    #[tokio::test]
+    async fn signs_profile_svids_and_keeps_its_ca_across_restarts() {
+        let (dir, clock, ds) = fixture().await;
+        let keys: Arc<dyn KeyManager> =
+            Arc::new(DiskKeyManager::new(dir.path().join("keys")).expect("keys"));
+        let ca = Ca::load(settings(), keys.clone(), clock.clone(), &ds)
+            .await
+            .expect("ca");
+        let bundle = ca.bundle();
+        assert_eq!(bundle.sequence, 1);
+        assert_eq!(bundle.x509_authorities.len(), 1);
+        assert_eq!(bundle.jwt_authorities.len(), 1);
+
+        let key = KeyType::EcP256.generate().expect("key");
+        let id = SpiffeId::new("spiffe://example.org/web").expect("id");
+        let svid = ca
+            .sign_x509_svid(&key, &id, &[], Duration::ZERO)
+            .expect("signed");
+        assert_eq!(check_leaf_profile(&svid.chain[0]).expect("profile"), id);
+        assert_eq!(svid.not_after - clock.unix_now(), 24 * 3600, "default TTL");
+        // A TTL beyond the CA's own life is capped at the CA's expiry.
+        let long = ca
+            .sign_x509_svid(&key, &id, &[], Duration::from_secs(30 * 24 * 3600))
+            .expect("signed");
+        assert_eq!(
+            long.not_after,
+            certificate_facts(&bundle.x509_authorities[0])
+                .expect("facts")
+                .not_after
+        );
+
+        let again = Ca::load(settings(), keys, clock.clone(), &ds)
+            .await
+            .expect("reloaded");
+        assert_eq!(
+            again.bundle().x509_authorities,
+            bundle.x509_authorities,
+            "same CA after restart"
+        );
+        assert_eq!(
+            again.bundle().sequence,
+            1,
+            "an unchanged bundle keeps its sequence"
+        );
+    }
+
+    #[tokio::test]
+    async fn rotates_before_the_ca_runs_out_and_keeps_the_old_root_published() {
+        let (_dir, clock, ds) = fixture().await;
+        let ca = memory_ca(&clock, &ds).await;
+        assert!(
+            !ca.rotate_if_due(&ds).await.expect("check"),
+            "nothing due on day one"
+        );
+        clock.advance(Duration::from_secs(5 * 24 * 3600 + 1));
+        assert!(ca.rotate_if_due(&ds).await.expect("rotated"));
+        let bundle = ca.bundle();
+        assert_eq!(
+            bundle.x509_authorities.len(),
+            2,
+            "old and new roots are both trusted"
+        );
+        assert_eq!(bundle.sequence, 2);
+        let key = KeyType::EcP256.generate().expect("key");
+        let svid = ca
+            .sign_x509_svid(
+                &key,
+                &SpiffeId::new("spiffe://example.org/web").expect("id"),
+                &[],
+                Duration::ZERO,
+            )
+            .expect("signed");
+        assert_eq!(
+            svid.not_after - clock.unix_now(),
+            24 * 3600,
+            "the new CA signs full-length SVIDs"
+        );
+        clock.advance(Duration::from_secs(3 * 24 * 3600));
+        ca.rotate_if_due(&ds).await.expect("check");
+        assert_eq!(
+            ca.bundle().x509_authorities.len(),
+            1,
+            "the expired root leaves the bundle"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_key_means_a_new_ca_not_a_crash() {
+        let (_dir, clock, ds) = fixture().await;
+        let first = memory_ca(&clock, &ds).await;
+        let second = memory_ca(&clock, &ds).await;
+        assert_ne!(first.x509.load().id, second.x509.load().id);
+        assert_eq!(
+            second.bundle().x509_authorities.len(),
+            2,
+            "the lost CA stays trusted until it expires"
+        );
+    }
+
+    #[tokio::test]
+    async fn jwt_svids_need_an_audience_and_expire_with_their_key() {
+        let (_dir, clock, ds) = fixture().await;
+        let ca = memory_ca(&clock, &ds).await;
+        let id = SpiffeId::new("spiffe://example.org/web").expect("id");
+        assert!(ca.sign_jwt_svid(&id, &[], Duration::ZERO).is_err());
+        assert!(
+            ca.sign_jwt_svid(&id, &[String::new()], Duration::ZERO)
+                .is_err()
+        );
+        let jwt = ca
+            .sign_jwt_svid(&id, &["db".into()], Duration::ZERO)
+            .expect("signed");
+        assert_eq!(jwt.expires_at - jwt.issued_at, 300);
+        assert!(
+            ca.bundle()
+                .jwt_authorities
+                .iter()
+                .any(|k| k.key_id == jwt.key_id)
+        );
+    }
+}

@@ -1,0 +1,403 @@
+//! The server's configuration: a TOML file (`sigil-server run --config server.toml`) with flags
+//! for the common settings on top. Unknown keys and bad values stop start-up with the file, the
+//! key and the reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use sigil_core::id::{TrustDomain, parse_trust_domain};
+use sigil_core::x509::KeyType;
+
+use crate::ca::CaSettings;
+use crate::{Error, Result};
+
+/// A duration written as `30s`, `10m`, `24h` or `7d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ttl(pub Duration);
+
+impl<'de> Deserialize<'de> for Ttl {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_ttl(&text).map(Ttl).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `30s`, `10m`, `24h`, `7d` (and combinations such as `1h30m`).
+pub fn parse_ttl(text: &str) -> std::result::Result<Duration, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. 30s, 10m, 24h or 7d"))?;
+    if duration.is_zero() {
+        return Err(format!("`{text}` is zero; a lifetime must be positive"));
+    }
+    Ok(duration)
+}
+
+/// The `[ca]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaConfig {
+    /// `ec-p256` (default) or `ec-p384`.
+    pub key_type: KeyType,
+    /// Lifetime of each CA certificate. Default 30 days; at least 7 days' worth of 24 h SVIDs.
+    pub ttl: Ttl,
+    /// Where CA and JWT keys live: `disk` (default: `<data_dir>/keys`) or `memory`.
+    pub key_manager: KeyManagerKind,
+    /// X509-SVID lifetime when an entry sets none. Default 24 h.
+    pub default_x509_svid_ttl: Ttl,
+    /// JWT-SVID lifetime when an entry sets none. Default 5 min.
+    pub default_jwt_svid_ttl: Ttl,
+    /// Lifetime of agent SVIDs. Default 24 h.
+    pub agent_svid_ttl: Ttl,
+    /// The bundle's `spiffe_refresh_hint`. Default 5 min.
+    pub bundle_refresh_hint: Ttl,
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        CaConfig {
+            key_type: KeyType::EcP256,
+            ttl: Ttl(Duration::from_secs(30 * 24 * 3600)),
+            key_manager: KeyManagerKind::Disk,
+            default_x509_svid_ttl: Ttl(Duration::from_secs(24 * 3600)),
+            default_jwt_svid_ttl: Ttl(Duration::from_secs(300)),
+            agent_svid_ttl: Ttl(Duration::from_secs(24 * 3600)),
+            bundle_refresh_hint: Ttl(Duration::from_secs(300)),
+        }
+    }
+}
+
+/// Where the CA's keys are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyManagerKind {
+    /// PKCS#8 files, mode 0600, under `<data_dir>/keys`.
+    Disk,
+    /// In memory: a restart makes a new CA.
+    Memory,
+}
+
+/// The `[datastore]` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatastoreConfig {
+    /// `sqlite://<path>` or `postgres://user@host/db`. Default: SQLite in the data directory.
+    pub url: Option<String>,
+}
+
+/// The `[join_token]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JoinTokenConfig {
+    /// Lifetime of generated tokens unless `--ttl` says otherwise. Default 10 min.
+    pub default_ttl: Ttl,
+}
+
+impl Default for JoinTokenConfig {
+    fn default() -> Self {
+        JoinTokenConfig {
+            default_ttl: Ttl(Duration::from_secs(600)),
+        }
+    }
+}
+
+/// The `[issuance_record]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IssuanceRecordConfig {
+    /// How long a record is kept after its SVID expired. Default 7 days.
+    pub retention: Ttl,
+}
+
+impl Default for IssuanceRecordConfig {
+    fn default() -> Self {
+        IssuanceRecordConfig {
+            retention: Ttl(Duration::from_secs(7 * 24 * 3600)),
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// The trust domain this server is the CA of. Required.
+    pub trust_domain: Option<String>,
+    /// Where the server keeps its SQLite database, keys and admin socket. Default `.sigil/server`.
+    pub data_dir: PathBuf,
+    /// The agent API (mTLS). Default `0.0.0.0:8081`.
+    pub bind_address: SocketAddr,
+    /// `/live`, `/ready` and `/metrics`. Default `127.0.0.1:8080`.
+    pub health_address: SocketAddr,
+    /// The admin API's Unix socket. Default `<data_dir>/admin.sock`.
+    pub admin_socket: Option<PathBuf>,
+    /// `error`, `warn`, `info` (default), `debug` or `trace`, or a tracing filter.
+    pub log_level: String,
+    /// `text` (default) or `json`.
+    pub log_format: LogFormat,
+    /// How often the change feed is polled for other servers' writes. Default 1 s.
+    pub change_poll_interval: Ttl,
+    /// The largest gRPC message accepted, in bytes. Default 4 MiB.
+    pub max_message_bytes: usize,
+    /// DNS names the server's own certificate carries (the names of the Service agents and
+    /// istio-agent reach it by), beside its SPIFFE ID.
+    pub server_dns_names: Vec<String>,
+    /// `[ca]`
+    pub ca: CaConfig,
+    /// `[datastore]`
+    pub datastore: DatastoreConfig,
+    /// `[join_token]`
+    pub join_token: JoinTokenConfig,
+    /// `[issuance_record]`
+    pub issuance_record: IssuanceRecordConfig,
+    /// `[kubernetes]`
+    pub kubernetes: KubernetesConfig,
+}
+
+/// The `[kubernetes]` section: PSAT node attestation, automatic ServiceAccount identities and the
+/// bundle ConfigMap. Each part is off until configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// The cluster's name; setting it enables `k8s_psat` node attestation for that cluster.
+    pub cluster: Option<String>,
+    /// A kubeconfig to reach the API server; default: in-cluster configuration, then `KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
+    /// The audience agents' projected tokens must carry. Default `sigil-server`.
+    pub psat_audience: String,
+    /// ServiceAccounts (`namespace:name`) allowed to attest agents. Default `sigil:sigil-agent`.
+    pub allowed_service_accounts: Vec<String>,
+    /// Give every pod its ServiceAccount's identity on its node's agent.
+    pub auto_identity: bool,
+    /// The SPIFFE ID of an automatic identity.
+    pub identity_template: String,
+    /// Only these namespaces get automatic identities, when not empty.
+    pub namespaces_include: Vec<String>,
+    /// These namespaces never get automatic identities. Default `kube-system`.
+    pub namespaces_exclude: Vec<String>,
+    /// How long automatic identities are still served from a broken pod watch. Default 5 min.
+    pub max_staleness: Ttl,
+    /// Keep the trust bundle in this ConfigMap (agents bootstrap from it), when set.
+    pub bundle_configmap: Option<String>,
+    /// The namespace of the bundle ConfigMap. Default `sigil`.
+    pub bundle_configmap_namespace: String,
+    /// Serve Istio's certificate service on the agent API port (Sigil as Istio's external CA).
+    pub istio_ca: bool,
+    /// The audience of the tokens istio-agent sends. Default `istio-ca`.
+    pub istio_ca_audience: String,
+    /// The longest certificate the Istio CA API issues; longer requests are clamped. Default 24 h.
+    pub istio_max_validity: Ttl,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            cluster: None,
+            kubeconfig: None,
+            psat_audience: "sigil-server".into(),
+            allowed_service_accounts: vec!["sigil:sigil-agent".into()],
+            auto_identity: false,
+            identity_template: "spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}".into(),
+            namespaces_include: Vec::new(),
+            namespaces_exclude: vec!["kube-system".into()],
+            max_staleness: Ttl(Duration::from_secs(300)),
+            bundle_configmap: None,
+            bundle_configmap_namespace: "sigil".into(),
+            istio_ca: false,
+            istio_ca_audience: "istio-ca".into(),
+            istio_max_validity: Ttl(Duration::from_secs(24 * 3600)),
+        }
+    }
+}
+
+impl KubernetesConfig {
+    /// Whether any Kubernetes feature is on (and so a client is needed).
+    pub fn enabled(&self) -> bool {
+        self.cluster.is_some()
+            || self.auto_identity
+            || self.bundle_configmap.is_some()
+            || self.istio_ca
+    }
+
+    /// A Kubernetes client from the kubeconfig, or the in-cluster / `KUBECONFIG` defaults.
+    pub async fn client(&self) -> Result<kube::Client> {
+        let startup = |reason: String| Error::Unavailable(reason);
+        let config = match &self.kubeconfig {
+            Some(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                    startup(format!("cannot read kubeconfig {}: {e}", path.display()))
+                })?;
+                kube::Config::from_custom_kubeconfig(
+                    kubeconfig,
+                    &kube::config::KubeConfigOptions::default(),
+                )
+                .await
+                .map_err(|e| startup(format!("unusable kubeconfig {}: {e}", path.display())))?
+            }
+            None => kube::Config::infer().await.map_err(|e| {
+                startup(format!(
+                    "cannot find Kubernetes API access (in-cluster or KUBECONFIG): {e}"
+                ))
+            })?,
+        };
+        kube::Client::try_from(config)
+            .map_err(|e| startup(format!("cannot build a Kubernetes client: {e}")))
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            trust_domain: None,
+            data_dir: PathBuf::from(".sigil/server"),
+            bind_address: SocketAddr::from(([0, 0, 0, 0], 8081)),
+            health_address: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_socket: None,
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+            change_poll_interval: Ttl(Duration::from_secs(1)),
+            max_message_bytes: 4 * 1024 * 1024,
+            server_dns_names: Vec::new(),
+            ca: CaConfig::default(),
+            datastore: DatastoreConfig::default(),
+            join_token: JoinTokenConfig::default(),
+            issuance_record: IssuanceRecordConfig::default(),
+            kubernetes: KubernetesConfig::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a configuration file. Errors name the file, the key (with its line) and the reason.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            reason: format!("cannot read the file: {e}"),
+        })?;
+        Self::from_toml(&text).map_err(|reason| Error::Config {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    /// Parses configuration text.
+    pub fn from_toml(text: &str) -> std::result::Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// The validated trust domain.
+    pub fn trust_domain(&self, source: &Path) -> Result<TrustDomain> {
+        let name = self.trust_domain.as_deref().ok_or_else(|| Error::Config {
+            path: source.to_path_buf(),
+            reason:
+                "trust_domain is required: set it in the file or pass --trust-domain example.org"
+                    .into(),
+        })?;
+        parse_trust_domain("trust_domain", name).map_err(|e| Error::Config {
+            path: source.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The admin socket path.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin.sock"))
+    }
+
+    /// The datastore URL.
+    pub fn datastore_url(&self) -> String {
+        self.datastore.url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}",
+                self.data_dir.join("datastore.sqlite3").display()
+            )
+        })
+    }
+
+    /// The CA's settings.
+    pub fn ca_settings(&self, trust_domain: TrustDomain) -> CaSettings {
+        CaSettings {
+            trust_domain,
+            key_type: self.ca.key_type,
+            ca_ttl: self.ca.ttl.0,
+            default_x509_svid_ttl: self.ca.default_x509_svid_ttl.0,
+            default_jwt_svid_ttl: self.ca.default_jwt_svid_ttl.0,
+            bundle_refresh_hint: self.ca.bundle_refresh_hint.0,
+        }
+    }
+
+    /// Checks values that parse but make no sense together.
+    pub fn validate(&self, source: &Path) -> Result<()> {
+        let bad = |reason: String| Error::Config {
+            path: source.to_path_buf(),
+            reason,
+        };
+        if self.ca.ttl.0 < self.ca.default_x509_svid_ttl.0.saturating_mul(2) {
+            return Err(bad(format!(
+                "ca.ttl ({}) must be at least twice ca.default_x509_svid_ttl ({}), so every SVID can live its full lifetime",
+                humantime::format_duration(self.ca.ttl.0),
+                humantime::format_duration(self.ca.default_x509_svid_ttl.0)
+            )));
+        }
+        for name in &self.server_dns_names {
+            sigil_core::entry::check_dns_name(name)
+                .map_err(|e| bad(format!("server_dns_names: {e}")))?;
+        }
+        if self.max_message_bytes < 64 * 1024 {
+            return Err(bad("max_message_bytes must be at least 65536".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let config = ServerConfig::from_toml(
+            "trust_domain = \"example.org\"\n[ca]\ndefault_x509_svid_ttl = \"1h\"\n",
+        )
+        .expect("valid");
+        assert_eq!(config.ca.default_x509_svid_ttl.0, Duration::from_secs(3600));
+        assert_eq!(config.bind_address.port(), 8081);
+        assert!(config.datastore_url().starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let err = ServerConfig::from_toml("trust_domian = \"x\"").unwrap_err();
+        assert!(err.contains("trust_domian"), "{err}");
+        let err = ServerConfig::from_toml("[ca]\nttl = \"forever\"").unwrap_err();
+        assert!(err.contains("forever") && err.contains("line 2"), "{err}");
+        let err = ServerConfig::from_toml("[ca]\nkey_type = \"rsa-1024\"").unwrap_err();
+        assert!(err.contains("rsa-1024"), "{err}");
+        let err = ServerConfig::from_file(Path::new("/nonexistent/server.toml")).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/server.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ca_ttl_must_cover_svids() {
+        let config =
+            ServerConfig::from_toml("trust_domain = \"example.org\"\n[ca]\nttl = \"1h\"\n")
+                .expect("parses");
+        assert!(config.validate(Path::new("x.toml")).is_err());
+    }
+}

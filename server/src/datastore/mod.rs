@@ -1,0 +1,268 @@
+//! The datastore: the source of truth for entries, agents, join tokens, bundles, the CA journal
+//! and the record of issued SVIDs.
+//!
+//! [`DataStore`] is the narrow interface the rest of the server uses; [`SqlDataStore`] implements
+//! it once, for SQLite (the embedded default) and Postgres, through sqlx's Any driver. The same
+//! conformance suite (`server/tests/datastore_conformance.rs`) runs against both.
+//!
+//! Every write to entries, agents or bundles appends an [`Event`] in the same transaction: the
+//! change feed that lets in-memory caches (and, later, other servers sharing the database) follow
+//! without rescanning tables.
+
+mod sql;
+
+use std::future::Future;
+
+use sigil_core::bundle::TrustBundle;
+use sigil_core::entry::Entry;
+use sigil_core::id::TrustDomain;
+use sigil_core::selector::Selector;
+
+use crate::Result;
+
+pub use sql::SqlDataStore;
+
+/// An attested agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentRecord {
+    /// `spiffe://<td>/sigil/agent/<attestor>/...`
+    pub spiffe_id: String,
+    /// The node attestor that vouched for it, e.g. `join_token`.
+    pub attestor: String,
+    /// Node selectors from attestation (what node aliases match on).
+    pub selectors: Vec<Selector>,
+    /// Hex serial of the agent's current SVID.
+    pub svid_serial: String,
+    /// Unix seconds.
+    pub svid_expires_at: i64,
+    /// A banned agent cannot attest again until it is evicted (deleted).
+    pub banned: bool,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub updated_at: i64,
+}
+
+/// A join token, as stored: only its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    /// Lower-case hex SHA-256 of the token.
+    pub token_hash: String,
+    /// A node alias the agent receives, or empty.
+    pub alias_spiffe_id: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// Why a join token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// No such token was ever issued.
+    Unknown,
+    /// The token was used already.
+    AlreadyUsed,
+    /// The token's expiry has passed.
+    Expired,
+}
+
+/// What kind of key an authority holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthorityKind {
+    /// An X.509 CA certificate.
+    X509,
+    /// A JWT signing key.
+    Jwt,
+}
+
+impl AuthorityKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            AuthorityKind::X509 => "x509",
+            AuthorityKind::Jwt => "jwt",
+        }
+    }
+}
+
+/// One entry of the CA journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authority {
+    /// X.509: hex subject key identifier; JWT: the `kid`.
+    pub id: String,
+    /// X.509 CA or JWT key.
+    pub kind: AuthorityKind,
+    /// The key manager's id for the private key.
+    pub key_ref: String,
+    /// X.509: the DER certificate; JWT: the DER SubjectPublicKeyInfo.
+    pub public_data: Vec<u8>,
+    /// `prepared`, `active` or `old`.
+    pub state: String,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// A record of one signed SVID. Never holds a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedSvid {
+    /// X.509: hex serial; JWT: the `jti`.
+    pub serial: String,
+    /// `x509` or `jwt`.
+    pub kind: String,
+    /// The identity in it.
+    pub spiffe_id: String,
+    /// The agent that asked for it (empty for the server's own SVIDs).
+    pub agent_id: String,
+    /// The entry it was issued for (empty for agent and server SVIDs).
+    pub entry_id: String,
+    /// The signing authority's id.
+    pub authority_id: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+/// Filters for [`DataStore::list_entries`]; empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct EntryFilter {
+    /// Exact SPIFFE ID.
+    pub spiffe_id: Option<String>,
+    /// Exact parent ID.
+    pub parent_id: Option<String>,
+    /// Entries having all of these selectors.
+    pub selectors: Vec<Selector>,
+}
+
+/// Filters for [`DataStore::list_issued_svids`]; empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct SvidFilter {
+    /// Exact SPIFFE ID.
+    pub spiffe_id: Option<String>,
+    /// Exact agent ID.
+    pub agent_id: Option<String>,
+    /// Only SVIDs whose `not_after` is after this time (Unix seconds).
+    pub valid_at: Option<i64>,
+}
+
+/// What a change-feed event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// An entry was created, updated or deleted; the subject is its id.
+    Entry,
+    /// An agent was attested, renewed, banned or evicted; the subject is its SPIFFE ID.
+    Agent,
+    /// A bundle changed; the subject is its trust domain.
+    Bundle,
+}
+
+/// One change-feed event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Increasing position in the feed.
+    pub id: u64,
+    /// What changed.
+    pub kind: EventKind,
+    /// Which one changed.
+    pub subject: String,
+}
+
+/// The server's persistent state.
+///
+/// Writes are transactional: either the row and its change event are written, or neither.
+pub trait DataStore: Send + Sync + 'static {
+    /// Checks that the database answers.
+    fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+
+    /// Stores a new entry; refuses an exact duplicate (same SPIFFE ID, parent and selectors).
+    /// Returns it with its revision.
+    fn create_entry(&self, entry: &Entry) -> impl Future<Output = Result<Entry>> + Send;
+    /// Replaces the entry with the same id.
+    fn update_entry(&self, entry: &Entry) -> impl Future<Output = Result<Entry>> + Send;
+    /// Deletes an entry and returns what it was.
+    fn delete_entry(&self, id: &str) -> impl Future<Output = Result<Entry>> + Send;
+    /// One entry by id.
+    fn get_entry(&self, id: &str) -> impl Future<Output = Result<Option<Entry>>> + Send;
+    /// Entries matching the filter, ordered by id.
+    fn list_entries(&self, filter: &EntryFilter)
+    -> impl Future<Output = Result<Vec<Entry>>> + Send;
+
+    /// Creates or replaces an agent (after attestation).
+    fn put_agent(&self, agent: &AgentRecord) -> impl Future<Output = Result<()>> + Send;
+    /// One agent by SPIFFE ID.
+    fn get_agent(
+        &self,
+        spiffe_id: &str,
+    ) -> impl Future<Output = Result<Option<AgentRecord>>> + Send;
+    /// All agents, ordered by SPIFFE ID.
+    fn list_agents(&self) -> impl Future<Output = Result<Vec<AgentRecord>>> + Send;
+    /// Records a renewed agent SVID.
+    fn set_agent_svid(
+        &self,
+        spiffe_id: &str,
+        serial: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> impl Future<Output = Result<AgentRecord>> + Send;
+    /// Marks an agent banned: it keeps its row but can neither call the server nor attest.
+    fn ban_agent(
+        &self,
+        spiffe_id: &str,
+        now: i64,
+    ) -> impl Future<Output = Result<AgentRecord>> + Send;
+    /// Deletes an agent: it must attest again.
+    fn delete_agent(&self, spiffe_id: &str) -> impl Future<Output = Result<AgentRecord>> + Send;
+
+    /// Stores a new join token (its hash).
+    fn create_join_token(&self, token: &JoinToken) -> impl Future<Output = Result<()>> + Send;
+    /// Marks a join token used, atomically, so two callers cannot both use it.
+    /// Returns the token, or why it was refused.
+    fn use_join_token(
+        &self,
+        token_hash: &str,
+        now: i64,
+    ) -> impl Future<Output = Result<Result<JoinToken, TokenRefusal>>> + Send;
+    /// Deletes tokens that expired before `before`; returns how many.
+    fn prune_join_tokens(&self, before: i64) -> impl Future<Output = Result<u64>> + Send;
+
+    /// The bundle of a trust domain.
+    fn get_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> impl Future<Output = Result<Option<TrustBundle>>> + Send;
+    /// Creates or replaces the bundle of its trust domain.
+    fn put_bundle(&self, bundle: &TrustBundle) -> impl Future<Output = Result<()>> + Send;
+
+    /// The whole CA journal, oldest first.
+    fn list_authorities(&self) -> impl Future<Output = Result<Vec<Authority>>> + Send;
+    /// Creates or replaces one authority.
+    fn put_authority(&self, authority: &Authority) -> impl Future<Output = Result<()>> + Send;
+
+    /// Records signed SVIDs, all in one transaction. A serial already recorded is kept as is.
+    fn record_issued_svids(&self, svids: &[IssuedSvid]) -> impl Future<Output = Result<()>> + Send;
+    /// Issued SVIDs matching the filter, newest first.
+    fn list_issued_svids(
+        &self,
+        filter: &SvidFilter,
+    ) -> impl Future<Output = Result<Vec<IssuedSvid>>> + Send;
+    /// One issued SVID by serial.
+    fn get_issued_svid(
+        &self,
+        serial: &str,
+    ) -> impl Future<Output = Result<Option<IssuedSvid>>> + Send;
+    /// Deletes records of SVIDs that expired before `before`; returns how many.
+    fn prune_issued_svids(&self, before: i64) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Up to `limit` change-feed events after `after`, oldest first.
+    fn events_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Event>>> + Send;
+    /// The newest event id (0 when there is none).
+    fn latest_event_id(&self) -> impl Future<Output = Result<u64>> + Send;
+    /// Deletes events created before `before` (Unix seconds); returns how many.
+    fn prune_events(&self, before: i64) -> impl Future<Output = Result<u64>> + Send;
+}

@@ -1,0 +1,90 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the Sigil server.
+///
+/// Each message says what was wrong and, where the user can act, what to do. [`Error::status`]
+/// maps each variant to the gRPC status a client sees.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration file or a flag is wrong; start-up stops.
+    #[error("configuration {}: {reason}", path.display())]
+    Config {
+        /// The file (or `<flags>`) the bad value came from.
+        path: PathBuf,
+        /// The key and what is wrong with it.
+        reason: String,
+    },
+    /// A request field or input failed a domain check.
+    #[error(transparent)]
+    Invalid(#[from] sigil_core::Error),
+    /// The caller is not allowed to do or obtain this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The caller could not be authenticated (bad token, missing certificate, ...).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The named thing does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// An identical thing exists already.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// The datastore failed; the write, if any, did not happen.
+    #[error("datastore: {0}")]
+    Datastore(String),
+    /// The CA or a key could not be created, loaded or used.
+    #[error("CA: {0}")]
+    Ca(String),
+    /// A file or socket operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What Sigil was doing.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The server cannot serve this now (e.g. shutting down); retry.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl Error {
+    /// An [`Error::Io`] with context.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The gRPC status for this error.
+    pub fn status(&self) -> tonic::Status {
+        let message = self.to_string();
+        match self {
+            Error::Invalid(_) | Error::Config { .. } => tonic::Status::invalid_argument(message),
+            Error::PermissionDenied(_) => tonic::Status::permission_denied(message),
+            Error::Unauthenticated(_) => tonic::Status::unauthenticated(message),
+            Error::NotFound(_) => tonic::Status::not_found(message),
+            Error::AlreadyExists(_) => tonic::Status::already_exists(message),
+            Error::Unavailable(_) => tonic::Status::unavailable(message),
+            Error::Datastore(_) | Error::Ca(_) | Error::Io { .. } => {
+                tonic::Status::internal(message)
+            }
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        error.status()
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(error: sqlx::Error) -> Self {
+        Error::Datastore(error.to_string())
+    }
+}
+
+/// The result type of the server library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,90 @@
+//! The server's Prometheus metrics, served at `/metrics` on the health address.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of signed-SVID counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SvidLabels {
+    /// `x509`, `jwt` or `agent`.
+    pub kind: &'static str,
+}
+
+/// Labels of attestation counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttestationLabels {
+    /// The node attestor.
+    pub attestor: String,
+    /// `success`, `refused` or `error`.
+    pub result: &'static str,
+}
+
+/// Every series the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// SVIDs signed, by kind.
+    pub svids_signed: Family<SvidLabels, Counter>,
+    /// Time to check a CSR and sign it, in seconds.
+    pub signing_seconds: Histogram,
+    /// Node attestations, by attestor and result.
+    pub attestations: Family<AttestationLabels, Counter>,
+    /// Agents with at least one open sync stream.
+    pub agents_connected: Gauge,
+    /// Open sync streams.
+    pub sync_streams: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("sigil_server");
+        let svids_signed = Family::<SvidLabels, Counter>::default();
+        registry.register("svids_signed", "SVIDs signed", svids_signed.clone());
+        let signing_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "svid_signing_seconds",
+            "Time to check one CSR and sign its X509-SVID",
+            signing_seconds.clone(),
+        );
+        let attestations = Family::<AttestationLabels, Counter>::default();
+        registry.register(
+            "node_attestations",
+            "Node attestations by attestor and result",
+            attestations.clone(),
+        );
+        let agents_connected = Gauge::default();
+        registry.register(
+            "agents_connected",
+            "Agents with an open sync stream",
+            agents_connected.clone(),
+        );
+        let sync_streams = Gauge::default();
+        registry.register(
+            "sync_streams_open",
+            "Open agent sync streams",
+            sync_streams.clone(),
+        );
+        Metrics {
+            registry,
+            svids_signed,
+            signing_seconds,
+            attestations,
+            agents_connected,
+            sync_streams,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every series.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}

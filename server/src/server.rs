@@ -1,0 +1,420 @@
+//! Assembles a running server from its configuration: datastore, CA, authorizations, the three
+//! listeners and the background tasks, and takes it down again in order.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil_core::clock::SharedClock;
+use sigil_proto::admin::admin_api_server::AdminApiServer;
+use sigil_proto::agent::agent_api_server::AgentApiServer;
+use sigil_proto::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+
+use crate::api::admin::AdminService;
+use crate::api::agent::AgentService;
+use crate::api::istio::IstioCa;
+use crate::api::tls::ServerTls;
+use crate::api::{ServerState, health};
+use crate::attest::{JoinTokenAttestor, NodeAttestor, PsatAttestor};
+use crate::authz::Authorizations;
+use crate::ca::{Ca, DiskKeyManager, IssuanceRecorder, KeyManager, MemoryKeyManager};
+use crate::config::{KeyManagerKind, ServerConfig};
+use crate::datastore::{DataStore, SqlDataStore};
+use crate::k8s::{self, AutoIdentitySettings, PodIdentities};
+use crate::metrics::Metrics;
+use crate::{Error, Result};
+
+/// How often the CA checks whether an authority is due for rotation and the server SVID for
+/// renewal.
+const ROTATION_CHECK: Duration = Duration::from_secs(30);
+/// How often expired records are pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// A started server. Drop it or call [`RunningServer::shutdown`] to stop.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// Where the agent API listens.
+    pub agent_api_address: SocketAddr,
+    /// Where `/live`, `/ready` and `/metrics` answer.
+    pub health_address: SocketAddr,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    recorder_task: tokio::task::JoinHandle<()>,
+    state: Arc<ServerState<SqlDataStore>>,
+}
+
+/// Starts a server from `config` (read from `source`, named in errors).
+pub async fn start(
+    config: ServerConfig,
+    source: &Path,
+    clock: SharedClock,
+) -> Result<RunningServer> {
+    config.validate(source)?;
+    let trust_domain = config.trust_domain(source)?;
+    create_private_dir(&config.data_dir)?;
+
+    let datastore = Arc::new(SqlDataStore::connect(&config.datastore_url(), clock.clone()).await?);
+    let keys: Arc<dyn KeyManager> = match config.ca.key_manager {
+        KeyManagerKind::Disk => Arc::new(DiskKeyManager::new(config.data_dir.join("keys"))?),
+        KeyManagerKind::Memory => Arc::new(MemoryKeyManager::default()),
+    };
+    let ca = Arc::new(
+        Ca::load(
+            config.ca_settings(trust_domain.clone()),
+            keys,
+            clock.clone(),
+            datastore.as_ref(),
+        )
+        .await?,
+    );
+    let kubernetes = &config.kubernetes;
+    let kube_client = if kubernetes.enabled() {
+        Some(kubernetes.client().await?)
+    } else {
+        None
+    };
+    let mut authz =
+        Authorizations::load(trust_domain.clone(), clock.clone(), datastore.as_ref()).await?;
+    let pod_identities = match (&kube_client, kubernetes.auto_identity) {
+        (Some(_), true) => {
+            let pods = Arc::new(PodIdentities::new(AutoIdentitySettings {
+                trust_domain: trust_domain.clone(),
+                template: kubernetes.identity_template.clone(),
+                include: kubernetes.namespaces_include.clone(),
+                exclude: kubernetes.namespaces_exclude.clone(),
+                max_staleness: kubernetes.max_staleness.0,
+            }));
+            authz = authz.with_pod_identities(pods.clone());
+            Some(pods)
+        }
+        _ => None,
+    };
+    let authz = Arc::new(authz);
+    let (recorder, recorder_task) = IssuanceRecorder::start(datastore.clone());
+
+    let (stop, stopped) = watch::channel(false);
+    let mut attestors: HashMap<&'static str, Arc<dyn NodeAttestor>> = HashMap::new();
+    let join_token = JoinTokenAttestor::new(datastore.clone(), trust_domain.clone(), clock.clone());
+    attestors.insert(join_token.name(), Arc::new(join_token));
+    if let (Some(client), Some(cluster)) = (&kube_client, &kubernetes.cluster) {
+        let psat = PsatAttestor::new(
+            client.clone(),
+            trust_domain.clone(),
+            cluster.clone(),
+            kubernetes.psat_audience.clone(),
+            kubernetes.allowed_service_accounts.clone(),
+        );
+        attestors.insert(psat.name(), Arc::new(psat));
+    }
+
+    let state = Arc::new(ServerState {
+        datastore: datastore.clone(),
+        ca,
+        authz,
+        recorder,
+        metrics: Arc::new(Metrics::default()),
+        clock,
+        attestors,
+        agent_svid_ttl: config.ca.agent_svid_ttl.0,
+        join_token_ttl: config.join_token.default_ttl.0,
+        server_dns_names: config.server_dns_names.clone(),
+        stopping: stopped.clone(),
+    });
+    let server_tls = Arc::new(ServerTls::new(&state)?);
+
+    let mut tasks = JoinSet::new();
+
+    // The agent API: TLS handshakes happen in `ServerTls::accept`; finished connections flow into
+    // tonic through a channel, which carries the peer certificates along.
+    let agent_listener = TcpListener::bind(config.bind_address).await.map_err(|e| {
+        Error::io(
+            format!("binding the agent API to {}", config.bind_address),
+            e,
+        )
+    })?;
+    let agent_api_address = local_address(&agent_listener)?;
+    let (connections, incoming) = mpsc::channel(256);
+    tasks.spawn(
+        server_tls
+            .clone()
+            .accept(agent_listener, connections, stopped.clone()),
+    );
+    let agent_service = AgentApiServer::new(AgentService::new(state.clone()))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    // Istio's certificate service shares the port (and the TLS identity) when enabled.
+    let istio_service = match (&kube_client, kubernetes.istio_ca) {
+        (Some(client), true) => Some(
+            IstioCertificateServiceServer::new(IstioCa::new(
+                state.clone(),
+                client.clone(),
+                kubernetes.istio_ca_audience.clone(),
+                kubernetes.istio_max_validity.0,
+            ))
+            .max_decoding_message_size(config.max_message_bytes),
+        ),
+        _ => None,
+    };
+    let mut agent_stop = stopped.clone();
+    tasks.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(agent_service)
+            .add_optional_service(istio_service)
+            .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {
+                let _ = agent_stop.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "the agent API stopped");
+        }
+    });
+
+    let admin_socket = config.admin_socket_path();
+    let admin_listener = bind_admin_socket(&admin_socket).await?;
+    let admin_service = AdminApiServer::new(AdminService::new(state.clone()))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(usize::MAX);
+    let mut admin_stop = stopped.clone();
+    tasks.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(admin_service)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), async move {
+                let _ = admin_stop.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "the admin API stopped");
+        }
+    });
+
+    let health_listener = TcpListener::bind(config.health_address)
+        .await
+        .map_err(|e| {
+            Error::io(
+                format!("binding the health endpoint to {}", config.health_address),
+                e,
+            )
+        })?;
+    let health_address = local_address(&health_listener)?;
+    let mut health_stop = stopped.clone();
+    let router = health::router(state.clone());
+    tasks.spawn(async move {
+        let result = axum::serve(health_listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = health_stop.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "the health endpoint stopped");
+        }
+    });
+
+    tasks.spawn(follow_changes(
+        state.clone(),
+        config.change_poll_interval.0,
+        stopped.clone(),
+    ));
+    if let (Some(client), Some(pods)) = (&kube_client, pod_identities) {
+        tasks.spawn(k8s::watch_pods(
+            client.clone(),
+            pods.clone(),
+            stopped.clone(),
+        ));
+        tasks.spawn(follow_pods(pods, state.authz.clone(), stopped.clone()));
+    }
+    if let (Some(client), Some(name)) = (&kube_client, &kubernetes.bundle_configmap) {
+        tasks.spawn(k8s::publish_bundle(
+            client.clone(),
+            kubernetes.bundle_configmap_namespace.clone(),
+            name.clone(),
+            state.authz.clone(),
+            stopped.clone(),
+        ));
+    }
+    tasks.spawn(maintain_ca(state.clone(), server_tls, stopped.clone()));
+    tasks.spawn(prune(
+        state.clone(),
+        config.issuance_record.retention.0,
+        stopped,
+    ));
+
+    tracing::info!(
+        trust_domain = %trust_domain,
+        agent_api = %agent_api_address,
+        health = %health_address,
+        admin_socket = %admin_socket.display(),
+        "sigil-server is running"
+    );
+    Ok(RunningServer {
+        agent_api_address,
+        health_address,
+        admin_socket,
+        stop,
+        tasks,
+        recorder_task,
+        state,
+    })
+}
+
+impl RunningServer {
+    /// Stops accepting work, lets streams end, writes every pending issuance record, and closes
+    /// the datastore.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let _ = self.stop.send(true);
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(10), drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections did not close within 10 s; closing them");
+            self.tasks.abort_all();
+        }
+        let datastore = self.state.datastore.clone();
+        // The recorder task ends once the last recorder clone is gone: the state holds it.
+        drop(self.state);
+        let _ = self.recorder_task.await;
+        datastore.close().await;
+        let _ = std::fs::remove_file(&self.admin_socket);
+        tracing::info!("sigil-server stopped");
+        Ok(())
+    }
+}
+
+fn local_address(listener: &TcpListener) -> Result<SocketAddr> {
+    listener
+        .local_addr()
+        .map_err(|e| Error::io("reading a listener's address", e))
+}
+
+fn create_private_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("creating data directory {}", dir.display()), e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(format!("restricting data directory {}", dir.display()), e))
+}
+
+/// Binds the admin socket with owner-only permissions, replacing a stale file left by a crashed
+/// server but never a live one.
+async fn bind_admin_socket(path: &Path) -> Result<UnixListener> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(Error::Unavailable(format!(
+                "another server is listening on the admin socket {}; stop it or set admin_socket",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| Error::io(format!("removing stale socket {}", path.display()), e))?;
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| Error::io(format!("binding the admin socket {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        Error::io(
+            format!("restricting the admin socket {}", path.display()),
+            e,
+        )
+    })?;
+    Ok(listener)
+}
+
+/// Follows the change feed for writes this process did not make (other servers sharing the
+/// database, or an operator's direct change).
+async fn follow_changes<D: DataStore>(
+    state: Arc<ServerState<D>>,
+    interval: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        if let Err(e) = state.authz.catch_up(state.datastore.as_ref()).await {
+            tracing::warn!(error = %e, "cannot read the change feed; serving from the cache and retrying");
+        }
+    }
+}
+
+/// Wakes the sync streams whenever the pods behind automatic identities change.
+async fn follow_pods(
+    pods: Arc<PodIdentities>,
+    authz: Arc<Authorizations>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut changes = pods.subscribe();
+    loop {
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        authz.bump();
+    }
+}
+
+async fn maintain_ca<D: DataStore>(
+    state: Arc<ServerState<D>>,
+    tls: Arc<ServerTls>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(ROTATION_CHECK) => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        match state.ca.rotate_if_due(state.datastore.as_ref()).await {
+            Ok(true) => {
+                if let Err(e) = state.authz.catch_up(state.datastore.as_ref()).await {
+                    tracing::warn!(error = %e, "cannot read the change feed after a bundle change");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "CA rotation check failed; retrying"),
+        }
+        if let Err(e) = tls.refresh_if_due(&state) {
+            tracing::error!(error = %e, "cannot renew the server SVID; retrying");
+        }
+    }
+}
+
+async fn prune<D: DataStore>(
+    state: Arc<ServerState<D>>,
+    retention: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let retention = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX / 2);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(PRUNE_INTERVAL) => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        let now = state.clock.unix_now();
+        let datastore = state.datastore.as_ref();
+        let outcome = async {
+            let svids = datastore.prune_issued_svids(now - retention).await?;
+            let tokens = datastore.prune_join_tokens(now - 24 * 3600).await?;
+            let events = datastore.prune_events(now - 24 * 3600).await?;
+            Ok::<_, Error>((svids, tokens, events))
+        }
+        .await;
+        match outcome {
+            Ok((svids, tokens, events)) => {
+                tracing::debug!(svids, tokens, events, "pruned expired records")
+            }
+            Err(e) => tracing::warn!(error = %e, "pruning failed; retrying later"),
+        }
+    }
+}
