@@ -1,0 +1,366 @@
+//! `sigil-agent api ...`: the Workload API from a workload's side, for people and scripts.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use sigil_core::bundle::pem_block;
+use sigil_core::x509::certificate_facts;
+use sigil_proto::workload::X509svidResponse;
+use sigil_workload_api::client::WorkloadClient;
+use sigil_workload_api::{ENDPOINT_ENV, socket_path};
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Format {
+    /// For people.
+    Text,
+    /// For scripts.
+    Json,
+}
+
+/// Where the Workload API is, and how to print.
+#[derive(Debug, Args)]
+pub(crate) struct Common {
+    /// The Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET, else the agent's default path).
+    #[arg(long, global = true)]
+    socket: Option<String>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
+    output: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ApiCommand {
+    /// Fetches SVIDs or bundles once.
+    Fetch {
+        #[command(subcommand)]
+        what: FetchCommand,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Validates a JWT-SVID.
+    Validate {
+        #[command(subcommand)]
+        what: ValidateCommand,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Prints every X509-SVID update as it arrives, until interrupted.
+    Watch {
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum FetchCommand {
+    /// The caller's X509-SVIDs, keys and bundle.
+    X509 {
+        /// Write svid.N.pem, svid.N.key (mode 0600) and bundle.N.pem into this directory.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+    /// The caller's JWT-SVIDs for an audience.
+    Jwt {
+        /// The audience (repeat for several).
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+        /// Only this identity's JWT-SVID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+    },
+    /// The X.509 and JWT bundles the caller may use.
+    Bundles,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ValidateCommand {
+    /// Validates a JWT-SVID's signature, expiry and audience.
+    Jwt {
+        /// The audience the token must carry.
+        #[arg(long)]
+        audience: String,
+        /// The JWT-SVID.
+        #[arg(long)]
+        token: String,
+    },
+}
+
+fn resolve_socket(flag: Option<&str>) -> anyhow::Result<PathBuf> {
+    let address = match flag {
+        Some(address) => address.to_string(),
+        None => std::env::var(ENDPOINT_ENV)
+            .unwrap_or_else(|_| sigil_agent::config::DEFAULT_SOCKET.to_string()),
+    };
+    Ok(socket_path(&address)?)
+}
+
+pub(crate) async fn run(command: ApiCommand) -> anyhow::Result<()> {
+    let common = match &command {
+        ApiCommand::Fetch { common, .. }
+        | ApiCommand::Validate { common, .. }
+        | ApiCommand::Watch { common } => common,
+    };
+    let socket = resolve_socket(common.socket.as_deref())?;
+    let format = common.output;
+    let mut client = WorkloadClient::connect(&socket).await?;
+    match command {
+        ApiCommand::Fetch {
+            what: FetchCommand::X509 { write },
+            ..
+        } => {
+            let started = Instant::now();
+            let response = client.fetch_x509().await?;
+            let elapsed = started.elapsed();
+            if let Some(dir) = write {
+                write_x509(&dir, &response)?;
+            }
+            print_x509(format, &response, Some(elapsed))?;
+        }
+        ApiCommand::Fetch {
+            what:
+                FetchCommand::Jwt {
+                    audience,
+                    spiffe_id,
+                },
+            ..
+        } => {
+            let response = client.fetch_jwt(audience, spiffe_id).await?;
+            match format {
+                Format::Text => {
+                    for svid in &response.svids {
+                        println!("SPIFFE ID: {}", svid.spiffe_id);
+                        println!("Token: {}", svid.svid);
+                    }
+                }
+                Format::Json => print_json(&json!({
+                    "svids": response.svids.iter().map(|s| json!({"spiffe_id": s.spiffe_id, "token": s.svid, "hint": s.hint})).collect::<Vec<_>>()
+                })),
+            }
+        }
+        ApiCommand::Fetch {
+            what: FetchCommand::Bundles,
+            ..
+        } => {
+            let x509 = client.fetch_x509_bundles().await?;
+            let jwt = client.fetch_jwt_bundles().await?;
+            let mut trust_domains: Vec<&String> =
+                x509.bundles.keys().chain(jwt.bundles.keys()).collect();
+            trust_domains.sort();
+            trust_domains.dedup();
+            let mut documents = serde_json::Map::new();
+            for td in trust_domains {
+                let pem = x509
+                    .bundles
+                    .get(td)
+                    .map(|der| split_pem(der))
+                    .transpose()?
+                    .unwrap_or_default();
+                let jwks: Value = jwt
+                    .bundles
+                    .get(td)
+                    .map(|bytes| serde_json::from_slice(bytes))
+                    .transpose()
+                    .context("the JWT bundle is not JSON")?
+                    .unwrap_or(Value::Null);
+                match format {
+                    Format::Text => {
+                        println!("Trust domain: {td}");
+                        print!("{pem}");
+                        println!("JWT keys: {}", serde_json::to_string_pretty(&jwks)?);
+                    }
+                    Format::Json => {
+                        documents.insert(td.clone(), json!({"x509_pem": pem, "jwt_jwks": jwks}));
+                    }
+                }
+            }
+            if format == Format::Json {
+                print_json(&json!({ "bundles": documents }));
+            }
+        }
+        ApiCommand::Validate {
+            what: ValidateCommand::Jwt { audience, token },
+            ..
+        } => {
+            let response = client.validate_jwt(audience, token).await?;
+            let claims = response.claims.map(struct_to_json).unwrap_or(Value::Null);
+            match format {
+                Format::Text => {
+                    println!("SPIFFE ID: {}", response.spiffe_id);
+                    println!("Claims: {}", serde_json::to_string_pretty(&claims)?);
+                }
+                Format::Json => {
+                    print_json(&json!({"spiffe_id": response.spiffe_id, "claims": claims}))
+                }
+            }
+        }
+        ApiCommand::Watch { .. } => {
+            let mut stream = client.watch_x509().await?;
+            while let Some(update) = stream
+                .message()
+                .await
+                .context("the X509-SVID stream broke")?
+            {
+                print_x509(format, &update, None)?;
+                if format == Format::Text {
+                    println!("---");
+                }
+                std::io::stdout().flush()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Splits concatenated DER certificates.
+fn split_der(mut der: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut certificates = Vec::new();
+    while !der.is_empty() {
+        let (rest, _) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| anyhow::anyhow!("bad certificate in the answer: {e}"))?;
+        certificates.push(der[..der.len() - rest.len()].to_vec());
+        der = rest;
+    }
+    Ok(certificates)
+}
+
+fn split_pem(der: &[u8]) -> anyhow::Result<String> {
+    Ok(split_der(der)?
+        .iter()
+        .map(|c| pem_block("CERTIFICATE", c))
+        .collect())
+}
+
+fn print_x509(
+    format: Format,
+    response: &X509svidResponse,
+    elapsed: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    let mut items = Vec::new();
+    for svid in &response.svids {
+        let chain = split_der(&svid.x509_svid)?;
+        let leaf = chain.first().context("an SVID without a certificate")?;
+        let facts = certificate_facts(leaf)?;
+        let roots = split_der(&svid.bundle)?.len();
+        items.push((svid, facts, roots));
+    }
+    match format {
+        Format::Text => {
+            match elapsed {
+                Some(elapsed) => println!("Received {} SVID(s) after {elapsed:?}", items.len()),
+                None => println!("Received {} SVID(s)", items.len()),
+            }
+            for (svid, facts, roots) in &items {
+                println!();
+                println!("SPIFFE ID:        {}", svid.spiffe_id);
+                if !svid.hint.is_empty() {
+                    println!("Hint:             {}", svid.hint);
+                }
+                println!("Serial:           {}", facts.serial);
+                println!("Valid after:      {}", rfc3339(facts.not_before));
+                println!("Valid until:      {}", rfc3339(facts.not_after));
+                println!("Bundle roots:     {roots}");
+            }
+        }
+        Format::Json => print_json(&json!({
+            "svids": items.iter().map(|(svid, facts, roots)| json!({
+                "spiffe_id": svid.spiffe_id,
+                "hint": svid.hint,
+                "serial": facts.serial,
+                "not_before": facts.not_before,
+                "not_after": facts.not_after,
+                "bundle_roots": roots,
+            })).collect::<Vec<_>>(),
+            "federated_trust_domains": response.federated_bundles.keys().collect::<Vec<_>>(),
+        })),
+    }
+    Ok(())
+}
+
+fn rfc3339(unix: i64) -> String {
+    humantime::format_rfc3339_seconds(sigil_core::clock::from_unix_seconds(unix)).to_string()
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+fn write_x509(dir: &Path, response: &X509svidResponse) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (index, svid) in response.svids.iter().enumerate() {
+        let chain: String = split_der(&svid.x509_svid)?
+            .iter()
+            .map(|c| pem_block("CERTIFICATE", c))
+            .collect();
+        write_file(
+            &dir.join(format!("svid.{index}.pem")),
+            chain.as_bytes(),
+            0o644,
+        )?;
+        write_file(
+            &dir.join(format!("svid.{index}.key")),
+            pem_block("PRIVATE KEY", &svid.x509_svid_key).as_bytes(),
+            0o600,
+        )?;
+        write_file(
+            &dir.join(format!("bundle.{index}.pem")),
+            split_pem(&svid.bundle)?.as_bytes(),
+            0o644,
+        )?;
+    }
+    eprintln!(
+        "wrote {} SVID(s) to {}",
+        response.svids.len(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    // An existing file keeps its old mode through `open`; set it explicitly.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+    file.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn struct_to_json(value: prost_types::Struct) -> Value {
+    Value::Object(
+        value
+            .fields
+            .into_iter()
+            .map(|(k, v)| (k, value_to_json(v)))
+            .collect(),
+    )
+}
+
+fn value_to_json(value: prost_types::Value) -> Value {
+    use prost_types::value::Kind;
+    match value.kind {
+        Some(Kind::BoolValue(b)) => Value::Bool(b),
+        Some(Kind::NumberValue(n)) => {
+            serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)
+        }
+        Some(Kind::StringValue(s)) => Value::String(s),
+        Some(Kind::ListValue(list)) => {
+            Value::Array(list.values.into_iter().map(value_to_json).collect())
+        }
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+        Some(Kind::NullValue(_)) | None => Value::Null,
+    }
+}

@@ -1,0 +1,273 @@
+//! The agent's configuration: a TOML file (`sigil-agent run --config agent.toml`) with flags for
+//! the common settings on top. Unknown keys and bad values stop start-up with the file, the key and
+//! the reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use sigil_core::id::{TrustDomain, parse_trust_domain};
+
+use crate::{Error, Result};
+
+/// The default Workload API socket.
+pub const DEFAULT_SOCKET: &str = "/tmp/sigil-agent/public/api.sock";
+
+/// The agent's configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The trust domain of the server. Required.
+    pub trust_domain: Option<String>,
+    /// The server's agent API, `host:port`. Default `127.0.0.1:8081`.
+    pub server_address: String,
+    /// Where the agent keeps its key, SVID and the last bundle. Default `.sigil/agent`.
+    pub data_dir: PathBuf,
+    /// The Workload API socket. Default `/tmp/sigil-agent/public/api.sock`.
+    pub socket_path: PathBuf,
+    /// The PEM bundle to trust the server with on first contact (`sigil-server bundle show`).
+    pub trust_bundle_path: Option<PathBuf>,
+    /// Trust whatever server answers on first contact. Development only.
+    pub insecure_bootstrap: bool,
+    /// A one-time join token for the first attestation (or `--join-token`).
+    pub join_token: Option<String>,
+    /// `/live`, `/ready` and `/metrics`. Default `127.0.0.1:8082`.
+    pub health_address: SocketAddr,
+    /// `error`, `warn`, `info` (default), `debug`, `trace`, or a tracing filter.
+    pub log_level: String,
+    /// The root of the proc filesystem (for agents that mount the host's /proc elsewhere).
+    pub proc_root: PathBuf,
+    /// The passwd and group files that name users and groups.
+    pub passwd_path: PathBuf,
+    /// See `passwd_path`.
+    pub group_path: PathBuf,
+    /// How many CSRs go into one signing request at most.
+    pub max_batch: usize,
+    /// How long the first signing request of a batch waits for others. Default 5 ms.
+    pub batch_window: Millis,
+    /// How the node is attested: `join_token` (default) or `k8s_psat`.
+    pub node_attestor: NodeAttestorKind,
+    /// `[kubernetes]`: the k8s workload attestor and PSAT node attestation.
+    pub kubernetes: KubernetesConfig,
+    /// `[sds]`: Envoy SDS on the Workload API socket.
+    pub sds: SdsConfig,
+}
+
+/// The `[sds]` section: the names of the three well-known SDS resources.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SdsConfig {
+    /// The caller's own SVID. Default `default` (what Istio asks for).
+    pub default_svid_name: String,
+    /// The own trust bundle. Default `ROOTCA` (what Istio asks for).
+    pub own_bundle_name: String,
+    /// Every bundle the caller may use. Default `ALL`.
+    pub all_bundles_name: String,
+}
+
+impl Default for SdsConfig {
+    fn default() -> Self {
+        SdsConfig {
+            default_svid_name: "default".into(),
+            own_bundle_name: "ROOTCA".into(),
+            all_bundles_name: "ALL".into(),
+        }
+    }
+}
+
+/// The node attestor the agent uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeAttestorKind {
+    /// A one-time join token.
+    JoinToken,
+    /// A projected Kubernetes ServiceAccount token, checked by the server with TokenReview.
+    K8sPsat,
+}
+
+/// The `[kubernetes]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// Attest workloads as pods (needs the node name and API access to watch its pods).
+    pub workload_attestor: bool,
+    /// This node's name (default: the `NODE_NAME` environment variable, set from the downward API).
+    pub node_name: Option<String>,
+    /// A kubeconfig to reach the API server; default: in-cluster configuration, then `KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
+    /// How long an attestation waits for a pod the watch has not delivered yet. Default 5 s.
+    pub pod_wait: Millis,
+    /// The cluster name the server's PSAT attestor knows this cluster by.
+    pub cluster: String,
+    /// The projected ServiceAccount token for PSAT attestation.
+    pub token_path: PathBuf,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            workload_attestor: false,
+            node_name: None,
+            kubeconfig: None,
+            pod_wait: Millis(Duration::from_secs(5)),
+            cluster: String::new(),
+            token_path: PathBuf::from("/var/run/secrets/tokens/sigil-agent"),
+        }
+    }
+}
+
+impl KubernetesConfig {
+    /// The node name from the configuration or `NODE_NAME`.
+    pub fn node_name(&self, source: &Path) -> Result<String> {
+        self.node_name
+            .clone()
+            .or_else(|| std::env::var("NODE_NAME").ok())
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| Error::Config {
+                path: source.to_path_buf(),
+                reason: "kubernetes.node_name is required (or the NODE_NAME environment variable, from the downward API)".into(),
+            })
+    }
+
+    /// A Kubernetes client from the kubeconfig, or the in-cluster / `KUBECONFIG` defaults.
+    pub async fn client(&self) -> Result<kube::Client> {
+        let config = match &self.kubeconfig {
+            Some(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                    Error::Startup(format!("cannot read kubeconfig {}: {e}", path.display()))
+                })?;
+                kube::Config::from_custom_kubeconfig(
+                    kubeconfig,
+                    &kube::config::KubeConfigOptions::default(),
+                )
+                .await
+                .map_err(|e| {
+                    Error::Startup(format!("unusable kubeconfig {}: {e}", path.display()))
+                })?
+            }
+            None => kube::Config::infer().await.map_err(|e| {
+                Error::Startup(format!(
+                    "cannot find Kubernetes API access (in-cluster or KUBECONFIG): {e}"
+                ))
+            })?,
+        };
+        kube::Client::try_from(config)
+            .map_err(|e| Error::Startup(format!("cannot build a Kubernetes client: {e}")))
+    }
+}
+
+/// A duration in milliseconds, written `5ms`, `1s`, ...
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Millis(pub Duration);
+
+impl<'de> Deserialize<'de> for Millis {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map(Millis).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a duration ({e}); write e.g. 5ms or 1s"
+            ))
+        })
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            trust_domain: None,
+            server_address: "127.0.0.1:8081".into(),
+            data_dir: PathBuf::from(".sigil/agent"),
+            socket_path: PathBuf::from(DEFAULT_SOCKET),
+            trust_bundle_path: None,
+            insecure_bootstrap: false,
+            join_token: None,
+            health_address: SocketAddr::from(([127, 0, 0, 1], 8082)),
+            log_level: "info".into(),
+            proc_root: PathBuf::from("/proc"),
+            passwd_path: PathBuf::from("/etc/passwd"),
+            group_path: PathBuf::from("/etc/group"),
+            max_batch: 100,
+            batch_window: Millis(Duration::from_millis(5)),
+            node_attestor: NodeAttestorKind::JoinToken,
+            kubernetes: KubernetesConfig::default(),
+            sds: SdsConfig::default(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads a configuration file; errors name the file, the key (with its line) and the reason.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            reason: format!("cannot read the file: {e}"),
+        })?;
+        toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The validated trust domain.
+    pub fn trust_domain(&self, source: &Path) -> Result<TrustDomain> {
+        let name = self.trust_domain.as_deref().ok_or_else(|| Error::Config {
+            path: source.to_path_buf(),
+            reason:
+                "trust_domain is required: set it in the file or pass --trust-domain example.org"
+                    .into(),
+        })?;
+        parse_trust_domain("trust_domain", name).map_err(|e| Error::Config {
+            path: source.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self, source: &Path) -> Result<()> {
+        let bad = |reason: &str| Error::Config {
+            path: source.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        if self.max_batch == 0 || self.max_batch > 1000 {
+            return Err(bad(
+                "max_batch must be between 1 and 1000 (the server's limit)",
+            ));
+        }
+        if self.trust_bundle_path.is_some() && self.insecure_bootstrap {
+            return Err(bad(
+                "set either trust_bundle_path or insecure_bootstrap, not both",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "trust_domain = \"example.org\"\nsocket = \"/x\"\n").expect("write");
+        let err = AgentConfig::from_file(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("agent.toml") && err.contains("socket"),
+            "{err}"
+        );
+        std::fs::write(&path, "batch_window = \"soon\"\n").expect("write");
+        let err = AgentConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("soon"), "{err}");
+        std::fs::write(&path, "server_address = \"10.0.0.1:8081\"\n").expect("write");
+        let config = AgentConfig::from_file(&path).expect("valid");
+        assert!(
+            config
+                .trust_domain(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("trust_domain is required")
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! A gRPC channel to the server's agent API over TLS that authenticates the server by SPIFFE ID.
+
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use sigil_core::id::{TrustDomain, server_id};
+use sigil_core::tls::{SpiffeServerVerifier, crypto_provider};
+use sigil_proto::agent::agent_api_client::AgentApiClient;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+
+use super::AgentIdentity;
+use crate::{Error, Result};
+
+/// An open channel to the agent API.
+#[derive(Debug, Clone)]
+pub struct ServerConnection {
+    /// The generated client; clone it freely, clones share the connection.
+    pub client: AgentApiClient<Channel>,
+}
+
+/// Connects to `address` (`host:port`), trusting `roots` (DER) for the server of `trust_domain`,
+/// and presenting `identity` as the client certificate when given.
+///
+/// The channel connects lazily and reconnects by itself, so an agent started while the server is
+/// away still starts; calls fail with `Unavailable` until the server answers.
+pub async fn connect(
+    address: &str,
+    trust_domain: &TrustDomain,
+    roots: &[Vec<u8>],
+    identity: Option<&AgentIdentity>,
+) -> Result<ServerConnection> {
+    let verifier = SpiffeServerVerifier::new(roots, server_id(trust_domain))?;
+    connect_with(address, Arc::new(verifier), identity).await
+}
+
+/// Connects to `address` without authenticating the server at all: the insecure bootstrap, for
+/// development only. Whatever answers is trusted, and so is the bundle it hands out.
+pub async fn connect_insecure(address: &str) -> Result<ServerConnection> {
+    tracing::warn!(
+        server = address,
+        "INSECURE BOOTSTRAP: the server is not authenticated on first contact; anyone on the network path can impersonate it. Use trust_bundle_path outside development."
+    );
+    connect_with(
+        address,
+        Arc::new(AcceptAnyServer(
+            crypto_provider().signature_verification_algorithms,
+        )),
+        None,
+    )
+    .await
+}
+
+async fn connect_with(
+    address: &str,
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    identity: Option<&AgentIdentity>,
+) -> Result<ServerConnection> {
+    Ok(ServerConnection {
+        client: AgentApiClient::new(channel_with(address, verifier, identity)?),
+    })
+}
+
+/// A channel to the server at `address` authenticated by its SPIFFE ID against `roots`, for the
+/// server's other services on the same port (such as Istio's certificate service).
+pub fn server_channel(
+    address: &str,
+    trust_domain: &TrustDomain,
+    roots: &[Vec<u8>],
+    identity: Option<&AgentIdentity>,
+) -> Result<Channel> {
+    let verifier = SpiffeServerVerifier::new(roots, server_id(trust_domain))?;
+    channel_with(address, Arc::new(verifier), identity)
+}
+
+fn channel_with(
+    address: &str,
+    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    identity: Option<&AgentIdentity>,
+) -> Result<Channel> {
+    let connect_error = |reason: String| Error::Connect {
+        address: address.to_string(),
+        reason,
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| connect_error(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match identity {
+        Some(identity) => {
+            let chain: Vec<CertificateDer<'static>> = identity
+                .chain
+                .iter()
+                .cloned()
+                .map(CertificateDer::from)
+                .collect();
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key.serialize_der()));
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| connect_error(format!("unusable agent SVID: {e}")))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = TlsConnector::from(Arc::new(config));
+
+    // The TLS server name is required by the API but not checked: the verifier checks the
+    // server's SPIFFE ID instead.
+    let server_name =
+        ServerName::try_from("sigil-server").map_err(|e| connect_error(e.to_string()))?;
+    let target = address.to_string();
+    let channel = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| connect_error(format!("not a host:port address: {e}")))?
+        .connect_with_connector_lazy(tower::service_fn(move |_| {
+            let connector = connector.clone();
+            let server_name = server_name.clone();
+            let target = target.clone();
+            async move {
+                let tcp = TcpStream::connect(&target).await?;
+                tcp.set_nodelay(true)?;
+                let tls = connector.connect(server_name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }));
+    Ok(channel)
+}
+
+/// The insecure bootstrap's verifier: it accepts any server certificate (but still checks that
+/// the handshake is signed by the key in it).
+#[derive(Debug)]
+struct AcceptAnyServer(rustls::crypto::WebPkiSupportedAlgorithms);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}

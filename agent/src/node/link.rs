@@ -1,0 +1,265 @@
+//! The agent's standing connection to the server: established from the stored identity, or by
+//! attesting with a join token on first start, and kept fresh afterwards: the agent SVID is renewed
+//! at half-life and the connection is rebuilt when the SVID or the trust bundle changes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use sigil_core::bundle::TrustBundle;
+use sigil_core::clock::SharedClock;
+use sigil_core::id::TrustDomain;
+use sigil_core::x509::{BACKDATE, certificate_facts};
+use sigil_proto::agent::agent_api_client::AgentApiClient;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use super::{
+    AgentIdentity, IdentityStore, ServerConnection, attest_node, connect, connect_insecure, renew,
+};
+use crate::{Error, Result};
+
+/// How the agent trusts the server before it holds the server's bundle.
+#[derive(Debug, Clone)]
+pub enum Bootstrap {
+    /// The PEM roots in this file (what `sigil-server bundle show` prints).
+    BundleFile(PathBuf),
+    /// Trust whatever answers. Development only.
+    Insecure,
+    /// No bootstrap configured: only a stored identity will do.
+    None,
+}
+
+/// How the node proves itself when the agent has no usable stored identity.
+#[derive(Debug, Clone)]
+pub enum NodeAttestation {
+    /// A one-time join token.
+    JoinToken(String),
+    /// A projected Kubernetes ServiceAccount token read from `token_path`, for `cluster`. Unlike a
+    /// join token it can be used again, so an agent whose SVID expired re-attests by itself.
+    KubernetesPsat {
+        /// The name the server knows the cluster by.
+        cluster: String,
+        /// The projected token file (kubelet refreshes it).
+        token_path: PathBuf,
+    },
+}
+
+impl NodeAttestation {
+    fn request(&self) -> Result<(&'static str, Vec<u8>)> {
+        match self {
+            NodeAttestation::JoinToken(token) => Ok(("join_token", token.as_bytes().to_vec())),
+            NodeAttestation::KubernetesPsat {
+                cluster,
+                token_path,
+            } => {
+                let token = std::fs::read_to_string(token_path).map_err(|e| {
+                    Error::io(
+                        format!(
+                            "reading the projected ServiceAccount token {}",
+                            token_path.display()
+                        ),
+                        e,
+                    )
+                })?;
+                let payload = serde_json::json!({"cluster": cluster, "token": token.trim()});
+                Ok(("k8s_psat", payload.to_string().into_bytes()))
+            }
+        }
+    }
+}
+
+/// What the link needs to know.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    /// `host:port` of the agent API.
+    pub address: String,
+    /// The server's trust domain.
+    pub trust_domain: TrustDomain,
+    /// Where the identity is stored.
+    pub data_dir: PathBuf,
+    /// First-contact trust.
+    pub bootstrap: Bootstrap,
+    /// How to attest when there is no usable stored identity.
+    pub attestation: Option<NodeAttestation>,
+}
+
+/// The agent's connection to the server and the identity it uses on it.
+#[derive(Debug)]
+pub struct ServerLink {
+    settings: LinkSettings,
+    store: IdentityStore,
+    identity: ArcSwap<AgentIdentity>,
+    connection: ArcSwap<ServerConnection>,
+    roots: ArcSwap<Vec<Vec<u8>>>,
+}
+
+impl ServerLink {
+    /// Loads the stored identity, or attests with the join token when there is none (or it has
+    /// expired). Returns the link and the bundle it trusts.
+    pub async fn establish(
+        settings: LinkSettings,
+        clock: &SharedClock,
+    ) -> Result<(Self, TrustBundle)> {
+        let store = IdentityStore::open(&settings.data_dir)?;
+        let now = clock.unix_now();
+        let stored = store.load(&settings.trust_domain)?;
+        let (identity, bundle) = match stored {
+            Some((identity, bundle)) if identity.expires_at > now => {
+                tracing::info!(agent = %identity.spiffe_id, "using the stored agent identity");
+                (identity, bundle)
+            }
+            stored => {
+                let expired = stored.is_some();
+                let attestation = settings.attestation.clone().ok_or_else(|| {
+                    Error::Startup(format!(
+                        "{} in {}, and no join token: generate one with `sigil-server token generate` and pass --join-token",
+                        if expired { "the stored agent SVID has expired" } else { "there is no stored agent identity" },
+                        settings.data_dir.display()
+                    ))
+                })?;
+                let mut anonymous = match &settings.bootstrap {
+                    Bootstrap::BundleFile(path) => {
+                        let pem = std::fs::read_to_string(path).map_err(|e| {
+                            Error::io(
+                                format!("reading the bootstrap bundle {}", path.display()),
+                                e,
+                            )
+                        })?;
+                        let roots = pem_roots(&pem).map_err(|why| {
+                            Error::Startup(format!(
+                                "the bootstrap bundle {} is unusable: {why}",
+                                path.display()
+                            ))
+                        })?;
+                        connect(&settings.address, &settings.trust_domain, &roots, None).await?
+                    }
+                    Bootstrap::Insecure => connect_insecure(&settings.address).await?,
+                    Bootstrap::None => {
+                        return Err(Error::Startup(
+                            "a first attestation needs trust_bundle_path (the PEM `sigil-server bundle show` prints) or, for development only, insecure_bootstrap = true".into(),
+                        ));
+                    }
+                };
+                let (attestor, payload) = attestation.request()?;
+                let (identity, bundle) = attest_node(&mut anonymous, attestor, payload).await?;
+                store.save_identity(&identity)?;
+                store.save_bundle(&bundle)?;
+                tracing::info!(agent = %identity.spiffe_id, "node attested");
+                (identity, bundle)
+            }
+        };
+        let roots = bundle.x509_authorities.clone();
+        let connection = connect(
+            &settings.address,
+            &settings.trust_domain,
+            &roots,
+            Some(&identity),
+        )
+        .await?;
+        Ok((
+            ServerLink {
+                settings,
+                store,
+                identity: ArcSwap::from_pointee(identity),
+                connection: ArcSwap::from_pointee(connection),
+                roots: ArcSwap::from_pointee(roots),
+            },
+            bundle,
+        ))
+    }
+
+    /// A client on the current connection.
+    pub fn client(&self) -> AgentApiClient<Channel> {
+        self.connection.load().client.clone()
+    }
+
+    /// The agent's current identity.
+    pub fn identity(&self) -> Arc<AgentIdentity> {
+        self.identity.load_full()
+    }
+
+    async fn reconnect(&self) -> Result<()> {
+        let identity = self.identity.load();
+        let connection = connect(
+            &self.settings.address,
+            &self.settings.trust_domain,
+            &self.roots.load(),
+            Some(&identity),
+        )
+        .await?;
+        self.connection.store(Arc::new(connection));
+        Ok(())
+    }
+
+    /// Stores a new bundle from the server and, when its roots changed, trusts them from the next
+    /// connection on.
+    pub async fn trust(&self, bundle: &TrustBundle) -> Result<()> {
+        self.store.save_bundle(bundle)?;
+        if **self.roots.load() != bundle.x509_authorities {
+            self.roots.store(Arc::new(bundle.x509_authorities.clone()));
+            self.reconnect().await?;
+        }
+        Ok(())
+    }
+
+    /// Renews the agent SVID, stores it and reconnects with it.
+    pub async fn renew(&self) -> Result<()> {
+        let mut connection = (**self.connection.load()).clone();
+        let identity = renew(&mut connection).await?;
+        self.store.save_identity(&identity)?;
+        tracing::info!(agent = %identity.spiffe_id, expires_at = identity.expires_at, "renewed the agent SVID");
+        self.identity.store(Arc::new(identity));
+        self.reconnect().await
+    }
+}
+
+/// Renews the agent SVID at half its remaining life, retrying with backoff when the server is
+/// away; runs until `stopping` turns true.
+pub async fn keep_agent_svid_fresh(
+    link: Arc<ServerLink>,
+    clock: SharedClock,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let identity = link.identity();
+        // The server back-dates NotBefore by BACKDATE; half-life counts from the real issue time.
+        let backdate = i64::try_from(BACKDATE.as_secs()).unwrap_or(0);
+        let issued_at = identity
+            .chain
+            .first()
+            .and_then(|leaf| certificate_facts(leaf).ok())
+            .map_or(clock.unix_now(), |facts| facts.not_before + backdate);
+        let renew_at = issued_at + (identity.expires_at - issued_at) / 2;
+        let wait = Duration::from_secs(u64::try_from(renew_at - clock.unix_now()).unwrap_or(0));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stopping.wait_for(|stop| *stop) => return,
+        }
+        match link.renew().await {
+            Ok(()) => backoff = Duration::from_secs(1),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot renew the agent SVID; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = stopping.wait_for(|stop| *stop) => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+fn pem_roots(pem: &str) -> std::result::Result<Vec<Vec<u8>>, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let roots: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|cert| cert.map(|c| c.to_vec()).map_err(|e| e.to_string()))
+        .collect::<std::result::Result<_, _>>()?;
+    if roots.is_empty() {
+        return Err("it holds no PEM certificate".into());
+    }
+    Ok(roots)
+}

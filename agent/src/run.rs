@@ -1,0 +1,207 @@
+//! Assembles a running agent: the link to the server, the cache and its signer, the sync stream,
+//! the rotation tasks, the Workload API socket and the health endpoint; and stops it in order.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sigil_core::clock::SharedClock;
+use sigil_workload_api::sds::{Sds, SdsNames};
+use sigil_workload_api::server::{WorkloadApi, bind_socket, serve};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::attest::k8s::{K8sAttestor, PodIndex, watch_pods};
+use crate::attest::unix::UnixAttestor;
+use crate::cache::{Cache, Signer, SignerSettings, keep_svids_fresh};
+use crate::config::{AgentConfig, NodeAttestorKind};
+use crate::health::{Health, router};
+use crate::metrics::Metrics;
+use crate::node::{Bootstrap, LinkSettings, NodeAttestation, ServerLink, keep_agent_svid_fresh};
+use crate::workload::AgentSource;
+use crate::{Error, Result, sync};
+
+/// A started agent.
+#[derive(Debug)]
+pub struct RunningAgent {
+    /// The Workload API socket.
+    pub socket_path: PathBuf,
+    /// Where `/live`, `/ready` and `/metrics` answer.
+    pub health_address: SocketAddr,
+    /// The agent's SPIFFE ID.
+    pub spiffe_id: String,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+/// Starts an agent from `config` (read from `source`, named in errors).
+pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Result<RunningAgent> {
+    config.validate(source)?;
+    let trust_domain = config.trust_domain(source)?;
+    let bootstrap = match (&config.trust_bundle_path, config.insecure_bootstrap) {
+        (Some(path), _) => Bootstrap::BundleFile(path.clone()),
+        (None, true) => Bootstrap::Insecure,
+        (None, false) => Bootstrap::None,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let (link, bundle) = ServerLink::establish(
+        LinkSettings {
+            address: config.server_address.clone(),
+            trust_domain: trust_domain.clone(),
+            data_dir: config.data_dir.clone(),
+            bootstrap,
+            attestation: match config.node_attestor {
+                NodeAttestorKind::JoinToken => {
+                    config.join_token.clone().map(NodeAttestation::JoinToken)
+                }
+                NodeAttestorKind::K8sPsat => Some(NodeAttestation::KubernetesPsat {
+                    cluster: config.kubernetes.cluster.clone(),
+                    token_path: config.kubernetes.token_path.clone(),
+                }),
+            },
+        },
+        &clock,
+    )
+    .await?;
+    let link = Arc::new(link);
+    let spiffe_id = link.identity().spiffe_id.to_string();
+    let cache = Arc::new(Cache::new(
+        trust_domain,
+        clock.clone(),
+        metrics.clone(),
+        Some(bundle),
+    ));
+    let signer = Signer::start(
+        link.clone(),
+        cache.clone(),
+        metrics.clone(),
+        SignerSettings {
+            max_batch: config.max_batch,
+            window: config.batch_window.0,
+        },
+    );
+
+    let (stop, stopping) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(sync::follow(
+        link.clone(),
+        cache.clone(),
+        metrics.clone(),
+        stopping.clone(),
+    ));
+    tasks.spawn(keep_svids_fresh(
+        cache.clone(),
+        signer.clone(),
+        metrics.clone(),
+        stopping.clone(),
+    ));
+    tasks.spawn(keep_agent_svid_fresh(
+        link.clone(),
+        clock.clone(),
+        stopping.clone(),
+    ));
+
+    let attestor = UnixAttestor::new(
+        config.proc_root.clone(),
+        config.passwd_path.clone(),
+        config.group_path.clone(),
+    );
+    let k8s = if config.kubernetes.workload_attestor {
+        let node_name = config.kubernetes.node_name(source)?;
+        let client = config.kubernetes.client().await?;
+        let index = Arc::new(PodIndex::new(node_name));
+        tasks.spawn(watch_pods(client, index.clone(), stopping.clone()));
+        Some(K8sAttestor::new(
+            config.proc_root.clone(),
+            index,
+            config.kubernetes.pod_wait.0,
+        ))
+    } else {
+        None
+    };
+    let source = Arc::new(AgentSource::new(
+        attestor,
+        k8s,
+        cache.clone(),
+        signer,
+        link.clone(),
+        metrics.clone(),
+    ));
+    let listener = bind_socket(&config.socket_path).await?;
+    let names = SdsNames {
+        default_svid: config.sds.default_svid_name.clone(),
+        own_bundle: config.sds.own_bundle_name.clone(),
+        all_bundles: config.sds.all_bundles_name.clone(),
+    };
+    let sds = Sds::new(source.clone(), names, stopping.clone());
+    let api = WorkloadApi::new(source, stopping.clone());
+    let serving = stopping.clone();
+    let socket_path = config.socket_path.clone();
+    tasks.spawn(async move {
+        if let Err(e) = serve(listener, api, sds, serving).await {
+            tracing::error!(error = %e, "the Workload API stopped");
+        }
+    });
+
+    let health_listener = TcpListener::bind(config.health_address)
+        .await
+        .map_err(|e| {
+            Error::io(
+                format!("binding the health endpoint to {}", config.health_address),
+                e,
+            )
+        })?;
+    let health_address = health_listener
+        .local_addr()
+        .map_err(|e| Error::io("reading the health address", e))?;
+    let mut health_stop = stopping.clone();
+    let routes = router(Health {
+        link,
+        cache,
+        metrics,
+    });
+    tasks.spawn(async move {
+        let result = axum::serve(health_listener, routes)
+            .with_graceful_shutdown(async move {
+                let _ = health_stop.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "the health endpoint stopped");
+        }
+    });
+
+    tracing::info!(
+        agent = %spiffe_id,
+        socket = %socket_path.display(),
+        endpoint = %sigil_workload_api::endpoint_address(&socket_path),
+        health = %health_address,
+        "sigil-agent is running; point workloads at SPIFFE_ENDPOINT_SOCKET={}",
+        sigil_workload_api::endpoint_address(&socket_path)
+    );
+    Ok(RunningAgent {
+        socket_path,
+        health_address,
+        spiffe_id,
+        stop,
+        tasks,
+    })
+}
+
+impl RunningAgent {
+    /// Ends every stream and task, and removes the socket.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(std::time::Duration::from_secs(10), drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!("some tasks did not stop within 10 s; aborting them");
+            self.tasks.abort_all();
+        }
+        let _ = std::fs::remove_file(&self.socket_path);
+        tracing::info!("sigil-agent stopped");
+    }
+}

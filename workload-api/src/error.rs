@@ -1,0 +1,49 @@
+/// Everything that can go wrong setting up or calling the Workload API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket address is malformed.
+    #[error("{0}")]
+    Endpoint(String),
+    /// A socket or file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The Workload API answered with an error status.
+    #[error("the Workload API refused {call}: {}", status.message())]
+    Refused {
+        /// The call, e.g. `FetchX509SVID`.
+        call: &'static str,
+        /// The status.
+        status: tonic::Status,
+    },
+    /// The server could not be reached.
+    #[error("cannot reach the Workload API at {socket}: {reason}")]
+    Connect {
+        /// The socket path.
+        socket: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A JWT-SVID failed validation.
+    #[error("invalid JWT-SVID: {0}")]
+    InvalidJwt(String),
+    /// An answer was malformed.
+    #[error("malformed Workload API answer: {0}")]
+    Malformed(String),
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

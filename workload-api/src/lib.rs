@@ -1,0 +1,79 @@
+//! The SPIFFE Workload API, served on a Unix socket and generic over where identities come from.
+//!
+//! - [`source`]: the [`source::IdentitySource`] a server asks: attest this caller, give me its
+//!   SVIDs and bundles, tell me when anything changes. The agent implements it.
+//! - [`server`]: the tonic service and the socket it listens on (permissions, stale sockets, the
+//!   `workload.spiffe.io` header, peer credentials).
+//! - [`jwt`]: JWT-SVID validation against JWT bundles.
+//! - [`sds`]: Envoy's Secret Discovery Service (SDS v3) on the same socket, for Envoy and Istio.
+//! - [`client`]: a Workload API client, used by `sigil-agent api ...`.
+//!
+//! The server accepts clients that send a Unix socket path as the HTTP/2 authority (grpc C-core,
+//! grpc-java): `authority.rs` rewrites it before the HTTP/2 server sees it.
+//!
+//! The wire format is the SPIFFE standard's, so any SPIFFE client (go-spiffe, py-spiffe, the
+//! `spiffe` crate) talks to it.
+
+mod authority;
+pub mod client;
+mod error;
+pub mod jwt;
+pub mod sds;
+pub mod server;
+pub mod source;
+
+pub use error::{Error, Result};
+
+/// The metadata key every Workload API call carries, with the value `true`.
+pub const HEADER: &str = "workload.spiffe.io";
+
+/// The environment variable SPIFFE clients read the socket address from.
+pub const ENDPOINT_ENV: &str = "SPIFFE_ENDPOINT_SOCKET";
+
+/// The socket path of a `unix:///path` (or `unix:/path`) endpoint address; a bare path is taken
+/// as is.
+pub fn socket_path(address: &str) -> Result<std::path::PathBuf> {
+    let path = match address.strip_prefix("unix://") {
+        Some(rest) => rest,
+        None => address.strip_prefix("unix:").unwrap_or(address),
+    };
+    if path.is_empty() || !path.starts_with('/') && address.starts_with("unix:") {
+        return Err(Error::Endpoint(format!(
+            "`{address}` is not a unix socket address; expected unix:///path/to/socket"
+        )));
+    }
+    Ok(std::path::PathBuf::from(path))
+}
+
+/// The `unix://` address of a socket path, as `SPIFFE_ENDPOINT_SOCKET` takes it.
+pub fn endpoint_address(path: &std::path::Path) -> String {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    format!("unix://{}", absolute.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_addresses() {
+        assert_eq!(
+            socket_path("unix:///tmp/a.sock").expect("ok"),
+            std::path::PathBuf::from("/tmp/a.sock")
+        );
+        assert_eq!(
+            socket_path("unix:/tmp/a.sock").expect("ok"),
+            std::path::PathBuf::from("/tmp/a.sock")
+        );
+        assert_eq!(
+            socket_path("/tmp/a.sock").expect("ok"),
+            std::path::PathBuf::from("/tmp/a.sock")
+        );
+        assert!(socket_path("unix://relative").is_err());
+        assert!(socket_path("").is_err());
+        assert_eq!(
+            endpoint_address(std::path::Path::new("/tmp/a.sock")),
+            "unix:///tmp/a.sock"
+        );
+    }
+}

@@ -1,0 +1,319 @@
+//! Envoy's Secret Discovery Service (SDS v3) on the Workload API socket, so Envoy (and Istio's
+//! sidecars, which point Envoy straight at this socket) take their certificates from the agent.
+//!
+//! Resource names: `default` (the caller's SVID as a TLS certificate), `ROOTCA` (the own trust
+//! bundle as a validation context), `ALL` (every bundle the caller may use), `spiffe://<td>` (that
+//! domain's bundle) and a SPIFFE ID (that SVID). The caller is attested like any workload, from its
+//! peer credentials, so an Envoy receives only its own pod's identity.
+//!
+//! State-of-the-world streams follow the xDS protocol: every response carries a version (a digest
+//! of its content) and a nonce; a request that acknowledges the current version is not answered
+//! again, a NACK (a request with `error_detail`) is logged, and every rotation or bundle change is
+//! pushed.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    DataSource, TypedExtensionConfig, data_source::Specifier,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, Secret, SpiffeCertValidatorConfig, TlsCertificate, secret,
+    spiffe_cert_validator_config,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+use envoy_types::pb::google::protobuf::Any;
+use futures::Stream;
+use prost::Message;
+use ring::digest::{SHA256, digest};
+use sigil_core::bundle::{TrustBundle, pem_block};
+use sigil_core::selector::Selector;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::server::peer_caller;
+use crate::source::{IdentitySource, X509View};
+
+/// The type URL of every SDS resource.
+const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+/// The type URL of Envoy's SPIFFE certificate validator configuration.
+const SPIFFE_VALIDATOR_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
+
+/// The configurable names of the three well-known resources (Istio asks for `default` and
+/// `ROOTCA`).
+#[derive(Debug, Clone)]
+pub struct SdsNames {
+    /// The caller's own SVID (Istio asks for `default`).
+    pub default_svid: String,
+    /// The own trust bundle (Istio asks for `ROOTCA`).
+    pub own_bundle: String,
+    /// Every bundle the caller may use.
+    pub all_bundles: String,
+}
+
+/// The SDS service over an identity source.
+#[derive(Debug)]
+pub struct Sds<S> {
+    source: Arc<S>,
+    names: SdsNames,
+    stopping: watch::Receiver<bool>,
+}
+
+impl<S: IdentitySource> Sds<S> {
+    /// The service; its streams end when `stopping` turns true.
+    pub fn new(source: Arc<S>, names: SdsNames, stopping: watch::Receiver<bool>) -> Self {
+        Sds {
+            source,
+            names,
+            stopping,
+        }
+    }
+
+    /// Wraps the service for tonic.
+    pub fn into_service(self) -> SecretDiscoveryServiceServer<Self> {
+        SecretDiscoveryServiceServer::new(self)
+    }
+}
+
+fn inline(bytes: Vec<u8>) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(Specifier::InlineBytes(bytes)),
+        ..DataSource::default()
+    })
+}
+
+fn pem_chain(chain: &[Vec<u8>]) -> Vec<u8> {
+    chain
+        .iter()
+        .map(|der| pem_block("CERTIFICATE", der))
+        .collect::<String>()
+        .into_bytes()
+}
+
+fn tls_certificate(name: &str, chain: &[Vec<u8>], key: &[u8]) -> Secret {
+    Secret {
+        name: name.into(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(pem_chain(chain)),
+            private_key: inline(pem_block("PRIVATE KEY", key).into_bytes()),
+            ..TlsCertificate::default()
+        })),
+    }
+}
+
+fn validation_context(name: &str, bundles: &[Arc<TrustBundle>]) -> Result<Secret, Status> {
+    let context = match bundles {
+        [one] => CertificateValidationContext {
+            trusted_ca: inline(one.to_pem().into_bytes()),
+            ..CertificateValidationContext::default()
+        },
+        many => {
+            // Several trust domains: Envoy's SPIFFE validator checks each peer against the bundle
+            // of the peer's own trust domain only.
+            let config = SpiffeCertValidatorConfig {
+                trust_domains: many
+                    .iter()
+                    .map(|b| spiffe_cert_validator_config::TrustDomain {
+                        name: b.trust_domain.to_string(),
+                        trust_bundle: inline(b.to_pem().into_bytes()),
+                        ..spiffe_cert_validator_config::TrustDomain::default()
+                    })
+                    .collect(),
+                ..SpiffeCertValidatorConfig::default()
+            };
+            CertificateValidationContext {
+                custom_validator_config: Some(TypedExtensionConfig {
+                    name: "envoy.tls.cert_validator.spiffe".into(),
+                    typed_config: Some(Any {
+                        type_url: SPIFFE_VALIDATOR_TYPE.into(),
+                        value: config.encode_to_vec(),
+                    }),
+                }),
+                ..CertificateValidationContext::default()
+            }
+        }
+    };
+    Ok(Secret {
+        name: name.into(),
+        r#type: Some(secret::Type::ValidationContext(context)),
+    })
+}
+
+impl<S: IdentitySource> Sds<S> {
+    /// The secrets `names` resolve to for a caller with `selectors`, and their version.
+    async fn render(
+        &self,
+        selectors: &[Selector],
+        names: &[String],
+    ) -> Result<(String, Vec<Secret>), Status> {
+        let view: X509View = self.source.x509_view(selectors).await?;
+        let bundles = self.source.bundles(selectors)?;
+        let mut secrets = Vec::with_capacity(names.len());
+        for name in names {
+            let secret = if *name == self.names.default_svid {
+                let svid = view.svids.first().ok_or_else(|| {
+                    Status::permission_denied(
+                        "no identity issued: no registration entry matches this Envoy",
+                    )
+                })?;
+                tls_certificate(name, &svid.chain, &svid.key)
+            } else if *name == self.names.own_bundle {
+                validation_context(name, std::slice::from_ref(&view.bundle))?
+            } else if *name == self.names.all_bundles {
+                validation_context(name, &bundles)?
+            } else if let Some(bundle) =
+                bundles.iter().find(|b| b.trust_domain.id_string() == *name)
+            {
+                validation_context(name, std::slice::from_ref(bundle))?
+            } else if let Some(svid) = view.svids.iter().find(|s| s.spiffe_id == *name) {
+                tls_certificate(name, &svid.chain, &svid.key)
+            } else {
+                return Err(Status::permission_denied(format!(
+                    "this caller may not have the secret `{name}`: it is neither {}, {}, {}, a trust domain it may use, nor one of its SPIFFE IDs",
+                    self.names.default_svid, self.names.own_bundle, self.names.all_bundles
+                )));
+            };
+            secrets.push(secret);
+        }
+        let mut encoded = Vec::new();
+        for secret in &secrets {
+            encoded.extend(secret.encode_to_vec());
+        }
+        let version = hex_digest(&encoded);
+        Ok((version, secrets))
+    }
+}
+
+fn hex_digest(bytes: &[u8]) -> String {
+    digest(&SHA256, bytes)
+        .as_ref()
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn response(version: String, secrets: Vec<Secret>, nonce: u64) -> DiscoveryResponse {
+    DiscoveryResponse {
+        version_info: version,
+        resources: secrets
+            .into_iter()
+            .map(|secret| Any {
+                type_url: SECRET_TYPE.into(),
+                value: secret.encode_to_vec(),
+            })
+            .collect(),
+        type_url: SECRET_TYPE.into(),
+        nonce: nonce.to_string(),
+        ..DiscoveryResponse::default()
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
+    type DeltaSecretsStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn delta_secrets(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        Err(Status::unimplemented(
+            "delta SDS is not served; configure Envoy's SDS source with api_type GRPC (state of the world)",
+        ))
+    }
+
+    type StreamSecretsStream = ResponseStream<DiscoveryResponse>;
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let caller = peer_caller(&request)?;
+        let selectors = self.source.attest(caller).await?;
+        let mut inbound = request.into_inner();
+        let (sender, receiver) = mpsc::channel(4);
+        let sds = Sds {
+            source: self.source.clone(),
+            names: self.names.clone(),
+            stopping: self.stopping.clone(),
+        };
+        tokio::spawn(async move {
+            let mut changes = sds.source.changes();
+            let mut stopping = sds.stopping.clone();
+            let mut names: Option<Vec<String>> = None;
+            let mut sent_version = String::new();
+            let mut nonce = 0u64;
+            loop {
+                // What to do next: a request arrived, or something changed.
+                let request_names = tokio::select! {
+                    message = inbound.message() => match message {
+                        Ok(Some(request)) => Some(request),
+                        Ok(None) | Err(_) => return,
+                    },
+                    changed = changes.changed() => {
+                        if changed.is_err() { return }
+                        None
+                    }
+                    _ = stopping.wait_for(|stop| *stop) => return,
+                };
+                if let Some(request) = request_names {
+                    if !request.response_nonce.is_empty()
+                        && request.response_nonce != nonce.to_string()
+                    {
+                        continue; // An answer to an older response; the newer one is on its way.
+                    }
+                    if let Some(error) = &request.error_detail {
+                        tracing::warn!(version = %request.version_info, error = %error.message, "Envoy rejected SDS secrets (NACK)");
+                        continue;
+                    }
+                    let same_names = names.as_ref() == Some(&request.resource_names);
+                    names = Some(request.resource_names);
+                    if same_names && request.version_info == sent_version {
+                        continue; // An ACK of what Envoy has.
+                    }
+                }
+                let Some(wanted) = &names else { continue };
+                match sds.render(&selectors, wanted).await {
+                    Ok((version, secrets)) if version != sent_version => {
+                        nonce += 1;
+                        sent_version = version.clone();
+                        if sender
+                            .send(Ok(response(version, secrets, nonce)))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(status) => {
+                        let _ = sender.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let caller = peer_caller(&request)?;
+        let selectors = self.source.attest(caller).await?;
+        let (version, secrets) = self
+            .render(&selectors, &request.into_inner().resource_names)
+            .await?;
+        Ok(Response::new(response(version, secrets, 1)))
+    }
+}

@@ -1,0 +1,394 @@
+//! The Workload API server: the tonic service over an [`IdentitySource`], and the Unix socket it
+//! listens on.
+//!
+//! The socket's directory is created 0755 and the socket 0777: any local process may connect,
+//! because who it is gets decided by attestation of its peer credentials, not by file access. A
+//! stale socket left by a crashed agent is replaced; a live one is not.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, TryStreamExt};
+use sigil_core::bundle::TrustBundle;
+use sigil_core::selector::Selector;
+use sigil_proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use sigil_proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svidRequest,
+    X509svidResponse,
+};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::authority::AuthorityRewrite;
+use crate::source::{Caller, IdentitySource, X509View};
+use crate::{Error, HEADER, Result, jwt};
+
+/// At most this many concurrent streams per client connection, so one client cannot hold an
+/// unbounded share of the agent.
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
+/// The Workload API over an identity source.
+#[derive(Debug)]
+pub struct WorkloadApi<S> {
+    source: Arc<S>,
+    stopping: watch::Receiver<bool>,
+}
+
+impl<S: IdentitySource> WorkloadApi<S> {
+    /// The service; its streams end when `stopping` turns true.
+    pub fn new(source: Arc<S>, stopping: watch::Receiver<bool>) -> Self {
+        WorkloadApi { source, stopping }
+    }
+
+    /// Wraps the service for tonic.
+    pub fn into_service(self) -> SpiffeWorkloadApiServer<Self> {
+        SpiffeWorkloadApiServer::new(self)
+    }
+}
+
+/// Creates the socket at `path` (directory 0755, socket 0777), replacing a stale one.
+pub async fn bind_socket(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| Error::io(format!("setting permissions of {}", dir.display()), e))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(Error::Endpoint(format!(
+                "another process is serving {}; stop it or choose another socket_path",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| Error::io(format!("removing stale socket {}", path.display()), e))?;
+        tracing::info!(socket = %path.display(), "replaced a stale Workload API socket");
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
+        .map_err(|e| Error::io(format!("setting permissions of {}", path.display()), e))?;
+    Ok(listener)
+}
+
+/// Serves the Workload API and SDS on `listener` until `stopping` turns true.
+pub async fn serve<S: IdentitySource>(
+    listener: UnixListener,
+    api: WorkloadApi<S>,
+    sds: crate::sds::Sds<S>,
+    mut stopping: watch::Receiver<bool>,
+) -> Result<()> {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .add_service(api.into_service())
+        .add_service(sds.into_service())
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener).map_ok(AuthorityRewrite::new),
+            async move {
+                let _ = stopping.wait_for(|stop| *stop).await;
+            },
+        )
+        .await
+        .map_err(|e| Error::Io {
+            context: "serving the Workload API".into(),
+            source: std::io::Error::other(e),
+        })
+}
+
+/// Checks the header and reads the caller's peer credentials.
+fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    let header = request.metadata().get(HEADER).and_then(|v| v.to_str().ok());
+    if header != Some("true") {
+        return Err(Status::invalid_argument(format!(
+            "security header missing: every Workload API call must carry the metadata `{HEADER}: true`"
+        )));
+    }
+    peer_caller(request)
+}
+
+/// The caller's peer credentials (SO_PEERCRED) from the Unix socket connection.
+pub(crate) fn peer_caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    let credentials = request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .ok_or_else(|| {
+            Status::permission_denied("cannot read the caller's credentials from the socket")
+        })?;
+    Ok(Caller {
+        pid: credentials.pid(),
+        uid: credentials.uid(),
+        gid: credentials.gid(),
+    })
+}
+
+fn concat_der(certificates: &[Vec<u8>]) -> Vec<u8> {
+    certificates.concat()
+}
+
+fn x509_response(view: &X509View) -> X509svidResponse {
+    let bundle = concat_der(&view.bundle.x509_authorities);
+    X509svidResponse {
+        svids: view
+            .svids
+            .iter()
+            .map(|svid| sigil_proto::workload::X509svid {
+                spiffe_id: svid.spiffe_id.clone(),
+                x509_svid: concat_der(&svid.chain),
+                x509_svid_key: svid.key.clone(),
+                bundle: bundle.clone(),
+                hint: svid.hint.clone(),
+            })
+            .collect(),
+        crl: Vec::new(),
+        federated_bundles: view
+            .federated
+            .iter()
+            .map(|b| (b.trust_domain.id_string(), concat_der(&b.x509_authorities)))
+            .collect(),
+    }
+}
+
+fn x509_bundles(bundles: &[Arc<TrustBundle>]) -> X509BundlesResponse {
+    X509BundlesResponse {
+        crl: Vec::new(),
+        bundles: bundles
+            .iter()
+            .map(|b| (b.trust_domain.id_string(), concat_der(&b.x509_authorities)))
+            .collect(),
+    }
+}
+
+fn jwt_bundles(bundles: &[Arc<TrustBundle>]) -> Result<JwtBundlesResponse, Status> {
+    let mut documents = HashMap::new();
+    for bundle in bundles {
+        let mut keys_only = TrustBundle::new(bundle.trust_domain.clone());
+        keys_only.jwt_authorities = bundle.jwt_authorities.clone();
+        keys_only.sequence = bundle.sequence;
+        keys_only.refresh_hint_seconds = bundle.refresh_hint_seconds;
+        let json = keys_only
+            .to_spiffe_json()
+            .map_err(|e| Status::internal(format!("cannot encode the JWT bundle: {e}")))?;
+        documents.insert(bundle.trust_domain.id_string(), json.into_bytes());
+    }
+    Ok(JwtBundlesResponse { bundles: documents })
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Runs `render` now and after every change, sending each result that differs from the last, until
+/// the client leaves, the agent stops, or `render` fails (the error is sent, then the stream ends).
+fn follow<S, T, F>(
+    source: Arc<S>,
+    mut stopping: watch::Receiver<bool>,
+    render: F,
+) -> ResponseStream<T>
+where
+    S: IdentitySource,
+    T: PartialEq + Clone + Send + Sync + 'static,
+    F: for<'a> Fn(&'a S) -> futures::future::BoxFuture<'a, Result<T, Status>>
+        + Send
+        + Sync
+        + 'static,
+{
+    let (sender, receiver) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut changes = source.changes();
+        let mut last: Option<T> = None;
+        loop {
+            changes.borrow_and_update();
+            match render(&source).await {
+                Ok(message) => {
+                    if last.as_ref() != Some(&message) {
+                        last = Some(message.clone());
+                        if sender.send(Ok(message)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(status) => {
+                    let _ = sender.send(Err(status)).await;
+                    return;
+                }
+            }
+            let stop = tokio::select! {
+                changed = changes.changed() => changed.is_err(),
+                () = sender.closed() => true,
+                _ = stopping.wait_for(|stop| *stop) => true,
+            };
+            if stop {
+                return;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(receiver))
+}
+
+fn no_identity() -> Status {
+    Status::permission_denied(
+        "no identity issued: no registration entry matches this workload's selectors",
+    )
+}
+
+#[tonic::async_trait]
+impl<S: IdentitySource> SpiffeWorkloadApi for WorkloadApi<S> {
+    type FetchX509SVIDStream = ResponseStream<X509svidResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let caller = caller(&request)?;
+        let selectors: Arc<Vec<Selector>> = Arc::new(self.source.attest(caller).await?);
+        // Fail the call itself (not just the stream) when the caller has no identity at all.
+        let first = self.source.x509_view(&selectors).await?;
+        if first.svids.is_empty() {
+            return Err(no_identity());
+        }
+        let stream = follow(
+            self.source.clone(),
+            self.stopping.clone(),
+            move |source: &S| {
+                let selectors = selectors.clone();
+                Box::pin(async move {
+                    let view = source.x509_view(&selectors).await?;
+                    if view.svids.is_empty() {
+                        return Err(no_identity());
+                    }
+                    Ok(x509_response(&view))
+                })
+            },
+        );
+        Ok(Response::new(stream))
+    }
+
+    type FetchX509BundlesStream = ResponseStream<X509BundlesResponse>;
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let caller = caller(&request)?;
+        let selectors: Arc<Vec<Selector>> = Arc::new(self.source.attest(caller).await?);
+        let stream = follow(
+            self.source.clone(),
+            self.stopping.clone(),
+            move |source: &S| {
+                let selectors = selectors.clone();
+                Box::pin(async move { Ok(x509_bundles(&source.bundles(&selectors)?)) })
+            },
+        );
+        Ok(Response::new(stream))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        if request.audience.is_empty() || request.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument(
+                "audience is required: ask for at least one non-empty audience",
+            ));
+        }
+        let selectors = self.source.attest(caller).await?;
+        let wanted = Some(request.spiffe_id.as_str()).filter(|id| !id.is_empty());
+        let svids = self
+            .source
+            .jwt_svids(&selectors, &request.audience, wanted)
+            .await?;
+        if svids.is_empty() {
+            return Err(no_identity());
+        }
+        Ok(Response::new(JwtsvidResponse {
+            svids: svids
+                .into_iter()
+                .map(|svid| sigil_proto::workload::Jwtsvid {
+                    spiffe_id: svid.spiffe_id,
+                    svid: svid.token,
+                    hint: svid.hint,
+                })
+                .collect(),
+        }))
+    }
+
+    type FetchJWTBundlesStream = ResponseStream<JwtBundlesResponse>;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        let caller = caller(&request)?;
+        let selectors: Arc<Vec<Selector>> = Arc::new(self.source.attest(caller).await?);
+        let stream = follow(
+            self.source.clone(),
+            self.stopping.clone(),
+            move |source: &S| {
+                let selectors = selectors.clone();
+                Box::pin(async move { jwt_bundles(&source.bundles(&selectors)?) })
+            },
+        );
+        Ok(Response::new(stream))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        let caller = caller(&request)?;
+        let request = request.into_inner();
+        if request.audience.is_empty() {
+            return Err(Status::invalid_argument("audience is required"));
+        }
+        if request.svid.is_empty() {
+            return Err(Status::invalid_argument(
+                "svid is required: pass the JWT-SVID to validate",
+            ));
+        }
+        let selectors = self.source.attest(caller).await?;
+        let bundles = self.source.bundles(&selectors)?;
+        let valid = jwt::validate(
+            &request.svid,
+            &request.audience,
+            &bundles,
+            self.source.now(),
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: valid.spiffe_id,
+            claims: Some(to_struct(valid.claims)),
+        }))
+    }
+}
+
+fn to_struct(claims: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: claims.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+    }
+}
+
+fn to_value(value: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(to_value).collect(),
+        }),
+        serde_json::Value::Object(map) => Kind::StructValue(to_struct(map)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
