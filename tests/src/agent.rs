@@ -1,0 +1,158 @@
+//! A real `sigil-agent` process for tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::ServerProcess;
+use crate::server::{Logs, spawn_until, terminate};
+
+/// A running `sigil-agent` joined to a [`ServerProcess`].
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Option<Child>,
+    /// The agent's data directory (kept across restarts).
+    pub data_dir: PathBuf,
+    /// The Workload API socket.
+    pub socket: PathBuf,
+    /// `127.0.0.1:<port>` of `/live`, `/ready`, `/metrics`.
+    pub health: String,
+    config: PathBuf,
+    logs: Arc<Logs>,
+}
+
+impl AgentProcess {
+    /// Starts an agent in `dir` against `server`, trusting the server's PEM bundle at
+    /// `bundle_pem`, attesting with `join_token` when given.
+    pub fn start(
+        dir: &Path,
+        server: &ServerProcess,
+        bundle_pem: &Path,
+        join_token: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(dir, server, bundle_pem, join_token, "")
+    }
+
+    /// Like [`AgentProcess::start`], with `extra_config` appended to the agent's TOML file.
+    pub fn start_with(
+        dir: &Path,
+        server: &ServerProcess,
+        bundle_pem: &Path,
+        join_token: Option<&str>,
+        extra_config: &str,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let data_dir = dir.join("agent");
+        let socket = dir.join("public/api.sock");
+        let health = format!("127.0.0.1:{}", crate::free_port()?);
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "trust_domain = \"{}\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\nhealth_address = \"{health}\"\nlog_level = \"info,sigil_agent=debug\"\n",
+                server.trust_domain,
+                server.agent_api,
+                data_dir.display(),
+                socket.display(),
+                bundle_pem.display()
+            ) + extra_config,
+        )?;
+        let mut agent = AgentProcess {
+            child: None,
+            data_dir,
+            socket,
+            health,
+            config,
+            logs: Arc::default(),
+        };
+        agent.spawn(join_token)?;
+        Ok(agent)
+    }
+
+    fn spawn(&mut self, join_token: Option<&str>) -> anyhow::Result<()> {
+        let mut command = Command::new(crate::binary("sigil-agent")?);
+        command
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env_remove("SIGIL_JOIN_TOKEN");
+        if let Some(token) = join_token {
+            command.args(["--join-token", token]);
+        }
+        self.child = Some(spawn_until(command, "sigil-agent is running", &self.logs)?);
+        Ok(())
+    }
+
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `unix://` address of the socket, as `SPIFFE_ENDPOINT_SOCKET` takes it.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
+    /// Everything the agent wrote to stderr so far.
+    pub fn logs(&self) -> String {
+        self.logs.snapshot()
+    }
+
+    /// Waits until the agent has logged `needle` `count` times in all (at most `timeout`).
+    pub fn wait_for_log(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        self.logs.wait_for(needle, count, timeout)
+    }
+
+    /// Stops the agent with SIGTERM and waits for it.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        match self.child.take() {
+            Some(mut child) => terminate(&mut child, &self.logs),
+            None => Ok(()),
+        }
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would: its socket file stays behind.
+    pub fn crash(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts an agent that was stopped or crashed, with no join token.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "the agent is still running");
+        self.spawn(None)
+    }
+
+    /// Stops and starts the agent again, with no join token: it must use its stored identity.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop()?;
+        self.spawn(None)
+    }
+
+    /// Runs `sigil-agent` with `args` against this agent's socket; fails with stderr on failure.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = Command::new(crate::binary("sigil-agent")?)
+            .args(args)
+            .env("SPIFFE_ENDPOINT_SOCKET", self.endpoint())
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "sigil-agent {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8(output.stdout)?)
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

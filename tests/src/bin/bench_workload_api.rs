@@ -1,0 +1,201 @@
+//! Workload API latency with 1, 100 and 1000 concurrent streams, the time from creating an entry
+//! to a waiting workload receiving it, and the agent's resident memory with 1000 cached SVIDs.
+//!
+//! ```text
+//! cargo build --release --workspace --bins && target/release/bench-workload-api
+//! ```
+//!
+//! The server and the agent are the real binaries; the workloads are Workload API clients in this
+//! process (one HTTP/2 connection per 100 streams, as many processes would open).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use clap::Parser;
+use sigil_proto::admin::CreateEntryRequest;
+use sigil_proto::common;
+use sigil_tests::{AgentProcess, ServerProcess};
+use sigil_workload_api::client::WorkloadClient;
+
+#[derive(Debug, Parser)]
+#[command(about = "Workload API latency, entry delivery time and agent memory")]
+struct Args {
+    /// Concurrent stream counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
+    streams: Vec<usize>,
+    /// Entries created one by one while a workload waits, for the delivery times.
+    #[arg(long, default_value_t = 200)]
+    deliveries: usize,
+    /// SVIDs cached before the agent's memory is read.
+    #[arg(long, default_value_t = 1000)]
+    cached: usize,
+}
+
+fn entry(spiffe_id: String, selector: &str) -> CreateEntryRequest {
+    CreateEntryRequest {
+        entry: Some(common::Entry {
+            spiffe_id,
+            parent_id: "spiffe://example.org/node".into(),
+            selectors: vec![common::Selector {
+                r#type: "unix".into(),
+                value: selector.into(),
+            }],
+            ..common::Entry::default()
+        }),
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    let server = ServerProcess::start(&dir.path().join("server"), None, "")?;
+    let token = server.cli_json(&[
+        "token",
+        "generate",
+        "--spiffe-id",
+        "spiffe://example.org/node",
+    ])?;
+    let token = token["token"].as_str().context("token")?.to_string();
+    let uid_selector = format!("uid:{}", sigil_tests::current_uid()?);
+    let mut admin = sigil_server::api::admin::connect(&server.socket).await?;
+    admin
+        .create_entry(entry("spiffe://example.org/bench".into(), &uid_selector))
+        .await?;
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, server.cli(&["bundle", "show"])?)?;
+    let agent = AgentProcess::start(&dir.path().join("agent"), &server, &bundle, Some(&token))?;
+
+    // The first fetch signs the SVID; every later stream is served from the cache.
+    let started = Instant::now();
+    WorkloadClient::connect(&agent.socket)
+        .await?
+        .fetch_x509()
+        .await?;
+    println!(
+        "first X509SVIDResponse after agent start (includes signing): {:?}",
+        started.elapsed()
+    );
+    println!();
+    println!("| concurrent streams | p50 | p99 | max |");
+    println!("|---|---|---|---|");
+    for &count in &args.streams {
+        let connections = count.div_ceil(100);
+        let mut clients = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            clients.push(WorkloadClient::connect(&agent.socket).await?);
+        }
+        let barrier = Arc::new(tokio::sync::Barrier::new(count));
+        let mut tasks = tokio::task::JoinSet::new();
+        for n in 0..count {
+            let mut client = clients[n % connections].clone();
+            let barrier = barrier.clone();
+            tasks.spawn(async move {
+                barrier.wait().await;
+                let started = Instant::now();
+                let mut stream = client.watch_x509().await?;
+                let first = stream.message().await?.context("stream ended")?;
+                let elapsed = started.elapsed();
+                ensure!(first.svids.len() == 1, "one SVID");
+                // Keep the stream open until every stream has its first message.
+                Ok::<_, anyhow::Error>((elapsed, stream))
+            });
+        }
+        let mut latencies = Vec::with_capacity(count);
+        let mut open = Vec::with_capacity(count);
+        while let Some(done) = tasks.join_next().await {
+            let (elapsed, stream) = done??;
+            latencies.push(elapsed);
+            open.push(stream);
+        }
+        latencies.sort();
+        println!(
+            "| {count} | {:.2} ms | {:.2} ms | {:.2} ms |",
+            percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+            percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+            latencies[latencies.len() - 1].as_secs_f64() * 1e3
+        );
+        drop(open);
+    }
+
+    // Entry creation (admin API) to delivery on a waiting stream.
+    let mut watcher = WorkloadClient::connect(&agent.socket).await?;
+    let mut stream = watcher.watch_x509().await?;
+    stream.message().await?.context("first message")?;
+    let mut deliveries = Vec::with_capacity(args.deliveries);
+    for n in 0..args.deliveries {
+        let spiffe_id = format!("spiffe://example.org/delivery/{n}");
+        let started = Instant::now();
+        admin
+            .create_entry(entry(spiffe_id.clone(), &uid_selector))
+            .await?;
+        loop {
+            let update = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await??
+                .context("stream ended")?;
+            if update.svids.iter().any(|s| s.spiffe_id == spiffe_id) {
+                break;
+            }
+        }
+        deliveries.push(started.elapsed());
+    }
+    drop(stream);
+    deliveries.sort();
+    println!();
+    println!(
+        "entry create -> workload delivery over {} entries: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        deliveries.len(),
+        percentile(&deliveries, 0.5).as_secs_f64() * 1e3,
+        percentile(&deliveries, 0.99).as_secs_f64() * 1e3,
+        deliveries[deliveries.len() - 1].as_secs_f64() * 1e3
+    );
+
+    // Memory with `cached` SVIDs: entries for this uid, fetched once so each is signed and cached.
+    let pid = agent.pid().context("agent pid")?;
+    let before = rss_kib(pid)?;
+    let existing = 1 + args.deliveries;
+    for n in existing..args.cached.max(existing) {
+        admin
+            .create_entry(entry(
+                format!("spiffe://example.org/cached/{n}"),
+                &uid_selector,
+            ))
+            .await?;
+    }
+    let mut client = WorkloadClient::connect(&agent.socket).await?;
+    let started = Instant::now();
+    let mut updates = client.watch_x509().await?;
+    let response = loop {
+        let response = updates.message().await?.context("stream ended")?;
+        if response.svids.len() >= args.cached {
+            break response;
+        }
+    };
+    let signing = started.elapsed();
+    let after = rss_kib(pid)?;
+    println!();
+    println!(
+        "agent resident memory: {} KiB before, {} KiB with {} cached SVIDs ({:.1} KiB per SVID); fetching all of them took {signing:?}",
+        before,
+        after,
+        response.svids.len(),
+        (after.saturating_sub(before)) as f64 / response.svids.len() as f64
+    );
+    Ok(())
+}

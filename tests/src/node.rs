@@ -1,0 +1,72 @@
+//! A whole node for end-to-end tests: a real server, and a real agent attested with a join token
+//! under the node alias [`NODE_ALIAS`], with the entries a test registers in between.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::{AgentProcess, ServerProcess};
+
+/// The node alias the agent of a [`Node`] holds; entries parented to it reach that agent.
+pub const NODE_ALIAS: &str = "spiffe://example.org/node";
+
+/// A server and one agent, in a private directory.
+#[derive(Debug)]
+pub struct Node {
+    /// The agent (dropped first: it talks to the server).
+    pub agent: AgentProcess,
+    /// The server.
+    pub server: ServerProcess,
+    /// The PEM bundle the agent bootstrapped from.
+    pub bundle: PathBuf,
+    /// The private directory (kept until the node is dropped).
+    pub dir: tempfile::TempDir,
+}
+
+impl Node {
+    /// Starts the server, lets `register` create entries (under [`NODE_ALIAS`]), then starts the
+    /// agent with a join token for that alias.
+    pub fn start(
+        register: impl FnOnce(&ServerProcess) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let server = ServerProcess::start(&dir.path().join("server"), None, "")?;
+        let token = server.cli_json(&["token", "generate", "--spiffe-id", NODE_ALIAS])?;
+        let token = token["token"]
+            .as_str()
+            .context("no token in the CLI's answer")?
+            .to_string();
+        register(&server)?;
+        let bundle = dir.path().join("bundle.pem");
+        std::fs::write(&bundle, server.cli(&["bundle", "show"])?)?;
+        let agent = AgentProcess::start(&dir.path().join("agent"), &server, &bundle, Some(&token))?;
+        Ok(Node {
+            agent,
+            server,
+            bundle,
+            dir,
+        })
+    }
+
+    /// Registers `spiffe_id` under the node alias for `selector`, with extra `entry create` flags.
+    pub fn entry(
+        server: &ServerProcess,
+        spiffe_id: &str,
+        selector: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
+        let mut args = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            spiffe_id,
+            "--parent-id",
+            NODE_ALIAS,
+            "--selector",
+            selector,
+        ];
+        args.extend_from_slice(extra);
+        server.cli(&args)?;
+        Ok(())
+    }
+}

