@@ -93,6 +93,22 @@ impl AgentProcess {
         format!("unix://{}", self.socket.display())
     }
 
+    /// A gRPC channel over the agent's socket, for clients the `spiffe` crate does not cover
+    /// (Envoy's SDS): one connection, as one Envoy would open.
+    pub async fn grpc_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let socket = self.socket.clone();
+        Ok(tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let socket = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
+            }))
+            .await?)
+    }
+
     /// Everything the agent wrote to stderr so far.
     pub fn logs(&self) -> String {
         self.logs.snapshot()

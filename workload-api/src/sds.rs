@@ -10,12 +10,17 @@
 //! of its content) and a nonce; a request that acknowledges the current version is not answered
 //! again, a NACK (a request with `error_detail`) is logged, and every rotation or bundle change is
 //! pushed.
+//!
+//! Validation contexts for several trust domains use Envoy's SPIFFE certificate validator, which
+//! checks each peer against its own domain's bundle. An Envoy that cannot use it (an older build,
+//! or a policy of plain validation) sets the node metadata `disable_spiffe_cert_validation: true`
+//! (the key SPIRE's agent honours too) and gets every bundle as one plain `trusted_ca` instead.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::{
-    DataSource, TypedExtensionConfig, data_source::Specifier,
+    DataSource, Node, TypedExtensionConfig, data_source::Specifier,
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, Secret, SpiffeCertValidatorConfig, TlsCertificate, secret,
@@ -27,7 +32,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
     SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
-use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::protobuf::{Any, value::Kind};
 use futures::Stream;
 use prost::Message;
 use ring::digest::{SHA256, digest};
@@ -45,6 +50,25 @@ const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_socket
 /// The type URL of Envoy's SPIFFE certificate validator configuration.
 const SPIFFE_VALIDATOR_TYPE: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
+/// The node metadata key by which an Envoy asks for plain `trusted_ca` validation contexts.
+pub const PLAIN_VALIDATION_METADATA: &str = "disable_spiffe_cert_validation";
+
+/// Whether the Envoy that sent `node` asked for plain validation contexts (a boolean `true`, or
+/// the string `"true"`, as YAML bootstraps often carry it).
+fn wants_plain_validation(node: Option<&Node>) -> bool {
+    let Some(metadata) = node.and_then(|node| node.metadata.as_ref()) else {
+        return false;
+    };
+    match metadata
+        .fields
+        .get(PLAIN_VALIDATION_METADATA)
+        .and_then(|value| value.kind.as_ref())
+    {
+        Some(Kind::BoolValue(flag)) => *flag,
+        Some(Kind::StringValue(text)) => text.eq_ignore_ascii_case("true"),
+        _ => false,
+    }
+}
 
 /// The configurable names of the three well-known resources (Istio asks for `default` and
 /// `ROOTCA`).
@@ -108,10 +132,21 @@ fn tls_certificate(name: &str, chain: &[Vec<u8>], key: &[u8]) -> Secret {
     }
 }
 
-fn validation_context(name: &str, bundles: &[Arc<TrustBundle>]) -> Result<Secret, Status> {
+/// A validation context for `bundles`: plain `trusted_ca` for one trust domain or when `plain`
+/// is asked for, Envoy's SPIFFE validator otherwise.
+fn validation_context(name: &str, bundles: &[Arc<TrustBundle>], plain: bool) -> Secret {
     let context = match bundles {
         [one] => CertificateValidationContext {
             trusted_ca: inline(one.to_pem().into_bytes()),
+            ..CertificateValidationContext::default()
+        },
+        all if plain => CertificateValidationContext {
+            trusted_ca: inline(
+                all.iter()
+                    .map(|b| b.to_pem())
+                    .collect::<String>()
+                    .into_bytes(),
+            ),
             ..CertificateValidationContext::default()
         },
         many => {
@@ -140,18 +175,20 @@ fn validation_context(name: &str, bundles: &[Arc<TrustBundle>]) -> Result<Secret
             }
         }
     };
-    Ok(Secret {
+    Secret {
         name: name.into(),
         r#type: Some(secret::Type::ValidationContext(context)),
-    })
+    }
 }
 
 impl<S: IdentitySource> Sds<S> {
-    /// The secrets `names` resolve to for a caller with `selectors`, and their version.
+    /// The secrets `names` resolve to for a caller with `selectors`, and their version; `plain`
+    /// asks for plain `trusted_ca` validation contexts.
     async fn render(
         &self,
         selectors: &[Selector],
         names: &[String],
+        plain: bool,
     ) -> Result<(String, Vec<Secret>), Status> {
         let view: X509View = self.source.x509_view(selectors).await?;
         let bundles = self.source.bundles(selectors)?;
@@ -165,13 +202,13 @@ impl<S: IdentitySource> Sds<S> {
                 })?;
                 tls_certificate(name, &svid.chain, &svid.key)
             } else if *name == self.names.own_bundle {
-                validation_context(name, std::slice::from_ref(&view.bundle))?
+                validation_context(name, std::slice::from_ref(&view.bundle), plain)
             } else if *name == self.names.all_bundles {
-                validation_context(name, &bundles)?
+                validation_context(name, &bundles, plain)
             } else if let Some(bundle) =
                 bundles.iter().find(|b| b.trust_domain.id_string() == *name)
             {
-                validation_context(name, std::slice::from_ref(bundle))?
+                validation_context(name, std::slice::from_ref(bundle), plain)
             } else if let Some(svid) = view.svids.iter().find(|s| s.spiffe_id == *name) {
                 tls_certificate(name, &svid.chain, &svid.key)
             } else {
@@ -250,6 +287,8 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
             let mut changes = sds.source.changes();
             let mut stopping = sds.stopping.clone();
             let mut names: Option<Vec<String>> = None;
+            // Envoy may send its node only on the first request of a stream.
+            let mut plain = false;
             let mut sent_version = String::new();
             let mut nonce = 0u64;
             loop {
@@ -266,6 +305,9 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
                     _ = stopping.wait_for(|stop| *stop) => return,
                 };
                 if let Some(request) = request_names {
+                    if request.node.is_some() {
+                        plain = wants_plain_validation(request.node.as_ref());
+                    }
                     if !request.response_nonce.is_empty()
                         && request.response_nonce != nonce.to_string()
                     {
@@ -282,7 +324,7 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
                     }
                 }
                 let Some(wanted) = &names else { continue };
-                match sds.render(&selectors, wanted).await {
+                match sds.render(&selectors, wanted, plain).await {
                     Ok((version, secrets)) if version != sent_version => {
                         nonce += 1;
                         sent_version = version.clone();
@@ -311,9 +353,95 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
     ) -> Result<Response<DiscoveryResponse>, Status> {
         let caller = peer_caller(&request)?;
         let selectors = self.source.attest(caller).await?;
+        let request = request.into_inner();
+        let plain = wants_plain_validation(request.node.as_ref());
         let (version, secrets) = self
-            .render(&selectors, &request.into_inner().resource_names)
+            .render(&selectors, &request.resource_names, plain)
             .await?;
         Ok(Response::new(response(version, secrets, 1)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::{Struct, Value};
+    use sigil_core::id::parse_trust_domain;
+
+    fn bundle(domain: &str, der: &[u8]) -> Arc<TrustBundle> {
+        let mut bundle = TrustBundle::new(parse_trust_domain("trust_domain", domain).expect("td"));
+        bundle.x509_authorities.push(der.to_vec());
+        Arc::new(bundle)
+    }
+
+    fn node_with(key: &str, kind: Kind) -> Node {
+        Node {
+            metadata: Some(Struct {
+                fields: [(key.to_string(), Value { kind: Some(kind) })].into(),
+            }),
+            ..Node::default()
+        }
+    }
+
+    fn context(secret: &Secret) -> &CertificateValidationContext {
+        match &secret.r#type {
+            Some(secret::Type::ValidationContext(context)) => context,
+            other => panic!("not a validation context: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_domain_is_a_plain_trusted_ca() {
+        let secret = validation_context("ROOTCA", &[bundle("a.test", b"a")], false);
+        let context = context(&secret);
+        assert!(context.trusted_ca.is_some());
+        assert!(context.custom_validator_config.is_none());
+    }
+
+    #[test]
+    fn several_domains_use_the_spiffe_validator_with_one_entry_per_domain() {
+        let bundles = [bundle("a.test", b"a"), bundle("b.test", b"b")];
+        let secret = validation_context("ALL", &bundles, false);
+        let context = context(&secret);
+        assert!(context.trusted_ca.is_none());
+        let validator = context.custom_validator_config.as_ref().expect("validator");
+        assert_eq!(validator.name, "envoy.tls.cert_validator.spiffe");
+        let config = SpiffeCertValidatorConfig::decode(
+            validator
+                .typed_config
+                .as_ref()
+                .expect("typed config")
+                .value
+                .as_slice(),
+        )
+        .expect("decodes");
+        let domains: Vec<_> = config.trust_domains.iter().map(|d| &d.name).collect();
+        assert_eq!(domains, ["a.test", "b.test"]);
+    }
+
+    #[test]
+    fn node_metadata_asks_for_plain_validation_of_several_domains() {
+        let bundles = [bundle("a.test", b"a"), bundle("b.test", b"b")];
+        let asks = node_with(PLAIN_VALIDATION_METADATA, Kind::BoolValue(true));
+        assert!(wants_plain_validation(Some(&asks)));
+        let secret = validation_context("ALL", &bundles, wants_plain_validation(Some(&asks)));
+        let context = context(&secret);
+        assert!(context.custom_validator_config.is_none());
+        let pem = match &context.trusted_ca.as_ref().expect("trusted_ca").specifier {
+            Some(Specifier::InlineBytes(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
+            other => panic!("not inline bytes: {other:?}"),
+        };
+        assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 2);
+    }
+
+    #[test]
+    fn only_a_true_flag_asks_for_plain_validation() {
+        let as_string = node_with(PLAIN_VALIDATION_METADATA, Kind::StringValue("True".into()));
+        assert!(wants_plain_validation(Some(&as_string)));
+        let off = node_with(PLAIN_VALIDATION_METADATA, Kind::BoolValue(false));
+        assert!(!wants_plain_validation(Some(&off)));
+        let other_key = node_with("cluster", Kind::BoolValue(true));
+        assert!(!wants_plain_validation(Some(&other_key)));
+        assert!(!wants_plain_validation(None));
     }
 }

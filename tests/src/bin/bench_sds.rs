@@ -9,13 +9,11 @@
 //! this process over the agent's socket, acknowledging each response as Envoy does. The entry's
 //! SVIDs live 6 s, so the agent rotates them every ~3 s.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
-use hyper_util::rt::TokioIo;
 use sigil_tests::Node;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,19 +29,6 @@ struct Args {
     /// Rotations to wait for.
     #[arg(long, default_value_t = 3)]
     rotations: usize,
-}
-
-async fn channel(socket: PathBuf) -> anyhow::Result<tonic::transport::Channel> {
-    Ok(tonic::transport::Endpoint::from_static("http://sds")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await?)
 }
 
 #[tokio::main]
@@ -65,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     for index in 0..args.streams {
         // One connection per stream, as separate Envoys would open.
-        let channel = channel(agent.socket.clone()).await?;
+        let channel = agent.grpc_channel().await?;
         let reports = reports.clone();
         tokio::spawn(async move {
             let mut client = SecretDiscoveryServiceClient::new(channel);
