@@ -188,6 +188,9 @@ pub struct KubernetesConfig {
     pub istio_ca_audience: String,
     /// The longest certificate the Istio CA API issues; longer requests are clamped. Default 24 h.
     pub istio_max_validity: Ttl,
+    /// Keep an `istio-ca-root-cert` ConfigMap (key `root-cert.pem`) with the current bundle in
+    /// every namespace, as istiod does for its own CA.
+    pub istio_root_cert_configmaps: bool,
 }
 
 impl Default for KubernetesConfig {
@@ -207,6 +210,7 @@ impl Default for KubernetesConfig {
             istio_ca: false,
             istio_ca_audience: "istio-ca".into(),
             istio_max_validity: Ttl(Duration::from_secs(24 * 3600)),
+            istio_root_cert_configmaps: false,
         }
     }
 }
@@ -218,6 +222,7 @@ impl KubernetesConfig {
             || self.auto_identity
             || self.bundle_configmap.is_some()
             || self.istio_ca
+            || self.istio_root_cert_configmaps
     }
 
     /// A Kubernetes client from the kubeconfig, or the in-cluster / `KUBECONFIG` defaults.

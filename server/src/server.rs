@@ -241,6 +241,16 @@ pub async fn start(
             stopped.clone(),
         ));
     }
+    if let Some(client) = kube_client
+        .as_ref()
+        .filter(|_| kubernetes.istio_root_cert_configmaps)
+    {
+        tasks.spawn(k8s::publish_istio_root_certs(
+            client.clone(),
+            state.authz.clone(),
+            stopped.clone(),
+        ));
+    }
     tasks.spawn(maintain_ca(state.clone(), server_tls, stopped.clone()));
     tasks.spawn(prune(
         state.clone(),

@@ -1,8 +1,10 @@
 //! A fake Kubernetes API server in the test process, at the HTTP level, so the real binaries (and
 //! kube-rs inside them) talk to it as they would to a cluster: TokenReview, pods and nodes with
-//! list and watch (and the `spec.nodeName` field selector), and ConfigMaps.
+//! list and watch (and the `spec.nodeName` field selector), namespaces with list and watch, and
+//! ConfigMaps.
 //!
-//! State changes (pods added or deleted) become watch events for every open watch.
+//! State changes (pods and namespaces added or deleted) become watch events for every open watch
+//! of that kind; every ConfigMap write is signalled, so tests await it rather than poll.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -35,17 +37,20 @@ pub struct FakeToken {
 struct Inner {
     resource_version: u64,
     pods: BTreeMap<(String, String), Value>,
+    namespaces: BTreeMap<String, Value>,
     nodes: BTreeMap<String, Value>,
     configmaps: BTreeMap<(String, String), Value>,
     tokens: HashMap<String, FakeToken>,
-    /// Every pod event, for watches that resume from a resource version.
-    pod_events: Vec<(u64, Value)>,
+    /// Every pod and namespace event, for watches that resume from a resource version.
+    events: Vec<(u64, Value)>,
 }
 
 #[derive(Clone)]
 struct Shared {
     inner: Arc<Mutex<Inner>>,
-    pod_events: broadcast::Sender<(u64, Value)>,
+    events: broadcast::Sender<(u64, Value)>,
+    /// Counts ConfigMap writes.
+    configmap_writes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// The fake API server; it runs until dropped.
@@ -80,10 +85,11 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Inner> {
 impl FakeKubernetes {
     /// Starts the fake on a free loopback port.
     pub async fn start() -> anyhow::Result<Self> {
-        let (pod_events, _) = broadcast::channel(65_536);
+        let (events, _) = broadcast::channel(65_536);
         let shared = Shared {
             inner: Arc::default(),
-            pod_events,
+            events,
+            configmap_writes: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         let router = Router::new()
             .route(
@@ -91,6 +97,7 @@ impl FakeKubernetes {
                 post(token_review),
             )
             .route("/api/v1/pods", get(pods))
+            .route("/api/v1/namespaces", get(namespaces))
             .route("/api/v1/namespaces/{namespace}/pods/{name}", get(pod))
             .route("/api/v1/nodes/{name}", get(node))
             .route(
@@ -181,9 +188,31 @@ impl FakeKubernetes {
         inner
             .pods
             .insert((namespace.into(), name.into()), pod.clone());
-        let event = json!({"type": "ADDED", "object": pod});
-        inner.pod_events.push((version, event.clone()));
-        let _ = self.shared.pod_events.send((version, event));
+        self.publish(&mut inner, version, json!({"type": "ADDED", "object": pod}));
+    }
+
+    /// Records a watch event and sends it to the open watches.
+    fn publish(&self, inner: &mut Inner, version: u64, event: Value) {
+        inner.events.push((version, event.clone()));
+        let _ = self.shared.events.send((version, event));
+    }
+
+    /// Adds a namespace.
+    pub fn add_namespace(&self, name: &str) {
+        let mut inner = lock(&self.shared);
+        let version = Self::next_version(&mut inner);
+        let namespace = json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "uid": format!("ns-{name}"), "resourceVersion": version.to_string()},
+            "status": {"phase": "Active"},
+        });
+        inner.namespaces.insert(name.into(), namespace.clone());
+        self.publish(
+            &mut inner,
+            version,
+            json!({"type": "ADDED", "object": namespace}),
+        );
     }
 
     /// Deletes a pod.
@@ -195,9 +224,11 @@ impl FakeKubernetes {
             .remove(&(namespace.to_string(), name.to_string()))
         {
             pod["metadata"]["resourceVersion"] = json!(version.to_string());
-            let event = json!({"type": "DELETED", "object": pod});
-            inner.pod_events.push((version, event.clone()));
-            let _ = self.shared.pod_events.send((version, event));
+            self.publish(
+                &mut inner,
+                version,
+                json!({"type": "DELETED", "object": pod}),
+            );
         }
     }
 
@@ -212,6 +243,36 @@ impl FakeKubernetes {
             .configmaps
             .get(&(namespace.to_string(), name.to_string()))
             .map(|cm| cm["data"].clone())
+    }
+
+    /// Waits (up to 10 s) until the ConfigMap `namespace/name` exists with `data` for which
+    /// `holds` is true, and returns that data.
+    pub async fn wait_for_configmap(
+        &self,
+        namespace: &str,
+        name: &str,
+        holds: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let mut writes = self.shared.configmap_writes.subscribe();
+        let wait = async {
+            loop {
+                writes.borrow_and_update();
+                if let Some(data) = self.configmap_data(namespace, name).filter(|d| holds(d)) {
+                    return Ok(data);
+                }
+                if writes.changed().await.is_err() {
+                    anyhow::bail!("the fake API server stopped");
+                }
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), wait)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the ConfigMap {namespace}/{name} did not reach the expected content: {:?}",
+                    self.configmap_data(namespace, name)
+                )
+            })?
     }
 }
 
@@ -295,7 +356,7 @@ async fn pods(
             .get("resourceVersion")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        return watch_pods(&shared, since, selector.map(str::to_string));
+        return watch_events(&shared, "Pod", since, selector.map(str::to_string));
     }
     let inner = lock(&shared);
     let items: Vec<Value> = inner
@@ -313,18 +374,42 @@ async fn pods(
     .into_response()
 }
 
-/// A watch: the events after `since`, then live ones, one JSON event per line, filtered by the
-/// field selector. Replay and subscription happen under one lock so nothing falls between them.
-fn watch_pods(shared: &Shared, since: u64, selector: Option<String>) -> Response {
+async fn namespaces(
+    State(shared): State<Shared>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        let since: u64 = query
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        return watch_events(&shared, "Namespace", since, None);
+    }
+    let inner = lock(&shared);
+    let items: Vec<Value> = inner.namespaces.values().cloned().collect();
+    axum::Json(json!({
+        "apiVersion": "v1",
+        "kind": "NamespaceList",
+        "metadata": {"resourceVersion": inner.resource_version.to_string()},
+        "items": items,
+    }))
+    .into_response()
+}
+
+/// A watch of one kind of object: the events after `since`, then live ones, one JSON event per
+/// line, filtered by the field selector. Replay and subscription happen under one lock so nothing
+/// falls between them.
+fn watch_events(shared: &Shared, kind: &str, since: u64, selector: Option<String>) -> Response {
+    let kind = kind.to_string();
     let (backlog, mut live) = {
         let inner = lock(shared);
         let backlog: Vec<(u64, Value)> = inner
-            .pod_events
+            .events
             .iter()
-            .filter(|(v, _)| *v > since)
+            .filter(|(v, event)| *v > since && event["object"]["kind"] == kind.as_str())
             .cloned()
             .collect();
-        (backlog, shared.pod_events.subscribe())
+        (backlog, shared.events.subscribe())
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Value>(1024);
     tokio::spawn(async move {
@@ -338,7 +423,9 @@ fn watch_pods(shared: &Shared, since: u64, selector: Option<String>) -> Response
         }
         loop {
             match live.recv().await {
-                Ok((version, event)) if version > sent_up_to => {
+                Ok((version, event))
+                    if version > sent_up_to && event["object"]["kind"] == kind.as_str() =>
+                {
                     if node_matches(&event["object"], selector.as_deref())
                         && tx.send(event).await.is_err()
                     {
@@ -418,6 +505,8 @@ async fn put_configmap(
     inner
         .configmaps
         .insert((namespace, name), configmap.clone());
+    drop(inner);
+    shared.configmap_writes.send_modify(|n| *n += 1);
     axum::Json(configmap).into_response()
 }
 

@@ -60,13 +60,15 @@ async fn istio_ca_signs_the_service_account_identity_only() -> anyhow::Result<()
         pod: ("prod".into(), "web-1".into()),
         expired: false,
     };
+    fake.add_namespace("prod");
+    fake.add_namespace("default");
     fake.add_token("istio-token", token("istio-ca"));
     fake.add_token("other-audience", token("sigil-server"));
     let server = ServerProcess::start(
         &dir.path().join("server"),
         None,
         &format!(
-            "server_dns_names = [\"sigil-server.sigil.svc\"]\n[kubernetes]\nkubeconfig = \"{}\"\nistio_ca = true\nistio_max_validity = \"2h\"\n",
+            "server_dns_names = [\"sigil-server.sigil.svc\"]\n[kubernetes]\nkubeconfig = \"{}\"\nistio_ca = true\nistio_max_validity = \"2h\"\nistio_root_cert_configmaps = true\n",
             kubeconfig.display()
         ),
     )?;
@@ -128,6 +130,13 @@ async fn istio_ca_signs_the_service_account_identity_only() -> anyhow::Result<()
         no_token.code() == tonic::Code::Unauthenticated,
         "{no_token:?}"
     );
+    // A token TokenReview does not accept (a forged signature, say).
+    let forged = client
+        .create_certificate(request(Some("forged-token"), csr_pem(&key)?, 0))
+        .await
+        .err()
+        .context("forged token")?;
+    ensure!(forged.code() == tonic::Code::Unauthenticated, "{forged:?}");
     let wrong = client
         .create_certificate(request(Some("other-audience"), csr_pem(&key)?, 0))
         .await
@@ -161,6 +170,15 @@ async fn istio_ca_signs_the_service_account_identity_only() -> anyhow::Result<()
             && refused.message().contains("unsupported key"),
         "{refused:?}"
     );
+
+    // istio-ca-root-cert holds the bundle in every namespace, including one created later.
+    fake.add_namespace("late");
+    for namespace in ["prod", "default", "late"] {
+        fake.wait_for_configmap(namespace, "istio-ca-root-cert", |data| {
+            data["root-cert.pem"] == bundle_pem.as_str()
+        })
+        .await?;
+    }
     Ok(())
 }
 

@@ -276,20 +276,10 @@ async fn kubernetes_identities_follow_pods_and_stay_on_their_node() -> anyhow::R
     }
 
     // The bundle is in the ConfigMap agents bootstrap from.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if fake
-            .configmap_data("sigil", "sigil-bundle")
-            .is_some_and(|data| data["bundle.crt"] == bundle_pem.as_str())
-        {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the bundle ConfigMap was not written"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    fake.wait_for_configmap("sigil", "sigil-bundle", |data| {
+        data["bundle.crt"] == bundle_pem.as_str()
+    })
+    .await?;
 
     // Deleting the pod withdraws the identity from the waiting workload.
     let mut updates = client.stream_x509_svids().await?;

@@ -1,5 +1,5 @@
-//! Kubernetes: the pod watch behind automatic ServiceAccount identities, and the ConfigMap that
-//! carries the trust bundle to agents in the cluster.
+//! Kubernetes: the pod watch behind automatic ServiceAccount identities, and the ConfigMaps that
+//! carry the trust bundle to agents and to Istio's sidecars in the cluster.
 //!
 //! With `kubernetes.auto_identity`, the server watches every pod and keeps, per node, the set of
 //! ServiceAccounts with a pod there. The agent of node N may then obtain exactly the identities of
@@ -15,9 +15,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
 use sigil_core::entry::Entry;
 use sigil_core::id::{SpiffeId, TrustDomain, parse_member_id};
@@ -26,8 +25,10 @@ use tokio::sync::watch;
 
 use crate::{Error, Result};
 
+mod configmaps;
 mod token_review;
 
+pub use configmaps::{ISTIO_ROOT_CERT_CONFIGMAP, publish_bundle, publish_istio_root_certs};
 pub use token_review::{ReviewedToken, review};
 
 /// The prefix of the ids of automatic entries: `k8s:<namespace>:<service account>`.
@@ -331,66 +332,6 @@ pub async fn watch_pods(
                 tracing::warn!(error = %e, "the pod watch failed; serving the last view and retrying");
             }
             None => return,
-        }
-    }
-}
-
-/// Keeps the ConfigMap `namespace/name` holding the current bundle (`bundle.crt` PEM and
-/// `bundle.spiffe` JSON), rewriting it whenever the bundle's sequence changes.
-pub async fn publish_bundle(
-    client: kube::Client,
-    namespace: String,
-    name: String,
-    authz: Arc<crate::authz::Authorizations>,
-    mut stopping: watch::Receiver<bool>,
-) {
-    let configmaps: Api<ConfigMap> = Api::namespaced(client, &namespace);
-    let mut changes = authz.subscribe();
-    let mut published = None;
-    let mut backoff = Duration::from_millis(500);
-    loop {
-        changes.borrow_and_update();
-        if let Some(current) = authz.bundle().filter(|b| published != Some(b.sequence)) {
-            let outcome = match current.to_spiffe_json() {
-                Ok(document) => {
-                    let configmap = serde_json::json!({
-                        "apiVersion": "v1",
-                        "kind": "ConfigMap",
-                        "metadata": {"name": name, "namespace": namespace},
-                        "data": {"bundle.crt": current.to_pem(), "bundle.spiffe": document},
-                    });
-                    configmaps
-                        .patch(
-                            &name,
-                            &PatchParams::apply("sigil-server").force(),
-                            &Patch::Apply(configmap),
-                        )
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                }
-                Err(e) => Err(e.to_string()),
-            };
-            match outcome {
-                Ok(()) => {
-                    tracing::info!(configmap = %format!("{namespace}/{name}"), sequence = current.sequence, "published the trust bundle");
-                    published = Some(current.sequence);
-                    backoff = Duration::from_millis(500);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot write the bundle ConfigMap; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        _ = stopping.wait_for(|stop| *stop) => return,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    continue;
-                }
-            }
-        }
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
-            _ = stopping.wait_for(|stop| *stop) => return,
         }
     }
 }
