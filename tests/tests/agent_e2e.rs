@@ -13,6 +13,7 @@ use sigil_proto::workload::X509svidRequest;
 use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil_tests::{AgentProcess, Node, ServerProcess, python};
 use spiffe::WorkloadApiClient;
+use tokio::io::AsyncBufReadExt;
 
 /// A server and an agent, with one entry for this process's uid under the node alias.
 fn node(entry_id: &str, extra_flags: &[&str]) -> anyhow::Result<Node> {
@@ -237,6 +238,25 @@ async fn svids_rotate_before_they_expire_without_a_gap() -> anyhow::Result<()> {
     )?;
     let client = WorkloadApiClient::connect_to(node.agent.endpoint()).await?;
     let mut updates = client.stream_x509_svids().await?;
+    // Beside it, the CLI keeps files on disk up to date (as istiod's or a proxy's helper would).
+    let written = node.dir.path().join("watched");
+    let mut writer = tokio::process::Command::new(sigil_tests::binary("sigil-agent")?)
+        .args([
+            "api",
+            "fetch",
+            "x509",
+            "--watch",
+            "--cert-name",
+            "tls.crt",
+            "--write",
+        ])
+        .arg(&written)
+        .env("SPIFFE_ENDPOINT_SOCKET", node.agent.endpoint())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut writer_lines =
+        tokio::io::BufReader::new(writer.stderr.take().context("stderr")?).lines();
     let mut current = updates.next().await.context("stream ended")??;
     for _ in 0..2 {
         let old = facts(&current)?;
@@ -254,6 +274,23 @@ async fn svids_rotate_before_they_expire_without_a_gap() -> anyhow::Result<()> {
         ensure!(new.not_after > old.not_after, "the new SVID lives longer");
         current = next;
     }
+    // The writer wrote the first SVID and each of the two rotations.
+    let mut writes = 0;
+    while writes < 3 {
+        let line = tokio::time::timeout(Duration::from_secs(20), writer_lines.next_line())
+            .await?
+            .context("reading the writer's output")?
+            .context("the writer exited")?;
+        if line.starts_with("wrote 1 SVID") {
+            writes += 1;
+        }
+    }
+    let on_disk =
+        sigil_tests::pem_certificates(&std::fs::read_to_string(written.join("tls.crt"))?)?;
+    ensure!(
+        on_disk[0].as_slice() == current.leaf().as_ref(),
+        "the file holds the newest SVID"
+    );
     let metrics = reqwest_metrics(&node.agent.health)?;
     ensure!(
         metrics.contains("sigil_agent_svid_renewals_total"),

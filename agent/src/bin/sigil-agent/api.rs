@@ -58,6 +58,39 @@ pub(crate) enum ApiCommand {
     },
 }
 
+/// The names `--write` gives the first SVID's files.
+#[derive(Debug, Args)]
+pub(crate) struct FileNames {
+    /// The certificate chain (default `svid.0.pem`).
+    #[arg(long, requires = "write", default_value = "svid.0.pem")]
+    cert_name: String,
+    /// The private key (default `svid.0.key`).
+    #[arg(long, requires = "write", default_value = "svid.0.key")]
+    key_name: String,
+    /// The trust bundle (default `bundle.0.pem`).
+    #[arg(long, requires = "write", default_value = "bundle.0.pem")]
+    bundle_name: String,
+}
+
+impl FileNames {
+    /// The (chain, key, bundle) file names of the SVID at `index`.
+    fn of(&self, index: usize) -> [String; 3] {
+        if index == 0 {
+            [
+                self.cert_name.clone(),
+                self.key_name.clone(),
+                self.bundle_name.clone(),
+            ]
+        } else {
+            [
+                format!("svid.{index}.pem"),
+                format!("svid.{index}.key"),
+                format!("bundle.{index}.pem"),
+            ]
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum FetchCommand {
     /// The caller's X509-SVIDs, keys and bundle.
@@ -65,6 +98,14 @@ pub(crate) enum FetchCommand {
         /// Write svid.N.pem, svid.N.key (mode 0600) and bundle.N.pem into this directory.
         #[arg(long)]
         write: Option<PathBuf>,
+        /// With --write: keep running and rewrite the files on every rotation or bundle change
+        /// (each file replaced atomically), for programs that read certificates from disk.
+        #[arg(long, requires = "write")]
+        watch: bool,
+        /// With --write: the file names of the first SVID's certificate chain, key and bundle
+        /// (as istiod expects `tls.crt`, `tls.key`, `ca.crt`); other SVIDs keep numbered names.
+        #[command(flatten)]
+        names: FileNames,
     },
     /// The caller's JWT-SVIDs for an audience.
     Jwt {
@@ -112,14 +153,29 @@ pub(crate) async fn run(command: ApiCommand) -> anyhow::Result<()> {
     let mut client = WorkloadClient::connect(&socket).await?;
     match command {
         ApiCommand::Fetch {
-            what: FetchCommand::X509 { write },
+            what:
+                FetchCommand::X509 {
+                    write: Some(dir),
+                    watch: true,
+                    names,
+                },
+            ..
+        } => {
+            let mut updates = client.watch_x509().await?;
+            while let Some(response) = updates.message().await? {
+                write_x509(&dir, &names, &response)?;
+            }
+            anyhow::bail!("the agent closed the Workload API stream (it is shutting down?)");
+        }
+        ApiCommand::Fetch {
+            what: FetchCommand::X509 { write, names, .. },
             ..
         } => {
             let started = Instant::now();
             let response = client.fetch_x509().await?;
             let elapsed = started.elapsed();
             if let Some(dir) = write {
-                write_x509(&dir, &response)?;
+                write_x509(&dir, &names, &response)?;
             }
             print_x509(format, &response, Some(elapsed))?;
         }
@@ -294,25 +350,23 @@ fn print_json(value: &Value) {
     );
 }
 
-fn write_x509(dir: &Path, response: &X509svidResponse) -> anyhow::Result<()> {
+fn write_x509(dir: &Path, names: &FileNames, response: &X509svidResponse) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for (index, svid) in response.svids.iter().enumerate() {
         let chain: String = split_der(&svid.x509_svid)?
             .iter()
             .map(|c| pem_block("CERTIFICATE", c))
             .collect();
+        let [cert_name, key_name, bundle_name] = names.of(index);
+        // The key first: a reader that reloads when the certificate changes finds its key.
         write_file(
-            &dir.join(format!("svid.{index}.pem")),
-            chain.as_bytes(),
-            0o644,
-        )?;
-        write_file(
-            &dir.join(format!("svid.{index}.key")),
+            &dir.join(key_name),
             pem_block("PRIVATE KEY", &svid.x509_svid_key).as_bytes(),
             0o600,
         )?;
+        write_file(&dir.join(cert_name), chain.as_bytes(), 0o644)?;
         write_file(
-            &dir.join(format!("bundle.{index}.pem")),
+            &dir.join(bundle_name),
             split_pem(&svid.bundle)?.as_bytes(),
             0o644,
         )?;
@@ -325,18 +379,23 @@ fn write_x509(dir: &Path, response: &X509svidResponse) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `path` through a temporary file renamed over it, so a reader (istiod, a proxy watching
+/// the file) never sees half a certificate or a key that does not match it.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(".tmp");
+    let staging = PathBuf::from(staging);
+    let _ = std::fs::remove_file(&staging);
     let mut file = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    // An existing file keeps its old mode through `open`; set it explicitly.
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        .open(&staging)
+        .with_context(|| format!("writing {}", staging.display()))?;
     file.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", staging.display()))?;
+    std::fs::rename(&staging, path).with_context(|| format!("replacing {}", path.display()))
 }
 
 fn struct_to_json(value: prost_types::Struct) -> Value {
