@@ -5,6 +5,7 @@
 //! `sigil_workload_api` libraries.
 
 mod api;
+mod forward;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ enum Command {
     /// Uses the Workload API as a workload would.
     #[command(subcommand)]
     Api(api::ApiCommand),
+    /// Runs the mTLS forwarder (a workload with its own SVID) until SIGINT or SIGTERM.
+    Forward(Box<forward::ForwardArgs>),
     /// Exits 0 when the agent's `/ready` answers 200.
     Healthcheck {
         /// The agent's health address.
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Api(command) => api::run(command).await,
+            Command::Forward(args) => forward::run(*args).await,
             Command::Healthcheck { health_address } => {
                 let body = tokio::task::spawn_blocking(move || {
                     sigil_core::health::probe_ready(health_address, Duration::from_secs(5))

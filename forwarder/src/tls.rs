@@ -1,0 +1,347 @@
+//! rustls pieces over the shared identity state: the certificate resolver (the newest SVID for
+//! every new handshake) and the verifiers of inbound clients and outbound upstreams.
+//!
+//! A peer is authenticated when its leaf has exactly one URI SAN that is a SPIFFE ID, its chain
+//! verifies, at the handshake's time, against the bundle of the peer's own trust domain, and the
+//! leaf meets the rest of the X509-SVID profile (CA=false, key usage): never against a merged set of roots, so a federated CA cannot vouch
+//! for our own domain. Policy is checked inside the verifier, so a refused peer gets a TLS alert
+//! (`access_denied`, `unknown_ca`, `certificate_expired`, `bad_certificate`) from rustls itself.
+
+use std::sync::Arc;
+
+use rustls::client::ResolvesClientCert;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use sigil_core::id::SpiffeId;
+use sigil_core::tls::crypto_provider;
+
+use crate::identity::IdentityStore;
+use crate::metrics::Metrics;
+use crate::policy::{IdPattern, PeerPolicy};
+
+/// Presents the current SVID, as a server and as a client.
+#[derive(Debug)]
+pub struct SvidResolver {
+    store: Arc<IdentityStore>,
+}
+
+impl SvidResolver {
+    /// A resolver over `store`.
+    pub fn new(store: Arc<IdentityStore>) -> Self {
+        SvidResolver { store }
+    }
+}
+
+impl ResolvesServerCert for SvidResolver {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.store.current_key()
+    }
+}
+
+impl ResolvesClientCert for SvidResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.store.current_key()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Why a peer certificate was refused: a metric reason, a description for the log, and the TLS
+/// error (which decides the alert).
+#[derive(Debug)]
+struct Refusal {
+    reason: &'static str,
+    why: String,
+    error: CertificateError,
+}
+
+/// Authenticates a peer certificate: SVID profile, then the chain against its own domain's
+/// bundle at `now`. Returns the peer's SPIFFE ID.
+fn authenticate(
+    store: &IdentityStore,
+    algorithms: &WebPkiSupportedAlgorithms,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+) -> Result<SpiffeId, Refusal> {
+    let facts = sigil_core::x509::certificate_facts(end_entity).map_err(|e| Refusal {
+        reason: "bad_identity",
+        why: format!("the certificate does not parse: {e}"),
+        error: CertificateError::BadEncoding,
+    })?;
+    let id = facts.spiffe_id.ok_or_else(|| Refusal {
+        reason: "bad_identity",
+        why: "the certificate does not carry exactly one URI SAN that is a SPIFFE ID".into(),
+        error: CertificateError::BadEncoding,
+    })?;
+    let state = store.load();
+    let trust_domain = id.trust_domain();
+    let Some(roots) = state.roots(trust_domain) else {
+        return Err(Refusal {
+            reason: "untrusted",
+            why: format!("{id}: no trust bundle for trust domain {trust_domain}"),
+            error: CertificateError::UnknownIssuer,
+        });
+    };
+    let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| Refusal {
+        reason: "bad_identity",
+        why: format!("{id}: the certificate does not parse: {e}"),
+        error: CertificateError::BadEncoding,
+    })?;
+    cert.verify_for_usage(algorithms.all, roots, intermediates, now, usage, None, None)
+        .map_err(|e| {
+            let (reason, error) = match e {
+                webpki::Error::CertExpired { .. } | webpki::Error::CertNotValidYet { .. } => {
+                    ("expired", CertificateError::Expired)
+                }
+                webpki::Error::UnknownIssuer => ("untrusted", CertificateError::UnknownIssuer),
+                _ => ("untrusted", CertificateError::BadSignature),
+            };
+            Refusal {
+                reason,
+                why: format!(
+                    "{id}: the chain does not verify against the bundle of {trust_domain}: {e}"
+                ),
+                error,
+            }
+        })?;
+    // Trusted, so the profile is checked last: the finer reasons (CA=false, key usage) only
+    // matter for certificates our own CAs signed.
+    sigil_core::x509::check_leaf_profile(end_entity).map_err(|e| Refusal {
+        reason: "bad_identity",
+        why: format!("{id}: the certificate is not an X509-SVID: {e}"),
+        error: CertificateError::BadEncoding,
+    })?;
+    Ok(id)
+}
+
+/// Verifies inbound clients: authenticated, then the listener's [`PeerPolicy`].
+#[derive(Debug)]
+pub struct ClientVerifier {
+    listener: String,
+    store: Arc<IdentityStore>,
+    policy: PeerPolicy,
+    metrics: Arc<Metrics>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientVerifier {
+    /// A verifier for the inbound listener `listener`.
+    pub fn new(
+        listener: String,
+        store: Arc<IdentityStore>,
+        policy: PeerPolicy,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        ClientVerifier {
+            listener,
+            store,
+            policy,
+            metrics,
+            algorithms: crypto_provider().signature_verification_algorithms,
+        }
+    }
+
+    fn refuse(&self, refusal: Refusal) -> rustls::Error {
+        tracing::warn!(
+            listener = %self.listener,
+            reason = refusal.reason,
+            "refused peer: {}",
+            refusal.why
+        );
+        self.metrics.refuse(&self.listener, refusal.reason);
+        rustls::Error::InvalidCertificate(refusal.error)
+    }
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: the roots change with rotation and federation, and a client with one SVID
+        // has nothing to choose from anyway.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let id = authenticate(
+            &self.store,
+            &self.algorithms,
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )
+        .map_err(|refusal| self.refuse(refusal))?;
+        let own = self.store.load().trust_domain();
+        self.policy.check(&id, own.as_ref()).map_err(|rule| {
+            self.refuse(Refusal {
+                reason: "policy",
+                why: format!("{id} refused by {rule}"),
+                error: CertificateError::ApplicationVerificationFailure,
+            })
+        })?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Verifies outbound upstreams: authenticated, and the ID one of the expected ones. The TLS server
+/// name is not checked: a SPIFFE peer is named by its ID.
+#[derive(Debug)]
+pub struct UpstreamVerifier {
+    listener: String,
+    store: Arc<IdentityStore>,
+    expect: Vec<IdPattern>,
+    metrics: Arc<Metrics>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl UpstreamVerifier {
+    /// A verifier for the outbound listener `listener`.
+    pub fn new(
+        listener: String,
+        store: Arc<IdentityStore>,
+        expect: Vec<IdPattern>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        UpstreamVerifier {
+            listener,
+            store,
+            expect,
+            metrics,
+            algorithms: crypto_provider().signature_verification_algorithms,
+        }
+    }
+
+    fn refuse(&self, reason: &'static str, why: String, error: CertificateError) -> rustls::Error {
+        tracing::warn!(listener = %self.listener, reason, "refused upstream: {why}");
+        self.metrics.refuse(&self.listener, reason);
+        rustls::Error::InvalidCertificate(error)
+    }
+}
+
+impl ServerCertVerifier for UpstreamVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let id = authenticate(
+            &self.store,
+            &self.algorithms,
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )
+        .map_err(|r| self.refuse(r.reason, r.why, r.error))?;
+        if self.expect.iter().any(|pattern| pattern.matches(&id)) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(self.refuse(
+                "upstream_identity",
+                format!(
+                    "the upstream presented {id}, expected {}",
+                    self.expect
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+                CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The server configuration of an inbound listener (`alpn`: `h2` and `http/1.1` in HTTP mode).
+pub fn server_config(
+    store: Arc<IdentityStore>,
+    verifier: Arc<ClientVerifier>,
+    alpn: bool,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(SvidResolver::new(store)));
+    if alpn {
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    }
+    Ok(config)
+}
+
+/// The client configuration of an outbound listener.
+pub fn client_config(
+    store: Arc<IdentityStore>,
+    verifier: Arc<UpstreamVerifier>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    Ok(
+        rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(SvidResolver::new(store))),
+    )
+}

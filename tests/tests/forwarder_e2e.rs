@@ -1,0 +1,965 @@
+//! End to end: the real `sigil-server`, `sigil-agent` and `sigil-agent forward` processes, with
+//! peers nobody here wrote: `openssl s_client` / `s_server` and `curl` holding Sigil SVIDs that
+//! `sigil-agent api fetch x509 --write` wrote. Covers STRICT and PERMISSIVE inbound (per port, from
+//! a TOML file), SPIFFE ID policy (allow, deny, untrusted CA), HTTP mode (XFCC as the application
+//! receives it, rules answering 200/403, HTTP/1.1 and HTTP/2), outbound identity checks, limits
+//! (slowloris, connection cap), drain on SIGTERM, `/ready`, and rotation under steady load.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use sigil_tests::forwarder::{ForwarderProcess, SvidFiles, fetch_svid};
+use sigil_tests::{Node, free_port};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const FORWARDER: &str = "spiffe://example.org/forwarder";
+const CLIENT: &str = "spiffe://example.org/ns/prod/web";
+const LEGACY: &str = "spiffe://example.org/ns/prod/legacy";
+const STRANGER: &str = "spiffe://example.org/ns/dev/web";
+/// Generous bound for anything the test waits on; reaching it means a hang, not slowness.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A server and an agent with entries for this process's uid: the forwarder's identity (with
+/// `localhost` as a DNS SAN so curl can check it) and the callers' identities.
+fn node(ids: &[&str], extra: &[&str]) -> anyhow::Result<Node> {
+    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
+    Node::start(|server| {
+        let mut forwarder_flags = vec!["--dns", "localhost"];
+        forwarder_flags.extend_from_slice(extra);
+        Node::entry(server, FORWARDER, &selector, &forwarder_flags)?;
+        for id in ids {
+            Node::entry(server, id, &selector, extra)?;
+        }
+        Ok(())
+    })
+}
+
+/// A line echo server: answers each line with the same line until the client closes or sends
+/// `quit`. Returns its port.
+async fn echo_server() -> anyhow::Result<u16> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line == "quit"
+                        || write
+                            .write_all(format!("{line}\n").as_bytes())
+                            .await
+                            .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(port)
+}
+
+/// An HTTP application that answers with what it received: method, path and the
+/// `x-forwarded-client-cert` headers (how many, and their values).
+async fn http_echo_server() -> anyhow::Result<u16> {
+    use axum::http::{HeaderMap, Method, Uri};
+    async fn echo(method: Method, uri: Uri, headers: HeaderMap) -> String {
+        let xfcc: Vec<&str> = headers
+            .get_all("x-forwarded-client-cert")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        format!(
+            "{method} {} xfcc#{} xfcc={}\n",
+            uri.path(),
+            xfcc.len(),
+            xfcc.join("|")
+        )
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let app = axum::Router::new().fallback(echo);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(port)
+}
+
+/// Sends `hello` then `quit` through `openssl s_client` with `cert`/`key`, verifying the server
+/// against `ca`; returns stdout and stderr together.
+async fn openssl_client(port: u16, cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<String> {
+    let mut child = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-quiet",
+            "-verify_return_error",
+            "-CAfile",
+        ])
+        .arg(ca)
+        .arg("-cert")
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("running openssl (is it installed?)")?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    // The write may fail when the forwarder refused the handshake: that is an answer too.
+    let _ = stdin.write_all(b"hello over sigil\nquit\n").await;
+    let output = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .context("openssl s_client hung")??;
+    drop(stdin);
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    ))
+}
+
+/// One line over a plain TCP connection: `Some(answer)`, or `None` when the connection was closed
+/// without an answer.
+async fn plaintext_line(port: u16, line: &str) -> anyhow::Result<Option<String>> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    exchange(&mut stream, line).await
+}
+
+async fn exchange(stream: &mut TcpStream, line: &str) -> anyhow::Result<Option<String>> {
+    // A refused connection may be reset while we write; the read below tells the outcome.
+    let _ = stream.write_all(format!("{line}\n").as_bytes()).await;
+    let mut answer = Vec::new();
+    loop {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(PATIENCE, stream.read(&mut byte)).await? {
+            Ok(0) | Err(_) => break,
+            Ok(_) if byte[0] == b'\n' => return Ok(Some(String::from_utf8(answer)?)),
+            Ok(_) => answer.push(byte[0]),
+        }
+    }
+    Ok(if answer.is_empty() {
+        None
+    } else {
+        Some(String::from_utf8(answer)?)
+    })
+}
+
+/// A self-signed certificate with a SPIFFE ID of our trust domain: a CA nobody trusts.
+fn foreign_svid(dir: &Path) -> anyhow::Result<SvidFiles> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names = vec![rcgen::SanType::URI(CLIENT.try_into()?)];
+    let cert = params.self_signed(&key)?;
+    let files = SvidFiles {
+        cert: dir.join("foreign.pem"),
+        key: dir.join("foreign.key"),
+        bundle: dir.join("foreign-bundle.pem"),
+    };
+    std::fs::write(&files.cert, cert.pem())?;
+    std::fs::write(&files.key, key.serialize_pem())?;
+    std::fs::write(&files.bundle, cert.pem())?;
+    Ok(files)
+}
+
+/// Blocks on a log wait off the async runtime.
+async fn wait_log(forwarder: &ForwarderProcess, needle: &str, count: usize) -> bool {
+    tokio::task::block_in_place(|| forwarder.wait_for_log(needle, count, PATIENCE))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strict_inbound_admits_allowed_svids_and_refuses_the_rest() -> anyhow::Result<()> {
+    let node = node(&[CLIENT, LEGACY, STRANGER], &[])?;
+    let target = echo_server().await?;
+    let port = free_port()?;
+    let forwarder = ForwarderProcess::start(
+        &node.agent,
+        &[
+            "--spiffe-id",
+            FORWARDER,
+            "--inbound",
+            &format!("127.0.0.1:{port}"),
+            "--target",
+            &format!("127.0.0.1:{target}"),
+            "--mode",
+            "strict",
+            "--allow",
+            "spiffe://example.org/ns/prod/*",
+            "--deny",
+            LEGACY,
+        ],
+    )?;
+    let result = async {
+        let dir = node.dir.path().join("svids");
+        let client = fetch_svid(&node.agent, &dir, CLIENT)?;
+        let answer = openssl_client(port, &client.cert, &client.key, &client.bundle).await?;
+        ensure!(
+            answer.contains("hello over sigil"),
+            "an allowed SVID: {answer}"
+        );
+
+        // Inside the allow pattern, but denied by name: deny wins.
+        let legacy = fetch_svid(&node.agent, &dir, LEGACY)?;
+        let answer = openssl_client(port, &legacy.cert, &legacy.key, &legacy.bundle).await?;
+        ensure!(
+            !answer.contains("hello over sigil"),
+            "a denied SVID got through: {answer}"
+        );
+        ensure!(
+            answer.contains("access denied"),
+            "a TLS alert for the denied peer: {answer}"
+        );
+        ensure!(
+            wait_log(&forwarder, &format!("{LEGACY} refused by deny {LEGACY}"), 1).await,
+            "the log names the peer and the rule"
+        );
+
+        // A valid Sigil SVID outside the allow list.
+        let stranger = fetch_svid(&node.agent, &dir, STRANGER)?;
+        let answer = openssl_client(port, &stranger.cert, &stranger.key, &stranger.bundle).await?;
+        ensure!(
+            !answer.contains("hello over sigil"),
+            "a stranger got through: {answer}"
+        );
+        ensure!(
+            wait_log(
+                &forwarder,
+                &format!("{STRANGER} refused by no allow rule matches"),
+                1
+            )
+            .await,
+            "the log names the stranger"
+        );
+
+        // A certificate from a CA outside the bundle.
+        let foreign = foreign_svid(node.dir.path())?;
+        let answer = openssl_client(port, &foreign.cert, &foreign.key, &client.bundle).await?;
+        ensure!(
+            !answer.contains("hello over sigil"),
+            "a foreign CA got through: {answer}"
+        );
+        ensure!(
+            answer.contains("unknown ca"),
+            "a TLS alert for the foreign CA: {answer}"
+        );
+
+        // Plaintext in strict mode.
+        ensure!(
+            plaintext_line(port, "hello in the clear").await?.is_none(),
+            "plaintext passed a strict listener"
+        );
+        ensure!(
+            wait_log(&forwarder, "refused a plaintext client", 1).await,
+            "plaintext refusal logged"
+        );
+
+        // Everything else carried on: the allowed client still gets through.
+        let answer = openssl_client(port, &client.cert, &client.key, &client.bundle).await?;
+        ensure!(
+            answer.contains("hello over sigil"),
+            "after the refusals: {answer}"
+        );
+
+        let name = format!("inbound-{port}");
+        for reason in ["policy", "untrusted", "plaintext"] {
+            let count = forwarder.metric(&format!(
+                "sigil_forwarder_refusals_total{{listener=\"{name}\",reason=\"{reason}\"}}"
+            ))?;
+            ensure!(count >= 1.0, "refusals by {reason}: {count}");
+        }
+        let mtls = forwarder.metric(&format!(
+            "sigil_forwarder_connections_total{{listener=\"{name}\",security=\"mtls\"}}"
+        ))?;
+        ensure!(mtls >= 2.0, "mTLS connections counted: {mtls}");
+        let (_, metrics) = forwarder.health_get("/metrics")?;
+        ensure!(
+            metrics.contains("sigil_forwarder_handshake_seconds_bucket"),
+            "{metrics}"
+        );
+        ensure!(metrics.contains("sigil_forwarder_bytes_total"), "{metrics}");
+        Ok(())
+    }
+    .await;
+    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_port_modes_from_a_toml_file_strict_and_permissive() -> anyhow::Result<()> {
+    let node = node(&[CLIENT], &[])?;
+    let target = echo_server().await?;
+    let (strict, permissive) = (free_port()?, free_port()?);
+    let config = node.dir.path().join("forward.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"spiffe_id = "{FORWARDER}"
+
+[[inbound]]
+name = "strict"
+listen = "127.0.0.1:{strict}"
+target = "127.0.0.1:{target}"
+mode = "strict"
+
+[[inbound]]
+name = "permissive"
+listen = "127.0.0.1:{permissive}"
+target = "127.0.0.1:{target}"
+mode = "permissive"
+allow = ["{CLIENT}"]
+"#
+        ),
+    )?;
+    let forwarder = ForwarderProcess::start(
+        &node.agent,
+        &["--config", config.to_str().context("utf-8 path")?],
+    )?;
+    let result = async {
+        let client = fetch_svid(&node.agent, &node.dir.path().join("svids"), CLIENT)?;
+        for port in [strict, permissive] {
+            let answer = openssl_client(port, &client.cert, &client.key, &client.bundle).await?;
+            ensure!(
+                answer.contains("hello over sigil"),
+                "mTLS on {port}: {answer}"
+            );
+        }
+        ensure!(
+            plaintext_line(permissive, "in the clear").await?.as_deref() == Some("in the clear"),
+            "plaintext passes the permissive port"
+        );
+        ensure!(
+            plaintext_line(strict, "in the clear").await?.is_none(),
+            "plaintext is refused on the strict port"
+        );
+        let plain = forwarder.metric(
+            "sigil_forwarder_connections_total{listener=\"permissive\",security=\"plaintext\"}",
+        )?;
+        ensure!(plain >= 1.0, "plaintext counted as such: {plain}");
+        let refused = forwarder
+            .metric("sigil_forwarder_refusals_total{listener=\"strict\",reason=\"plaintext\"}")?;
+        ensure!(refused >= 1.0, "strict refusal counted: {refused}");
+        Ok(())
+    }
+    .await;
+    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+}
+
+/// One request with curl: (status line "CODE HTTP-VERSION", body).
+async fn curl(
+    url: &str,
+    svid: Option<&SvidFiles>,
+    extra: &[&str],
+) -> anyhow::Result<(String, String)> {
+    let mut command = tokio::process::Command::new("curl");
+    command.args([
+        "-sS",
+        "--max-time",
+        "30",
+        "-w",
+        "\n%{http_code} %{http_version}",
+    ]);
+    if let Some(svid) = svid {
+        command.arg("--cacert").arg(&svid.bundle);
+        command.arg("--cert").arg(&svid.cert);
+        command.arg("--key").arg(&svid.key);
+    }
+    let output = command
+        .args(extra)
+        .arg(url)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    ensure!(
+        output.status.success(),
+        "curl {url} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout)?;
+    let (body, status) = text.rsplit_once('\n').context("no status from curl")?;
+    Ok((status.to_string(), body.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_mode_sets_xfcc_and_answers_rules_with_200_and_403() -> anyhow::Result<()> {
+    let node = node(&[CLIENT, STRANGER], &[])?;
+    let app = http_echo_server().await?;
+    let port = free_port()?;
+    let forwarder = ForwarderProcess::start(
+        &node.agent,
+        &[
+            "--spiffe-id",
+            FORWARDER,
+            "--inbound",
+            &format!("127.0.0.1:{port}"),
+            "--target",
+            &format!("127.0.0.1:{app}"),
+            "--mode",
+            "permissive",
+            "--http",
+            "--http-deny",
+            "* * /admin",
+            "--http-allow",
+            &format!("{CLIENT} GET,HEAD /api"),
+            "--http-allow",
+            "* GET /public",
+        ],
+    )?;
+    let result = async {
+        let dir = node.dir.path().join("svids");
+        let client = fetch_svid(&node.agent, &dir, CLIENT)?;
+        let stranger = fetch_svid(&node.agent, &dir, STRANGER)?;
+        let resolve = format!("localhost:{port}:127.0.0.1");
+        let url = |path: &str| format!("https://localhost:{port}{path}");
+        let spoof = "x-forwarded-client-cert: By=spiffe://evil;URI=spiffe://example.org/admin";
+        let expected_xfcc = format!("xfcc#1 xfcc=By={FORWARDER};URI={CLIENT}");
+
+        for version in ["--http1.1", "--http2"] {
+            let (status, body) = curl(
+                &url("/api/items"),
+                Some(&client),
+                &["--resolve", &resolve, version, "-H", spoof],
+            )
+            .await?;
+            let wanted = if version == "--http2" {
+                "200 2"
+            } else {
+                "200 1.1"
+            };
+            ensure!(status == wanted, "{version}: {status} {body}");
+            ensure!(body.contains("GET /api/items"), "{body}");
+            ensure!(
+                body.contains(&expected_xfcc),
+                "{version}: the application saw {body}"
+            );
+            ensure!(
+                !body.contains("evil"),
+                "a caller's XFCC reached the application: {body}"
+            );
+        }
+        let (status, body) = curl(
+            &url("/api/items"),
+            Some(&client),
+            &["--resolve", &resolve, "-X", "POST"],
+        )
+        .await?;
+        ensure!(
+            status.starts_with("403"),
+            "POST is not allowed: {status} {body}"
+        );
+        let (status, body) = curl(
+            &url("/admin/users"),
+            Some(&client),
+            &["--resolve", &resolve],
+        )
+        .await?;
+        ensure!(status.starts_with("403"), "the deny rule: {status} {body}");
+        ensure!(
+            body.contains("* * /admin"),
+            "the 403 names the rule: {body}"
+        );
+        let (status, _) = curl(
+            &url("/api/items"),
+            Some(&stranger),
+            &["--resolve", &resolve],
+        )
+        .await?;
+        ensure!(status.starts_with("403"), "another principal: {status}");
+        let (status, body) =
+            curl(&url("/public/x"), Some(&stranger), &["--resolve", &resolve]).await?;
+        ensure!(
+            status.starts_with("200"),
+            "any principal on /public: {status} {body}"
+        );
+
+        // Plaintext callers in permissive mode are unauthenticated: no principal, no XFCC.
+        let plain = format!("http://127.0.0.1:{port}");
+        let (status, _) = curl(&format!("{plain}/api/items"), None, &[]).await?;
+        ensure!(status.starts_with("403"), "unauthenticated /api: {status}");
+        let (status, body) = curl(&format!("{plain}/public/x"), None, &["-H", spoof]).await?;
+        ensure!(
+            status.starts_with("200"),
+            "unauthenticated /public: {status}"
+        );
+        ensure!(
+            body.contains("xfcc#0"),
+            "the spoofed XFCC was removed: {body}"
+        );
+
+        ensure!(
+            wait_log(&forwarder, "refused request", 4).await,
+            "each 403 is logged"
+        );
+        let refused = forwarder.metric(&format!(
+            "sigil_forwarder_refusals_total{{listener=\"inbound-{port}\",reason=\"http_policy\"}}"
+        ))?;
+        ensure!(refused >= 4.0, "HTTP refusals counted: {refused}");
+        Ok(())
+    }
+    .await;
+    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+}
+
+/// `openssl s_server -rev` (answers each line reversed) with `svid`, requiring a client
+/// certificate from the bundle. Ready once it prints ACCEPT.
+async fn openssl_server(port: u16, svid: &SvidFiles) -> anyhow::Result<tokio::process::Child> {
+    let mut child = tokio::process::Command::new("openssl")
+        .args([
+            "s_server",
+            "-accept",
+            &port.to_string(),
+            "-rev",
+            "-Verify",
+            "1",
+            "-verify_return_error",
+        ])
+        .arg("-cert")
+        .arg(&svid.cert)
+        .arg("-key")
+        .arg(&svid.key)
+        .arg("-CAfile")
+        .arg(&svid.bundle)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("running openssl s_server")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        let line = tokio::time::timeout(PATIENCE, lines.next_line())
+            .await
+            .context("openssl s_server did not start")??
+            .context("openssl s_server exited")?;
+        if line.contains("ACCEPT") {
+            break;
+        }
+    }
+    // Keep draining its stdout so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outbound_checks_the_upstream_id_and_refuses_a_mismatch() -> anyhow::Result<()> {
+    let upstream_id = "spiffe://example.org/db";
+    let node = node(&[CLIENT, upstream_id], &[])?;
+    let server = fetch_svid(&node.agent, &node.dir.path().join("svids"), upstream_id)?;
+    let upstream = free_port()?;
+    let _s_server = openssl_server(upstream, &server).await?;
+    let (good, wrong) = (free_port()?, free_port()?);
+    let forwarder = ForwarderProcess::start(
+        &node.agent,
+        &[
+            "--spiffe-id",
+            CLIENT,
+            "--outbound",
+            &format!("127.0.0.1:{good}"),
+            "--upstream",
+            &format!("localhost:{upstream}"),
+            "--expect-id",
+            upstream_id,
+        ],
+    )?;
+    let mismatched = ForwarderProcess::start(
+        &node.agent,
+        &[
+            "--spiffe-id",
+            CLIENT,
+            "--outbound",
+            &format!("127.0.0.1:{wrong}"),
+            "--upstream",
+            &format!("127.0.0.1:{upstream}"),
+            "--expect-pattern",
+            "spiffe://example.org/ns/*/sa/db",
+        ],
+    )?;
+    let result = async {
+        ensure!(
+            plaintext_line(good, "hello upstream").await?.as_deref() == Some("maertspu olleh"),
+            "the expected upstream answers through the outbound listener"
+        );
+        ensure!(
+            plaintext_line(wrong, "hello upstream").await?.is_none(),
+            "an upstream with another ID must be refused"
+        );
+        ensure!(
+            wait_log(
+                &mismatched,
+                &format!("the upstream presented {upstream_id}, expected spiffe://example.org/ns/*/sa/db"),
+                1
+            )
+            .await,
+            "the mismatch is logged with both IDs"
+        );
+        let refused = mismatched.metric(&format!(
+            "sigil_forwarder_refusals_total{{listener=\"outbound-{wrong}\",reason=\"upstream_identity\"}}"
+        ))?;
+        ensure!(refused >= 1.0, "counted: {refused}");
+        Ok(())
+    }
+    .await;
+    result.map_err(|e| {
+        e.context(format!(
+            "forwarder log:\n{}\nmismatched forwarder log:\n{}",
+            forwarder.logs(),
+            mismatched.logs()
+        ))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slowloris_and_connections_over_the_limit_are_dropped_and_counted() -> anyhow::Result<()> {
+    let node = node(&[CLIENT], &[])?;
+    let target = echo_server().await?;
+    let port = free_port()?;
+    let forwarder = ForwarderProcess::start(
+        &node.agent,
+        &[
+            "--spiffe-id",
+            FORWARDER,
+            "--inbound",
+            &format!("127.0.0.1:{port}"),
+            "--target",
+            &format!("127.0.0.1:{target}"),
+            "--mode",
+            "permissive",
+            "--handshake-timeout",
+            "1s",
+            "--max-connections",
+            "3",
+        ],
+    )?;
+    let result = async {
+        // A ClientHello that never finishes.
+        let mut slow = TcpStream::connect(("127.0.0.1", port)).await?;
+        slow.write_all(&[0x16, 0x03, 0x01]).await?;
+        // Served while the slowloris hangs on.
+        let client = fetch_svid(&node.agent, &node.dir.path().join("svids"), CLIENT)?;
+        let answer = openssl_client(port, &client.cert, &client.key, &client.bundle).await?;
+        ensure!(answer.contains("hello over sigil"), "{answer}");
+        let mut rest = Vec::new();
+        tokio::time::timeout(PATIENCE, slow.read_to_end(&mut rest))
+            .await
+            .context("the slowloris was never dropped")??;
+        ensure!(
+            wait_log(&forwarder, "did not finish its TLS handshake", 1).await,
+            "the slowloris is logged"
+        );
+
+        // Three connections are the limit; the fourth is closed at once.
+        let mut held = Vec::new();
+        for i in 0..3 {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+            ensure!(
+                exchange(&mut stream, &format!("held {i}"))
+                    .await?
+                    .as_deref()
+                    == Some(format!("held {i}").as_str()),
+                "connection {i} is served"
+            );
+            held.push(stream);
+        }
+        ensure!(
+            plaintext_line(port, "one too many").await?.is_none(),
+            "a connection over the limit was served"
+        );
+        for (i, stream) in held.iter_mut().enumerate() {
+            ensure!(
+                exchange(stream, &format!("still {i}")).await?.is_some(),
+                "held connection {i} carries on"
+            );
+        }
+        let name = format!("inbound-{port}");
+        for reason in ["handshake_timeout", "max_connections"] {
+            let count = forwarder.metric(&format!(
+                "sigil_forwarder_refusals_total{{listener=\"{name}\",reason=\"{reason}\"}}"
+            ))?;
+            ensure!(count >= 1.0, "{reason}: {count}");
+        }
+        let active = forwarder.metric(&format!(
+            "sigil_forwarder_active_connections{{listener=\"{name}\"}}"
+        ))?;
+        ensure!(active == 3.0, "three open connections: {active}");
+        Ok(())
+    }
+    .await;
+    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_open_connections_before_exiting() -> anyhow::Result<()> {
+    let node = node(&[], &[])?;
+    let target = echo_server().await?;
+    let port = free_port()?;
+    let mut forwarder = ForwarderProcess::start(
+        &node.agent,
+        &[
+            "--spiffe-id",
+            FORWARDER,
+            "--inbound",
+            &format!("127.0.0.1:{port}"),
+            "--target",
+            &format!("127.0.0.1:{target}"),
+            "--mode",
+            "disable",
+            "--drain-timeout",
+            "60s",
+        ],
+    )?;
+    let result = async {
+        let mut open = TcpStream::connect(("127.0.0.1", port)).await?;
+        ensure!(
+            exchange(&mut open, "before").await?.as_deref() == Some("before"),
+            "served"
+        );
+        forwarder.signal_terminate()?;
+        ensure!(
+            wait_log(&forwarder, "draining 1 open connections", 1).await,
+            "the forwarder drains"
+        );
+        ensure!(
+            TcpStream::connect(("127.0.0.1", port)).await.is_err(),
+            "no new connections while draining"
+        );
+        ensure!(
+            exchange(&mut open, "during").await?.as_deref() == Some("during"),
+            "the open connection carries on while draining"
+        );
+        drop(open);
+        tokio::task::block_in_place(|| forwarder.wait_exit())?;
+        ensure!(forwarder.logs().contains("drained"), "a clean drain");
+        Ok(())
+    }
+    .await;
+    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ready_only_once_the_first_svid_is_held() -> anyhow::Result<()> {
+    let later = "spiffe://example.org/later";
+    let node = node(&[], &[])?;
+    let target = echo_server().await?;
+    let port = free_port()?;
+    let forwarder = ForwarderProcess::start_unready(
+        &node.agent,
+        &[
+            "--spiffe-id",
+            later,
+            "--inbound",
+            &format!("127.0.0.1:{port}"),
+            "--target",
+            &format!("127.0.0.1:{target}"),
+        ],
+    )?;
+    let result = async {
+        let (status, body) = forwarder.health_get("/ready")?;
+        ensure!(status == 503, "not ready without an SVID: {status} {body}");
+        let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
+        Node::entry(&node.server, later, &selector, &[])?;
+        ensure!(
+            wait_log(&forwarder, "sigil-agent forward is running", 1).await,
+            "the forwarder starts once its entry exists"
+        );
+        let (status, body) = forwarder.health_get("/ready")?;
+        ensure!(status == 200, "ready with an SVID: {status} {body}");
+        Ok(())
+    }
+    .await;
+    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+}
+
+#[test]
+fn bad_configuration_is_refused_with_the_file_and_key() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("forward.toml");
+    std::fs::write(
+        &config,
+        "[[inbound]]\nlisten = \"0.0.0.0:15443\"\ntarget = \"127.0.0.1:8080\"\nallow = [\"spiffe://example.org/ns/**/web\"]\n",
+    )?;
+    let path = config.to_str().context("utf-8 path")?;
+    let stderr =
+        ForwarderProcess::run_to_failure(&["--socket", "unix:///nowhere", "--config", path])?;
+    ensure!(
+        stderr.contains(path) && stderr.contains("inbound[0].allow[0]"),
+        "{stderr}"
+    );
+    ensure!(
+        stderr.contains("last segment"),
+        "says what is wrong: {stderr}"
+    );
+
+    std::fs::write(
+        &config,
+        "[[inbound]]\nlisten = \"0.0.0.0:15443\"\ntarget = \"127.0.0.1:8080\"\nmdoe = \"strict\"\n",
+    )?;
+    let stderr =
+        ForwarderProcess::run_to_failure(&["--socket", "unix:///nowhere", "--config", path])?;
+    ensure!(
+        stderr.contains(path) && stderr.contains("mdoe"),
+        "unknown keys are refused: {stderr}"
+    );
+
+    let stderr = ForwarderProcess::run_to_failure(&[
+        "--inbound",
+        "0.0.0.0:15443",
+        "--target",
+        "127.0.0.1:8080",
+    ])?;
+    ensure!(
+        stderr.contains("SPIFFE_ENDPOINT_SOCKET"),
+        "no socket: {stderr}"
+    );
+    let stderr = ForwarderProcess::run_to_failure(&[
+        "--socket",
+        "unix:///nowhere",
+        "--outbound",
+        "0.0.0.0:9000",
+        "--upstream",
+        "db:5432",
+        "--expect-id",
+        "spiffe://example.org/db",
+    ])?;
+    ensure!(
+        stderr.contains("--outbound") && stderr.contains("loopback"),
+        "{stderr}"
+    );
+    let stderr = ForwarderProcess::run_to_failure(&[
+        "--socket",
+        "unix:///nowhere",
+        "--outbound",
+        "127.0.0.1:9000",
+        "--upstream",
+        "db:5432",
+    ])?;
+    ensure!(
+        stderr.contains("--expect-id"),
+        "an outbound listener needs an expected ID: {stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotation_under_steady_load_loses_no_connection() -> anyhow::Result<()> {
+    // 6 s SVIDs: each forwarder gets a new one about every 3 s.
+    let caller = "spiffe://example.org/caller";
+    let node = node(&[caller], &["--x509-svid-ttl", "6s"])?;
+    let target = echo_server().await?;
+    let (inbound_port, outbound_port) = (free_port()?, free_port()?);
+    let inbound = ForwarderProcess::start(
+        &node.agent,
+        &[
+            "--spiffe-id",
+            FORWARDER,
+            "--inbound",
+            &format!("127.0.0.1:{inbound_port}"),
+            "--target",
+            &format!("127.0.0.1:{target}"),
+            "--allow",
+            caller,
+        ],
+    )?;
+    let outbound = ForwarderProcess::start(
+        &node.agent,
+        &[
+            "--spiffe-id",
+            caller,
+            "--outbound",
+            &format!("127.0.0.1:{outbound_port}"),
+            "--upstream",
+            &format!("127.0.0.1:{inbound_port}"),
+            "--expect-id",
+            FORWARDER,
+        ],
+    )?;
+    let result = async {
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // A connection opened before the first rotation and used throughout.
+        let mut long_lived = TcpStream::connect(("127.0.0.1", outbound_port)).await?;
+        ensure!(
+            exchange(&mut long_lived, "first").await?.as_deref() == Some("first"),
+            "long-lived"
+        );
+        let mut workers = Vec::new();
+        for worker in 0..4 {
+            let (ok, failures, stopping) = (ok.clone(), failures.clone(), stopping.clone());
+            workers.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                // Every iteration is a new connection: a new mTLS handshake on both forwarders.
+                while !stopping.load(Ordering::Relaxed) {
+                    let line = format!("worker {worker} request {n}");
+                    match plaintext_line(outbound_port, &line).await {
+                        Ok(Some(answer)) if answer == line => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => {
+                            if let Ok(mut list) = failures.lock() {
+                                list.push(format!("{line}: {other:?}"));
+                            }
+                        }
+                    }
+                    n += 1;
+                }
+            }));
+        }
+        // Three new certificates on each side, each signalled by a log line.
+        let rotated = tokio::task::block_in_place(|| {
+            inbound.wait_for_log("forwarder holds SVID", 4, Duration::from_secs(120))
+                && outbound.wait_for_log("forwarder holds SVID", 4, Duration::from_secs(120))
+        });
+        stopping.store(true, Ordering::Relaxed);
+        for worker in workers {
+            worker.await?;
+        }
+        ensure!(rotated, "the forwarders did not rotate three times");
+        let failures = failures.lock().map(|list| list.clone()).unwrap_or_default();
+        let ok = ok.load(Ordering::Relaxed);
+        ensure!(
+            failures.is_empty(),
+            "{} of {} connections failed: {:?}",
+            failures.len(),
+            ok + failures.len(),
+            &failures[..failures.len().min(10)]
+        );
+        ensure!(ok > 0, "no connection was made");
+        ensure!(
+            exchange(&mut long_lived, "last").await?.as_deref() == Some("last"),
+            "the connection opened before the rotations carries on"
+        );
+        let serials: std::collections::BTreeSet<String> = inbound
+            .logs()
+            .lines()
+            .filter(|line| line.contains("forwarder holds SVID"))
+            .filter_map(|line| line.split("serial=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        ensure!(
+            serials.len() >= 4,
+            "four distinct certificates served: {serials:?}"
+        );
+        eprintln!(
+            "rotation under load: {ok} connections, {} certificates, no failure",
+            serials.len()
+        );
+        Ok(())
+    }
+    .await;
+    result.map_err(|e| {
+        e.context(format!(
+            "inbound log:\n{}\noutbound log:\n{}",
+            inbound.logs(),
+            outbound.logs()
+        ))
+    })
+}
