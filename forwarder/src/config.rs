@@ -574,6 +574,17 @@ fn inbound(
             "HTTP rules need HTTP mode (--http, or `http = true`)",
         ));
     }
+    if mode == Mode::Disable && !(allow.is_empty() && deny.is_empty()) {
+        return Err(Error::config(
+            source,
+            if source == FLAGS {
+                "--allow".to_string()
+            } else {
+                format!("{key}.allow")
+            },
+            "allow and deny rules check mTLS peers, and mode `disable` has none; use strict or permissive, or drop the rules",
+        ));
+    }
     Ok(Inbound {
         name: name.unwrap_or_else(|| format!("inbound-{}", listen.port())),
         listen,
@@ -838,6 +849,10 @@ expect = ["spiffe://example.org/db"]
                 "outbound[0].expect",
             ),
             ("[limits]\nidle_timeout = \"soon\"\n", "limits.idle_timeout"),
+            (
+                "[[inbound]]\nlisten = \"0.0.0.0:1\"\ntarget = \"x:1\"\nmode = \"disable\"\ndeny = [\"spiffe://a\"]\n",
+                "inbound[0].allow",
+            ),
             ("", "no listener"),
         ] {
             let err = parse(text).expect_err(text).to_string();

@@ -202,7 +202,10 @@ pub async fn follow(
     let mut backoff = Duration::from_secs(1);
     let mut serial = String::new();
     loop {
+        // A session that delivered an update starts the next retry from 1 s again.
+        let backoff_slot = &mut backoff;
         let session = async {
+            let backoff = backoff_slot;
             let mut client = WorkloadClient::connect(&socket).await?;
             let mut stream = client.watch_x509().await?;
             loop {
@@ -219,6 +222,7 @@ pub async fn follow(
                 };
                 match store.apply(&message) {
                     Ok(state) => {
+                        *backoff = Duration::from_secs(1);
                         metrics.svid_updates.inc();
                         let Some(svid) = &state.svid else { continue };
                         metrics.svid_expiry.set(svid.not_after);

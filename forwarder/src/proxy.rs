@@ -233,7 +233,7 @@ where
         })
         .inc();
     let activity = Arc::new(Activity::new());
-    let stream = metered(stream, shared, name, "received", &activity);
+    let stream = metered(stream, shared, name, &activity);
     if let Some(proxy) = &inbound.http {
         tokio::select! {
             () = crate::http::serve(stream, peer, proxy.clone(), shared.shutdown.clone()) => {}
@@ -292,7 +292,7 @@ async fn handle_outbound(
         })
         .inc();
     let activity = Arc::new(Activity::new());
-    let client = metered(tcp, shared, name, "received", &activity);
+    let client = metered(tcp, shared, name, &activity);
     pipe(client, tls, name, shared, &activity).await;
 }
 
@@ -320,10 +320,13 @@ async fn connect(address: &str, name: &str, shared: &Shared) -> Option<TcpStream
     }
 }
 
+/// Copy buffer per direction: one full TLS record, so a record is moved in one write.
+const COPY_BUFFER: usize = 16 * 1024;
+
 /// Copies both ways until both sides are done, or nothing moved for the idle timeout.
 async fn pipe<A, B>(
-    client: Metered<A>,
-    upstream: B,
+    mut client: Metered<A>,
+    mut upstream: B,
     name: &str,
     shared: &Shared,
     activity: &Arc<Activity>,
@@ -331,10 +334,14 @@ async fn pipe<A, B>(
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut client = client;
-    let mut upstream = metered(upstream, shared, name, "sent", activity);
+    let copy = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    );
     tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+        result = copy => {
             if let Err(e) = result {
                 tracing::debug!(listener = name, "connection ended: {e}");
             }
@@ -393,33 +400,45 @@ impl Activity {
     }
 }
 
-fn metered<S>(
-    inner: S,
-    shared: &Shared,
-    listener: &str,
-    direction: &'static str,
-    activity: &Arc<Activity>,
-) -> Metered<S> {
-    Metered {
-        inner,
-        bytes: shared
+/// Wraps the accepted side of a connection: what it reads is `received`, what it writes `sent`.
+fn metered<S>(inner: S, shared: &Shared, listener: &str, activity: &Arc<Activity>) -> Metered<S> {
+    let counter = |direction| {
+        shared
             .metrics
             .bytes
             .get_or_create(&BytesLabels {
                 listener: listener.to_string(),
                 direction,
             })
-            .clone(),
+            .clone()
+    };
+    Metered {
+        inner,
+        received: counter("received"),
+        sent: counter("sent"),
         activity: activity.clone(),
     }
 }
 
-/// A stream that counts the bytes read from it and records activity.
+/// A stream that counts the bytes through it and records activity either way (an HTTP response
+/// streaming to a silent caller is not idle).
 #[derive(Debug)]
 pub(crate) struct Metered<S> {
     inner: S,
-    bytes: Counter,
+    received: Counter,
+    sent: Counter,
     activity: Arc<Activity>,
+}
+
+impl<S> Metered<S> {
+    fn wrote(&self, result: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = result
+            && *n > 0
+        {
+            self.sent.inc_by(*n as u64);
+            self.activity.touch();
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
@@ -433,7 +452,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
         if read > 0 {
-            this.bytes.inc_by(read as u64);
+            this.received.inc_by(read as u64);
             this.activity.touch();
         }
         result
@@ -446,7 +465,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(&result);
+        result
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -462,7 +483,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(&result);
+        result
     }
 
     fn is_write_vectored(&self) -> bool {

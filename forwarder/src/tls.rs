@@ -332,6 +332,10 @@ pub fn server_config(
     if alpn {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     }
+    // No resumption: a resumed session skips the verifier, so a peer refused by a newer policy or
+    // bundle (or whose SVID expired) could come back on an old ticket.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -340,13 +344,14 @@ pub fn client_config(
     store: Arc<IdentityStore>,
     verifier: Arc<UpstreamVerifier>,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
-    Ok(
-        rustls::ClientConfig::builder_with_provider(crypto_provider())
-            .with_safe_default_protocol_versions()?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_client_cert_resolver(Arc::new(SvidResolver::new(store))),
-    )
+    let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(SvidResolver::new(store)));
+    // Every connection verifies the upstream against the current bundle (see server_config).
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
 }
 
 #[cfg(test)]

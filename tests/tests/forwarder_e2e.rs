@@ -282,6 +282,13 @@ async fn strict_inbound_admits_allowed_svids_and_refuses_the_rest() -> anyhow::R
             "sigil_forwarder_connections_total{{listener=\"{name}\",security=\"mtls\"}}"
         ))?;
         ensure!(mtls >= 2.0, "mTLS connections counted: {mtls}");
+        for direction in ["received", "sent"] {
+            let bytes = forwarder.metric(&format!(
+                "sigil_forwarder_bytes_total{{listener=\"{name}\",direction=\"{direction}\"}}"
+            ))?;
+            // Two allowed clients, each echoed `hello over sigil\n` (17 bytes) both ways.
+            ensure!(bytes >= 34.0, "bytes {direction}: {bytes}");
+        }
         let (_, metrics) = forwarder.health_get("/metrics")?;
         ensure!(
             metrics.contains("sigil_forwarder_handshake_seconds_bucket"),
