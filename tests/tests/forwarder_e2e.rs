@@ -817,6 +817,11 @@ fn bad_configuration_is_refused_with_the_file_and_key() -> anyhow::Result<()> {
         "unknown keys are refused: {stderr}"
     );
 
+    // A listener flag next to --config would be silently ignored: refused instead.
+    let stderr =
+        ForwarderProcess::run_to_failure(&["--config", path, "--allow", "spiffe://example.org"])?;
+    ensure!(stderr.contains("cannot be used with"), "{stderr}");
+
     let stderr = ForwarderProcess::run_to_failure(&[
         "--inbound",
         "0.0.0.0:15443",

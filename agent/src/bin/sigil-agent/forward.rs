@@ -15,7 +15,10 @@ use tracing_subscriber::EnvFilter;
 pub(crate) struct ForwardArgs {
     /// A TOML file with several listeners ([[inbound]], [[outbound]]); the listener flags below
     /// describe one listener instead.
-    #[arg(long, short, conflicts_with_all = ["inbound", "outbound"])]
+    #[arg(long, short, conflicts_with_all = [
+        "inbound", "target", "mode", "allow", "deny", "http", "http_allow", "http_deny",
+        "outbound", "upstream", "expect_id", "expect_trust_domain", "expect_pattern",
+    ])]
     config: Option<PathBuf>,
     /// The Workload API socket, unix:///path.
     #[arg(long, env = ENDPOINT_ENV)]
