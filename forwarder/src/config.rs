@@ -4,6 +4,7 @@
 //! socket = "unix:///run/sigil/api.sock"   # default: $SPIFFE_ENDPOINT_SOCKET
 //! spiffe_id = "spiffe://example.org/web"  # which of this workload's SVIDs to use (default: the first)
 //! health_address = "127.0.0.1:15021"
+//! mode = "strict"                         # default of every [[inbound]]; each may override it
 //!
 //! [limits]
 //! connect_timeout = "5s"
@@ -16,7 +17,7 @@
 //! name = "web"
 //! listen = "0.0.0.0:15443"
 //! target = "127.0.0.1:8080"
-//! mode = "strict"                 # strict | permissive | disable
+//! mode = "permissive"             # strict | permissive | disable; overrides the default
 //! allow = ["spiffe://example.org/ns/prod/*"]
 //! deny = ["spiffe://example.org/ns/prod/legacy"]
 //! http = true
@@ -440,7 +441,7 @@ impl ForwarderConfig {
                 raw.name.clone(),
                 listen,
                 &raw.target,
-                raw.mode.unwrap_or(Mode::Strict),
+                raw.mode.or(file.mode).unwrap_or(Mode::Strict),
                 patterns(source, &format!("{key}.allow"), &raw.allow)?,
                 patterns(source, &format!("{key}.deny"), &raw.deny)?,
                 raw.http,
@@ -716,6 +717,8 @@ fn max_connections(source: &str, key: &str, value: usize) -> Result<usize> {
 #[serde(deny_unknown_fields)]
 struct File {
     socket: Option<String>,
+    /// The mode of every inbound listener that does not set its own.
+    mode: Option<Mode>,
     spiffe_id: Option<String>,
     health_address: Option<String>,
     #[serde(default)]
@@ -815,6 +818,13 @@ expect = ["spiffe://example.org/db"]
         assert_eq!(config.inbound[0].mode, Mode::Permissive);
         assert_eq!(config.inbound[0].http_rules[0].methods, vec!["DELETE"]);
         assert_eq!(config.outbound[0].name, "db");
+
+        let inherited = parse(
+            "mode = \"permissive\"\n[[inbound]]\nlisten = \"0.0.0.0:1\"\ntarget = \"x:1\"\n[[inbound]]\nlisten = \"0.0.0.0:2\"\ntarget = \"x:2\"\nmode = \"strict\"\n",
+        )
+        .expect("valid");
+        assert_eq!(inherited.inbound[0].mode, Mode::Permissive);
+        assert_eq!(inherited.inbound[1].mode, Mode::Strict);
     }
 
     #[test]

@@ -311,12 +311,12 @@ async fn per_port_modes_from_a_toml_file_strict_and_permissive() -> anyhow::Resu
         &config,
         format!(
             r#"spiffe_id = "{FORWARDER}"
+mode = "strict"
 
 [[inbound]]
 name = "strict"
 listen = "127.0.0.1:{strict}"
 target = "127.0.0.1:{target}"
-mode = "strict"
 
 [[inbound]]
 name = "permissive"
