@@ -301,6 +301,140 @@ async fn strict_inbound_admits_allowed_svids_and_refuses_the_rest() -> anyhow::R
     result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
 }
 
+/// The server's own CA, read from its data directory (the key whose public key is the bundle's),
+/// so the test can mint SVIDs the CA itself would never issue.
+fn server_ca(node: &Node) -> anyhow::Result<rcgen::Issuer<'static, rcgen::KeyPair>> {
+    let bundle = std::fs::read_to_string(&node.bundle)?;
+    let ca_der = sigil_tests::pem_certificates(&bundle)?
+        .into_iter()
+        .next()
+        .context("an empty bundle")?;
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)?;
+    let public_key = ca.public_key().subject_public_key.data.to_vec();
+    for entry in std::fs::read_dir(node.server.data_dir.join("keys"))? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        // Every key the server keeps (CA and JWT) is a PKCS#8 file; the public key tells which.
+        if !name.ends_with(".p8") {
+            continue;
+        }
+        let Ok(key) = rcgen::KeyPair::try_from(std::fs::read(&path)?.as_slice()) else {
+            continue;
+        };
+        if key.public_key_raw() == public_key.as_slice() {
+            return Ok(rcgen::Issuer::from_ca_cert_der(&ca_der.into(), key)?);
+        }
+    }
+    anyhow::bail!("no CA key matching the bundle in the server's data directory")
+}
+
+/// A leaf for `CLIENT` from `issuer`, valid between the two offsets from now, with `extra_uri`
+/// as a second URI SAN; written as PEM files under `name`.
+fn minted_svid(
+    dir: &Path,
+    name: &str,
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    from: Duration,
+    until_ago: Option<Duration>,
+    extra_uri: Option<&str>,
+) -> anyhow::Result<SvidFiles> {
+    let now = std::time::SystemTime::now();
+    let not_after = match until_ago {
+        Some(ago) => now - ago,
+        None => now + Duration::from_secs(3600),
+    };
+    let id = sigil_core::id::SpiffeId::new(CLIENT)?;
+    let mut params = sigil_core::x509::leaf_params(&id, &[], now - from, not_after)?;
+    if let Some(uri) = extra_uri {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::URI(uri.try_into()?));
+    }
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.signed_by(&key, issuer)?;
+    let files = SvidFiles {
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}.key")),
+        bundle: dir.join("unused-bundle.pem"),
+    };
+    std::fs::write(&files.cert, cert.pem())?;
+    std::fs::write(&files.key, key.serialize_pem())?;
+    Ok(files)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expired_svids_and_svids_with_two_ids_are_refused_even_from_the_real_ca()
+-> anyhow::Result<()> {
+    let node = node(&[], &[])?;
+    let target = echo_server().await?;
+    let port = free_port()?;
+    let forwarder = ForwarderProcess::start(
+        &node.agent,
+        &[
+            "--spiffe-id",
+            FORWARDER,
+            "--inbound",
+            &format!("127.0.0.1:{port}"),
+            "--target",
+            &format!("127.0.0.1:{target}"),
+        ],
+    )?;
+    let result = async {
+        let issuer = server_ca(&node)?;
+        let dir = node.dir.path();
+        let hour = Duration::from_secs(3600);
+        // The control: the same CA, a valid SVID, gets through.
+        let valid = minted_svid(dir, "valid", &issuer, Duration::ZERO, None, None)?;
+        let answer = openssl_client(port, &valid.cert, &valid.key, &node.bundle).await?;
+        ensure!(
+            answer.contains("hello over sigil"),
+            "a valid minted SVID: {answer}"
+        );
+
+        let expired = minted_svid(dir, "expired", &issuer, 2 * hour, Some(hour), None)?;
+        let answer = openssl_client(port, &expired.cert, &expired.key, &node.bundle).await?;
+        ensure!(
+            !answer.contains("hello over sigil"),
+            "an expired SVID got through: {answer}"
+        );
+        ensure!(
+            answer.contains("certificate expired"),
+            "a TLS alert: {answer}"
+        );
+
+        let two_ids = minted_svid(
+            dir,
+            "two-ids",
+            &issuer,
+            Duration::ZERO,
+            None,
+            Some("spiffe://example.org/admin"),
+        )?;
+        let answer = openssl_client(port, &two_ids.cert, &two_ids.key, &node.bundle).await?;
+        ensure!(
+            !answer.contains("hello over sigil"),
+            "two URI SANs got through: {answer}"
+        );
+        ensure!(
+            wait_log(&forwarder, "does not carry exactly one URI SAN", 1).await,
+            "the two-ID refusal is logged"
+        );
+        let name = format!("inbound-{port}");
+        for reason in ["expired", "bad_identity"] {
+            let count = forwarder.metric(&format!(
+                "sigil_forwarder_refusals_total{{listener=\"{name}\",reason=\"{reason}\"}}"
+            ))?;
+            ensure!(count >= 1.0, "refusals by {reason}: {count}");
+        }
+        Ok(())
+    }
+    .await;
+    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_port_modes_from_a_toml_file_strict_and_permissive() -> anyhow::Result<()> {
     let node = node(&[CLIENT], &[])?;
