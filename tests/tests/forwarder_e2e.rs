@@ -763,56 +763,60 @@ async fn outbound_checks_the_upstream_id_and_refuses_a_mismatch() -> anyhow::Res
 async fn slowloris_and_connections_over_the_limit_are_dropped_and_counted() -> anyhow::Result<()> {
     let node = node(&[CLIENT], &[])?;
     let target = echo_server().await?;
-    let port = free_port()?;
-    let forwarder = ForwarderProcess::start(
-        &node.agent,
-        &[
+    let (slow_port, capped_port) = (free_port()?, free_port()?);
+    // Two forwarders, so connections of one check never hold the other's permits.
+    let forwarder = |port: u16, limit: &'static [&'static str]| {
+        let listen = format!("127.0.0.1:{port}");
+        let target = format!("127.0.0.1:{target}");
+        let mut args = vec![
             "--spiffe-id",
             FORWARDER,
             "--inbound",
-            &format!("127.0.0.1:{port}"),
+            &listen,
             "--target",
-            &format!("127.0.0.1:{target}"),
+            &target,
             "--mode",
             "permissive",
-            "--handshake-timeout",
-            "1s",
-            "--max-connections",
-            "3",
-        ],
-    )?;
+        ];
+        args.extend_from_slice(limit);
+        ForwarderProcess::start(&node.agent, &args)
+    };
+    let slow_forwarder = forwarder(slow_port, &["--handshake-timeout", "1s"])?;
+    let capped = forwarder(capped_port, &["--max-connections", "3"])?;
     let result = async {
         // A ClientHello that never finishes.
-        let mut slow = TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut slow = TcpStream::connect(("127.0.0.1", slow_port)).await?;
         slow.write_all(&[0x16, 0x03, 0x01]).await?;
         // Served while the slowloris hangs on.
         let client = fetch_svid(&node.agent, &node.dir.path().join("svids"), CLIENT)?;
-        let answer = openssl_client(port, &client.cert, &client.key, &client.bundle).await?;
+        let answer = openssl_client(slow_port, &client.cert, &client.key, &client.bundle).await?;
         ensure!(answer.contains("hello over sigil"), "{answer}");
         let mut rest = Vec::new();
         tokio::time::timeout(PATIENCE, slow.read_to_end(&mut rest))
             .await
             .context("the slowloris was never dropped")??;
         ensure!(
-            wait_log(&forwarder, "did not finish its TLS handshake", 1).await,
+            wait_log(&slow_forwarder, "did not finish its TLS handshake", 1).await,
             "the slowloris is logged"
         );
+        let count = slow_forwarder.metric(&format!(
+            "sigil_forwarder_refusals_total{{listener=\"inbound-{slow_port}\",reason=\"handshake_timeout\"}}"
+        ))?;
+        ensure!(count >= 1.0, "handshake_timeout: {count}");
 
         // Three connections are the limit; the fourth is closed at once.
         let mut held = Vec::new();
         for i in 0..3 {
-            let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+            let mut stream = TcpStream::connect(("127.0.0.1", capped_port)).await?;
             ensure!(
-                exchange(&mut stream, &format!("held {i}"))
-                    .await?
-                    .as_deref()
+                exchange(&mut stream, &format!("held {i}")).await?.as_deref()
                     == Some(format!("held {i}").as_str()),
                 "connection {i} is served"
             );
             held.push(stream);
         }
         ensure!(
-            plaintext_line(port, "one too many").await?.is_none(),
+            plaintext_line(capped_port, "one too many").await?.is_none(),
             "a connection over the limit was served"
         );
         for (i, stream) in held.iter_mut().enumerate() {
@@ -821,21 +825,24 @@ async fn slowloris_and_connections_over_the_limit_are_dropped_and_counted() -> a
                 "held connection {i} carries on"
             );
         }
-        let name = format!("inbound-{port}");
-        for reason in ["handshake_timeout", "max_connections"] {
-            let count = forwarder.metric(&format!(
-                "sigil_forwarder_refusals_total{{listener=\"{name}\",reason=\"{reason}\"}}"
-            ))?;
-            ensure!(count >= 1.0, "{reason}: {count}");
-        }
-        let active = forwarder.metric(&format!(
-            "sigil_forwarder_active_connections{{listener=\"{name}\"}}"
+        let name = format!("inbound-{capped_port}");
+        let count = capped.metric(&format!(
+            "sigil_forwarder_refusals_total{{listener=\"{name}\",reason=\"max_connections\"}}"
         ))?;
+        ensure!(count >= 1.0, "max_connections: {count}");
+        let active =
+            capped.metric(&format!("sigil_forwarder_active_connections{{listener=\"{name}\"}}"))?;
         ensure!(active == 3.0, "three open connections: {active}");
         Ok(())
     }
     .await;
-    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+    result.map_err(|e| {
+        e.context(format!(
+            "slowloris forwarder log:\n{}\ncapped forwarder log:\n{}",
+            slow_forwarder.logs(),
+            capped.logs()
+        ))
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
