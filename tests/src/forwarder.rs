@@ -213,3 +213,27 @@ pub fn fetch_svid(agent: &AgentProcess, dir: &Path, spiffe_id: &str) -> anyhow::
     }
     anyhow::bail!("no SVID for {spiffe_id} in {}", dir.display())
 }
+
+/// True when every one of `tools` (e.g. `openssl`, `curl`) runs. On a developer machine without
+/// one, prints a notice and answers false so `test` can skip; under `CI=true` that is an error.
+pub fn peer_tools(test: &str, tools: &[&str]) -> anyhow::Result<bool> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        // Only whether it starts matters: `openssl --version` exits 1, but openssl is there.
+        .filter(|tool| Command::new(tool).arg("--version").output().is_err())
+        .collect();
+    if missing.is_empty() {
+        return Ok(true);
+    }
+    anyhow::ensure!(
+        !crate::in_ci(),
+        "CI=true requires {test} to run, but {} cannot be started",
+        missing.join(", ")
+    );
+    eprintln!(
+        "NOTICE: skipping {test}: {} not installed",
+        missing.join(", ")
+    );
+    Ok(false)
+}

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use sigil_tests::forwarder::{ForwarderProcess, SvidFiles, fetch_svid};
+use sigil_tests::forwarder::{ForwarderProcess, SvidFiles, fetch_svid, peer_tools};
 use sigil_tests::{Node, free_port};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -180,6 +180,12 @@ async fn wait_log(forwarder: &ForwarderProcess, needle: &str, count: usize) -> b
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn strict_inbound_admits_allowed_svids_and_refuses_the_rest() -> anyhow::Result<()> {
+    if !peer_tools(
+        "strict_inbound_admits_allowed_svids_and_refuses_the_rest",
+        &["openssl"],
+    )? {
+        return Ok(());
+    }
     let node = node(&[CLIENT, LEGACY, STRANGER], &[])?;
     let target = echo_server().await?;
     let port = free_port()?;
@@ -368,6 +374,12 @@ fn minted_svid(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn expired_svids_and_svids_with_two_ids_are_refused_even_from_the_real_ca()
 -> anyhow::Result<()> {
+    if !peer_tools(
+        "expired_svids_and_svids_with_two_ids_are_refused_even_from_the_real_ca",
+        &["openssl"],
+    )? {
+        return Ok(());
+    }
     let node = node(&[], &[])?;
     let target = echo_server().await?;
     let port = free_port()?;
@@ -437,6 +449,12 @@ async fn expired_svids_and_svids_with_two_ids_are_refused_even_from_the_real_ca(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_port_modes_from_a_toml_file_strict_and_permissive() -> anyhow::Result<()> {
+    if !peer_tools(
+        "per_port_modes_from_a_toml_file_strict_and_permissive",
+        &["openssl"],
+    )? {
+        return Ok(());
+    }
     let node = node(&[CLIENT], &[])?;
     let target = echo_server().await?;
     let (strict, permissive) = (free_port()?, free_port()?);
@@ -532,6 +550,12 @@ async fn curl(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http_mode_sets_xfcc_and_answers_rules_with_200_and_403() -> anyhow::Result<()> {
+    if !peer_tools(
+        "http_mode_sets_xfcc_and_answers_rules_with_200_and_403",
+        &["curl"],
+    )? {
+        return Ok(());
+    }
     let node = node(&[CLIENT, STRANGER], &[])?;
     let app = http_echo_server().await?;
     let port = free_port()?;
@@ -693,6 +717,12 @@ async fn openssl_server(port: u16, svid: &SvidFiles) -> anyhow::Result<tokio::pr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn outbound_checks_the_upstream_id_and_refuses_a_mismatch() -> anyhow::Result<()> {
+    if !peer_tools(
+        "outbound_checks_the_upstream_id_and_refuses_a_mismatch",
+        &["openssl"],
+    )? {
+        return Ok(());
+    }
     let upstream_id = "spiffe://example.org/db";
     let node = node(&[CLIENT, upstream_id], &[])?;
     let server = fetch_svid(&node.agent, &node.dir.path().join("svids"), upstream_id)?;
@@ -761,6 +791,12 @@ async fn outbound_checks_the_upstream_id_and_refuses_a_mismatch() -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slowloris_and_connections_over_the_limit_are_dropped_and_counted() -> anyhow::Result<()> {
+    if !peer_tools(
+        "slowloris_and_connections_over_the_limit_are_dropped_and_counted",
+        &["openssl"],
+    )? {
+        return Ok(());
+    }
     let node = node(&[CLIENT], &[])?;
     let target = echo_server().await?;
     let (slow_port, capped_port) = (free_port()?, free_port()?);
@@ -1233,6 +1269,12 @@ static_resources:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn envoy_with_sds_identity_calls_the_inbound_and_serves_the_outbound() -> anyhow::Result<()> {
+    if !peer_tools(
+        "envoy_with_sds_identity_calls_the_inbound_and_serves_the_outbound",
+        &["curl"],
+    )? {
+        return Ok(());
+    }
     let test = "envoy_with_sds_identity_calls_the_inbound_and_serves_the_outbound";
     let Some(envoy_binary) = sigil_tests::python::envoy_binary(test)? else {
         return Ok(());
