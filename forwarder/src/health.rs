@@ -1,5 +1,5 @@
 //! `/live`, `/ready` and `/metrics` over plain HTTP on the health address. `/ready` answers 200
-//! only once the first SVID is held.
+//! only while an SVID is held that has not expired.
 
 use std::sync::Arc;
 
@@ -9,6 +9,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use sigil_core::clock::SharedClock;
+
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
 
@@ -16,25 +18,30 @@ use crate::metrics::Metrics;
 struct Health {
     store: Arc<IdentityStore>,
     metrics: Arc<Metrics>,
+    clock: SharedClock,
 }
 
 /// The health and metrics routes.
-pub(crate) fn router(store: Arc<IdentityStore>, metrics: Arc<Metrics>) -> Router {
+pub(crate) fn router(
+    store: Arc<IdentityStore>,
+    metrics: Arc<Metrics>,
+    clock: SharedClock,
+) -> Router {
     Router::new()
         .route("/live", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
-        .with_state(Health { store, metrics })
+        .with_state(Health {
+            store,
+            metrics,
+            clock,
+        })
 }
 
 async fn ready(State(health): State<Health>) -> impl IntoResponse {
-    if health.store.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the first X509-SVID from the Workload API\n",
-        )
+    match health.store.not_ready_at(health.clock.unix_now()) {
+        None => (StatusCode::OK, "ready\n".to_string()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
 

@@ -90,6 +90,19 @@ impl IdentityStore {
         *self.ready.borrow()
     }
 
+    /// Why the forwarder cannot serve at `now` (Unix seconds): no SVID yet, or the one it holds
+    /// has expired (the agent has been away too long); `None` when it can.
+    pub fn not_ready_at(&self, now: i64) -> Option<String> {
+        match &self.state.load().svid {
+            None => Some("waiting for the first X509-SVID from the Workload API".into()),
+            Some(svid) if svid.not_after <= now => Some(format!(
+                "the SVID {} expired at {} and no new one arrived; is the agent running?",
+                svid.id, svid.not_after
+            )),
+            Some(_) => None,
+        }
+    }
+
     /// Waits until the first SVID is held.
     pub async fn wait_ready(&self) {
         let mut ready = self.ready.subscribe();

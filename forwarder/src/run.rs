@@ -48,7 +48,11 @@ impl Forwarder {
                     what: "the health endpoint".into(),
                     source,
                 })?;
-            let router = crate::health::router(store.clone(), metrics.clone());
+            let router = crate::health::router(
+                store.clone(),
+                metrics.clone(),
+                std::sync::Arc::new(sigil_core::clock::SystemClock),
+            );
             let mut stop = stop.clone();
             background.push(tokio::spawn(async move {
                 let served = axum::serve(listener, router)

@@ -540,6 +540,19 @@ mod tests {
     }
 
     #[test]
+    fn ready_only_while_the_svid_is_valid() {
+        let own = ca("example.org");
+        let store = Arc::new(IdentityStore::new(None));
+        let now = sigil_core::clock::unix_seconds(SystemTime::now());
+        assert!(store.not_ready_at(now).is_some(), "no SVID yet");
+        store.apply(&response(&own, &[])).expect("usable");
+        assert_eq!(store.not_ready_at(now), None);
+        // The SVID lives an hour: two hours on, with no update, the forwarder is not ready.
+        let why = store.not_ready_at(now + 7200).expect("expired");
+        assert!(why.contains("expired"), "{why}");
+    }
+
+    #[test]
     fn an_unusable_update_keeps_the_last_good_state() {
         let own = ca("example.org");
         let store = Arc::new(IdentityStore::new(Some(
