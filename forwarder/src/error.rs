@@ -45,7 +45,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The Workload API could not be reached or refused the forwarder.
-    #[error("Workload API: {0}")]
+    #[error(transparent)]
     WorkloadApi(#[from] sigil_workload_api::Error),
     /// The Workload API answered with an SVID or bundle the forwarder cannot use.
     #[error("unusable identity from the Workload API: {0}")]

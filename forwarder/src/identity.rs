@@ -242,9 +242,9 @@ pub async fn follow(
                         // The stream also speaks when another SVID of this workload or a bundle
                         // changes: say "holds" only for a new certificate of our own.
                         if svid.serial == serial {
-                            tracing::info!(
+                            tracing::debug!(
                                 trust_domains = state.bundles.len(),
-                                "trust bundles updated"
+                                "Workload API update applied; own SVID unchanged"
                             );
                         } else {
                             serial.clone_from(&svid.serial);
