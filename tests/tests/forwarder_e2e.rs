@@ -922,7 +922,56 @@ async fn sigterm_drains_open_connections_before_exiting() -> anyhow::Result<()> 
         );
         drop(open);
         tokio::task::block_in_place(|| forwarder.wait_exit())?;
-        ensure!(forwarder.logs().contains("drained"), "a clean drain");
+        ensure!(wait_log(&forwarder, "drained", 1).await, "a clean drain");
+        Ok(())
+    }
+    .await;
+    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_closes_idle_http_keep_alive_connections() -> anyhow::Result<()> {
+    let node = node(&[], &[])?;
+    let app = http_echo_server().await?;
+    let port = free_port()?;
+    let mut forwarder = ForwarderProcess::start(
+        &node.agent,
+        &[
+            "--spiffe-id",
+            FORWARDER,
+            "--inbound",
+            &format!("127.0.0.1:{port}"),
+            "--target",
+            &format!("127.0.0.1:{app}"),
+            "--mode",
+            "permissive",
+            "--http",
+            "--drain-timeout",
+            "120s",
+        ],
+    )?;
+    let result = async {
+        // One request on a kept-alive HTTP/1.1 connection, which then sits idle.
+        let mut connection = TcpStream::connect(("127.0.0.1", port)).await?;
+        connection
+            .write_all(b"GET /kept HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await?;
+        let mut response = Vec::new();
+        let mut buffer = [0u8; 1024];
+        while !String::from_utf8_lossy(&response).contains("GET /kept") {
+            let n = tokio::time::timeout(PATIENCE, connection.read(&mut buffer)).await??;
+            ensure!(n > 0, "closed before the response");
+            response.extend_from_slice(&buffer[..n]);
+        }
+        forwarder.signal_terminate()?;
+        // The forwarder closes the idle connection instead of waiting out the drain timeout.
+        let mut rest = Vec::new();
+        tokio::time::timeout(PATIENCE, connection.read_to_end(&mut rest))
+            .await
+            .context("the idle keep-alive connection was not closed on SIGTERM")??;
+        tokio::task::block_in_place(|| forwarder.wait_exit())?;
+        // `drained` and the drain-timeout warning exclude each other.
+        ensure!(wait_log(&forwarder, "drained", 1).await, "a clean drain");
         Ok(())
     }
     .await;
