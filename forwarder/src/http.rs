@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sigil_core::id::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -49,6 +49,7 @@ pub(crate) struct HttpProxy {
     client: Client<HttpConnector, Incoming>,
     store: Arc<IdentityStore>,
     metrics: Arc<Metrics>,
+    header_timeout: std::time::Duration,
 }
 
 impl HttpProxy {
@@ -57,6 +58,7 @@ impl HttpProxy {
         target: String,
         rules: Vec<HttpRule>,
         connect_timeout: std::time::Duration,
+        header_timeout: std::time::Duration,
         store: Arc<IdentityStore>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -70,6 +72,7 @@ impl HttpProxy {
             client: Client::builder(TokioExecutor::new()).build(connector),
             store,
             metrics,
+            header_timeout,
         }
     }
 
@@ -189,11 +192,17 @@ pub(crate) async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let listener = proxy.listener.clone();
+    let header_timeout = proxy.header_timeout;
     let service = service_fn(move |request| {
         let (proxy, peer) = (proxy.clone(), peer.clone());
         async move { Ok::<_, Infallible>(proxy.handle(request, peer.as_ref()).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A caller that trickles its request headers (an HTTP slowloris, never idle) is cut off.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     tokio::select! {

@@ -99,6 +99,7 @@ impl Forwarder {
                     spec.target.clone(),
                     spec.http_rules.clone(),
                     config.limits.connect_timeout,
+                    config.limits.handshake_timeout,
                     store.clone(),
                     metrics.clone(),
                 ))

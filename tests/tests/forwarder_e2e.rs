@@ -819,6 +819,8 @@ async fn slowloris_and_connections_over_the_limit_are_dropped_and_counted() -> a
     };
     let slow_forwarder = forwarder(slow_port, &["--handshake-timeout", "1s"])?;
     let capped = forwarder(capped_port, &["--max-connections", "3"])?;
+    let http_port = free_port()?;
+    let http_forwarder = forwarder(http_port, &["--http", "--handshake-timeout", "1s"])?;
     let result = async {
         // A ClientHello that never finishes.
         let mut slow = TcpStream::connect(("127.0.0.1", slow_port)).await?;
@@ -839,6 +841,14 @@ async fn slowloris_and_connections_over_the_limit_are_dropped_and_counted() -> a
             "sigil_forwarder_refusals_total{{listener=\"inbound-{slow_port}\",reason=\"handshake_timeout\"}}"
         ))?;
         ensure!(count >= 1.0, "handshake_timeout: {count}");
+
+        // In HTTP mode, a request whose headers never end is dropped too.
+        let mut slow_http = TcpStream::connect(("127.0.0.1", http_port)).await?;
+        slow_http.write_all(b"GET / HTTP/1.1\r\nHost: app\r\n").await?;
+        let mut rest = Vec::new();
+        tokio::time::timeout(PATIENCE, slow_http.read_to_end(&mut rest))
+            .await
+            .context("the request that never finished its headers was never dropped")??;
 
         // Three connections are the limit; the fourth is closed at once.
         let mut held = Vec::new();
@@ -874,9 +884,10 @@ async fn slowloris_and_connections_over_the_limit_are_dropped_and_counted() -> a
     .await;
     result.map_err(|e| {
         e.context(format!(
-            "slowloris forwarder log:\n{}\ncapped forwarder log:\n{}",
+            "slowloris forwarder log:\n{}\ncapped forwarder log:\n{}\nHTTP forwarder log:\n{}",
             slow_forwarder.logs(),
-            capped.logs()
+            capped.logs(),
+            http_forwarder.logs()
         ))
     })
 }
