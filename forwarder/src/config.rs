@@ -134,7 +134,8 @@ impl Default for Limits {
 pub struct ForwarderConfig {
     /// The Workload API socket path.
     pub socket: PathBuf,
-    /// Which SVID to use when the workload has several (default: the first).
+    /// Which SVID to use when the workload has several (default: the first one received, kept
+    /// as long as the workload has it).
     pub spiffe_id: Option<SpiffeId>,
     /// Where `/live`, `/ready` and `/metrics` are served, if anywhere.
     pub health_address: Option<SocketAddr>,

@@ -128,9 +128,19 @@ impl IdentityStore {
                             .join(", ")
                     ))
                 })?,
-            None => response.svids.first().ok_or_else(|| {
-                Error::Identity("the Workload API sent no SVID for this workload".into())
-            })?,
+            // Without --spiffe-id, keep the identity already held while the workload still has
+            // it: "the first" depends on the order the agent sends, which may change.
+            None => {
+                let held = self.state.load().svid.as_ref().map(|svid| svid.id.to_string());
+                response
+                    .svids
+                    .iter()
+                    .find(|svid| Some(&svid.spiffe_id) == held.as_ref())
+                    .or_else(|| response.svids.first())
+                    .ok_or_else(|| {
+                        Error::Identity("the Workload API sent no SVID for this workload".into())
+                    })?
+            }
         };
         let chain = split_der(&svid.x509_svid)?;
         let leaf = chain

@@ -540,6 +540,24 @@ mod tests {
     }
 
     #[test]
+    fn without_a_wanted_id_the_held_identity_sticks() {
+        let own = ca("example.org");
+        let store = Arc::new(IdentityStore::new(None));
+        store.apply(&response(&own, &[])).expect("usable");
+        // The next update lists another SVID of the workload first.
+        let mut update = response(&own, &[]);
+        let (cert, key) = leaf(&own, "spiffe://example.org/other", -60, 3600, None);
+        let mut other = update.svids[0].clone();
+        other.spiffe_id = "spiffe://example.org/other".into();
+        other.x509_svid = cert;
+        other.x509_svid_key = key;
+        update.svids.insert(0, other);
+        let state = store.apply(&update).expect("usable");
+        let held = state.svid.as_ref().map(|svid| svid.id.to_string());
+        assert_eq!(held.as_deref(), Some("spiffe://example.org/forwarder"));
+    }
+
+    #[test]
     fn ready_only_while_the_svid_is_valid() {
         let own = ca("example.org");
         let store = Arc::new(IdentityStore::new(None));

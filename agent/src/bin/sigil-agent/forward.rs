@@ -23,7 +23,7 @@ pub(crate) struct ForwardArgs {
     /// The Workload API socket, unix:///path.
     #[arg(long, env = ENDPOINT_ENV)]
     socket: Option<String>,
-    /// Which of this workload's SVIDs to use (default: the first).
+    /// Which of this workload's SVIDs to use (default: the first one received, kept while held).
     #[arg(long)]
     spiffe_id: Option<String>,
     /// Serve /live, /ready and /metrics here.
