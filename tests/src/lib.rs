@@ -6,6 +6,7 @@
 //! Python skip with a printed notice on a laptop without them, and fail under `CI=true`.
 
 mod agent;
+pub mod envoy;
 pub mod forwarder;
 pub mod kubernetes;
 mod node;

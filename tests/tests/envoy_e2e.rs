@@ -11,89 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use rcgen::{CertificateParams, KeyPair};
+use sigil_tests::envoy::{Envoy, client_bootstrap, server_bootstrap};
 use sigil_tests::{Node, free_port, python};
-
-/// An SDS secret reference (flow style, one line) served by the `sigil_sds` cluster.
-fn sds_secret(name: &str) -> String {
-    format!(
-        "{{ name: {name}, sds_config: {{ resource_api_version: V3, api_config_source: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [ {{ envoy_grpc: {{ cluster_name: sigil_sds }} }} ] }} }} }}"
-    )
-}
-
-/// The `sigil_sds` cluster: HTTP/2 to the agent's socket (a `clusters:` list item).
-fn sds_cluster(socket: &Path) -> String {
-    format!(
-        r#"  - name: sigil_sds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {{}}
-    load_assignment:
-      cluster_name: sigil_sds
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              pipe: {{ path: {} }}"#,
-        socket.display()
-    )
-}
-
-fn bootstrap(socket: &Path, admin: u16, listener: u16) -> String {
-    format!(
-        r#"node:
-  id: envoy-sidecar
-  cluster: demo
-admin:
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: {admin} }}
-static_resources:
-  listeners:
-  - name: mtls
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: {listener} }}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            tls_certificate_sds_secret_configs:
-            - {default}
-            combined_validation_context:
-              default_validation_context:
-                match_typed_subject_alt_names:
-                - san_type: URI
-                  matcher: {{ prefix: "spiffe://example.org/" }}
-              validation_context_sds_secret_config: {rootca}
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: mtls
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                direct_response: {{ status: 200, body: {{ inline_string: "hello over sigil mtls\n" }} }}
-  clusters:
-{sds_cluster}
-"#,
-        default = sds_secret("default"),
-        rootca = sds_secret("ROOTCA"),
-        sds_cluster = sds_cluster(socket),
-    )
-}
 
 /// Sends one HTTP request through `openssl s_client` with the given client certificate; returns
 /// what came back.
@@ -141,7 +60,7 @@ async fn envoy_takes_its_certificate_and_bundle_over_sds() -> anyhow::Result<()>
     let (dir, agent, bundle) = (&node.dir, &node.agent, &node.bundle);
     let (admin, listener) = (free_port()?, free_port()?);
     let config = dir.path().join("envoy.yaml");
-    std::fs::write(&config, bootstrap(&agent.socket, admin, listener))?;
+    std::fs::write(&config, server_bootstrap(&agent.socket, admin, listener))?;
     let mut envoy = Command::new(envoy)
         .args(["--config-path"])
         .arg(&config)
@@ -218,140 +137,6 @@ async fn envoy_takes_its_certificate_and_bundle_over_sds() -> anyhow::Result<()>
     })
 }
 
-/// An Envoy started from `binary` with `config`, ready once its admin `/ready` says LIVE.
-struct Envoy {
-    child: std::process::Child,
-    admin: u16,
-}
-
-impl Envoy {
-    async fn start(binary: &Path, config: &Path, admin: u16) -> anyhow::Result<Self> {
-        let child = Command::new(binary)
-            .arg("--config-path")
-            .arg(config)
-            .args(["--disable-hot-restart", "--log-level", "warn"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(
-                config.with_extension("log"),
-            )?))
-            .spawn()?;
-        let mut envoy = Envoy { child, admin };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !envoy.admin_get("/ready").contains("LIVE") {
-            ensure!(
-                envoy.child.try_wait()?.is_none(),
-                "Envoy {} exited",
-                binary.display()
-            );
-            ensure!(
-                Instant::now() < deadline,
-                "Envoy {} did not become ready",
-                binary.display()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(envoy)
-    }
-
-    fn admin_get(&self, path: &str) -> String {
-        Command::new("curl")
-            .args(["-s", &format!("http://127.0.0.1:{}{path}", self.admin)])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    }
-
-    /// The serial numbers of the certificate chains Envoy serves (from admin `/certs`).
-    fn served_serials(&self) -> Vec<String> {
-        let certs: serde_json::Value =
-            serde_json::from_str(&self.admin_get("/certs")).unwrap_or_default();
-        certs["certificates"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|c| c["cert_chain"].as_array().into_iter().flatten())
-            .filter_map(|c| c["serial_number"].as_str().map(str::to_string))
-            .collect()
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A plaintext HTTP listener on `listener` that forwards over mTLS to `upstream`, presenting the
-/// SDS `default` certificate and accepting only `expected_peer` signed by `ROOTCA`.
-fn client_bootstrap(
-    socket: &Path,
-    admin: u16,
-    listener: u16,
-    upstream: u16,
-    expected_peer: &str,
-) -> String {
-    format!(
-        r#"node:
-  id: envoy-client
-  cluster: demo
-admin:
-  address:
-    socket_address: {{ address: 127.0.0.1, port_value: {admin} }}
-static_resources:
-  listeners:
-  - name: plain
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: {listener} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: plain
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: upstream }}
-  clusters:
-  - name: upstream
-    type: STATIC
-    connect_timeout: 2s
-    load_assignment:
-      cluster_name: upstream
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: 127.0.0.1, port_value: {upstream} }}
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        common_tls_context:
-          tls_certificate_sds_secret_configs:
-          - {default}
-          combined_validation_context:
-            default_validation_context:
-              match_typed_subject_alt_names:
-              - san_type: URI
-                matcher: {{ exact: "{expected_peer}" }}
-            validation_context_sds_secret_config: {rootca}
-{sds_cluster}
-"#,
-        default = sds_secret("default"),
-        rootca = sds_secret("ROOTCA"),
-        sds_cluster = sds_cluster(socket),
-    )
-}
-
 /// Sends `GET /` on an open HTTP/1.1 connection and reads one response.
 async fn get_on(connection: &mut tokio::net::TcpStream) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -404,7 +189,7 @@ async fn two_envoys_do_mtls_and_rotate_without_a_restart() -> anyhow::Result<()>
     let config_a = dir.path().join("envoy-a.yaml");
     std::fs::write(
         &config_a,
-        bootstrap(&agent.socket, admin_a, tls_a).replace(
+        server_bootstrap(&agent.socket, admin_a, tls_a).replace(
             "prefix: \"spiffe://example.org/\"",
             "exact: \"spiffe://example.org/envoy-b\"",
         ),
