@@ -59,7 +59,10 @@ async fn main() -> anyhow::Result<()> {
             .await?;
 
     let mut admin = sigil_server::api::admin::connect(&server.admin_socket).await?;
-    let bundle = admin.get_bundle(GetBundleRequest {}).await?.into_inner();
+    let bundle = admin
+        .get_bundle(GetBundleRequest::default())
+        .await?
+        .into_inner();
     let bundle_path = data_dir.join("bundle.pem");
     std::fs::write(&bundle_path, TrustBundle::try_from(&bundle)?.to_pem())?;
 

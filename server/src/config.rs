@@ -153,6 +153,62 @@ pub struct ServerConfig {
     pub issuance_record: IssuanceRecordConfig,
     /// `[kubernetes]`
     pub kubernetes: KubernetesConfig,
+    /// `[federation]`
+    pub federation: FederationConfig,
+}
+
+/// The `[federation]` section: the own bundle endpoint, how often foreign ones are fetched, and
+/// relationships fixed in the file (more can be added through the admin API).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Serve the own bundle over HTTPS here (e.g. `0.0.0.0:8443`); off when absent.
+    pub bundle_endpoint_address: Option<SocketAddr>,
+    /// `https_spiffe` (the server's own SVID, the default) or `https_web` (certificate files).
+    pub bundle_endpoint_profile: String,
+    /// For `https_web`: the PEM certificate chain, re-read when it changes.
+    pub bundle_endpoint_cert_file: Option<PathBuf>,
+    /// For `https_web`: the PEM private key, re-read when it changes.
+    pub bundle_endpoint_key_file: Option<PathBuf>,
+    /// Foreign endpoints are never fetched more often than this. Default 30 s.
+    pub min_refresh: Ttl,
+    /// Nor less often than this, whatever their refresh hint says. Default 1 h.
+    pub max_refresh: Ttl,
+    /// `[[federation.relationships]]`
+    pub relationships: Vec<StaticRelationship>,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        FederationConfig {
+            bundle_endpoint_address: None,
+            bundle_endpoint_profile: "https_spiffe".into(),
+            bundle_endpoint_cert_file: None,
+            bundle_endpoint_key_file: None,
+            min_refresh: Ttl(Duration::from_secs(30)),
+            max_refresh: Ttl(Duration::from_secs(3600)),
+            relationships: Vec::new(),
+        }
+    }
+}
+
+/// A federation relationship fixed in the configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticRelationship {
+    /// The foreign trust domain.
+    pub trust_domain: String,
+    /// Its bundle endpoint, `https://...`.
+    pub bundle_endpoint_url: String,
+    /// `https_spiffe` or `https_web`.
+    pub profile: String,
+    /// For `https_spiffe`: the SPIFFE ID the endpoint presents.
+    #[serde(default)]
+    pub endpoint_spiffe_id: String,
+    /// The first bundle to trust the endpoint with (SPIFFE bundle JSON, as `sigil-server bundle
+    /// show --format spiffe` prints it), used when none of that domain is stored yet.
+    #[serde(default)]
+    pub trust_bundle_path: Option<PathBuf>,
 }
 
 /// The `[kubernetes]` section: PSAT node attestation, automatic ServiceAccount identities and the
@@ -279,6 +335,7 @@ impl Default for ServerConfig {
             join_token: JoinTokenConfig::default(),
             issuance_record: IssuanceRecordConfig::default(),
             kubernetes: KubernetesConfig::default(),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -363,6 +420,31 @@ impl ServerConfig {
         }
         if self.max_message_bytes < 64 * 1024 {
             return Err(bad("max_message_bytes must be at least 65536".into()));
+        }
+        let federation = &self.federation;
+        match federation.bundle_endpoint_profile.as_str() {
+            "https_spiffe" => {}
+            "https_web" if federation.bundle_endpoint_address.is_some() => {
+                if federation.bundle_endpoint_cert_file.is_none()
+                    || federation.bundle_endpoint_key_file.is_none()
+                {
+                    return Err(bad("federation.bundle_endpoint_profile https_web needs bundle_endpoint_cert_file and bundle_endpoint_key_file".into()));
+                }
+            }
+            "https_web" => {}
+            other => {
+                return Err(bad(format!(
+                    "federation.bundle_endpoint_profile `{other}` is not a profile; use https_spiffe or https_web"
+                )));
+            }
+        }
+        if federation.min_refresh.0.is_zero() || federation.min_refresh.0 > federation.max_refresh.0
+        {
+            return Err(bad(format!(
+                "federation.min_refresh ({}) must be above zero and at most federation.max_refresh ({})",
+                humantime::format_duration(federation.min_refresh.0),
+                humantime::format_duration(federation.max_refresh.0)
+            )));
         }
         Ok(())
     }

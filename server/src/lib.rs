@@ -22,6 +22,7 @@ pub mod ca;
 pub mod config;
 pub mod datastore;
 mod error;
+pub mod federation;
 pub mod k8s;
 pub mod metrics;
 pub mod server;

@@ -23,6 +23,15 @@ pub struct AttestationLabels {
     pub result: &'static str,
 }
 
+/// Labels of federated bundle refreshes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BundleRefreshLabels {
+    /// The foreign trust domain.
+    pub trust_domain: String,
+    /// `success` or `refused` (down, invalid, older, or not authenticated).
+    pub result: &'static str,
+}
+
 /// Every series the server exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -37,6 +46,8 @@ pub struct Metrics {
     pub agents_connected: Gauge,
     /// Open sync streams.
     pub sync_streams: Gauge,
+    /// Federated bundle refreshes, by trust domain and result.
+    pub bundle_refreshes: Family<BundleRefreshLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -68,8 +79,15 @@ impl Default for Metrics {
             "Open agent sync streams",
             sync_streams.clone(),
         );
+        let bundle_refreshes = Family::<BundleRefreshLabels, Counter>::default();
+        registry.register(
+            "federated_bundle_refreshes",
+            "Fetches of federated trust domains' bundles, by result",
+            bundle_refreshes.clone(),
+        );
         Metrics {
             registry,
+            bundle_refreshes,
             svids_signed,
             signing_seconds,
             attestations,

@@ -27,6 +27,8 @@ use crate::authz::Authorizations;
 use crate::ca::{Ca, DiskKeyManager, IssuanceRecorder, KeyManager, MemoryKeyManager};
 use crate::config::{KeyManagerKind, ServerConfig};
 use crate::datastore::{DataStore, SqlDataStore};
+use crate::federation::endpoint::{self, EndpointTls, FileCertificate};
+use crate::federation::{Federation, RefreshBounds, RelationshipInput, check_foreign_bundle};
 use crate::k8s::{self, AutoIdentitySettings, PodIdentities};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
@@ -46,6 +48,8 @@ pub struct RunningServer {
     pub health_address: SocketAddr,
     /// The admin socket.
     pub admin_socket: PathBuf,
+    /// Where the bundle endpoint listens, when it is on.
+    pub bundle_endpoint_address: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     recorder_task: tokio::task::JoinHandle<()>,
@@ -116,12 +120,24 @@ pub async fn start(
         attestors.insert(psat.name(), Arc::new(psat));
     }
 
+    let metrics = Arc::new(Metrics::default());
+    let federation = Arc::new(Federation::new(
+        trust_domain.clone(),
+        RefreshBounds {
+            min: config.federation.min_refresh.0,
+            max: config.federation.max_refresh.0,
+        },
+        clock.clone(),
+        metrics.clone(),
+    ));
+    load_static_relationships(&config, source, &trust_domain, datastore.as_ref(), &clock).await?;
     let state = Arc::new(ServerState {
         datastore: datastore.clone(),
         ca,
         authz,
         recorder,
-        metrics: Arc::new(Metrics::default()),
+        metrics,
+        federation: federation.clone(),
         clock,
         attestors,
         agent_svid_ttl: config.ca.agent_svid_ttl.0,
@@ -219,6 +235,33 @@ pub async fn start(
         }
     });
 
+    let bundle_endpoint_address = match config.federation.bundle_endpoint_address {
+        Some(address) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|e| Error::io(format!("binding the bundle endpoint to {address}"), e))?;
+            let bound = local_address(&listener)?;
+            let tls = match (
+                config.federation.bundle_endpoint_profile.as_str(),
+                &config.federation.bundle_endpoint_cert_file,
+                &config.federation.bundle_endpoint_key_file,
+            ) {
+                ("https_web", Some(cert), Some(key)) => {
+                    EndpointTls::Web(FileCertificate::load(cert.clone(), key.clone())?)
+                }
+                _ => EndpointTls::Spiffe(server_tls.clone()),
+            };
+            let authz = state.authz.clone();
+            let ca = state.ca.clone();
+            let bundle = Arc::new(move || authz.bundle().unwrap_or_else(|| ca.bundle()));
+            tasks.spawn(endpoint::serve(listener, tls, bundle, stopped.clone()));
+            tracing::info!(address = %bound, profile = %config.federation.bundle_endpoint_profile, "bundle endpoint listening");
+            Some(bound)
+        }
+        None => None,
+    };
+    tasks.spawn(federation.run(datastore.clone(), stopped.clone()));
+
     tasks.spawn(follow_changes(
         state.clone(),
         config.change_poll_interval.0,
@@ -269,11 +312,70 @@ pub async fn start(
         agent_api_address,
         health_address,
         admin_socket,
+        bundle_endpoint_address,
         stop,
         tasks,
         recorder_task,
         state,
     })
+}
+
+/// Writes the relationships of `[[federation.relationships]]` into the datastore (the file wins
+/// over what the admin API set for the same trust domain), with their first bundle when none of
+/// that domain is stored yet. A bad relationship or bundle stops start-up with the reason.
+async fn load_static_relationships<D: DataStore>(
+    config: &ServerConfig,
+    source: &Path,
+    own: &sigil_core::id::TrustDomain,
+    datastore: &D,
+    clock: &SharedClock,
+) -> Result<()> {
+    let bad = |reason: String| Error::Config {
+        path: source.to_path_buf(),
+        reason,
+    };
+    let now = clock.unix_now();
+    for configured in &config.federation.relationships {
+        let input = RelationshipInput {
+            trust_domain: configured.trust_domain.clone(),
+            bundle_endpoint_url: configured.bundle_endpoint_url.clone(),
+            profile: configured.profile.clone(),
+            endpoint_spiffe_id: configured.endpoint_spiffe_id.clone(),
+        };
+        let mut relationship = input
+            .validate(own, now)
+            .map_err(|e| bad(format!("federation.relationships: {e}")))?;
+        if let Some(existing) = datastore.get_federation(&relationship.trust_domain).await? {
+            relationship.created_at = existing.created_at;
+        }
+        let td = relationship.trust_domain.clone();
+        if let Some(path) = &configured.trust_bundle_path
+            && datastore.get_bundle(&td).await?.is_none()
+        {
+            let document = std::fs::read_to_string(path).map_err(|e| {
+                bad(format!(
+                    "federation.relationships ({td}): cannot read trust_bundle_path {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let bundle = sigil_core::bundle::TrustBundle::from_spiffe_json(td.clone(), &document)
+                .map_err(|e| {
+                bad(format!(
+                    "federation.relationships ({td}): {} is not a SPIFFE bundle: {e}",
+                    path.display()
+                ))
+            })?;
+            check_foreign_bundle(&td, &bundle, None).map_err(|reason| {
+                bad(format!(
+                    "federation.relationships ({td}): {}: {reason}",
+                    path.display()
+                ))
+            })?;
+            datastore.put_bundle(&bundle).await?;
+        }
+        datastore.put_federation(&relationship).await?;
+    }
+    Ok(())
 }
 
 impl RunningServer {

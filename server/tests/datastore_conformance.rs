@@ -8,12 +8,12 @@ use std::time::{Duration, UNIX_EPOCH};
 use sigil_core::bundle::{JwtAuthority, TrustBundle};
 use sigil_core::clock::{ManualClock, SharedClock};
 use sigil_core::entry::{Entry, EntryInput};
-use sigil_core::id::parse_trust_domain;
+use sigil_core::id::{parse_spiffe_id, parse_trust_domain};
 use sigil_core::selector::Selector;
 use sigil_server::Error;
 use sigil_server::datastore::{
-    AgentRecord, Authority, AuthorityKind, DataStore, EntryFilter, EventKind, IssuedSvid,
-    JoinToken, SqlDataStore, SvidFilter, TokenRefusal,
+    AgentRecord, Authority, AuthorityKind, DataStore, EndpointProfile, EntryFilter, EventKind,
+    FederationRelationship, IssuedSvid, JoinToken, SqlDataStore, SvidFilter, TokenRefusal,
 };
 
 const NOW: i64 = 1_800_000_000;
@@ -103,6 +103,8 @@ conformance!(
     join_tokens_are_single_use,
     join_tokens_are_single_use_under_concurrency,
     bundles_round_trip,
+    foreign_bundles_are_listed_and_deleted,
+    federation_relationships_round_trip,
     authorities_journal,
     issued_svids_are_recorded_filtered_and_pruned,
     change_feed_follows_every_write,
@@ -410,6 +412,93 @@ async fn bundles_round_trip(backend: &Backend) -> anyhow::Result<()> {
             .await?,
         None
     );
+    Ok(())
+}
+
+fn bundle_of(domain: &str, sequence: u64) -> anyhow::Result<TrustBundle> {
+    let td = parse_trust_domain("trust_domain", domain)?;
+    let key = sigil_core::x509::KeyType::EcP256.generate()?;
+    let ca = sigil_core::x509::root_ca_params(
+        &td,
+        UNIX_EPOCH + Duration::from_secs(NOW as u64),
+        Duration::from_secs(86_400),
+    )?
+    .self_signed(&key)?;
+    let mut bundle = TrustBundle::new(td);
+    bundle.x509_authorities.push(ca.der().to_vec());
+    bundle.sequence = sequence;
+    Ok(bundle)
+}
+
+async fn foreign_bundles_are_listed_and_deleted(backend: &Backend) -> anyhow::Result<()> {
+    let ds = &backend.store;
+    let own = bundle_of("example.org", 3)?;
+    let partner = bundle_of("partner.org", 7)?;
+    ds.put_bundle(&partner).await?;
+    ds.put_bundle(&own).await?;
+    let before = ds.latest_event_id().await?;
+    // Listed by trust domain name, each under its own name.
+    assert_eq!(ds.list_bundles().await?, vec![own.clone(), partner.clone()]);
+    assert!(ds.delete_bundle(&partner.trust_domain).await?);
+    assert!(!ds.delete_bundle(&partner.trust_domain).await?);
+    assert_eq!(ds.list_bundles().await?, vec![own]);
+    let events = ds.events_after(before, 10).await?;
+    assert_eq!(
+        events.len(),
+        1,
+        "one event for the one deletion: {events:?}"
+    );
+    assert_eq!(events[0].kind, EventKind::Bundle);
+    assert_eq!(events[0].subject, "partner.org");
+    Ok(())
+}
+
+async fn federation_relationships_round_trip(backend: &Backend) -> anyhow::Result<()> {
+    let ds = &backend.store;
+    let partner = parse_trust_domain("trust_domain", "partner.org")?;
+    assert_eq!(ds.get_federation(&partner).await?, None);
+    let mut spiffe = FederationRelationship {
+        trust_domain: partner.clone(),
+        bundle_endpoint_url: "https://partner.org:8443/".into(),
+        profile: EndpointProfile::HttpsSpiffe {
+            endpoint_spiffe_id: parse_spiffe_id("id", "spiffe://partner.org/sigil/server")?,
+        },
+        created_at: NOW,
+        updated_at: NOW,
+    };
+    let web = FederationRelationship {
+        trust_domain: parse_trust_domain("trust_domain", "another.org")?,
+        bundle_endpoint_url: "https://bundles.another.org/".into(),
+        profile: EndpointProfile::HttpsWeb,
+        created_at: NOW,
+        updated_at: NOW,
+    };
+    let before = ds.latest_event_id().await?;
+    ds.put_federation(&spiffe).await?;
+    ds.put_federation(&web).await?;
+    assert_eq!(ds.get_federation(&partner).await?, Some(spiffe.clone()));
+    assert_eq!(
+        ds.list_federations().await?,
+        vec![web.clone(), spiffe.clone()]
+    );
+    // An update replaces the endpoint but keeps the creation time.
+    spiffe.bundle_endpoint_url = "https://partner.org:9443/".into();
+    spiffe.updated_at = NOW + 5;
+    let mut written = spiffe.clone();
+    written.created_at = NOW + 5;
+    ds.put_federation(&written).await?;
+    assert_eq!(ds.get_federation(&partner).await?, Some(spiffe.clone()));
+    assert_eq!(ds.delete_federation(&partner).await?, Some(spiffe));
+    assert_eq!(ds.delete_federation(&partner).await?, None);
+    assert_eq!(ds.list_federations().await?, vec![web]);
+    let kinds: Vec<_> = ds
+        .events_after(before, 10)
+        .await?
+        .into_iter()
+        .map(|e| (e.kind, e.subject))
+        .collect();
+    assert_eq!(kinds.len(), 4, "create, create, update, delete: {kinds:?}");
+    assert!(kinds.iter().all(|(kind, _)| *kind == EventKind::Federation));
     Ok(())
 }
 

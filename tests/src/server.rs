@@ -72,13 +72,23 @@ impl ServerProcess {
         datastore_url: Option<&str>,
         extra_config: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_in_domain(data_dir, "example.org", extra_config, datastore_url)
+    }
+
+    /// Like [`ServerProcess::start`], for the trust domain `trust_domain`.
+    pub fn start_in_domain(
+        data_dir: &Path,
+        trust_domain: &str,
+        extra_config: &str,
+        datastore_url: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let mut server = ServerProcess {
             child: None,
             data_dir: data_dir.to_path_buf(),
             agent_api: format!("127.0.0.1:{}", crate::free_port()?),
             health: format!("127.0.0.1:{}", crate::free_port()?),
             socket: data_dir.join("admin.sock"),
-            trust_domain: "example.org".into(),
+            trust_domain: trust_domain.into(),
             datastore_url: datastore_url.map(str::to_string),
             extra_config: extra_config.to_string(),
             logs: Arc::default(),

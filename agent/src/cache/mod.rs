@@ -11,7 +11,7 @@
 mod rotation;
 mod signer;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -60,6 +60,8 @@ struct CachedJwt {
 struct State {
     entries: HashMap<String, Arc<Entry>>,
     bundle: Option<Arc<TrustBundle>>,
+    /// Foreign trust domains' bundles (federation), by trust domain name.
+    federated: BTreeMap<String, Arc<TrustBundle>>,
     svids: HashMap<String, Arc<CachedSvid>>,
     jwts: HashMap<(String, Vec<String>), CachedJwt>,
     synced: bool,
@@ -183,6 +185,27 @@ impl Cache {
                 }
             }
         }
+        if message.federated_bundles_set {
+            state.federated.clear();
+            for bundle in &message.federated_bundles {
+                match TrustBundle::try_from(bundle) {
+                    // Never let a foreign bundle stand in for the own one.
+                    Ok(bundle) if bundle.trust_domain == self.trust_domain => {
+                        tracing::warn!(
+                            "ignoring a federated bundle for the agent's own trust domain"
+                        )
+                    }
+                    Ok(bundle) => {
+                        state
+                            .federated
+                            .insert(bundle.trust_domain.to_string(), Arc::new(bundle));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ignoring an unreadable federated bundle from the server")
+                    }
+                }
+            }
+        }
         self.metrics
             .svids_cached
             .set(i64::try_from(state.svids.len()).unwrap_or(i64::MAX));
@@ -218,6 +241,20 @@ impl Cache {
     /// The own trust bundle.
     pub fn bundle(&self) -> Option<Arc<TrustBundle>> {
         self.read().bundle.clone()
+    }
+
+    /// The bundles of the foreign trust domains `entries` federate with (those the server has),
+    /// by trust domain name.
+    pub fn federated_bundles(&self, entries: &[Arc<Entry>]) -> Vec<Arc<TrustBundle>> {
+        let wanted: BTreeSet<String> = entries
+            .iter()
+            .flat_map(|entry| entry.federates_with.iter().map(ToString::to_string))
+            .collect();
+        let state = self.read();
+        wanted
+            .iter()
+            .filter_map(|td| state.federated.get(td).cloned())
+            .collect()
     }
 
     /// The unexpired entries whose selectors are all among `selectors`, ordered by id.

@@ -140,7 +140,7 @@ impl IdentitySource for AgentSource {
             Ok(X509View {
                 svids,
                 bundle,
-                federated: Vec::new(),
+                federated: self.cache.federated_bundles(&entries),
             })
         }
         .boxed()
@@ -201,8 +201,11 @@ impl IdentitySource for AgentSource {
         .boxed()
     }
 
-    fn bundles(&self, _selectors: &[Selector]) -> Result<Vec<Arc<TrustBundle>>, Status> {
-        Ok(vec![self.own_bundle()?])
+    fn bundles(&self, selectors: &[Selector]) -> Result<Vec<Arc<TrustBundle>>, Status> {
+        let mut bundles = vec![self.own_bundle()?];
+        let entries = self.cache.matching(selectors);
+        bundles.extend(self.cache.federated_bundles(&entries));
+        Ok(bundles)
     }
 
     fn changes(&self) -> watch::Receiver<u64> {

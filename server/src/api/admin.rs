@@ -1,4 +1,5 @@
-//! The admin API: join tokens, registration entries, agents, the bundle and the issuance record.
+//! The admin API: join tokens, registration entries, agents, bundles (own and federated),
+//! federation relationships and the issuance record.
 //!
 //! It listens only on a Unix socket with owner-only permissions: whoever can open the socket is
 //! the operator. Every write goes to the datastore first and then into the in-memory
@@ -8,19 +9,21 @@ use std::sync::Arc;
 
 use ring::rand::{SecureRandom, SystemRandom};
 use sigil_core::entry::EntryInput;
-use sigil_core::id::{parse_member_id, server_id};
+use sigil_core::id::{parse_member_id, parse_trust_domain, server_id};
 use sigil_core::selector::Selector;
 use sigil_proto::admin::admin_api_server::AdminApi;
 use sigil_proto::admin::{
     Agent, AgentId, CreateEntryRequest, CreateJoinTokenRequest, CreateJoinTokenResponse, EntryId,
-    GetBundleRequest, IssuedSvid, ListAgentsRequest, ListAgentsResponse, ListEntriesRequest,
-    ListEntriesResponse, ListSvidsRequest, ListSvidsResponse, SvidSerial, UpdateEntryRequest,
+    FederationRelationship, GetBundleRequest, IssuedSvid, ListAgentsRequest, ListAgentsResponse,
+    ListBundlesRequest, ListBundlesResponse, ListEntriesRequest, ListEntriesResponse,
+    ListFederationsRequest, ListFederationsResponse, ListSvidsRequest, ListSvidsResponse,
+    SetBundleRequest, SvidSerial, TrustDomainName, UpdateEntryRequest,
 };
 use sigil_proto::common;
 use tonic::{Request, Response, Status};
 
-use super::ServerState;
 use super::convert::{agent_to_proto, entry_input, entry_to_proto, issued_to_proto};
+use super::{ServerState, federation};
 use crate::attest::{generate_join_token, hash_token, token_agent_id, token_selector};
 use crate::datastore::{DataStore, EntryFilter, JoinToken, SvidFilter};
 use crate::{Error, Result};
@@ -271,11 +274,111 @@ impl<D: DataStore> AdminApi for AdminService<D> {
 
     async fn get_bundle(
         &self,
-        _request: Request<GetBundleRequest>,
+        request: Request<GetBundleRequest>,
     ) -> Result<Response<common::Bundle>, Status> {
-        Ok(Response::new(common::Bundle::from(
-            self.state.ca.bundle().as_ref(),
-        )))
+        let name = request.into_inner().trust_domain;
+        if name.is_empty() || name == self.state.ca.trust_domain().as_str() {
+            return Ok(Response::new(common::Bundle::from(
+                self.state.ca.bundle().as_ref(),
+            )));
+        }
+        let td = parse_trust_domain("trust_domain", &name).map_err(Error::from)?;
+        let bundle = self
+            .state
+            .datastore
+            .get_bundle(&td)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("the bundle of {td}")))?;
+        Ok(Response::new(common::Bundle::from(&bundle)))
+    }
+
+    async fn list_bundles(
+        &self,
+        _request: Request<ListBundlesRequest>,
+    ) -> Result<Response<ListBundlesResponse>, Status> {
+        let bundles = self.state.datastore.list_bundles().await?;
+        Ok(Response::new(ListBundlesResponse {
+            bundles: bundles.iter().map(common::Bundle::from).collect(),
+        }))
+    }
+
+    async fn set_bundle(
+        &self,
+        request: Request<SetBundleRequest>,
+    ) -> Result<Response<common::Bundle>, Status> {
+        let request = request.into_inner();
+        let bundle = federation::set_bundle(
+            &self.state,
+            &request.trust_domain,
+            &request.spiffe_bundle_json,
+        )
+        .await?;
+        tracing::info!(trust_domain = %bundle.trust_domain, sequence = bundle.sequence, "bundle set by the operator");
+        Ok(Response::new(common::Bundle::from(&bundle)))
+    }
+
+    async fn delete_bundle(
+        &self,
+        request: Request<TrustDomainName>,
+    ) -> Result<Response<common::Bundle>, Status> {
+        let bundle =
+            federation::delete_bundle(&self.state, &request.into_inner().trust_domain).await?;
+        Ok(Response::new(common::Bundle::from(&bundle)))
+    }
+
+    async fn create_federation(
+        &self,
+        request: Request<FederationRelationship>,
+    ) -> Result<Response<FederationRelationship>, Status> {
+        Ok(Response::new(
+            federation::put_relationship(&self.state, request.into_inner(), false).await?,
+        ))
+    }
+
+    async fn update_federation(
+        &self,
+        request: Request<FederationRelationship>,
+    ) -> Result<Response<FederationRelationship>, Status> {
+        Ok(Response::new(
+            federation::put_relationship(&self.state, request.into_inner(), true).await?,
+        ))
+    }
+
+    async fn get_federation(
+        &self,
+        request: Request<TrustDomainName>,
+    ) -> Result<Response<FederationRelationship>, Status> {
+        Ok(Response::new(
+            federation::get_relationship(&self.state, &request.into_inner().trust_domain).await?,
+        ))
+    }
+
+    async fn list_federations(
+        &self,
+        _request: Request<ListFederationsRequest>,
+    ) -> Result<Response<ListFederationsResponse>, Status> {
+        Ok(Response::new(ListFederationsResponse {
+            relationships: federation::list_relationships(&self.state).await?,
+        }))
+    }
+
+    async fn delete_federation(
+        &self,
+        request: Request<TrustDomainName>,
+    ) -> Result<Response<FederationRelationship>, Status> {
+        Ok(Response::new(
+            federation::delete_relationship(&self.state, &request.into_inner().trust_domain)
+                .await?,
+        ))
+    }
+
+    async fn refresh_federation(
+        &self,
+        request: Request<TrustDomainName>,
+    ) -> Result<Response<common::Bundle>, Status> {
+        Ok(Response::new(
+            federation::refresh(&self.state, &request.into_inner().trust_domain).await?,
+        ))
     }
 
     async fn list_svids(

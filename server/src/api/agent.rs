@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
+use sigil_core::bundle::TrustBundle;
 use sigil_core::id::is_agent_id;
 use sigil_core::x509::{certificate_facts, check_csr};
 use sigil_proto::agent::agent_api_server::AgentApi;
@@ -368,6 +369,8 @@ async fn stream_changes<D: DataStore>(
     let mut stopping = state.stopping.clone();
     let mut sent: HashMap<String, u64> = HashMap::new();
     let mut bundle_sequence = None;
+    // Every foreign bundle last sent (compared whole: a bundle set by hand may keep its sequence).
+    let mut federated_sent: Option<Vec<Arc<TrustBundle>>> = None;
     let mut first = true;
     loop {
         let revision = *changes.borrow_and_update();
@@ -401,10 +404,20 @@ async fn stream_changes<D: DataStore>(
             bundle_sequence = Some(bundle.sequence);
             message.bundle = Some(sigil_proto::common::Bundle::from(bundle.as_ref()));
         }
+        let federated = state.authz.federated_bundles();
+        if federated_sent.as_ref() != Some(&federated) {
+            message.federated_bundles_set = true;
+            message.federated_bundles = federated
+                .iter()
+                .map(|b| sigil_proto::common::Bundle::from(b.as_ref()))
+                .collect();
+            federated_sent = Some(federated);
+        }
         let changed = first
             || !message.entries.is_empty()
             || !message.removed_entry_ids.is_empty()
-            || message.bundle.is_some();
+            || message.bundle.is_some()
+            || message.federated_bundles_set;
         if changed && sender.send(Ok(message)).await.is_err() {
             return;
         }

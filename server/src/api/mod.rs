@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod agent;
 mod convert;
+mod federation;
 pub mod health;
 pub mod istio;
 pub mod tls;
@@ -27,6 +28,7 @@ use sigil_core::clock::SharedClock;
 use crate::attest::NodeAttestor;
 use crate::authz::Authorizations;
 use crate::ca::{Ca, IssuanceRecorder};
+use crate::federation::Federation;
 use crate::metrics::Metrics;
 
 /// What every API handler shares.
@@ -41,6 +43,8 @@ pub struct ServerState<D> {
     pub recorder: IssuanceRecorder,
     /// Prometheus series.
     pub metrics: Arc<Metrics>,
+    /// The federated bundles' refresher.
+    pub federation: Arc<Federation>,
     /// The clock.
     pub clock: SharedClock,
     /// Node attestors by name.

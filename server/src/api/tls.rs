@@ -66,6 +66,18 @@ impl ServerTls {
         Ok(())
     }
 
+    /// The same identity for the bundle endpoint: HTTP/1.1 and no client certificate asked for.
+    pub fn bundle_endpoint_config(&self) -> Result<Arc<rustls::ServerConfig>> {
+        let current = self.config.load_full();
+        let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Ca(format!("TLS for the bundle endpoint: {e}")))?
+            .with_no_client_auth()
+            .with_cert_resolver(current.cert_resolver.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// Accepts TCP connections on `listener`, completes TLS handshakes off the accept loop, and
     /// hands finished connections to `sender` (the gRPC server's incoming stream).
     pub async fn accept(

@@ -8,13 +8,13 @@
 //! Every change bumps a revision on a watch channel; sync streams wake on it and send each agent
 //! the difference between what it holds and what it may now use.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use sigil_core::bundle::TrustBundle;
 use sigil_core::clock::SharedClock;
 use sigil_core::entry::Entry;
-use sigil_core::id::{TrustDomain, server_id};
+use sigil_core::id::{TrustDomain, parse_trust_domain, server_id};
 use sigil_core::selector::{Selector, all_present};
 use tokio::sync::{Mutex, watch};
 
@@ -47,6 +47,8 @@ struct State {
     aliases: HashMap<String, BTreeSet<String>>,
     agents: HashMap<String, AgentState>,
     bundle: Option<Arc<TrustBundle>>,
+    /// Bundles of foreign trust domains (federation), by trust domain name.
+    federated: BTreeMap<String, Arc<TrustBundle>>,
 }
 
 /// Where the cache stands in the change feed.
@@ -105,7 +107,15 @@ impl Authorizations {
                 },
             );
         }
-        state.bundle = datastore.get_bundle(&trust_domain).await?.map(Arc::new);
+        for bundle in datastore.list_bundles().await? {
+            if bundle.trust_domain == trust_domain {
+                state.bundle = Some(Arc::new(bundle));
+            } else {
+                state
+                    .federated
+                    .insert(bundle.trust_domain.to_string(), Arc::new(bundle));
+            }
+        }
         let (revision, _) = watch::channel(newest);
         Ok(Authorizations {
             trust_domain,
@@ -201,7 +211,21 @@ impl Authorizations {
                 let bundle = datastore.get_bundle(&self.trust_domain).await?;
                 self.write().bundle = bundle.map(Arc::new);
             }
-            EventKind::Bundle => {}
+            EventKind::Bundle => {
+                let trust_domain = parse_trust_domain("trust_domain", subject).map_err(|e| {
+                    Error::Datastore(format!("a bundle event names {subject}: {e}"))
+                })?;
+                let bundle = datastore.get_bundle(&trust_domain).await?;
+                let mut state = self.write();
+                match bundle {
+                    Some(bundle) => state
+                        .federated
+                        .insert(subject.to_string(), Arc::new(bundle)),
+                    None => state.federated.remove(subject),
+                };
+            }
+            // Relationships concern the refresher, not who may obtain what.
+            EventKind::Federation => {}
         }
         Ok(())
     }
@@ -228,6 +252,11 @@ impl Authorizations {
     /// The own trust bundle as last seen in the datastore.
     pub fn bundle(&self) -> Option<Arc<TrustBundle>> {
         self.read().bundle.clone()
+    }
+
+    /// The bundles of foreign trust domains, by trust domain name.
+    pub fn federated_bundles(&self) -> Vec<Arc<TrustBundle>> {
+        self.read().federated.values().cloned().collect()
     }
 
     /// Whether an agent may call the server: it must be attested and not banned.

@@ -15,7 +15,7 @@ use std::future::Future;
 
 use sigil_core::bundle::TrustBundle;
 use sigil_core::entry::Entry;
-use sigil_core::id::TrustDomain;
+use sigil_core::id::{SpiffeId, TrustDomain};
 use sigil_core::selector::Selector;
 
 use crate::Result;
@@ -83,6 +83,45 @@ impl AuthorityKind {
             AuthorityKind::Jwt => "jwt",
         }
     }
+}
+
+/// How a foreign trust domain's bundle endpoint proves who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointProfile {
+    /// Web PKI: a certificate for the URL's host name from a CA the system trusts.
+    HttpsWeb,
+    /// An X509-SVID with this SPIFFE ID, verified against the last stored bundle of the foreign
+    /// trust domain (the first one given when the relationship is created).
+    HttpsSpiffe {
+        /// The SPIFFE ID the endpoint must present.
+        endpoint_spiffe_id: SpiffeId,
+    },
+}
+
+impl EndpointProfile {
+    /// `https_web` or `https_spiffe`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EndpointProfile::HttpsWeb => "https_web",
+            EndpointProfile::HttpsSpiffe { .. } => "https_spiffe",
+        }
+    }
+}
+
+/// A federation relationship: this server fetches a foreign trust domain's bundle from its
+/// bundle endpoint and keeps it in the datastore beside its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationRelationship {
+    /// The foreign trust domain.
+    pub trust_domain: TrustDomain,
+    /// `https://...` serving the domain's SPIFFE bundle.
+    pub bundle_endpoint_url: String,
+    /// How the endpoint is authenticated.
+    pub profile: EndpointProfile,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub updated_at: i64,
 }
 
 /// One entry of the CA journal.
@@ -154,8 +193,11 @@ pub enum EventKind {
     Entry,
     /// An agent was attested, renewed, banned or evicted; the subject is its SPIFFE ID.
     Agent,
-    /// A bundle changed; the subject is its trust domain.
+    /// A bundle changed or was deleted; the subject is its trust domain.
     Bundle,
+    /// A federation relationship was created, updated or deleted; the subject is its trust
+    /// domain.
+    Federation,
 }
 
 /// One change-feed event.
@@ -234,6 +276,31 @@ pub trait DataStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<TrustBundle>>> + Send;
     /// Creates or replaces the bundle of its trust domain.
     fn put_bundle(&self, bundle: &TrustBundle) -> impl Future<Output = Result<()>> + Send;
+    /// Every stored bundle, own and foreign, by trust domain name.
+    fn list_bundles(&self) -> impl Future<Output = Result<Vec<TrustBundle>>> + Send;
+    /// Deletes a trust domain's bundle; returns whether there was one.
+    fn delete_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Creates or replaces a federation relationship (by its trust domain).
+    fn put_federation(
+        &self,
+        relationship: &FederationRelationship,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// One federation relationship.
+    fn get_federation(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> impl Future<Output = Result<Option<FederationRelationship>>> + Send;
+    /// Every federation relationship, by trust domain name.
+    fn list_federations(&self) -> impl Future<Output = Result<Vec<FederationRelationship>>> + Send;
+    /// Deletes a federation relationship (not the bundle it fetched); returns it if it existed.
+    fn delete_federation(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> impl Future<Output = Result<Option<FederationRelationship>>> + Send;
 
     /// The whole CA journal, oldest first.
     fn list_authorities(&self) -> impl Future<Output = Result<Vec<Authority>>> + Send;

@@ -16,8 +16,8 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
 use super::{
-    AgentRecord, Authority, AuthorityKind, DataStore, EntryFilter, Event, EventKind, IssuedSvid,
-    JoinToken, SvidFilter, TokenRefusal,
+    AgentRecord, Authority, AuthorityKind, DataStore, EndpointProfile, EntryFilter, Event,
+    EventKind, FederationRelationship, IssuedSvid, JoinToken, SvidFilter, TokenRefusal,
 };
 use crate::{Error, Result};
 
@@ -215,11 +215,40 @@ fn svid_from_row(row: &AnyRow) -> Result<IssuedSvid> {
     })
 }
 
+macro_rules! federation_columns {
+    () => {
+        "trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id, created_at, updated_at"
+    };
+}
+
+fn federation_from_row(row: &AnyRow) -> Result<FederationRelationship> {
+    let name: String = row.try_get("trust_domain")?;
+    let profile: String = row.try_get("profile")?;
+    let endpoint_id: String = row.try_get("endpoint_spiffe_id")?;
+    let profile = match profile.as_str() {
+        "https_web" => EndpointProfile::HttpsWeb,
+        "https_spiffe" => EndpointProfile::HttpsSpiffe {
+            endpoint_spiffe_id: parse_spiffe_id("endpoint_spiffe_id", &endpoint_id)
+                .map_err(|e| corrupt("federation relationship", e))?,
+        },
+        other => return Err(corrupt("federation profile", other)),
+    };
+    Ok(FederationRelationship {
+        trust_domain: parse_trust_domain("trust_domain", &name)
+            .map_err(|e| corrupt("federation relationship", e))?,
+        bundle_endpoint_url: row.try_get("bundle_endpoint_url")?,
+        profile,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
 fn event_kind(kind: EventKind) -> &'static str {
     match kind {
         EventKind::Entry => "entry",
         EventKind::Agent => "agent",
         EventKind::Bundle => "bundle",
+        EventKind::Federation => "federation",
     }
 }
 
@@ -565,6 +594,117 @@ impl DataStore for SqlDataStore {
         Ok(())
     }
 
+    async fn list_bundles(&self) -> Result<Vec<TrustBundle>> {
+        let rows = sqlx::query("SELECT trust_domain, document FROM bundles ORDER BY trust_domain")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let name: String = row.try_get("trust_domain")?;
+                let trust_domain =
+                    parse_trust_domain("trust_domain", &name).map_err(|e| corrupt("bundle", e))?;
+                let document: String = row.try_get("document")?;
+                TrustBundle::from_spiffe_json(trust_domain, &document)
+                    .map_err(|e| corrupt("bundle", e))
+            })
+            .collect()
+    }
+
+    async fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let deleted = sqlx::query("DELETE FROM bundles WHERE trust_domain = $1")
+            .bind(trust_domain.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if deleted == 0 {
+            return Ok(false);
+        }
+        let now = self.clock.unix_now();
+        append_event(&mut tx, EventKind::Bundle, trust_domain.as_str(), now).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn put_federation(&self, relationship: &FederationRelationship) -> Result<()> {
+        let endpoint_id = match &relationship.profile {
+            EndpointProfile::HttpsWeb => String::new(),
+            EndpointProfile::HttpsSpiffe { endpoint_spiffe_id } => endpoint_spiffe_id.to_string(),
+        };
+        let mut tx = self.pool.begin().await?;
+        append_event(
+            &mut tx,
+            EventKind::Federation,
+            relationship.trust_domain.as_str(),
+            relationship.updated_at,
+        )
+        .await?;
+        sqlx::query("INSERT INTO federation_relationships (trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (trust_domain) DO UPDATE SET bundle_endpoint_url = $2, profile = $3, endpoint_spiffe_id = $4, updated_at = $6")
+            .bind(relationship.trust_domain.as_str())
+            .bind(&relationship.bundle_endpoint_url)
+            .bind(relationship.profile.name())
+            .bind(endpoint_id)
+            .bind(relationship.created_at)
+            .bind(relationship.updated_at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_federation(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            federation_columns!(),
+            " FROM federation_relationships WHERE trust_domain = $1"
+        ))
+        .bind(trust_domain.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(federation_from_row).transpose()
+    }
+
+    async fn list_federations(&self) -> Result<Vec<FederationRelationship>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            federation_columns!(),
+            " FROM federation_relationships ORDER BY trust_domain"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(federation_from_row).collect()
+    }
+
+    async fn delete_federation(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            federation_columns!(),
+            " FROM federation_relationships WHERE trust_domain = $1"
+        ))
+        .bind(trust_domain.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let relationship = federation_from_row(&row)?;
+        sqlx::query("DELETE FROM federation_relationships WHERE trust_domain = $1")
+            .bind(trust_domain.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let now = self.clock.unix_now();
+        append_event(&mut tx, EventKind::Federation, trust_domain.as_str(), now).await?;
+        tx.commit().await?;
+        Ok(Some(relationship))
+    }
+
     async fn list_authorities(&self) -> Result<Vec<Authority>> {
         let rows = sqlx::query("SELECT id, kind, key_ref, public_data, state, not_after, created_at FROM authorities ORDER BY created_at, id")
             .fetch_all(&self.pool)
@@ -664,6 +804,7 @@ impl DataStore for SqlDataStore {
                         "entry" => EventKind::Entry,
                         "agent" => EventKind::Agent,
                         "bundle" => EventKind::Bundle,
+                        "federation" => EventKind::Federation,
                         other => return Err(corrupt("event kind", other)),
                     },
                     subject: row.try_get("subject")?,

@@ -95,7 +95,8 @@ impl FileNames {
 pub(crate) enum FetchCommand {
     /// The caller's X509-SVIDs, keys and bundle.
     X509 {
-        /// Write svid.N.pem, svid.N.key (mode 0600) and bundle.N.pem into this directory.
+        /// Write svid.N.pem, svid.N.key (mode 0600), bundle.N.pem and, for each federated trust
+        /// domain, federated.<trust-domain>.pem into this directory.
         #[arg(long)]
         write: Option<PathBuf>,
         /// With --write: keep running and rewrite the files on every rotation or bundle change
@@ -368,6 +369,18 @@ fn write_x509(dir: &Path, names: &FileNames, response: &X509svidResponse) -> any
         write_file(
             &dir.join(bundle_name),
             split_pem(&svid.bundle)?.as_bytes(),
+            0o644,
+        )?;
+    }
+    // Foreign trust domains' bundles, one file each, for peers of those domains.
+    // Keys are trust domain IDs (`spiffe://b.example`); the file is named by the domain.
+    for (key, roots) in &response.federated_bundles {
+        let name = key.strip_prefix("spiffe://").unwrap_or(key);
+        let trust_domain = sigil_core::id::parse_trust_domain("federated bundle", name)
+            .with_context(|| format!("the agent sent a federated bundle under `{key}`"))?;
+        write_file(
+            &dir.join(format!("federated.{trust_domain}.pem")),
+            split_pem(roots)?.as_bytes(),
             0o644,
         )?;
     }

@@ -13,7 +13,8 @@ use sigil_core::selector::Selector;
 use sigil_proto::admin::admin_api_client::AdminApiClient;
 use sigil_proto::admin::{
     AgentId, CreateEntryRequest, CreateJoinTokenRequest, EntryId, GetBundleRequest,
-    ListAgentsRequest, ListEntriesRequest, ListSvidsRequest, SvidSerial, UpdateEntryRequest,
+    ListAgentsRequest, ListBundlesRequest, ListEntriesRequest, ListSvidsRequest, SetBundleRequest,
+    SvidSerial, TrustDomainName, UpdateEntryRequest,
 };
 use sigil_proto::common;
 use sigil_server::config::{LogFormat, ServerConfig, parse_ttl};
@@ -267,11 +268,32 @@ pub(crate) enum AgentCommand {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum BundleCommand {
-    /// Prints the trust domain's bundle.
+    /// Prints the trust domain's bundle (or a foreign one's).
     Show {
         /// pem (X.509 roots, for openssl and agents' bootstrap) or spiffe (the SPIFFE bundle JSON).
         #[arg(long, value_enum, default_value_t = output::BundleFormat::Pem)]
         format: output::BundleFormat,
+        /// A foreign trust domain; default: the own one.
+        #[arg(long)]
+        trust_domain: Option<String>,
+    },
+    /// Lists every stored bundle, own and foreign.
+    List,
+    /// Sets a foreign trust domain's bundle by hand from SPIFFE bundle JSON (the output of
+    /// `sigil-server bundle show --format spiffe` on that domain's server).
+    Set {
+        /// The foreign trust domain.
+        #[arg(long)]
+        trust_domain: String,
+        /// The file holding the bundle (`-` reads standard input).
+        #[arg(long)]
+        path: PathBuf,
+    },
+    /// Deletes a foreign trust domain's bundle (refused while a relationship fetches it).
+    Delete {
+        /// The foreign trust domain.
+        #[arg(long)]
+        trust_domain: String,
     },
 }
 
@@ -302,7 +324,7 @@ async fn connect(socket: &Path) -> anyhow::Result<AdminApiClient<Channel>> {
 }
 
 /// The server's message for a failed call, without gRPC framing.
-fn refused(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn refused(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", status.message())
 }
 
@@ -409,13 +431,53 @@ pub(crate) async fn administer(
         }
         Command::Bundle(BundleCommand::Show {
             format: bundle_format,
+            trust_domain,
         }) => {
             let bundle = client
-                .get_bundle(GetBundleRequest {})
+                .get_bundle(GetBundleRequest {
+                    trust_domain: trust_domain.unwrap_or_default(),
+                })
                 .await
                 .map_err(refused)?
                 .into_inner();
             print!("{}", render_bundle(bundle, bundle_format)?);
+        }
+        Command::Bundle(BundleCommand::List) => {
+            let bundles = client
+                .list_bundles(ListBundlesRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .bundles;
+            output::bundles(format, &bundles);
+        }
+        Command::Bundle(BundleCommand::Set { trust_domain, path }) => {
+            let document = if path.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+            } else {
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?
+            };
+            let bundle = client
+                .set_bundle(SetBundleRequest {
+                    trust_domain,
+                    spiffe_bundle_json: document,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            output::bundles(format, &[bundle]);
+        }
+        Command::Bundle(BundleCommand::Delete { trust_domain }) => {
+            let bundle = client
+                .delete_bundle(TrustDomainName { trust_domain })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            output::bundles(format, &[bundle]);
+        }
+        Command::Federation(command) => {
+            crate::federation::run(&mut client, format, command).await?;
         }
         Command::Svid(SvidCommand::List {
             spiffe_id,
@@ -448,7 +510,10 @@ pub(crate) async fn administer(
     Ok(())
 }
 
-fn render_bundle(bundle: common::Bundle, format: output::BundleFormat) -> anyhow::Result<String> {
+pub(crate) fn render_bundle(
+    bundle: common::Bundle,
+    format: output::BundleFormat,
+) -> anyhow::Result<String> {
     let bundle = TrustBundle::try_from(&bundle)?;
     Ok(match format {
         output::BundleFormat::Pem => bundle.to_pem(),

@@ -3,6 +3,7 @@
 //! The binary only parses flags and prints; everything it does is in the `sigil_server` library.
 
 mod admin;
+mod federation;
 mod output;
 
 use std::path::PathBuf;
@@ -44,9 +45,12 @@ enum Command {
     /// Attested agents.
     #[command(subcommand)]
     Agent(admin::AgentCommand),
-    /// The trust domain's bundle.
+    /// Trust bundles: the own one, and foreign ones (federation).
     #[command(subcommand)]
     Bundle(admin::BundleCommand),
+    /// Federation relationships with other trust domains.
+    #[command(subcommand)]
+    Federation(federation::FederationCommand),
     /// The record of issued SVIDs.
     #[command(subcommand)]
     Svid(admin::SvidCommand),

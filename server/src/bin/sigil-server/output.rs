@@ -21,7 +21,7 @@ pub(crate) enum BundleFormat {
     Spiffe,
 }
 
-fn print_blocks(blocks: &[Vec<(&str, String)>], empty: &str) {
+pub(crate) fn print_blocks(blocks: &[Vec<(&str, String)>], empty: &str) {
     if blocks.is_empty() {
         println!("{empty}");
         return;
@@ -36,7 +36,7 @@ fn print_blocks(blocks: &[Vec<(&str, String)>], empty: &str) {
     }
 }
 
-fn print_json(value: &Value) {
+pub(crate) fn print_json(value: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
@@ -199,6 +199,36 @@ pub(crate) fn svids(format: Format, svids: &[admin::IssuedSvid]) {
             "authority_id": svid.authority_id,
             "not_before": svid.not_before,
             "not_after": svid.not_after,
+        })).collect::<Vec<_>>() })),
+    }
+}
+
+pub(crate) fn bundles(format: Format, bundles: &[common::Bundle]) {
+    match format {
+        Format::Text => {
+            let blocks: Vec<_> = bundles
+                .iter()
+                .map(|bundle| {
+                    vec![
+                        ("Trust domain", bundle.trust_domain.clone()),
+                        ("Sequence", bundle.sequence.to_string()),
+                        (
+                            "X.509 authorities",
+                            bundle.x509_authorities.len().to_string(),
+                        ),
+                        ("JWT authorities", bundle.jwt_authorities.len().to_string()),
+                        ("Refresh hint (s)", bundle.refresh_hint_seconds.to_string()),
+                    ]
+                })
+                .collect();
+            print_blocks(&blocks, "No bundles found");
+        }
+        Format::Json => print_json(&json!({ "bundles": bundles.iter().map(|bundle| json!({
+            "trust_domain": bundle.trust_domain,
+            "sequence": bundle.sequence,
+            "x509_authorities": bundle.x509_authorities.len(),
+            "jwt_authorities": bundle.jwt_authorities.iter().map(|k| k.key_id.clone()).collect::<Vec<_>>(),
+            "refresh_hint_seconds": bundle.refresh_hint_seconds,
         })).collect::<Vec<_>>() })),
     }
 }

@@ -1,0 +1,428 @@
+//! Two trust domains, `a.test` and `b.test`, each with its own real server and agent, federated
+//! through their bundle endpoints (profile `https_spiffe`). A workload of A and a workload of B
+//! do mTLS with each other through openssl `s_server`/`s_client`, using the files
+//! `sigil-agent api fetch x509 --write` gives them. The endpoint serves the SPIFFE bundle format
+//! (checked with curl), and a refresh that fails keeps the last good bundle.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use sigil_tests::{AgentProcess, ServerProcess, free_port};
+
+/// Server settings for a federating domain: its bundle endpoint on `port`, a 1 s refresh hint so
+/// peers follow quickly, and a 1 s lower bound on fetching others.
+fn federating(port: u16) -> String {
+    format!(
+        "[ca]\nbundle_refresh_hint = \"1s\"\n[federation]\nbundle_endpoint_address = \"127.0.0.1:{port}\"\nmin_refresh = \"1s\"\n"
+    )
+}
+
+/// A server for `trust_domain` and an agent under the node alias `spiffe://<td>/node`, with one
+/// entry for this test's uid that federates with `peer`.
+struct Domain {
+    agent: AgentProcess,
+    server: ServerProcess,
+    endpoint_port: u16,
+    bundle_json: PathBuf,
+}
+
+fn domain(dir: &Path, trust_domain: &str, workload: &str, peer: &str) -> anyhow::Result<Domain> {
+    let endpoint_port = free_port()?;
+    let server = ServerProcess::start_in_domain(
+        &dir.join(trust_domain),
+        trust_domain,
+        &federating(endpoint_port),
+        None,
+    )?;
+    ensure!(
+        server.logs().contains("bundle endpoint listening"),
+        "no bundle endpoint:\n{}",
+        server.logs()
+    );
+    let bundle_json = dir.join(format!("{trust_domain}.bundle.json"));
+    std::fs::write(
+        &bundle_json,
+        server.cli(&["bundle", "show", "--format", "spiffe"])?,
+    )?;
+    let bundle_pem = dir.join(format!("{trust_domain}.bundle.pem"));
+    std::fs::write(&bundle_pem, server.cli(&["bundle", "show"])?)?;
+    let alias = format!("spiffe://{trust_domain}/node");
+    let token = server.cli_json(&["token", "generate", "--spiffe-id", &alias])?["token"]
+        .as_str()
+        .context("token")?
+        .to_string();
+    server.cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        &format!("spiffe://{trust_domain}/{workload}"),
+        "--parent-id",
+        &alias,
+        "--selector",
+        &format!("unix:uid:{}", sigil_tests::current_uid()?),
+        "--federates-with",
+        peer,
+    ])?;
+    let agent = AgentProcess::start(
+        &dir.join(format!("agent-{trust_domain}")),
+        &server,
+        &bundle_pem,
+        Some(&token),
+    )?;
+    Ok(Domain {
+        agent,
+        server,
+        endpoint_port,
+        bundle_json,
+    })
+}
+
+/// Makes `from` federate with `to` through `to`'s bundle endpoint.
+fn federate(from: &Domain, to: &Domain, to_domain: &str) -> anyhow::Result<String> {
+    from.server.cli(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        to_domain,
+        "--bundle-endpoint-url",
+        &format!("https://127.0.0.1:{}/", to.endpoint_port),
+        "--profile",
+        "https_spiffe",
+        "--endpoint-spiffe-id",
+        &format!("spiffe://{to_domain}/sigil/server"),
+        "--trust-bundle",
+        to.bundle_json.to_str().context("utf-8 path")?,
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_trust_domains_federate_and_do_mtls() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let a = domain(dir.path(), "a.test", "web", "b.test")?;
+    let b = domain(dir.path(), "b.test", "db", "a.test")?;
+    federate(&a, &b, "b.test")?;
+    federate(&b, &a, "a.test")?;
+
+    // A fetches B's bundle over B's endpoint, authenticating it with the bundle it was given.
+    let fetched = a
+        .server
+        .cli(&["federation", "refresh", "--trust-domain", "b.test"])?;
+    ensure!(
+        fetched == b.server.cli(&["bundle", "show"])?,
+        "A holds B's bundle"
+    );
+    let listed = a.server.cli_json(&["federation", "list"])?;
+    ensure!(
+        listed["relationships"][0]["last_error"] == ""
+            && listed["relationships"][0]["last_success_at"].as_i64() > Some(0),
+        "{listed}"
+    );
+
+    // The endpoint speaks the SPIFFE bundle format to a client nobody here wrote.
+    let served = Command::new("curl")
+        .args(["-sk", &format!("https://127.0.0.1:{}/", a.endpoint_port)])
+        .output()?;
+    let served: serde_json::Value = serde_json::from_slice(&served.stdout)
+        .with_context(|| String::from_utf8_lossy(&served.stderr).into_owned())?;
+    ensure!(
+        served["spiffe_sequence"].as_u64() > Some(0) && served["spiffe_refresh_hint"] == 1,
+        "{served}"
+    );
+    let keys = served["keys"].as_array().context("keys")?;
+    ensure!(
+        keys.iter()
+            .any(|k| k["use"] == "x509-svid" && k["x5c"].is_array())
+            && keys
+                .iter()
+                .any(|k| k["use"] == "jwt-svid" && k["kid"].is_string()),
+        "{served}"
+    );
+
+    // Each workload receives the other domain's bundle beside its own.
+    let files_a = dir.path().join("files-a");
+    let files_b = dir.path().join("files-b");
+    write_files(&a.agent, &files_a, "b.test").await?;
+    write_files(&b.agent, &files_b, "a.test").await?;
+    let json: serde_json::Value =
+        serde_json::from_str(&a.agent.cli(&["api", "fetch", "x509", "--output", "json"])?)?;
+    ensure!(
+        json["federated_trust_domains"] == serde_json::json!(["spiffe://b.test"]),
+        "{json}"
+    );
+
+    // mTLS: B's workload serves, A's connects; each verifies the other with the federated bundle.
+    let port = free_port()?;
+    let mut server = Command::new("openssl")
+        .args(["s_server", "-accept", &port.to_string(), "-naccept", "1"])
+        .args(["-Verify", "1", "-verify_return_error"])
+        .arg("-cert")
+        .arg(files_b.join("svid.0.pem"))
+        .arg("-key")
+        .arg(files_b.join("svid.0.key"))
+        .arg("-CAfile")
+        .arg(files_b.join("federated.a.test.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Every line s_server prints, from both of its streams; it says ACCEPT once it listens.
+    let (lines, printed) = std::sync::mpsc::channel::<String>();
+    for stream in [
+        server
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        server
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(lines);
+    let mut server_text = String::new();
+    while !server_text.contains("ACCEPT") {
+        let line = printed
+            .recv_timeout(Duration::from_secs(10))
+            .with_context(|| format!("openssl s_server did not start:\n{server_text}"))?;
+        server_text.push_str(&line);
+        server_text.push('\n');
+    }
+    let client = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-verify_return_error", "-brief"])
+        .arg("-cert")
+        .arg(files_a.join("svid.0.pem"))
+        .arg("-key")
+        .arg(files_a.join("svid.0.key"))
+        .arg("-CAfile")
+        .arg(files_a.join("federated.b.test.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()?;
+    let _ = server.wait();
+    server_text.extend(printed.iter().map(|line| line + "\n"));
+    let client_text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&client.stdout),
+        String::from_utf8_lossy(&client.stderr)
+    );
+    ensure!(
+        client_text.contains("Verification: OK"),
+        "A's workload did not verify B's:\n{client_text}\nserver:\n{server_text}"
+    );
+    ensure!(
+        server_text.contains("verify return:1") && !server_text.contains("verify error"),
+        "B's workload did not verify A's certificate:\n{server_text}"
+    );
+    // Each side's certificate names its own domain's workload.
+    ensure!(
+        uri_san(&files_a.join("svid.0.pem"))?.contains("spiffe://a.test/web")
+            && uri_san(&files_b.join("svid.0.pem"))?.contains("spiffe://b.test/db"),
+        "identities"
+    );
+    // Without the federated bundle, the same handshake is refused: trust comes from federation.
+    let untrusted = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(files_a.join("bundle.0.pem"))
+        .arg(files_b.join("svid.0.pem"))
+        .output()?;
+    ensure!(
+        !untrusted.status.success(),
+        "A's own bundle must not trust B"
+    );
+
+    // A failed refresh (B is down) is refused with the reason and the last good bundle stays.
+    let mut b = b;
+    b.agent.stop()?;
+    b.server.stop()?;
+    let refused = a
+        .server
+        .cli_error(&["federation", "refresh", "--trust-domain", "b.test"])?;
+    ensure!(refused.contains("cannot connect"), "{refused}");
+    ensure!(
+        a.server
+            .cli(&["bundle", "show", "--trust-domain", "b.test"])?
+            .contains("BEGIN CERTIFICATE"),
+        "the last good bundle is kept"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_relationships_and_bundles_are_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let a = ServerProcess::start_in_domain(&dir.path().join("a"), "a.test", "", None)?;
+    let own_json = a.cli(&["bundle", "show", "--format", "spiffe"])?;
+    let own_path = dir.path().join("a.json");
+    std::fs::write(&own_path, &own_json)?;
+
+    let refusals: [(&[&str], &str); 5] = [
+        (
+            &[
+                "federation",
+                "create",
+                "--trust-domain",
+                "a.test",
+                "--bundle-endpoint-url",
+                "https://a.test/",
+                "--endpoint-spiffe-id",
+                "spiffe://a.test/x",
+            ],
+            "own trust domain",
+        ),
+        (
+            &[
+                "federation",
+                "create",
+                "--trust-domain",
+                "b.test",
+                "--bundle-endpoint-url",
+                "http://b.test/",
+                "--endpoint-spiffe-id",
+                "spiffe://b.test/x",
+            ],
+            "https://",
+        ),
+        (
+            &[
+                "federation",
+                "create",
+                "--trust-domain",
+                "b.test",
+                "--bundle-endpoint-url",
+                "https://b.test/",
+                "--endpoint-spiffe-id",
+                "spiffe://b.test/x",
+            ],
+            "none is stored",
+        ),
+        (
+            &[
+                "federation",
+                "create",
+                "--trust-domain",
+                "b.test",
+                "--bundle-endpoint-url",
+                "https://b.test/",
+                "--profile",
+                "https_web",
+                "--endpoint-spiffe-id",
+                "spiffe://b.test/x",
+            ],
+            "only an https_spiffe endpoint",
+        ),
+        (
+            // A's own bundle presented as another domain's: its CA names spiffe://a.test.
+            &[
+                "bundle",
+                "set",
+                "--trust-domain",
+                "c.test",
+                "--path",
+                own_path.to_str().context("path")?,
+            ],
+            "another trust domain",
+        ),
+    ];
+    for (args, reason) in refusals {
+        let error = a.cli_error(args)?;
+        ensure!(error.contains(reason), "{args:?}: {error}");
+    }
+    ensure!(
+        a.cli_json(&["bundle", "list"])?["bundles"]
+            .as_array()
+            .is_some_and(|b| b.len() == 1),
+        "nothing was stored"
+    );
+    // A bundle of another server's domain set by hand, then an older one is refused.
+    let b = ServerProcess::start_in_domain(&dir.path().join("b"), "b.test", "", None)?;
+    let b_json = b.cli(&["bundle", "show", "--format", "spiffe"])?;
+    let b_path = dir.path().join("b.json");
+    std::fs::write(&b_path, &b_json)?;
+    a.cli(&[
+        "bundle",
+        "set",
+        "--trust-domain",
+        "b.test",
+        "--path",
+        b_path.to_str().context("path")?,
+    ])?;
+    let mut newer: serde_json::Value = serde_json::from_str(&b_json)?;
+    newer["spiffe_sequence"] =
+        serde_json::json!(newer["spiffe_sequence"].as_u64().unwrap_or(0) + 5);
+    std::fs::write(&b_path, newer.to_string())?;
+    a.cli(&[
+        "bundle",
+        "set",
+        "--trust-domain",
+        "b.test",
+        "--path",
+        b_path.to_str().context("path")?,
+    ])?;
+    std::fs::write(&b_path, &b_json)?;
+    let older = a.cli_error(&[
+        "bundle",
+        "set",
+        "--trust-domain",
+        "b.test",
+        "--path",
+        b_path.to_str().context("path")?,
+    ])?;
+    ensure!(older.contains("below the stored"), "{older}");
+    std::fs::write(&b_path, "{ not json")?;
+    let garbage = a.cli_error(&[
+        "bundle",
+        "set",
+        "--trust-domain",
+        "b.test",
+        "--path",
+        b_path.to_str().context("path")?,
+    ])?;
+    ensure!(garbage.contains("bundle"), "{garbage}");
+    ensure!(
+        a.cli_json(&["bundle", "list"])?["bundles"][1]["sequence"].as_u64()
+            == newer["spiffe_sequence"].as_u64(),
+        "the last good bundle stays"
+    );
+    Ok(())
+}
+
+async fn write_files(agent: &AgentProcess, dir: &Path, peer: &str) -> anyhow::Result<()> {
+    agent.cli(&[
+        "api",
+        "fetch",
+        "x509",
+        "--write",
+        dir.to_str().context("utf-8 path")?,
+    ])?;
+    ensure!(
+        dir.join(format!("federated.{peer}.pem")).exists(),
+        "no federated bundle of {peer} in {}",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn uri_san(pem: &Path) -> anyhow::Result<String> {
+    let output = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(pem)
+        .output()?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
