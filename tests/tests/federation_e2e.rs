@@ -153,6 +153,28 @@ async fn two_trust_domains_federate_and_do_mtls() -> anyhow::Result<()> {
         "{json}"
     );
 
+    // A JWT-SVID of B's workload validates at A's agent, through B's federated JWT keys.
+    let token: serde_json::Value = serde_json::from_str(&b.agent.cli(&[
+        "api",
+        "fetch",
+        "jwt",
+        "--audience",
+        "a-service",
+        "--output",
+        "json",
+    ])?)?;
+    let token = token["svids"][0]["token"].as_str().context("token")?;
+    let checked = a.agent.cli(&[
+        "api",
+        "validate",
+        "jwt",
+        "--audience",
+        "a-service",
+        "--token",
+        token,
+    ])?;
+    ensure!(checked.contains("spiffe://b.test/db"), "{checked}");
+
     // mTLS: B's workload serves, A's connects; each verifies the other with the federated bundle.
     let port = free_port()?;
     let mut server = Command::new("openssl")

@@ -52,3 +52,25 @@ fn istio_overlays_agree_with_the_deployment_and_istio_agent() -> anyhow::Result<
     ensure!(stdout.contains("0 problems"), "{stdout}");
     Ok(())
 }
+
+#[test]
+fn federation_example_is_valid_and_consistent() -> anyhow::Result<()> {
+    let Some(python) =
+        python::kubernetes_validate_python("federation_example_is_valid_and_consistent")?
+    else {
+        return Ok(());
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let output = std::process::Command::new(python)
+        .arg(root.join("tests/python/check_federation_example.py"))
+        .arg(&root)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(stdout.contains("0 problems"), "{stdout}");
+    Ok(())
+}
