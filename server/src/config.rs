@@ -4,13 +4,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use sigil_core::id::{TrustDomain, parse_trust_domain};
 use sigil_core::x509::KeyType;
 
-use crate::ca::CaSettings;
+use crate::ca::{CaSettings, DiskUpstream, UpstreamAuthority};
 use crate::{Error, Result};
 
 /// A duration written as `30s`, `10m`, `24h` or `7d`.
@@ -52,6 +53,22 @@ pub struct CaConfig {
     pub agent_svid_ttl: Ttl,
     /// The bundle's `spiffe_refresh_hint`. Default 5 min.
     pub bundle_refresh_hint: Ttl,
+    /// `[ca.upstream]`: an existing CA that signs this one; absent, the CA is its own root.
+    pub upstream: Option<UpstreamConfig>,
+}
+
+/// The `[ca.upstream]` section: an operator's CA, from files, that signs Sigil's CA as an
+/// intermediate; the bundle then carries the operator's root.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The upstream CA certificate (PEM), optionally followed by the intermediates above it.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
+    /// The root(s) to trust when `cert_file` is not itself a root.
+    #[serde(default)]
+    pub bundle_file: Option<PathBuf>,
 }
 
 impl Default for CaConfig {
@@ -64,6 +81,7 @@ impl Default for CaConfig {
             default_jwt_svid_ttl: Ttl(Duration::from_secs(300)),
             agent_svid_ttl: Ttl(Duration::from_secs(24 * 3600)),
             bundle_refresh_hint: Ttl(Duration::from_secs(300)),
+            upstream: None,
         }
     }
 }
@@ -390,15 +408,29 @@ impl ServerConfig {
     }
 
     /// The CA's settings.
-    pub fn ca_settings(&self, trust_domain: TrustDomain) -> CaSettings {
-        CaSettings {
+    /// The CA's settings, with the upstream CA read from its files (an unusable upstream stops
+    /// start-up with the file and the reason).
+    pub fn ca_settings(&self, trust_domain: TrustDomain) -> Result<CaSettings> {
+        let upstream = match &self.ca.upstream {
+            Some(files) => {
+                let upstream = DiskUpstream::load(
+                    &files.cert_file,
+                    &files.key_file,
+                    files.bundle_file.as_deref(),
+                )?;
+                Some(Arc::new(upstream) as Arc<dyn UpstreamAuthority>)
+            }
+            None => None,
+        };
+        Ok(CaSettings {
             trust_domain,
             key_type: self.ca.key_type,
             ca_ttl: self.ca.ttl.0,
             default_x509_svid_ttl: self.ca.default_x509_svid_ttl.0,
             default_jwt_svid_ttl: self.ca.default_jwt_svid_ttl.0,
             bundle_refresh_hint: self.ca.bundle_refresh_hint.0,
-        }
+            upstream,
+        })
     }
 
     /// Checks values that parse but make no sense together.

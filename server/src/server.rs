@@ -73,7 +73,7 @@ pub async fn start(
     };
     let ca = Arc::new(
         Ca::load(
-            config.ca_settings(trust_domain.clone()),
+            config.ca_settings(trust_domain.clone())?,
             keys,
             clock.clone(),
             datastore.as_ref(),

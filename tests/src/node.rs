@@ -29,8 +29,16 @@ impl Node {
     pub fn start(
         register: impl FnOnce(&ServerProcess) -> anyhow::Result<()>,
     ) -> anyhow::Result<Self> {
+        Self::start_with("", register)
+    }
+
+    /// Like [`Node::start`], with `server_config` appended to the server's configuration.
+    pub fn start_with(
+        server_config: &str,
+        register: impl FnOnce(&ServerProcess) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let server = ServerProcess::start(&dir.path().join("server"), None, "")?;
+        let server = ServerProcess::start(&dir.path().join("server"), None, server_config)?;
         let token = server.cli_json(&["token", "generate", "--spiffe-id", NODE_ALIAS])?;
         let token = token["token"]
             .as_str()

@@ -12,6 +12,7 @@
 mod jwt;
 mod keys;
 mod record;
+mod upstream;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -30,6 +31,7 @@ use crate::{Error, Result};
 pub use jwt::JwtKey;
 pub use keys::{DiskKeyManager, KeyManager, MemoryKeyManager};
 pub use record::IssuanceRecorder;
+pub use upstream::{DiskUpstream, UpstreamAuthority, is_self_issued};
 
 /// How the CA is shaped; from the `[ca]` section of the configuration.
 #[derive(Debug, Clone)]
@@ -46,6 +48,30 @@ pub struct CaSettings {
     pub default_jwt_svid_ttl: Duration,
     /// Advertised `spiffe_refresh_hint` of the bundle.
     pub bundle_refresh_hint: Duration,
+    /// The operator's CA that signs this one, when there is one; otherwise the CA is a root.
+    pub upstream: Option<Arc<dyn UpstreamAuthority>>,
+}
+
+impl CaSettings {
+    /// Whether a CA certificate of the journal belongs to the current setup: signed by the
+    /// upstream when there is one, a root when there is none.
+    fn fits(&self, certificate: &[u8]) -> bool {
+        match &self.upstream {
+            Some(upstream) => upstream.issued(certificate),
+            None => is_self_issued(certificate),
+        }
+    }
+
+    /// The certificates a workload needs between a leaf signed by `certificate` and a trust
+    /// anchor: none for a root, the CA itself and the upstream's chain for an intermediate.
+    fn chain_above(&self, certificate: &[u8]) -> Vec<Vec<u8>> {
+        match &self.upstream {
+            Some(upstream) => std::iter::once(certificate.to_vec())
+                .chain(upstream.chain().iter().cloned())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
 }
 
 /// An X.509 CA that can sign.
@@ -53,12 +79,14 @@ struct X509Authority {
     id: String,
     issuer: Issuer<'static, KeyPair>,
     not_after: i64,
+    /// Intermediates to send after a leaf it signs (empty when it is a root).
+    chain_above: Vec<Vec<u8>>,
 }
 
 /// A signed X509-SVID.
 #[derive(Debug, Clone)]
 pub struct SignedX509Svid {
-    /// DER certificates, leaf first (the root is in the bundle, not the chain).
+    /// DER certificates, leaf first, then any intermediates (the root is in the bundle).
     pub chain: Vec<Vec<u8>>,
     /// Hex serial.
     pub serial: String,
@@ -120,7 +148,8 @@ impl Ca {
         let now = clock.unix_now();
         let min_life = settings.minimum_remaining_life();
         let x509 = match usable(&journal, AuthorityKind::X509, now, min_life)
-            .find_map(|a| load_x509(a, keys.as_ref()).transpose())
+            .filter(|a| settings.fits(&a.public_data))
+            .find_map(|a| load_x509(a, &settings, keys.as_ref()).transpose())
             .transpose()?
         {
             Some(authority) => authority,
@@ -201,12 +230,22 @@ impl Ca {
             i64::try_from(self.settings.bundle_refresh_hint.as_secs()).unwrap_or(300);
         for authority in journal.iter().filter(|a| a.not_after > now) {
             match authority.kind {
+                // Roots go in the bundle (older self-signed ones until they expire); Sigil's
+                // intermediates under an upstream do not: the upstream's roots stand for them.
+                AuthorityKind::X509 if !is_self_issued(&authority.public_data) => {}
                 AuthorityKind::X509 => fresh.x509_authorities.push(authority.public_data.clone()),
                 AuthorityKind::Jwt => fresh.jwt_authorities.push(JwtAuthority {
                     key_id: authority.id.clone(),
                     public_key: authority.public_data.clone(),
                     expires_at: authority.not_after,
                 }),
+            }
+        }
+        if let Some(upstream) = &self.settings.upstream {
+            for anchor in upstream.trust_anchors() {
+                if !fresh.x509_authorities.contains(anchor) {
+                    fresh.x509_authorities.push(anchor.clone());
+                }
             }
         }
         let stored = datastore.get_bundle(&self.settings.trust_domain).await?;
@@ -270,7 +309,9 @@ impl Ca {
                 .as_ref()
                 .map(|s| hex::encode(s.to_bytes()))
                 .unwrap_or_default(),
-            chain: vec![certificate.der().to_vec()],
+            chain: std::iter::once(certificate.der().to_vec())
+                .chain(authority.chain_above.iter().cloned())
+                .collect(),
             not_before: unix_seconds(params.not_before.into()),
             not_after: unix_seconds(not_after),
             authority_id: authority.id.clone(),
@@ -336,7 +377,11 @@ fn usable(
         .filter(move |a| a.kind == kind && a.state == "active" && a.not_after - now >= min_life)
 }
 
-fn load_x509(authority: &Authority, keys: &dyn KeyManager) -> Result<Option<X509Authority>> {
+fn load_x509(
+    authority: &Authority,
+    settings: &CaSettings,
+    keys: &dyn KeyManager,
+) -> Result<Option<X509Authority>> {
     let Some(key) = keys.load(&authority.key_ref)? else {
         tracing::warn!(authority = %authority.id, "the key of a CA in the journal is missing; making a new CA");
         return Ok(None);
@@ -352,6 +397,7 @@ fn load_x509(authority: &Authority, keys: &dyn KeyManager) -> Result<Option<X509
         id: authority.id.clone(),
         issuer,
         not_after: authority.not_after,
+        chain_above: settings.chain_above(&authority.public_data),
     }))
 }
 
@@ -372,17 +418,38 @@ async fn create_x509<D: DataStore>(
     let key_ref = format!("x509-ca-{}", unix_seconds(now));
     let key_ref = unique_key_ref(keys, key_ref)?;
     let key = keys.generate(&key_ref, settings.key_type)?;
-    let params = root_ca_params(&settings.trust_domain, now, settings.ca_ttl)?;
-    let certificate = params
-        .self_signed(&key)
-        .map_err(|e| Error::Ca(format!("cannot self-sign the CA certificate: {e}")))?;
-    let facts = certificate_facts(certificate.der())?;
+    let certificate = match &settings.upstream {
+        Some(upstream) => {
+            // An intermediate cannot outlive the CA that signs it.
+            let left = upstream.not_after() - unix_seconds(now);
+            let ttl = Duration::from_secs(u64::try_from(left).unwrap_or(0)).min(settings.ca_ttl);
+            if ttl.is_zero() {
+                return Err(Error::Ca(
+                    "the upstream CA certificate has expired; renew it".into(),
+                ));
+            }
+            let params = root_ca_params(&settings.trust_domain, now, ttl)?;
+            let der = upstream.sign_ca(&params, &key)?;
+            (params, der)
+        }
+        None => {
+            let params = root_ca_params(&settings.trust_domain, now, settings.ca_ttl)?;
+            let der = params
+                .self_signed(&key)
+                .map_err(|e| Error::Ca(format!("cannot self-sign the CA certificate: {e}")))?
+                .der()
+                .to_vec();
+            (params, der)
+        }
+    };
+    let (params, der) = certificate;
+    let facts = certificate_facts(&der)?;
     datastore
         .put_authority(&Authority {
             id: facts.subject_key_id.clone(),
             kind: AuthorityKind::X509,
             key_ref,
-            public_data: certificate.der().to_vec(),
+            public_data: der.clone(),
             state: "active".into(),
             not_after: facts.not_after,
             created_at: unix_seconds(now),
@@ -393,6 +460,7 @@ async fn create_x509<D: DataStore>(
         id: facts.subject_key_id,
         issuer: Issuer::new(params, key),
         not_after: facts.not_after,
+        chain_above: settings.chain_above(&der),
     })
 }
 
@@ -457,6 +525,7 @@ mod tests {
             default_x509_svid_ttl: Duration::from_secs(24 * 3600),
             default_jwt_svid_ttl: Duration::from_secs(300),
             bundle_refresh_hint: Duration::from_secs(300),
+            upstream: None,
         }
     }
 
