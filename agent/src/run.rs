@@ -98,6 +98,7 @@ pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Re
     ));
     tasks.spawn(keep_agent_svid_fresh(
         link.clone(),
+        cache.clone(),
         clock.clone(),
         stopping.clone(),
     ));

@@ -276,6 +276,9 @@ pub struct CertificateFacts {
     pub serial: String,
     /// Lower-case hex of the subject key identifier (empty when absent).
     pub subject_key_id: String,
+    /// Lower-case hex of the authority key identifier: the signing CA's subject key identifier,
+    /// which is how Sigil names an authority (empty when absent).
+    pub authority_key_id: String,
     /// Unix seconds.
     pub not_before: i64,
     /// Unix seconds.
@@ -300,10 +303,21 @@ pub fn certificate_facts(der: &[u8]) -> Result<CertificateFacts> {
             _ => None,
         })
         .unwrap_or_default();
+    let authority_key_id = cert
+        .extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|kid| hex::encode(kid.0))
+            }
+            _ => None,
+        })
+        .unwrap_or_default();
     Ok(CertificateFacts {
         spiffe_id,
         serial: hex::encode(cert.raw_serial()),
         subject_key_id,
+        authority_key_id,
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
         is_ca: cert.is_ca(),

@@ -138,6 +138,7 @@ pub async fn start(
         recorder,
         metrics,
         federation: federation.clone(),
+        ca_changed: Arc::new(tokio::sync::Notify::new()),
         clock,
         attestors,
         agent_svid_ttl: config.ca.agent_svid_ttl.0,
@@ -485,15 +486,19 @@ async fn maintain_ca<D: DataStore>(
     loop {
         tokio::select! {
             () = tokio::time::sleep(ROTATION_CHECK) => {}
+            () = state.ca_changed.notified() => {}
             _ = stopped.wait_for(|stop| *stop) => return,
         }
+        let tainted = state.ca.tainted();
         match state.ca.rotate_if_due(state.datastore.as_ref()).await {
-            Ok(true) => {
+            Ok(changed) if changed || state.ca.tainted() != tainted => {
                 if let Err(e) = state.authz.catch_up(state.datastore.as_ref()).await {
                     tracing::warn!(error = %e, "cannot read the change feed after a bundle change");
                 }
+                // Sync streams resend the tainted set (another server may have changed it).
+                state.authz.bump();
             }
-            Ok(false) => {}
+            Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "CA rotation check failed; retrying"),
         }
         if let Err(e) = tls.refresh_if_due(&state) {

@@ -46,6 +46,8 @@ pub struct CachedSvid {
     pub not_after: i64,
     /// Unix seconds at which the rotation task renews it.
     pub renew_at: i64,
+    /// The signing CA's subject key identifier (hex): renewed at once if that CA is tainted.
+    pub authority_id: String,
 }
 
 /// A cached JWT-SVID.
@@ -64,6 +66,8 @@ struct State {
     federated: BTreeMap<String, Arc<TrustBundle>>,
     svids: HashMap<String, Arc<CachedSvid>>,
     jwts: HashMap<(String, Vec<String>), CachedJwt>,
+    /// Tainted authority ids from the server: what they signed is renewed at once.
+    tainted: BTreeSet<String>,
     synced: bool,
 }
 
@@ -183,6 +187,17 @@ impl Cache {
                 Err(e) => {
                     tracing::warn!(error = %e, "ignoring an unreadable bundle from the server")
                 }
+            }
+        }
+        if message.tainted_set {
+            let tainted: BTreeSet<String> = message.tainted_authority_ids.iter().cloned().collect();
+            if tainted != state.tainted {
+                if !tainted.is_empty() {
+                    tracing::warn!(authorities = ?tainted, "the server tainted authorities; renewing what they signed now");
+                }
+                // A JWT-SVID does not say its key's fate cheaply: fetch all of them again.
+                state.jwts.clear();
+                state.tainted = tainted;
             }
         }
         if message.federated_bundles_set {
@@ -316,14 +331,27 @@ impl Cache {
         let state = self.read();
         let mut due = Vec::new();
         let mut next: Option<i64> = None;
+        // NotBefore is back-dated; a tainted SVID renewed less than a second ago (a server that
+        // still signs with that CA) waits rather than spin.
+        let backdate = i64::try_from(sigil_core::x509::BACKDATE.as_secs()).unwrap_or(0);
         for svid in state.svids.values() {
-            if svid.renew_at <= now {
+            let renew_at = if state.tainted.contains(&svid.authority_id) {
+                svid.renew_at.min(svid.not_before + backdate + 1)
+            } else {
+                svid.renew_at
+            };
+            if renew_at <= now {
                 due.push(svid.entry_id.clone());
             } else {
-                next = Some(next.map_or(svid.renew_at, |n| n.min(svid.renew_at)));
+                next = Some(next.map_or(renew_at, |n| n.min(renew_at)));
             }
         }
         (due, next)
+    }
+
+    /// Whether the authority with this id (a CA's subject key identifier) is tainted.
+    pub fn is_tainted(&self, authority_id: &str) -> bool {
+        self.read().tainted.contains(authority_id)
     }
 
     /// A cached JWT-SVID for `entry_id` and `audience` that has more than half its life left.

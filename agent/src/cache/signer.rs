@@ -172,6 +172,7 @@ async fn sign_batch(
                             // From now, not from the back-dated NotBefore, so renewal comes at half the
                             // lifetime actually left.
                             renew_at: renewal_time(now, facts.not_after),
+                            authority_id: facts.authority_key_id,
                         };
                         metrics.svids_signed.inc();
                         cache.store_svid(cached.clone());

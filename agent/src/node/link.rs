@@ -13,6 +13,8 @@ use sigil_core::id::TrustDomain;
 use sigil_core::x509::{BACKDATE, certificate_facts};
 use sigil_proto::agent::agent_api_client::AgentApiClient;
 use tokio::sync::watch;
+
+use crate::cache::Cache;
 use tonic::transport::Channel;
 
 use super::{
@@ -215,27 +217,46 @@ impl ServerLink {
     }
 }
 
-/// Renews the agent SVID at half its remaining life, retrying with backoff when the server is
-/// away; runs until `stopping` turns true.
+/// Renews the agent SVID at half its remaining life, or at once when its CA is tainted, retrying
+/// with backoff when the server is away; runs until `stopping` turns true.
 pub async fn keep_agent_svid_fresh(
     link: Arc<ServerLink>,
+    cache: Arc<Cache>,
     clock: SharedClock,
     mut stopping: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_secs(1);
+    let mut changes = cache.subscribe();
     loop {
+        changes.borrow_and_update();
         let identity = link.identity();
         // The server back-dates NotBefore by BACKDATE; half-life counts from the real issue time.
         let backdate = i64::try_from(BACKDATE.as_secs()).unwrap_or(0);
-        let issued_at = identity
+        let facts = identity
             .chain
             .first()
-            .and_then(|leaf| certificate_facts(leaf).ok())
+            .and_then(|leaf| certificate_facts(leaf).ok());
+        let issued_at = facts
+            .as_ref()
             .map_or(clock.unix_now(), |facts| facts.not_before + backdate);
-        let renew_at = issued_at + (identity.expires_at - issued_at) / 2;
+        // Signed by a tainted CA: renew now (but not within a second of its issue, so a server
+        // that still signs with that CA is not asked in a tight loop).
+        let tainted = facts
+            .as_ref()
+            .is_some_and(|facts| cache.is_tainted(&facts.authority_key_id));
+        let renew_at = if tainted {
+            issued_at + 1
+        } else {
+            issued_at + (identity.expires_at - issued_at) / 2
+        };
         let wait = Duration::from_secs(u64::try_from(renew_at - clock.unix_now()).unwrap_or(0));
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            // A sync may have tainted the CA that signed this SVID: look again.
+            changed = changes.changed() => {
+                if changed.is_err() { return }
+                continue;
+            }
             _ = stopping.wait_for(|stop| *stop) => return,
         }
         match link.renew().await {

@@ -13,8 +13,9 @@ use sigil_core::id::{parse_member_id, parse_trust_domain, server_id};
 use sigil_core::selector::Selector;
 use sigil_proto::admin::admin_api_server::AdminApi;
 use sigil_proto::admin::{
-    Agent, AgentId, CreateEntryRequest, CreateJoinTokenRequest, CreateJoinTokenResponse, EntryId,
-    FederationRelationship, GetBundleRequest, IssuedSvid, ListAgentsRequest, ListAgentsResponse,
+    Agent, AgentId, Authority, AuthorityId, CreateEntryRequest, CreateJoinTokenRequest,
+    CreateJoinTokenResponse, EntryId, FederationRelationship, GetBundleRequest, IssuedSvid,
+    ListAgentsRequest, ListAgentsResponse, ListAuthoritiesRequest, ListAuthoritiesResponse,
     ListBundlesRequest, ListBundlesResponse, ListEntriesRequest, ListEntriesResponse,
     ListFederationsRequest, ListFederationsResponse, ListSvidsRequest, ListSvidsResponse,
     SetBundleRequest, SvidSerial, TrustDomainName, UpdateEntryRequest,
@@ -38,6 +39,34 @@ impl<D> AdminService<D> {
     /// The service over shared server state.
     pub fn new(state: Arc<ServerState<D>>) -> Self {
         AdminService { state }
+    }
+}
+
+impl<D: DataStore> AdminService<D> {
+    /// After a journal change: agents see the new bundle and tainted set on their sync streams
+    /// before the call returns.
+    async fn after_ca_change(&self) -> Result<()> {
+        self.state
+            .authz
+            .catch_up(self.state.datastore.as_ref())
+            .await?;
+        self.state.authz.bump();
+        self.state.ca_changed.notify_one();
+        Ok(())
+    }
+}
+
+fn authority_to_proto(authority: &crate::datastore::Authority) -> Authority {
+    Authority {
+        id: authority.id.clone(),
+        kind: match authority.kind {
+            crate::datastore::AuthorityKind::X509 => "x509".into(),
+            crate::datastore::AuthorityKind::Jwt => "jwt".into(),
+        },
+        state: authority.state.clone(),
+        not_after: authority.not_after,
+        created_at: authority.created_at,
+        public_data: authority.public_data.clone(),
     }
 }
 
@@ -379,6 +408,68 @@ impl<D: DataStore> AdminApi for AdminService<D> {
         Ok(Response::new(
             federation::refresh(&self.state, &request.into_inner().trust_domain).await?,
         ))
+    }
+
+    async fn list_authorities(
+        &self,
+        _request: Request<ListAuthoritiesRequest>,
+    ) -> Result<Response<ListAuthoritiesResponse>, Status> {
+        let journal = self.state.datastore.list_authorities().await?;
+        Ok(Response::new(ListAuthoritiesResponse {
+            authorities: journal.iter().map(authority_to_proto).collect(),
+        }))
+    }
+
+    async fn prepare_authorities(
+        &self,
+        _request: Request<ListAuthoritiesRequest>,
+    ) -> Result<Response<ListAuthoritiesResponse>, Status> {
+        let prepared = self.state.ca.prepare(self.state.datastore.as_ref()).await?;
+        self.after_ca_change().await?;
+        Ok(Response::new(ListAuthoritiesResponse {
+            authorities: prepared.iter().map(authority_to_proto).collect(),
+        }))
+    }
+
+    async fn activate_authorities(
+        &self,
+        _request: Request<ListAuthoritiesRequest>,
+    ) -> Result<Response<ListAuthoritiesResponse>, Status> {
+        let activated = self
+            .state
+            .ca
+            .activate(self.state.datastore.as_ref())
+            .await?;
+        self.after_ca_change().await?;
+        Ok(Response::new(ListAuthoritiesResponse {
+            authorities: activated.iter().map(authority_to_proto).collect(),
+        }))
+    }
+
+    async fn taint_authority(
+        &self,
+        request: Request<AuthorityId>,
+    ) -> Result<Response<Authority>, Status> {
+        let tainted = self
+            .state
+            .ca
+            .taint(self.state.datastore.as_ref(), &request.into_inner().id)
+            .await?;
+        self.after_ca_change().await?;
+        Ok(Response::new(authority_to_proto(&tainted)))
+    }
+
+    async fn revoke_authority(
+        &self,
+        request: Request<AuthorityId>,
+    ) -> Result<Response<Authority>, Status> {
+        let revoked = self
+            .state
+            .ca
+            .revoke(self.state.datastore.as_ref(), &request.into_inner().id)
+            .await?;
+        self.after_ca_change().await?;
+        Ok(Response::new(authority_to_proto(&revoked)))
     }
 
     async fn list_svids(

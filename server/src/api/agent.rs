@@ -371,6 +371,7 @@ async fn stream_changes<D: DataStore>(
     let mut bundle_sequence = None;
     // Every foreign bundle last sent (compared whole: a bundle set by hand may keep its sequence).
     let mut federated_sent: Option<Vec<Arc<TrustBundle>>> = None;
+    let mut tainted_sent: Option<Arc<Vec<String>>> = None;
     let mut first = true;
     loop {
         let revision = *changes.borrow_and_update();
@@ -413,7 +414,14 @@ async fn stream_changes<D: DataStore>(
                 .collect();
             federated_sent = Some(federated);
         }
+        let tainted = state.ca.tainted();
+        if tainted_sent.as_ref() != Some(&tainted) {
+            message.tainted_set = true;
+            message.tainted_authority_ids = tainted.as_ref().clone();
+            tainted_sent = Some(tainted);
+        }
         let changed = first
+            || message.tainted_set
             || !message.entries.is_empty()
             || !message.removed_entry_ids.is_empty()
             || message.bundle.is_some()

@@ -45,6 +45,9 @@ pub struct ServerState<D> {
     pub metrics: Arc<Metrics>,
     /// The federated bundles' refresher.
     pub federation: Arc<Federation>,
+    /// Signalled when an operator changed the CA journal: the CA maintenance task (server SVID,
+    /// bundle) runs at once instead of at its next tick.
+    pub ca_changed: Arc<tokio::sync::Notify>,
     /// The clock.
     pub clock: SharedClock,
     /// Node attestors by name.

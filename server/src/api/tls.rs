@@ -34,20 +34,24 @@ pub struct ServerTls {
     config: ArcSwap<rustls::ServerConfig>,
     expires_at: std::sync::atomic::AtomicI64,
     bundle_sequence: std::sync::atomic::AtomicU64,
+    /// The CA that signed the current SVID.
+    authority: ArcSwap<String>,
 }
 
 impl ServerTls {
     /// Issues the server's first SVID.
     pub fn new<D: DataStore>(state: &ServerState<D>) -> Result<Self> {
-        let (config, expires_at, sequence) = build(state)?;
+        let (config, expires_at, sequence, authority) = build(state)?;
         Ok(ServerTls {
             config: ArcSwap::from_pointee(config),
             expires_at: expires_at.into(),
             bundle_sequence: sequence.into(),
+            authority: ArcSwap::from_pointee(authority),
         })
     }
 
-    /// Renews the server SVID when half its life has passed or the bundle changed.
+    /// Renews the server SVID when half its life has passed, the bundle changed, or another CA
+    /// became active (so a tainted CA's SVID does not outlive the taint).
     pub fn refresh_if_due<D: DataStore>(&self, state: &ServerState<D>) -> Result<()> {
         use std::sync::atomic::Ordering;
         let now = state.clock.unix_now();
@@ -56,11 +60,13 @@ impl ServerTls {
             i64::try_from(state.ca.settings().default_x509_svid_ttl.as_secs()).unwrap_or(i64::MAX);
         let bundle_changed =
             state.ca.bundle().sequence != self.bundle_sequence.load(Ordering::SeqCst);
-        if bundle_changed || expires_at - now <= lifetime / 2 {
-            let (config, expires_at, sequence) = build(state)?;
+        let other_ca = *self.authority.load_full() != state.ca.active_x509_id();
+        if bundle_changed || other_ca || expires_at - now <= lifetime / 2 {
+            let (config, expires_at, sequence, authority) = build(state)?;
             self.config.store(Arc::new(config));
             self.expires_at.store(expires_at, Ordering::SeqCst);
             self.bundle_sequence.store(sequence, Ordering::SeqCst);
+            self.authority.store(Arc::new(authority));
             tracing::info!(expires_at, "renewed the server SVID");
         }
         Ok(())
@@ -118,7 +124,9 @@ impl ServerTls {
     }
 }
 
-fn build<D: DataStore>(state: &ServerState<D>) -> Result<(rustls::ServerConfig, i64, u64)> {
+/// A fresh server SVID in a TLS configuration, with its expiry, the bundle sequence it was made
+/// under, and the CA that signed it.
+fn build<D: DataStore>(state: &ServerState<D>) -> Result<(rustls::ServerConfig, i64, u64, String)> {
     let provider = crypto_provider();
     let key = KeyType::EcP256.generate()?;
     let id = server_id(state.ca.trust_domain());
@@ -160,5 +168,5 @@ fn build<D: DataStore>(state: &ServerState<D>) -> Result<(rustls::ServerConfig, 
         .with_single_cert(chain, key_der)
         .map_err(|e| Error::Ca(format!("TLS configuration: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok((config, svid.not_after, bundle.sequence))
+    Ok((config, svid.not_after, bundle.sequence, svid.authority_id))
 }

@@ -4,10 +4,10 @@
 //! the trust domain's own bundle in the datastore in step with the CA journal (the `authorities`
 //! table). Private keys live behind a [`KeyManager`]; the journal holds only their ids.
 //!
-//! Rotation today is the simple policy: when the active authority has less than twice the
-//! longest SVID lifetime left, a new one is made, published in the bundle and used at once; the
-//! old one stays in the bundle until it expires. The prepared -> active -> old journal with a
-//! publication delay builds on this.
+//! Rotation follows the journal: `prepared` (published in the bundle, not signing) -> `active`
+//! (signing) -> `old` (in the bundle until it expires); an operator can also `taint` an old
+//! authority (agents replace what it signed at once) and then `revoke` it (out of the bundle).
+//! The same holds for JWT signing keys. See [`Ca::rotate_if_due`] for the schedule.
 
 mod jwt;
 mod keys;
@@ -29,6 +29,17 @@ use crate::datastore::{Authority, AuthorityKind, DataStore};
 use crate::{Error, Result};
 
 pub use jwt::JwtKey;
+
+/// Journal states: made and published, not yet signing.
+pub const STATE_PREPARED: &str = "prepared";
+/// Signing.
+pub const STATE_ACTIVE: &str = "active";
+/// Replaced; still in the bundle until it expires.
+pub const STATE_OLD: &str = "old";
+/// Not to be relied on: agents replace what it signed; still in the bundle until revoked.
+pub const STATE_TAINTED: &str = "tainted";
+/// Removed from the bundle.
+pub const STATE_REVOKED: &str = "revoked";
 pub use keys::{DiskKeyManager, KeyManager, MemoryKeyManager};
 pub use record::IssuanceRecorder;
 pub use upstream::{DiskUpstream, UpstreamAuthority, is_self_issued};
@@ -121,6 +132,8 @@ pub struct Ca {
     x509: ArcSwap<X509Authority>,
     jwt: ArcSwap<JwtKey>,
     bundle: ArcSwap<TrustBundle>,
+    /// Tainted authority ids, as of the last bundle publication.
+    tainted: ArcSwap<Vec<String>>,
     /// Serializes rotation so two checks never both make a new authority.
     rotation: Mutex<()>,
 }
@@ -153,14 +166,23 @@ impl Ca {
             .transpose()?
         {
             Some(authority) => authority,
-            None => create_x509(&settings, keys.as_ref(), clock.now(), datastore).await?,
+            None => {
+                create_x509(
+                    &settings,
+                    keys.as_ref(),
+                    clock.now(),
+                    datastore,
+                    STATE_ACTIVE,
+                )
+                .await?
+            }
         };
         let jwt = match usable(&journal, AuthorityKind::Jwt, now, min_life)
             .find_map(|a| load_jwt(a, keys.as_ref()).transpose())
             .transpose()?
         {
             Some(key) => key,
-            None => create_jwt(&settings, keys.as_ref(), now, datastore).await?,
+            None => create_jwt(&settings, keys.as_ref(), now, datastore, STATE_ACTIVE).await?,
         };
         let bundle = TrustBundle::new(settings.trust_domain.clone());
         let ca = Ca {
@@ -170,6 +192,7 @@ impl Ca {
             x509: ArcSwap::from_pointee(x509),
             jwt: ArcSwap::from_pointee(jwt),
             bundle: ArcSwap::from_pointee(bundle),
+            tainted: ArcSwap::from_pointee(Vec::new()),
             rotation: Mutex::new(()),
         };
         ca.publish_bundle(datastore).await?;
@@ -191,33 +214,233 @@ impl Ca {
         self.bundle.load_full()
     }
 
-    /// Makes new authorities when the active ones are near their end, and republishes the
-    /// bundle when anything changed. Returns whether the bundle changed.
+    /// Follows the journal's schedule: prepares the next authorities once the active X.509 CA
+    /// has used half its life (published at once, not yet signing), and activates them when it
+    /// has less than twice the longest SVID lifetime left, provided they have been published for
+    /// at least one bundle refresh hint (so agents and federated peers hold them first); an
+    /// active CA about to run out is replaced at once whatever the delay. Returns whether the
+    /// bundle changed.
     pub async fn rotate_if_due<D: DataStore>(&self, datastore: &D) -> Result<bool> {
         let _guard = self.rotation.lock().await;
         let now = self.clock.unix_now();
         let min_life = self.settings.minimum_remaining_life();
+        let half_life = i64::try_from(self.settings.ca_ttl.as_secs() / 2).unwrap_or(i64::MAX);
+        let remaining = self.x509.load().not_after.min(self.jwt.load().not_after) - now;
+        let journal = datastore.list_authorities().await?;
+        let prepared: Vec<&Authority> = journal
+            .iter()
+            .filter(|a| a.state == STATE_PREPARED && a.not_after > now)
+            .collect();
         let mut changed = false;
-        if self.x509.load().not_after - now < min_life {
-            let fresh = create_x509(
-                &self.settings,
-                self.keys.as_ref(),
-                self.clock.now(),
-                datastore,
-            )
-            .await?;
-            tracing::info!(authority = %fresh.id, "rotated the X.509 CA");
-            self.x509.store(Arc::new(fresh));
+        if remaining <= half_life && prepared.is_empty() {
+            self.prepare_locked(datastore).await?;
             changed = true;
         }
-        if self.jwt.load().not_after - now < min_life {
-            let fresh = create_jwt(&self.settings, self.keys.as_ref(), now, datastore).await?;
-            tracing::info!(key_id = %fresh.key_id, "rotated the JWT signing key");
-            self.jwt.store(Arc::new(fresh));
+        let hint = i64::try_from(self.settings.bundle_refresh_hint.as_secs()).unwrap_or(0);
+        let published_long_enough = journal
+            .iter()
+            .filter(|a| a.state == STATE_PREPARED)
+            .all(|a| now - a.created_at >= hint);
+        if remaining < min_life && (published_long_enough || remaining < min_life / 2) {
+            if journal.iter().all(|a| a.state != STATE_PREPARED) && !changed {
+                self.prepare_locked(datastore).await?;
+            }
+            self.activate_locked(datastore).await?;
             changed = true;
         }
         let published = self.publish_bundle(datastore).await?;
         Ok(changed || published)
+    }
+
+    /// `ca prepare`: makes the next X.509 CA and JWT key, published in the bundle at once and
+    /// used only once activated. Refused while prepared ones wait.
+    pub async fn prepare<D: DataStore>(&self, datastore: &D) -> Result<Vec<Authority>> {
+        let _guard = self.rotation.lock().await;
+        if datastore
+            .list_authorities()
+            .await?
+            .iter()
+            .any(|a| a.state == STATE_PREPARED)
+        {
+            return Err(Error::AlreadyExists(
+                "prepared authorities; activate them (`sigil-server ca activate`) first".into(),
+            ));
+        }
+        let made = self.prepare_locked(datastore).await?;
+        self.publish_bundle(datastore).await?;
+        Ok(made)
+    }
+
+    async fn prepare_locked<D: DataStore>(&self, datastore: &D) -> Result<Vec<Authority>> {
+        let now = self.clock.now();
+        let x509 = create_x509(
+            &self.settings,
+            self.keys.as_ref(),
+            now,
+            datastore,
+            STATE_PREPARED,
+        )
+        .await?;
+        let jwt = create_jwt(
+            &self.settings,
+            self.keys.as_ref(),
+            unix_seconds(now),
+            datastore,
+            STATE_PREPARED,
+        )
+        .await?;
+        tracing::info!(authority = %x509.id, key_id = %jwt.key_id, "prepared the next X.509 CA and JWT key; published in the bundle");
+        let journal = datastore.list_authorities().await?;
+        Ok(journal
+            .into_iter()
+            .filter(|a| a.id == x509.id || a.id == jwt.key_id)
+            .collect())
+    }
+
+    /// `ca activate`: the prepared X.509 CA and JWT key start signing; the ones they replace
+    /// become `old` and stay in the bundle until they expire.
+    pub async fn activate<D: DataStore>(&self, datastore: &D) -> Result<Vec<Authority>> {
+        let _guard = self.rotation.lock().await;
+        let activated = self.activate_locked(datastore).await?;
+        self.publish_bundle(datastore).await?;
+        Ok(activated)
+    }
+
+    async fn activate_locked<D: DataStore>(&self, datastore: &D) -> Result<Vec<Authority>> {
+        let journal = datastore.list_authorities().await?;
+        let now = self.clock.unix_now();
+        let prepared: Vec<&Authority> = journal
+            .iter()
+            .filter(|a| a.state == STATE_PREPARED && a.not_after > now)
+            .collect();
+        if prepared.is_empty() {
+            return Err(Error::NotFound(
+                "a prepared authority to activate; run `sigil-server ca prepare` first".into(),
+            ));
+        }
+        let mut activated = Vec::new();
+        for authority in prepared {
+            match authority.kind {
+                AuthorityKind::X509 => {
+                    let Some(loaded) = load_x509(authority, &self.settings, self.keys.as_ref())?
+                    else {
+                        return Err(Error::Ca(format!(
+                            "the key of prepared CA {} is missing; prepare again",
+                            authority.id
+                        )));
+                    };
+                    self.x509.store(Arc::new(loaded));
+                }
+                AuthorityKind::Jwt => {
+                    let Some(loaded) = load_jwt(authority, self.keys.as_ref())? else {
+                        return Err(Error::Ca(format!(
+                            "the key of prepared JWT key {} is missing; prepare again",
+                            authority.id
+                        )));
+                    };
+                    self.jwt.store(Arc::new(loaded));
+                }
+            }
+            for previous in journal
+                .iter()
+                .filter(|a| a.kind == authority.kind && a.state == STATE_ACTIVE)
+            {
+                set_state(datastore, previous, STATE_OLD).await?;
+            }
+            activated.push(set_state(datastore, authority, STATE_ACTIVE).await?);
+        }
+        for authority in &activated {
+            tracing::info!(authority = %authority.id, kind = ?authority.kind, "activated");
+        }
+        Ok(activated)
+    }
+
+    /// `ca taint`: an `old` authority that must no longer be relied on. It stays in the bundle
+    /// (what it signed still verifies) while agents renew everything it signed at once; the
+    /// active or prepared authority cannot be tainted.
+    pub async fn taint<D: DataStore>(&self, datastore: &D, id: &str) -> Result<Authority> {
+        let _guard = self.rotation.lock().await;
+        let authority = find(datastore, id).await?;
+        match authority.state.as_str() {
+            STATE_OLD => {}
+            STATE_TAINTED => return Ok(authority),
+            state => {
+                return Err(Error::Invalid(sigil_core::Error::field(
+                    "id",
+                    format!(
+                        "authority {id} is {state}; only an old one can be tainted (prepare and activate a new one first)"
+                    ),
+                )));
+            }
+        }
+        let tainted = set_state(datastore, &authority, STATE_TAINTED).await?;
+        self.publish_bundle(datastore).await?;
+        tracing::warn!(authority = %id, "tainted: agents renew everything it signed");
+        Ok(tainted)
+    }
+
+    /// `ca revoke`: removes a tainted authority from the bundle, once nothing still valid
+    /// depends on it (every SVID it signed has been replaced by one from another authority, or
+    /// has expired).
+    pub async fn revoke<D: DataStore>(&self, datastore: &D, id: &str) -> Result<Authority> {
+        let _guard = self.rotation.lock().await;
+        let authority = find(datastore, id).await?;
+        if authority.state != STATE_TAINTED {
+            return Err(Error::Invalid(sigil_core::Error::field(
+                "id",
+                format!(
+                    "authority {id} is {}; taint it first (`sigil-server ca taint --id {id}`) so agents replace what it signed",
+                    authority.state
+                ),
+            )));
+        }
+        let now = self.clock.unix_now();
+        let valid = datastore
+            .list_issued_svids(&crate::datastore::SvidFilter {
+                valid_at: Some(now),
+                ..crate::datastore::SvidFilter::default()
+            })
+            .await?;
+        let outstanding: Vec<_> = valid
+            .iter()
+            .filter(|svid| svid.authority_id == id)
+            .filter(|svid| {
+                !valid.iter().any(|newer| {
+                    newer.authority_id != id
+                        && newer.kind == svid.kind
+                        && newer.spiffe_id == svid.spiffe_id
+                        && newer.agent_id == svid.agent_id
+                        && newer.entry_id == svid.entry_id
+                        && newer.not_before >= svid.not_before
+                })
+            })
+            .collect();
+        if let Some(example) = outstanding.first() {
+            return Err(Error::Invalid(sigil_core::Error::field(
+                "id",
+                format!(
+                    "{} valid SVID(s) signed by {id} have not been replaced yet (e.g. {} for {}); wait for the agents to renew them, then revoke",
+                    outstanding.len(),
+                    example.serial,
+                    example.spiffe_id
+                ),
+            )));
+        }
+        let revoked = set_state(datastore, &authority, STATE_REVOKED).await?;
+        self.publish_bundle(datastore).await?;
+        tracing::warn!(authority = %id, "revoked: removed from the bundle");
+        Ok(revoked)
+    }
+
+    /// The id (subject key identifier) of the X.509 CA that signs now.
+    pub fn active_x509_id(&self) -> String {
+        self.x509.load().id.clone()
+    }
+
+    /// Ids of tainted authorities (X.509 subject key ids and JWT key ids) not yet expired:
+    /// agents renew at once whatever these signed.
+    pub fn tainted(&self) -> Arc<Vec<String>> {
+        self.tainted.load_full()
     }
 
     /// Rebuilds the bundle from the journal (every authority not yet expired) and stores it
@@ -228,7 +451,17 @@ impl Ca {
         let mut fresh = TrustBundle::new(self.settings.trust_domain.clone());
         fresh.refresh_hint_seconds =
             i64::try_from(self.settings.bundle_refresh_hint.as_secs()).unwrap_or(300);
-        for authority in journal.iter().filter(|a| a.not_after > now) {
+        self.tainted.store(Arc::new(
+            journal
+                .iter()
+                .filter(|a| a.state == STATE_TAINTED && a.not_after > now)
+                .map(|a| a.id.clone())
+                .collect(),
+        ));
+        for authority in journal
+            .iter()
+            .filter(|a| a.not_after > now && a.state != STATE_REVOKED)
+        {
             match authority.kind {
                 // Roots go in the bundle (older self-signed ones until they expire); Sigil's
                 // intermediates under an upstream do not: the upstream's roots stand for them.
@@ -374,7 +607,7 @@ fn usable(
     journal
         .iter()
         .rev()
-        .filter(move |a| a.kind == kind && a.state == "active" && a.not_after - now >= min_life)
+        .filter(move |a| a.kind == kind && a.state == STATE_ACTIVE && a.not_after - now >= min_life)
 }
 
 fn load_x509(
@@ -414,6 +647,7 @@ async fn create_x509<D: DataStore>(
     keys: &dyn KeyManager,
     now: SystemTime,
     datastore: &D,
+    state: &str,
 ) -> Result<X509Authority> {
     let key_ref = format!("x509-ca-{}", unix_seconds(now));
     let key_ref = unique_key_ref(keys, key_ref)?;
@@ -450,7 +684,7 @@ async fn create_x509<D: DataStore>(
             kind: AuthorityKind::X509,
             key_ref,
             public_data: der.clone(),
-            state: "active".into(),
+            state: state.into(),
             not_after: facts.not_after,
             created_at: unix_seconds(now),
         })
@@ -469,6 +703,7 @@ async fn create_jwt<D: DataStore>(
     keys: &dyn KeyManager,
     now: i64,
     datastore: &D,
+    state: &str,
 ) -> Result<JwtKey> {
     let key_ref = unique_key_ref(keys, format!("jwt-{now}"))?;
     // JWT-SVIDs are ES256 whatever the CA's key type: the algorithm every SPIFFE verifier supports.
@@ -482,12 +717,34 @@ async fn create_jwt<D: DataStore>(
             kind: AuthorityKind::Jwt,
             key_ref,
             public_data: jwt.public_key.clone(),
-            state: "active".into(),
+            state: state.into(),
             not_after,
             created_at: now,
         })
         .await?;
     Ok(jwt)
+}
+
+/// The authority `id` of the journal.
+async fn find<D: DataStore>(datastore: &D, id: &str) -> Result<Authority> {
+    datastore
+        .list_authorities()
+        .await?
+        .into_iter()
+        .find(|a| a.id == id)
+        .ok_or_else(|| Error::NotFound(format!("authority {id} (see `sigil-server ca show`)")))
+}
+
+/// Writes `authority` with `state` and returns it so.
+async fn set_state<D: DataStore>(
+    datastore: &D,
+    authority: &Authority,
+    state: &str,
+) -> Result<Authority> {
+    let mut changed = authority.clone();
+    changed.state = state.into();
+    datastore.put_authority(&changed).await?;
+    Ok(changed)
 }
 
 /// `base`, or `base-N` when a key of that name exists (two authorities made in one second).
@@ -515,7 +772,7 @@ mod tests {
     use sigil_core::x509::check_leaf_profile;
 
     use super::*;
-    use crate::datastore::SqlDataStore;
+    use crate::datastore::{IssuedSvid, SqlDataStore};
 
     fn settings() -> CaSettings {
         CaSettings {
@@ -639,6 +896,100 @@ mod tests {
             ca.bundle().x509_authorities.len(),
             1,
             "the expired root leaves the bundle"
+        );
+    }
+
+    fn sign_web(ca: &Ca) -> SignedX509Svid {
+        let key = KeyType::EcP256.generate().expect("key");
+        ca.sign_x509_svid(
+            &key,
+            &SpiffeId::new("spiffe://example.org/web").expect("id"),
+            &[],
+            Duration::ZERO,
+        )
+        .expect("signed")
+    }
+
+    fn issued(svid: &SignedX509Svid) -> IssuedSvid {
+        IssuedSvid {
+            serial: svid.serial.clone(),
+            kind: "x509".into(),
+            spiffe_id: "spiffe://example.org/web".into(),
+            agent_id: "spiffe://example.org/sigil/agent/join_token/a".into(),
+            entry_id: "e1".into(),
+            authority_id: svid.authority_id.clone(),
+            not_before: svid.not_before,
+            not_after: svid.not_after,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_journal_prepares_activates_taints_and_revokes() {
+        let (_dir, clock, ds) = fixture().await;
+        let ca = memory_ca(&clock, &ds).await;
+        let first = ca.x509.load().id.clone();
+        let before = sign_web(&ca);
+        ds.record_issued_svids(&[issued(&before)])
+            .await
+            .expect("recorded");
+
+        // Prepared: published at once, not signing yet.
+        let prepared = ca.prepare(&ds).await.expect("prepared");
+        assert_eq!(prepared.len(), 2, "an X.509 CA and a JWT key");
+        assert_eq!(ca.bundle().x509_authorities.len(), 2);
+        assert_eq!(ca.bundle().jwt_authorities.len(), 2);
+        assert_eq!(
+            sign_web(&ca).authority_id,
+            first,
+            "still the first CA signs"
+        );
+        assert!(ca.prepare(&ds).await.is_err(), "one prepared set at a time");
+
+        // Active: the new one signs; the first is old and still trusted.
+        ca.activate(&ds).await.expect("activated");
+        let second = ca.x509.load().id.clone();
+        assert_ne!(first, second);
+        assert_eq!(ca.bundle().x509_authorities.len(), 2);
+        assert!(ca.activate(&ds).await.is_err(), "nothing prepared any more");
+
+        // Only an old authority can be tainted; tainting keeps it in the bundle.
+        assert!(ca.taint(&ds, &second).await.is_err(), "not the active one");
+        ca.taint(&ds, &first).await.expect("tainted");
+        assert_eq!(ca.tainted().as_slice(), std::slice::from_ref(&first));
+        assert_eq!(ca.bundle().x509_authorities.len(), 2);
+
+        // Revocation waits until what it signed has been replaced.
+        let refused = ca.revoke(&ds, &first).await.expect_err("not replaced yet");
+        assert!(
+            refused.to_string().contains("not been replaced"),
+            "{refused}"
+        );
+        assert!(ca.revoke(&ds, &second).await.is_err(), "only tainted ones");
+        ds.record_issued_svids(&[issued(&sign_web(&ca))])
+            .await
+            .expect("recorded");
+        ca.revoke(&ds, &first).await.expect("revoked");
+        assert_eq!(ca.bundle().x509_authorities.len(), 1, "out of the bundle");
+        assert!(ca.tainted().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_schedule_prepares_at_half_life_and_activates_after_a_refresh_hint() {
+        let (_dir, clock, ds) = fixture().await;
+        let ca = memory_ca(&clock, &ds).await;
+        let first = ca.x509.load().id.clone();
+        // 7-day CA, 24 h SVIDs: prepare at 3.5 days, activate with 2 days left.
+        clock.advance(Duration::from_secs(3 * 24 * 3600 + 13 * 3600));
+        assert!(ca.rotate_if_due(&ds).await.expect("prepared"));
+        assert_eq!(ca.x509.load().id, first, "prepared, not active");
+        assert_eq!(ca.bundle().x509_authorities.len(), 2);
+        clock.advance(Duration::from_secs(24 * 3600 + 12 * 3600));
+        ca.rotate_if_due(&ds).await.expect("activated");
+        assert_ne!(ca.x509.load().id, first, "the prepared CA signs now");
+        assert_eq!(
+            sign_web(&ca).not_after - clock.unix_now(),
+            24 * 3600,
+            "full-length SVIDs"
         );
     }
 

@@ -476,6 +476,9 @@ pub(crate) async fn administer(
                 .into_inner();
             output::bundles(format, &[bundle]);
         }
+        Command::Ca(command) => {
+            crate::ca::run(&mut client, format, command).await?;
+        }
         Command::Federation(command) => {
             crate::federation::run(&mut client, format, command).await?;
         }

@@ -3,6 +3,7 @@
 //! The binary only parses flags and prints; everything it does is in the `sigil_server` library.
 
 mod admin;
+mod ca;
 mod federation;
 mod output;
 
@@ -48,6 +49,9 @@ enum Command {
     /// Trust bundles: the own one, and foreign ones (federation).
     #[command(subcommand)]
     Bundle(admin::BundleCommand),
+    /// The CA journal: prepare, activate, taint and revoke authorities.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
     /// Federation relationships with other trust domains.
     #[command(subcommand)]
     Federation(federation::FederationCommand),

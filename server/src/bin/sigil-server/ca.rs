@@ -1,0 +1,112 @@
+//! `sigil-server ca ...`: the CA journal.
+
+use clap::Subcommand;
+use serde_json::json;
+use sigil_proto::admin::admin_api_client::AdminApiClient;
+use sigil_proto::admin::{Authority, AuthorityId, ListAuthoritiesRequest};
+use tonic::transport::Channel;
+
+use crate::admin::refused;
+use crate::output::{self, Format};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CaCommand {
+    /// The journal: every X.509 CA and JWT key with its state (prepared, active, old, tainted,
+    /// revoked) and expiry.
+    Show,
+    /// Makes the next X.509 CA and JWT key: published in the bundle at once, signing only once
+    /// activated (give agents and federated peers a refresh interval in between).
+    Prepare,
+    /// The prepared CA and JWT key start signing; the ones they replace become old.
+    Activate,
+    /// An old authority not to rely on any more: agents replace everything it signed at once.
+    Taint {
+        /// Its id (from `ca show`).
+        #[arg(long)]
+        id: String,
+    },
+    /// Removes a tainted authority from the bundle, once everything it signed was replaced.
+    Revoke {
+        /// Its id (from `ca show`).
+        #[arg(long)]
+        id: String,
+    },
+}
+
+pub(crate) async fn run(
+    client: &mut AdminApiClient<Channel>,
+    format: Format,
+    command: CaCommand,
+) -> anyhow::Result<()> {
+    let authorities = match command {
+        CaCommand::Show => {
+            client
+                .list_authorities(ListAuthoritiesRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .authorities
+        }
+        CaCommand::Prepare => {
+            client
+                .prepare_authorities(ListAuthoritiesRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .authorities
+        }
+        CaCommand::Activate => {
+            client
+                .activate_authorities(ListAuthoritiesRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .authorities
+        }
+        CaCommand::Taint { id } => vec![
+            client
+                .taint_authority(AuthorityId { id })
+                .await
+                .map_err(refused)?
+                .into_inner(),
+        ],
+        CaCommand::Revoke { id } => vec![
+            client
+                .revoke_authority(AuthorityId { id })
+                .await
+                .map_err(refused)?
+                .into_inner(),
+        ],
+    };
+    print_authorities(format, &authorities);
+    Ok(())
+}
+
+fn print_authorities(format: Format, authorities: &[Authority]) {
+    match format {
+        Format::Text => {
+            let blocks: Vec<_> = authorities
+                .iter()
+                .map(|a| {
+                    vec![
+                        ("ID", a.id.clone()),
+                        ("Kind", a.kind.clone()),
+                        ("State", a.state.clone()),
+                        ("Created at", a.created_at.to_string()),
+                        ("Not after", a.not_after.to_string()),
+                    ]
+                })
+                .collect();
+            output::print_blocks(&blocks, "No authorities found");
+        }
+        Format::Json => {
+            output::print_json(&json!({ "authorities": authorities.iter().map(|a| json!({
+            "id": a.id,
+            "kind": a.kind,
+            "state": a.state,
+            "created_at": a.created_at,
+            "not_after": a.not_after,
+        })).collect::<Vec<_>>() }))
+        }
+    }
+}

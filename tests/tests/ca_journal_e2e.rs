@@ -1,0 +1,123 @@
+//! The CA journal end to end: `ca prepare` publishes the next CA at once (workloads trust it
+//! before it signs anything), `ca activate` makes it sign, `ca taint` makes the agent replace
+//! every SVID the old CA signed (its own included) at once rather than at half-life, and `ca
+//! revoke` takes the old CA out of the bundle once nothing valid depends on it.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use futures::StreamExt;
+use sigil_tests::{Node, pem_certificates};
+use spiffe::WorkloadApiClient;
+
+fn issuer_of(svid: &spiffe::X509Svid) -> anyhow::Result<String> {
+    Ok(sigil_core::x509::certificate_facts(svid.leaf().as_ref())?.authority_key_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tainted_ca_is_replaced_at_once_and_then_revoked() -> anyhow::Result<()> {
+    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
+    // 24 h SVIDs: nothing renews on its own during the test.
+    let node =
+        Node::start(|server| Node::entry(server, "spiffe://example.org/workload", &selector, &[]))?;
+    let server = &node.server;
+    let client = WorkloadApiClient::connect_to(node.agent.endpoint()).await?;
+    let mut updates = client.stream_x509_contexts().await?;
+    let first = updates.next().await.context("stream ended")??;
+    let first_svid = first.default_svid().context("no SVID")?;
+    let old_ca = issuer_of(first_svid)?;
+
+    // Prepared: in the bundle at once, and in the workload's bundle, before it signs anything.
+    let prepared = server.cli_json(&["ca", "prepare"])?;
+    ensure!(
+        prepared["authorities"].as_array().map(Vec::len) == Some(2),
+        "an X.509 CA and a JWT key: {prepared}"
+    );
+    ensure!(
+        pem_certificates(&server.cli(&["bundle", "show"])?)?.len() == 2,
+        "both roots are published"
+    );
+    let td = spiffe::TrustDomain::new("example.org")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let context = tokio::time::timeout_at(deadline.into(), updates.next())
+            .await
+            .context("the workload never received the prepared root")?
+            .context("stream ended")??;
+        let roots = context
+            .bundle_set()
+            .get(&td)
+            .map_or(0, |b| b.authorities().len());
+        if roots == 2 {
+            ensure!(
+                issuer_of(context.default_svid().context("svid")?)? == old_ca,
+                "preparing changes no SVID"
+            );
+            break;
+        }
+    }
+
+    // Activated, then the old CA tainted: the SVID (24 h, far from half-life) is replaced now.
+    server.cli(&["ca", "activate"])?;
+    let journal = server.cli_json(&["ca", "show"])?;
+    let state_of = |id: &str| {
+        journal["authorities"]
+            .as_array()
+            .and_then(|all| all.iter().find(|a| a["id"] == id))
+            .map(|a| a["state"].clone())
+    };
+    ensure!(
+        state_of(&old_ca) == Some(serde_json::json!("old")),
+        "{journal}"
+    );
+    let refused = server.cli_error(&["ca", "revoke", "--id", &old_ca])?;
+    ensure!(refused.contains("taint it first"), "{refused}");
+    server.cli(&["ca", "taint", "--id", &old_ca])?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let replaced = loop {
+        let context = tokio::time::timeout_at(deadline.into(), updates.next())
+            .await
+            .with_context(|| {
+                format!(
+                    "the SVID of the tainted CA was not replaced within 20 s; agent:\n{}\nserver:\n{}",
+                    node.agent.logs(),
+                    node.server.logs()
+                )
+            })?
+            .context("stream ended")??;
+        let svid = context.default_svid().context("svid")?;
+        if issuer_of(svid)? != old_ca {
+            break svid.clone();
+        }
+    };
+    ensure!(
+        replaced.leaf().as_ref() != first_svid.leaf().as_ref(),
+        "a new certificate"
+    );
+    ensure!(
+        node.agent
+            .wait_for_log("tainted authorities", 1, Duration::from_secs(5)),
+        "{}",
+        node.agent.logs()
+    );
+
+    // Revocation: once the issuance record shows every SVID of the old CA replaced (the agent's
+    // own included), the old root leaves the bundle. The record is written in batches, so the
+    // first attempts may be refused with the count still outstanding.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // `cli_error` fails once the command succeeds: the CA is revoked.
+    while let Ok(reason) = server.cli_error(&["ca", "revoke", "--id", &old_ca]) {
+        ensure!(reason.contains("not been replaced"), "{reason}");
+        ensure!(
+            Instant::now() < deadline,
+            "still not revocable: {reason}\nserver:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ensure!(
+        pem_certificates(&server.cli(&["bundle", "show"])?)?.len() == 1,
+        "the revoked root left the bundle"
+    );
+    Ok(())
+}
