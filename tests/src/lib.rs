@@ -7,6 +7,7 @@
 
 mod agent;
 pub mod envoy;
+pub mod federation;
 pub mod forwarder;
 pub mod kubernetes;
 mod node;

@@ -5,104 +5,19 @@
 //! (checked with curl), and a refresh that fails keeps the last good bundle.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
+use sigil_tests::federation::{Domain, federate};
 use sigil_tests::{AgentProcess, ServerProcess, free_port};
-
-/// Server settings for a federating domain: its bundle endpoint on `port`, a 1 s refresh hint so
-/// peers follow quickly, and a 1 s lower bound on fetching others.
-fn federating(port: u16) -> String {
-    format!(
-        "[ca]\nbundle_refresh_hint = \"1s\"\n[federation]\nbundle_endpoint_address = \"127.0.0.1:{port}\"\nmin_refresh = \"1s\"\n"
-    )
-}
-
-/// A server for `trust_domain` and an agent under the node alias `spiffe://<td>/node`, with one
-/// entry for this test's uid that federates with `peer`.
-struct Domain {
-    agent: AgentProcess,
-    server: ServerProcess,
-    endpoint_port: u16,
-    bundle_json: PathBuf,
-}
-
-fn domain(dir: &Path, trust_domain: &str, workload: &str, peer: &str) -> anyhow::Result<Domain> {
-    let endpoint_port = free_port()?;
-    let server = ServerProcess::start_in_domain(
-        &dir.join(trust_domain),
-        trust_domain,
-        &federating(endpoint_port),
-        None,
-    )?;
-    ensure!(
-        server.logs().contains("bundle endpoint listening"),
-        "no bundle endpoint:\n{}",
-        server.logs()
-    );
-    let bundle_json = dir.join(format!("{trust_domain}.bundle.json"));
-    std::fs::write(
-        &bundle_json,
-        server.cli(&["bundle", "show", "--format", "spiffe"])?,
-    )?;
-    let bundle_pem = dir.join(format!("{trust_domain}.bundle.pem"));
-    std::fs::write(&bundle_pem, server.cli(&["bundle", "show"])?)?;
-    let alias = format!("spiffe://{trust_domain}/node");
-    let token = server.cli_json(&["token", "generate", "--spiffe-id", &alias])?["token"]
-        .as_str()
-        .context("token")?
-        .to_string();
-    server.cli(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        &format!("spiffe://{trust_domain}/{workload}"),
-        "--parent-id",
-        &alias,
-        "--selector",
-        &format!("unix:uid:{}", sigil_tests::current_uid()?),
-        "--federates-with",
-        peer,
-    ])?;
-    let agent = AgentProcess::start(
-        &dir.join(format!("agent-{trust_domain}")),
-        &server,
-        &bundle_pem,
-        Some(&token),
-    )?;
-    Ok(Domain {
-        agent,
-        server,
-        endpoint_port,
-        bundle_json,
-    })
-}
-
-/// Makes `from` federate with `to` through `to`'s bundle endpoint.
-fn federate(from: &Domain, to: &Domain, to_domain: &str) -> anyhow::Result<String> {
-    from.server.cli(&[
-        "federation",
-        "create",
-        "--trust-domain",
-        to_domain,
-        "--bundle-endpoint-url",
-        &format!("https://127.0.0.1:{}/", to.endpoint_port),
-        "--profile",
-        "https_spiffe",
-        "--endpoint-spiffe-id",
-        &format!("spiffe://{to_domain}/sigil/server"),
-        "--trust-bundle",
-        to.bundle_json.to_str().context("utf-8 path")?,
-    ])
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_trust_domains_federate_and_do_mtls() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let a = domain(dir.path(), "a.test", "web", "b.test")?;
-    let b = domain(dir.path(), "b.test", "db", "a.test")?;
+    let a = Domain::start(dir.path(), "a.test", "web", "b.test")?;
+    let b = Domain::start(dir.path(), "b.test", "db", "a.test")?;
     federate(&a, &b, "b.test")?;
     federate(&b, &a, "a.test")?;
 
