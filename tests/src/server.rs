@@ -28,6 +28,7 @@ pub struct ServerProcess {
     pub trust_domain: String,
     datastore_url: Option<String>,
     extra_config: String,
+    env: Vec<(String, String)>,
     logs: Arc<Logs>,
 }
 
@@ -82,6 +83,27 @@ impl ServerProcess {
         extra_config: &str,
         datastore_url: Option<&str>,
     ) -> anyhow::Result<Self> {
+        Self::make(data_dir, trust_domain, extra_config, datastore_url, &[])
+    }
+
+    /// Like [`ServerProcess::start_in_domain`] (SQLite), with extra environment variables (e.g.
+    /// `SSL_CERT_FILE`, the web CAs an `https_web` bundle endpoint is checked against).
+    pub fn start_with_env(
+        data_dir: &Path,
+        trust_domain: &str,
+        extra_config: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        Self::make(data_dir, trust_domain, extra_config, None, env)
+    }
+
+    fn make(
+        data_dir: &Path,
+        trust_domain: &str,
+        extra_config: &str,
+        datastore_url: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut server = ServerProcess {
             child: None,
             data_dir: data_dir.to_path_buf(),
@@ -91,6 +113,10 @@ impl ServerProcess {
             trust_domain: trust_domain.into(),
             datastore_url: datastore_url.map(str::to_string),
             extra_config: extra_config.to_string(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             logs: Arc::default(),
         };
         server.spawn()?;
@@ -128,6 +154,7 @@ impl ServerProcess {
         let config = self.write_config()?;
         let mut command = Command::new(crate::binary("sigil-server")?);
         command.args(["run", "--config"]).arg(&config);
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.child = Some(spawn_until(command, "sigil-server is running", &self.logs)?);
         Ok(())
     }

@@ -7,6 +7,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
@@ -183,6 +184,22 @@ async fn two_trust_domains_federate_and_do_mtls() -> anyhow::Result<()> {
         !untrusted.status.success(),
         "A's own bundle must not trust B"
     );
+
+    // An https_spiffe endpoint that does not present the configured ID is refused.
+    a.server.cli(&[
+        "federation",
+        "update",
+        "--trust-domain",
+        "b.test",
+        "--bundle-endpoint-url",
+        &format!("https://127.0.0.1:{}/", b.endpoint_port),
+        "--endpoint-spiffe-id",
+        "spiffe://b.test/impostor",
+    ])?;
+    let refused = a
+        .server
+        .cli_error(&["federation", "refresh", "--trust-domain", "b.test"])?;
+    ensure!(refused.contains("TLS"), "{refused}");
 
     // A failed refresh (B is down) is refused with the reason and the last good bundle stays.
     let mut b = b;
@@ -362,4 +379,223 @@ fn uri_san(pem: &Path) -> anyhow::Result<String> {
         .arg(pem)
         .output()?;
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A web CA and a certificate for `localhost` it signed, as PEM files in `dir`: `web-ca.pem`,
+/// and `endpoint.crt`/`endpoint.key` (replaced atomically, as a certificate renewer would).
+struct WebPki {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl WebPki {
+    fn new(dir: &Path) -> anyhow::Result<Self> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Test Web CA");
+        let ca = params.self_signed(&key)?;
+        std::fs::write(dir.join("web-ca.pem"), ca.pem())?;
+        Ok(WebPki {
+            issuer: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// Writes a fresh `localhost` certificate and key; returns the certificate's DER.
+    fn issue(&self, dir: &Path) -> anyhow::Result<Vec<u8>> {
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])?
+            .signed_by(&key, &self.issuer)?;
+        for (name, text) in [
+            ("endpoint.key", key.serialize_pem()),
+            ("endpoint.crt", cert.pem()),
+        ] {
+            let staging = dir.join(format!("{name}.tmp"));
+            std::fs::write(&staging, text)?;
+            std::fs::rename(&staging, dir.join(name))?;
+        }
+        Ok(cert.der().to_vec())
+    }
+
+    /// A TLS server config presenting a fresh `localhost` certificate.
+    fn server_config(&self) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])?
+            .signed_by(&key, &self.issuer)?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )?;
+        Ok(Arc::new(config))
+    }
+}
+
+/// A misbehaving bundle endpoint on `localhost`: `/redirect` answers 301, `/garbage` a body that
+/// is not a bundle, and `/serve` whatever document was put in `serve`.
+async fn hostile_endpoint(
+    tls: Arc<rustls::ServerConfig>,
+    serve: Arc<std::sync::Mutex<String>>,
+) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    let port = listener.local_addr()?.port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let serve = serve.clone();
+            tokio::spawn(async move {
+                let Ok(mut stream) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let mut request = vec![0u8; 4096];
+                let Ok(read) = stream.read(&mut request).await else {
+                    return;
+                };
+                let request = String::from_utf8_lossy(&request[..read]).into_owned();
+                let response = if request.starts_with("GET /redirect") {
+                    "HTTP/1.1 301 Moved Permanently\r\nLocation: https://elsewhere.example/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+                } else if request.starts_with("GET /garbage") {
+                    "HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\n{ not a }"
+                        .to_string()
+                } else {
+                    let body = serve
+                        .lock()
+                        .map(|document| document.clone())
+                        .unwrap_or_default();
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                };
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    Ok(port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_web_endpoints_static_relationships_and_hostile_endpoints() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let web = WebPki::new(dir.path())?;
+    let first_cert = web.issue(dir.path())?;
+
+    // a.test serves its bundle with a web certificate from files.
+    let endpoint_port = free_port()?;
+    let a = ServerProcess::start_in_domain(
+        &dir.path().join("a"),
+        "a.test",
+        &format!(
+            "[federation]\nbundle_endpoint_address = \"127.0.0.1:{endpoint_port}\"\nbundle_endpoint_profile = \"https_web\"\nbundle_endpoint_cert_file = \"{}\"\nbundle_endpoint_key_file = \"{}\"\n",
+            dir.path().join("endpoint.crt").display(),
+            dir.path().join("endpoint.key").display()
+        ),
+        None,
+    )?;
+    // b.test trusts it through a relationship fixed in its configuration, checking the web
+    // certificate against the CA in SSL_CERT_FILE.
+    let ca_file = dir.path().join("web-ca.pem");
+    let b = ServerProcess::start_with_env(
+        &dir.path().join("b"),
+        "b.test",
+        &format!(
+            "[federation]\nmin_refresh = \"1s\"\n[[federation.relationships]]\ntrust_domain = \"a.test\"\nbundle_endpoint_url = \"https://localhost:{endpoint_port}/\"\nprofile = \"https_web\"\n"
+        ),
+        &[("SSL_CERT_FILE", ca_file.to_str().context("utf-8 path")?)],
+    )?;
+    let fetched = b.cli(&["federation", "refresh", "--trust-domain", "a.test"])?;
+    ensure!(
+        fetched == a.cli(&["bundle", "show"])?,
+        "b.test holds a.test's bundle"
+    );
+
+    // The endpoint's certificate is re-read when its files change.
+    let served = |port: u16| -> anyhow::Result<Vec<u8>> {
+        let output = Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+            .args(["-servername", "localhost", "-showcerts"])
+            .stdin(Stdio::null())
+            .output()?;
+        let certs = sigil_tests::pem_certificates(&String::from_utf8_lossy(&output.stdout))?;
+        certs.into_iter().next().context("no certificate served")
+    };
+    ensure!(
+        served(endpoint_port)? == first_cert,
+        "the first certificate"
+    );
+    let renewed = web.issue(dir.path())?;
+    ensure!(
+        served(endpoint_port)? == renewed,
+        "the renewed certificate is served without a restart"
+    );
+
+    // A hostile endpoint: each answer is refused with its reason and the last good bundle stays.
+    let document = Arc::new(std::sync::Mutex::new(String::new()));
+    let hostile = hostile_endpoint(web.server_config()?, document.clone()).await?;
+    let good = b.cli(&["bundle", "show", "--trust-domain", "a.test"])?;
+    let point_at = |path: &str| {
+        b.cli(&[
+            "federation",
+            "update",
+            "--trust-domain",
+            "a.test",
+            "--bundle-endpoint-url",
+            &format!("https://localhost:{hostile}/{path}"),
+            "--profile",
+            "https_web",
+        ])
+    };
+    let a_json = a.cli(&["bundle", "show", "--format", "spiffe"])?;
+    let mut older: serde_json::Value = serde_json::from_str(&a_json)?;
+    older["spiffe_sequence"] = serde_json::json!(0);
+    let other_domain = b.cli(&["bundle", "show", "--format", "spiffe"])?;
+    let cases = [
+        ("redirect", String::new(), "redirects"),
+        ("garbage", String::new(), "not a valid SPIFFE bundle"),
+        ("serve", other_domain, "another trust domain"),
+        ("serve", older.to_string(), "below the stored"),
+    ];
+    for (path, body, reason) in cases {
+        if let Ok(mut served) = document.lock() {
+            *served = body;
+        }
+        point_at(path)?;
+        let refused = b.cli_error(&["federation", "refresh", "--trust-domain", "a.test"])?;
+        ensure!(refused.contains(reason), "{path}: {refused}");
+        ensure!(
+            b.cli(&["bundle", "show", "--trust-domain", "a.test"])? == good,
+            "{path}: the last good bundle is kept"
+        );
+    }
+    let shown = b.cli_json(&["federation", "show", "--trust-domain", "a.test"])?;
+    ensure!(
+        shown["relationships"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("below the stored")),
+        "{shown}"
+    );
+    // Counted.
+    let metrics = Command::new("curl")
+        .args(["-s", &format!("http://{}/metrics", b.health)])
+        .output()?;
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    // At least the four refreshes asked for (the refresher may have tried on its own too).
+    let refused = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(
+                "sigil_server_federated_bundle_refreshes_total{trust_domain=\"a.test\",result=\"refused\"} ",
+            )
+        })
+        .and_then(|count| count.trim().parse::<u64>().ok());
+    ensure!(refused >= Some(4), "{metrics}");
+    Ok(())
 }
