@@ -129,6 +129,7 @@ pub async fn start(
         },
         clock.clone(),
         metrics.clone(),
+        authz.clone(),
     ));
     load_static_relationships(&config, source, &trust_domain, datastore.as_ref(), &clock).await?;
     let state = Arc::new(ServerState {

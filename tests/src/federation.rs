@@ -39,11 +39,22 @@ impl Domain {
         workload: &str,
         peer: &str,
     ) -> anyhow::Result<Self> {
+        Self::start_with(dir, trust_domain, workload, peer, "")
+    }
+
+    /// Like [`Domain::start`], with `server_config` (TOML tables) added to the server's file.
+    pub fn start_with(
+        dir: &Path,
+        trust_domain: &str,
+        workload: &str,
+        peer: &str,
+        server_config: &str,
+    ) -> anyhow::Result<Self> {
         let endpoint_port = free_port()?;
         let server = ServerProcess::start_in_domain(
             &dir.join(trust_domain),
             trust_domain,
-            &federating(endpoint_port),
+            &(federating(endpoint_port) + server_config),
             None,
         )?;
         ensure!(

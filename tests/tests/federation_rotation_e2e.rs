@@ -69,8 +69,64 @@ async fn federated_workloads_keep_talking_through_ca_rotations() -> anyhow::Resu
     )? {
         return Ok(());
     }
+    rotate_under_load(false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_with_an_upstream_ca_ends_at_the_operators_root() -> anyhow::Result<()> {
+    if !peer_tools(
+        "the_same_with_an_upstream_ca_ends_at_the_operators_root",
+        &["openssl"],
+    )? {
+        return Ok(());
+    }
+    rotate_under_load(true).await
+}
+
+/// An operator root made by openssl in `dir` (`root.pem`, `root.key`).
+fn operator_root(dir: &std::path::Path) -> anyhow::Result<()> {
+    let output = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args(["-days", "30", "-subj", "/O=Operator/CN=Operator Root"])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .arg("-keyout")
+        .arg(dir.join("root.key"))
+        .arg("-out")
+        .arg(dir.join("root.pem"))
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// The scenario of this file; with `upstream`, a.test's CA is an intermediate of an operator
+/// root, so its bundle (the root) never changes, and the chains its workload receives must end
+/// at that root for `openssl verify`.
+async fn rotate_under_load(upstream: bool) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let a = Domain::start(dir.path(), "a.test", "web", "b.test")?;
+    let upstream_config = if upstream {
+        operator_root(dir.path())?;
+        format!(
+            "[ca.upstream]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            dir.path().join("root.pem").display(),
+            dir.path().join("root.key").display()
+        )
+    } else {
+        String::new()
+    };
+    let a = Domain::start_with(dir.path(), "a.test", "web", "b.test", &upstream_config)?;
     let b = Domain::start(dir.path(), "b.test", "db", "a.test")?;
     federate(&a, &b, "b.test")?;
     federate(&b, &a, "a.test")?;
@@ -185,7 +241,37 @@ async fn federated_workloads_keep_talking_through_ca_rotations() -> anyhow::Resu
     ensure!(ok > 50, "too few calls to mean anything: {ok}");
     ensure!(
         pem_certificates(&a.server.cli(&["bundle", "show"])?)?.len() == 1,
-        "only the last CA is left in a.test's bundle"
+        "only the last CA (or the operator's root) is left in a.test's bundle"
     );
+    if upstream {
+        // What b.test trusts for a.test is the operator's root, and a.test's workload chain
+        // (leaf, Sigil's intermediate) verifies to it.
+        let root = pem_certificates(&std::fs::read_to_string(dir.path().join("root.pem"))?)?;
+        ensure!(
+            peer_roots(&b, &files, "a.test")? == root,
+            "b.test trusts the operator root"
+        );
+        let a_files = dir.path().join("a-files");
+        a.agent.cli(&[
+            "api",
+            "fetch",
+            "x509",
+            "--write",
+            a_files.to_str().context("utf-8 path")?,
+        ])?;
+        let verified = std::process::Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(dir.path().join("root.pem"))
+            .arg("-untrusted")
+            .arg(a_files.join("svid.0.pem"))
+            .arg(a_files.join("svid.0.pem"))
+            .output()?;
+        ensure!(
+            verified.status.success(),
+            "openssl verify: {}",
+            String::from_utf8_lossy(&verified.stderr)
+        );
+    }
     Ok(())
 }

@@ -23,6 +23,7 @@ use sigil_core::clock::SharedClock;
 use sigil_core::id::{TrustDomain, parse_spiffe_id, parse_trust_domain};
 use tokio::sync::{Notify, watch};
 
+use crate::authz::Authorizations;
 use crate::datastore::{DataStore, EndpointProfile, FederationRelationship};
 use crate::metrics::{BundleRefreshLabels, Metrics};
 use crate::{Error, Result};
@@ -168,6 +169,9 @@ pub struct Federation {
     bounds: RefreshBounds,
     clock: SharedClock,
     metrics: Arc<Metrics>,
+    /// Told at once about a new bundle, so agents get it without waiting for the change-feed
+    /// poll.
+    authz: Arc<Authorizations>,
     statuses: Mutex<BTreeMap<String, RefreshStatus>>,
     /// Relationships changed, or a refresh was asked for: look again now.
     wake: Notify,
@@ -180,12 +184,14 @@ impl Federation {
         bounds: RefreshBounds,
         clock: SharedClock,
         metrics: Arc<Metrics>,
+        authz: Arc<Authorizations>,
     ) -> Self {
         Federation {
             own,
             bounds,
             clock,
             metrics,
+            authz,
             statuses: Mutex::default(),
             wake: Notify::new(),
         }
@@ -231,6 +237,7 @@ impl Federation {
                 let changed = stored.as_ref() != Some(&fresh);
                 if changed {
                     datastore.put_bundle(&fresh).await?;
+                    self.authz.catch_up(datastore).await?;
                     tracing::info!(trust_domain = %td, sequence = fresh.sequence, "stored a new federated bundle");
                 }
                 let next = now + self.interval(fresh.refresh_hint_seconds);
