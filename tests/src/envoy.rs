@@ -117,8 +117,9 @@ impl Envoy {
         while !envoy.admin_get("/ready").contains("LIVE") {
             ensure!(
                 envoy.child.try_wait()?.is_none(),
-                "Envoy {} exited",
-                binary.display()
+                "Envoy {} exited; its log:\n{}",
+                binary.display(),
+                std::fs::read_to_string(config.with_extension("log")).unwrap_or_default()
             );
             ensure!(
                 Instant::now() < deadline,

@@ -25,6 +25,14 @@ pub fn venv(test: &str, name: &str, requirements: &[&str]) -> anyhow::Result<Opt
     if std::fs::read_to_string(&ready).is_ok_and(|have| have == wanted) {
         return Ok(Some(python));
     }
+    // Tests run as separate processes at once: one makes the virtualenv while the others wait
+    // on this lock, then find it ready (a half-installed one would fail them at random).
+    std::fs::create_dir_all(&root)?;
+    let lock = std::fs::File::create(root.join(format!("{name}.lock")))?;
+    lock.lock()?;
+    if std::fs::read_to_string(&ready).is_ok_and(|have| have == wanted) {
+        return Ok(Some(python));
+    }
     let setup = || -> anyhow::Result<()> {
         let status = Command::new("python3")
             .args(["-m", "venv"])
