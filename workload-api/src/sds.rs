@@ -9,13 +9,15 @@
 //! State-of-the-world streams follow the xDS protocol: every response carries a version (a digest
 //! of its content) and a nonce; a request that acknowledges the current version is not answered
 //! again, a NACK (a request with `error_detail`) is logged, and every rotation or bundle change is
-//! pushed.
+//! pushed. Delta streams (Envoy's `DELTA_GRPC`) track subscriptions and send only the resources
+//! whose version changed, each with its own version.
 //!
 //! Validation contexts for several trust domains use Envoy's SPIFFE certificate validator, which
 //! checks each peer against its own domain's bundle. An Envoy that cannot use it (an older build,
 //! or a policy of plain validation) sets the node metadata `disable_spiffe_cert_validation: true`
 //! (the key SPIRE's agent honours too) and gets every bundle as one plain `trusted_ca` instead.
 
+use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -27,7 +29,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     spiffe_cert_validator_config,
 };
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
     SecretDiscoveryService, SecretDiscoveryServiceServer,
@@ -261,11 +263,107 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
 
     async fn delta_secrets(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        Err(Status::unimplemented(
-            "delta SDS is not served; configure Envoy's SDS source with api_type GRPC (state of the world)",
-        ))
+        let caller = peer_caller(&request)?;
+        let selectors = self.source.attest(caller).await?;
+        let mut inbound = request.into_inner();
+        let (sender, receiver) = mpsc::channel(4);
+        let sds = Sds {
+            source: self.source.clone(),
+            names: self.names.clone(),
+            stopping: self.stopping.clone(),
+        };
+        tokio::spawn(async move {
+            let mut changes = sds.source.changes();
+            let mut stopping = sds.stopping.clone();
+            // What Envoy subscribed to, and the version of each resource it holds.
+            let mut subscribed: BTreeSet<String> = BTreeSet::new();
+            let mut held: HashMap<String, String> = HashMap::new();
+            let mut plain = false;
+            let mut nonce = 0u64;
+            loop {
+                let request = tokio::select! {
+                    message = inbound.message() => match message {
+                        Ok(Some(request)) => Some(request),
+                        Ok(None) | Err(_) => return,
+                    },
+                    changed = changes.changed() => {
+                        if changed.is_err() { return }
+                        None
+                    }
+                    _ = stopping.wait_for(|stop| *stop) => return,
+                };
+                if let Some(request) = request {
+                    if request.node.is_some() {
+                        plain = wants_plain_validation(request.node.as_ref());
+                    }
+                    if let Some(error) = &request.error_detail {
+                        tracing::warn!(nonce = %request.response_nonce, error = %error.message, "Envoy rejected delta SDS secrets (NACK)");
+                        continue;
+                    }
+                    // On a reconnect Envoy says what it already holds.
+                    held.extend(request.initial_resource_versions);
+                    for name in request.resource_names_unsubscribe {
+                        subscribed.remove(&name);
+                        held.remove(&name);
+                    }
+                    subscribed.extend(request.resource_names_subscribe);
+                }
+                // Only what changed (or was never sent) goes out, each with its own version.
+                let mut resources = Vec::new();
+                for name in &subscribed {
+                    match sds
+                        .render(&selectors, std::slice::from_ref(name), plain)
+                        .await
+                    {
+                        Ok((version, secrets)) if held.get(name) != Some(&version) => {
+                            for secret in secrets {
+                                resources.push(Resource {
+                                    name: name.clone(),
+                                    version: version.clone(),
+                                    resource: Some(Any {
+                                        type_url: SECRET_TYPE.into(),
+                                        value: secret.encode_to_vec(),
+                                    }),
+                                    ..Resource::default()
+                                });
+                            }
+                            held.insert(name.clone(), version);
+                        }
+                        Ok(_) => {}
+                        Err(status) => {
+                            let _ = sender.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                }
+                if resources.is_empty() {
+                    continue;
+                }
+                nonce += 1;
+                let mut versions: Vec<&String> = held.values().collect();
+                versions.sort();
+                let system_version = hex_digest(
+                    versions
+                        .iter()
+                        .map(|v| v.as_str())
+                        .collect::<String>()
+                        .as_bytes(),
+                );
+                let response = DeltaDiscoveryResponse {
+                    system_version_info: system_version,
+                    resources,
+                    type_url: SECRET_TYPE.into(),
+                    nonce: nonce.to_string(),
+                    ..DeltaDiscoveryResponse::default()
+                };
+                if sender.send(Ok(response)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
     type StreamSecretsStream = ResponseStream<DiscoveryResponse>;
