@@ -92,6 +92,34 @@ pub struct Sds<S> {
     stopping: watch::Receiver<bool>,
 }
 
+// Not derived: a derive would ask `S: Clone`, and only the `Arc` is cloned.
+impl<S> Clone for Sds<S> {
+    fn clone(&self) -> Self {
+        Sds {
+            source: self.source.clone(),
+            names: self.names.clone(),
+            stopping: self.stopping.clone(),
+        }
+    }
+}
+
+/// What a stream's task does next: a request arrived (`Some`), or secrets may have changed
+/// (`None`); `Err` when the stream or the agent is done.
+async fn next_event<T>(
+    inbound: &mut Streaming<T>,
+    changes: &mut watch::Receiver<u64>,
+    stopping: &mut watch::Receiver<bool>,
+) -> Result<Option<T>, ()> {
+    tokio::select! {
+        message = inbound.message() => match message {
+            Ok(Some(request)) => Ok(Some(request)),
+            Ok(None) | Err(_) => Err(()),
+        },
+        changed = changes.changed() => changed.map(|()| None).map_err(|_| ()),
+        _ = stopping.wait_for(|stop| *stop) => Err(()),
+    }
+}
+
 impl<S: IdentitySource> Sds<S> {
     /// The service; its streams end when `stopping` turns true.
     pub fn new(source: Arc<S>, names: SdsNames, stopping: watch::Receiver<bool>) -> Self {
@@ -269,11 +297,7 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
         let selectors = self.source.attest(caller).await?;
         let mut inbound = request.into_inner();
         let (sender, receiver) = mpsc::channel(4);
-        let sds = Sds {
-            source: self.source.clone(),
-            names: self.names.clone(),
-            stopping: self.stopping.clone(),
-        };
+        let sds = self.clone();
         tokio::spawn(async move {
             let mut changes = sds.source.changes();
             let mut stopping = sds.stopping.clone();
@@ -283,16 +307,9 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
             let mut plain = false;
             let mut nonce = 0u64;
             loop {
-                let request = tokio::select! {
-                    message = inbound.message() => match message {
-                        Ok(Some(request)) => Some(request),
-                        Ok(None) | Err(_) => return,
-                    },
-                    changed = changes.changed() => {
-                        if changed.is_err() { return }
-                        None
-                    }
-                    _ = stopping.wait_for(|stop| *stop) => return,
+                let Ok(request) = next_event(&mut inbound, &mut changes, &mut stopping).await
+                else {
+                    return;
                 };
                 if let Some(request) = request {
                     if request.node.is_some() {
@@ -376,11 +393,7 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
         let selectors = self.source.attest(caller).await?;
         let mut inbound = request.into_inner();
         let (sender, receiver) = mpsc::channel(4);
-        let sds = Sds {
-            source: self.source.clone(),
-            names: self.names.clone(),
-            stopping: self.stopping.clone(),
-        };
+        let sds = self.clone();
         tokio::spawn(async move {
             let mut changes = sds.source.changes();
             let mut stopping = sds.stopping.clone();
@@ -391,16 +404,9 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
             let mut nonce = 0u64;
             loop {
                 // What to do next: a request arrived, or something changed.
-                let request_names = tokio::select! {
-                    message = inbound.message() => match message {
-                        Ok(Some(request)) => Some(request),
-                        Ok(None) | Err(_) => return,
-                    },
-                    changed = changes.changed() => {
-                        if changed.is_err() { return }
-                        None
-                    }
-                    _ = stopping.wait_for(|stop| *stop) => return,
+                let Ok(request_names) = next_event(&mut inbound, &mut changes, &mut stopping).await
+                else {
+                    return;
                 };
                 if let Some(request) = request_names {
                     if request.node.is_some() {
