@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 
-/// An SDS secret reference (flow style, one line) served by the `sigil_sds` cluster.
+/// An SDS secret reference (flow style, one line) served by the `sigil_sds` cluster; the name is
+/// quoted, as SPIFFE IDs are names too.
 pub fn sds_secret(name: &str) -> String {
     format!(
-        "{{ name: {name}, sds_config: {{ resource_api_version: V3, api_config_source: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [ {{ envoy_grpc: {{ cluster_name: sigil_sds }} }} ] }} }} }}"
+        "{{ name: \"{name}\", sds_config: {{ resource_api_version: V3, api_config_source: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [ {{ envoy_grpc: {{ cluster_name: sigil_sds }} }} ] }} }} }}"
     )
 }
 

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
+use sigil_tests::envoy::{sds_cluster, sds_secret};
 use sigil_tests::forwarder::{ForwarderProcess, SvidFiles, fetch_svid, peer_tools};
 use sigil_tests::{Node, free_port};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -1215,13 +1216,6 @@ async fn rotation_under_steady_load_loses_no_connection() -> anyhow::Result<()> 
     })
 }
 
-/// An SDS secret reference (flow style) served by the `sigil_sds` cluster.
-fn sds_secret(name: &str) -> String {
-    format!(
-        "{{ name: \"{name}\", sds_config: {{ resource_api_version: V3, api_config_source: {{ api_type: GRPC, transport_api_version: V3, grpc_services: [ {{ envoy_grpc: {{ cluster_name: sigil_sds }} }} ] }} }} }}"
-    )
-}
-
 /// One Envoy with its identity from the agent over SDS (the SVID named `envoy_id`, `ROOTCA` to
 /// validate): a plaintext HTTP listener on `client` that calls the forwarder's inbound listener
 /// `inbound` over mTLS (expecting the forwarder's ID), and an mTLS listener on `server` that
@@ -1310,20 +1304,9 @@ static_resources:
               match_typed_subject_alt_names:
               - {{ san_type: URI, matcher: {{ exact: "{FORWARDER}" }} }}
             validation_context_sds_secret_config: {rootca}
-  - name: sigil_sds
-    type: STATIC
-    connect_timeout: 5s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: sigil_sds
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ pipe: {{ path: "{socket}" }} }} }}
+{sds_cluster}
 "#,
-        socket = socket.display(),
+        sds_cluster = sds_cluster(socket),
     )
 }
 
