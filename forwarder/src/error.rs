@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-/// Everything that can stop the forwarder from starting or keep it from its identity.
+/// Everything that can stop the forwarder from starting or keep it from its identity, and the
+/// reason a request path is refused.
 ///
 /// Each message names what was wrong (the file and key, the flag, the address) and what to do, so
 /// it can be shown to an operator as is.
@@ -50,6 +51,14 @@ pub enum Error {
     /// The Workload API answered with an SVID or bundle the forwarder cannot use.
     #[error("unusable identity from the Workload API: {0}")]
     Identity(String),
+    /// A request path that [`crate::path::normalize`] refuses (answered with 400).
+    #[error("request path `{path}` refused: {reason}")]
+    RequestPath {
+        /// The path as received, truncated and escaped.
+        path: String,
+        /// What is wrong with it and what to send instead.
+        reason: String,
+    },
 }
 
 /// The result type of this crate.

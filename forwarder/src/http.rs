@@ -1,6 +1,12 @@
 //! HTTP mode of an inbound listener: HTTP/1.1 and HTTP/2 from callers (by ALPN, or the HTTP/2
 //! preface), HTTP/1.1 to the application, `x-forwarded-client-cert` set as Envoy sets it
 //! (`By=<own id>;URI=<peer id>`, any incoming one removed), and the listener's HTTP rules.
+//!
+//! Each request is checked in this order: the request target (origin-form or absolute-form, no
+//! CONNECT, at most `max_path_length` bytes: 400 or 414), the method (no standard method in
+//! another case: 400), the path normalised once ([`crate::path`]: 400 when refused), then the
+//! rules on the normalised path (403). The application receives the normalised path and the
+//! query as sent: what the rules checked is what it serves.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,12 +22,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sigil_core::id::SpiffeId;
+use sigil_core::untrusted::untrusted;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use crate::identity::IdentityStore;
 use crate::metrics::Metrics;
-use crate::policy::{HttpRule, check_http};
+use crate::path::{EscapedSlashes, normalize};
+use crate::policy::{HttpRule, check_http, check_method};
 
 /// The header that carries the caller's identity to the application.
 const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -46,17 +54,45 @@ pub(crate) struct HttpProxy {
     listener: String,
     target: String,
     rules: Vec<HttpRule>,
+    escaped_slashes: EscapedSlashes,
+    max_path_length: usize,
     client: Client<HttpConnector, Incoming>,
     store: Arc<IdentityStore>,
     metrics: Arc<Metrics>,
     header_timeout: std::time::Duration,
 }
 
+/// A refused request: the status, the metric's reason label, and the message for the caller and
+/// the log.
+struct Refusal {
+    status: StatusCode,
+    reason: &'static str,
+    why: String,
+}
+
+impl Refusal {
+    fn bad_request(why: String) -> Self {
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            reason: "bad_request",
+            why,
+        }
+    }
+}
+
+/// How a listener's requests are checked.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestChecks {
+    pub(crate) rules: Vec<HttpRule>,
+    pub(crate) escaped_slashes: EscapedSlashes,
+    pub(crate) max_path_length: usize,
+}
+
 impl HttpProxy {
     pub(crate) fn new(
         listener: String,
         target: String,
-        rules: Vec<HttpRule>,
+        checks: RequestChecks,
         connect_timeout: std::time::Duration,
         header_timeout: std::time::Duration,
         store: Arc<IdentityStore>,
@@ -68,7 +104,9 @@ impl HttpProxy {
         HttpProxy {
             listener,
             target,
-            rules,
+            rules: checks.rules,
+            escaped_slashes: checks.escaped_slashes,
+            max_path_length: checks.max_path_length,
             client: Client::builder(TokioExecutor::new()).build(connector),
             store,
             metrics,
@@ -76,22 +114,70 @@ impl HttpProxy {
         }
     }
 
+    /// The request target the application receives (the normalised path and the query as
+    /// sent), or why the request is refused.
+    fn admit(
+        &self,
+        request: &Request<Incoming>,
+        peer: Option<&SpiffeId>,
+    ) -> Result<String, Refusal> {
+        let method = request.method().as_str();
+        let uri = request.uri();
+        let target_length = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+        if target_length > self.max_path_length {
+            return Err(Refusal {
+                status: StatusCode::URI_TOO_LONG,
+                reason: "path_too_long",
+                why: format!(
+                    "the request path and query are {target_length} bytes, over this listener's max_path_length of {}; shorten them or raise the limit",
+                    self.max_path_length
+                ),
+            });
+        }
+        // A tunnel would carry bytes no rule sees; authority-form (`CONNECT host:port`) and
+        // asterisk-form (`OPTIONS *`) have no path to check, and normalize() refuses them.
+        if request.method() == http::Method::CONNECT {
+            return Err(Refusal::bad_request(
+                "CONNECT is not forwarded in HTTP mode; use a TCP listener (no --http) for tunnels"
+                    .into(),
+            ));
+        }
+        check_method(method).map_err(Refusal::bad_request)?;
+        let path = normalize(uri.path(), self.escaped_slashes)
+            .map_err(|e| Refusal::bad_request(e.to_string()))?;
+        check_http(&self.rules, peer, method, &path).map_err(|rule| Refusal {
+            status: StatusCode::FORBIDDEN,
+            reason: "http_policy",
+            why: format!("forbidden by the forwarder's HTTP policy: {rule}"),
+        })?;
+        Ok(match uri.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path,
+        })
+    }
+
     async fn handle(
         &self,
         mut request: Request<Incoming>,
         peer: Option<&SpiffeId>,
     ) -> Response<Body> {
-        let method = request.method().as_str().to_string();
-        let path = request.uri().path().to_string();
-        if let Err(rule) = check_http(&self.rules, peer, &method, &path) {
-            let caller = peer.map_or_else(|| "unauthenticated".to_string(), ToString::to_string);
-            tracing::warn!(listener = %self.listener, peer = %caller, %method, %path, "refused request: {rule}");
-            self.metrics.refuse(&self.listener, "http_policy");
-            return text(
-                StatusCode::FORBIDDEN,
-                format!("forbidden by the forwarder's HTTP policy: {rule}\n"),
-            );
-        }
+        let path_and_query = match self.admit(&request, peer) {
+            Ok(target) => target,
+            Err(refusal) => {
+                let caller =
+                    peer.map_or_else(|| "unauthenticated".to_string(), ToString::to_string);
+                tracing::warn!(
+                    listener = %self.listener,
+                    peer = %caller,
+                    method = %untrusted(request.method().as_str()),
+                    path = %untrusted(request.uri().path()),
+                    "refused request: {}",
+                    refusal.why
+                );
+                self.metrics.refuse(&self.listener, refusal.reason);
+                return text(refusal.status, format!("{}\n", refusal.why));
+            }
+        };
         let authority = request.uri().authority().map(|a| a.to_string());
         let headers = request.headers_mut();
         strip_hop_by_hop(headers);
@@ -110,21 +196,19 @@ impl HttpProxy {
                 headers.insert(XFCC, value);
             }
         }
-        // HTTP/2 callers carry the host in :authority; the application speaks HTTP/1.1.
-        if !headers.contains_key(HOST)
-            && let Some(value) = authority.and_then(|a| HeaderValue::from_str(&a).ok())
-        {
+        // HTTP/2 callers carry the host in :authority, HTTP/1.1 callers in absolute-form in the
+        // target, and either wins over a Host header (RFC 9113 8.3.1, RFC 9112 3.2.2); the
+        // application speaks HTTP/1.1 with origin-form targets.
+        if let Some(value) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
             headers.insert(HOST, value);
         }
-        let path_and_query = request
-            .uri()
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_string();
         let Ok(uri) = format!("http://{}{path_and_query}", self.target).parse::<Uri>() else {
             return text(
                 StatusCode::BAD_REQUEST,
-                format!("`{path_and_query}` is not a valid request target\n"),
+                format!(
+                    "`{}` is not a valid request target\n",
+                    untrusted(&path_and_query)
+                ),
             );
         };
         *request.uri_mut() = uri;

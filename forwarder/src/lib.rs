@@ -6,7 +6,9 @@
 //!
 //! - [`config`]: listeners, modes, limits; from flags or a TOML file.
 //! - [`policy`]: SPIFFE ID patterns (exact, trust domain, path pattern), allow/deny peer policies
-//!   and HTTP rules by principal, method and path prefix.
+//!   and HTTP rules by principal, method and path (matched at segment boundaries).
+//! - [`path`]: the one normal form of a request path, which HTTP rules see and the application
+//!   receives.
 //! - [`identity`]: the SVID and bundles, held in one atomically swapped state so that every new
 //!   handshake uses the newest ones and established connections carry on.
 //! - [`tls`]: the rustls certificate resolver and the peer verifiers over that state; a refused
@@ -24,6 +26,7 @@ mod health;
 mod http;
 pub mod identity;
 pub mod metrics;
+pub mod path;
 pub mod policy;
 mod proxy;
 mod run;

@@ -47,7 +47,8 @@ pub struct RefusalLabels {
     /// The listener's name.
     pub listener: String,
     /// `plaintext`, `untrusted`, `expired`, `bad_identity`, `policy`, `upstream_identity`,
-    /// `handshake_timeout`, `handshake_failed`, `max_connections`, `connect_failed`, `http_policy`.
+    /// `handshake_timeout`, `handshake_failed`, `max_connections`, `connect_failed`, `http_policy`,
+    /// `bad_request` (a request target, method or path refused with 400), `path_too_long` (414).
     pub reason: &'static str,
 }
 

@@ -11,6 +11,7 @@
 use std::fmt;
 
 use sigil_core::id::{SpiffeId, TrustDomain, parse_spiffe_id, parse_trust_domain};
+use sigil_core::untrusted::untrusted;
 
 /// A set of SPIFFE IDs, written as an exact ID, a trust domain or a path pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,18 +211,118 @@ pub enum Action {
     Deny,
 }
 
-/// An HTTP rule: principal x method x path prefix. An empty list matches anything (for
-/// principals: unauthenticated callers too).
+/// An HTTP rule: principal x method x path. An empty list matches anything (for principals:
+/// unauthenticated callers too).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpRule {
     /// Allow or deny.
     pub action: Action,
     /// Caller identities; empty for any caller.
     pub principals: Vec<IdPattern>,
-    /// Upper-case HTTP methods; empty for any method.
+    /// HTTP methods, matched exactly (the standard ones in upper case); empty for any method.
     pub methods: Vec<String>,
-    /// Path prefixes; empty for any path.
-    pub paths: Vec<String>,
+    /// Paths, matched on the normalised request path; empty for any path.
+    pub paths: Vec<PathMatch>,
+}
+
+/// The standard methods (RFC 9110 section 9, and PATCH from RFC 5789). Methods are
+/// case-sensitive, so `delete` is not `DELETE`; but applications that compare them without case
+/// would run `delete` as `DELETE` past a rule for `DELETE`, so requests with such a method are
+/// refused (see [`check_method`]) and rules may write them in any case.
+const STANDARD_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// The standard method `method` names in another case, if it does.
+fn standard_in_any_case(method: &str) -> Option<&'static str> {
+    STANDARD_METHODS
+        .iter()
+        .copied()
+        .find(|standard| standard.eq_ignore_ascii_case(method))
+}
+
+/// RFC 9110 section 5.6.2 `tchar`.
+fn is_tchar(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+}
+
+/// Refuses a request method that spells a standard method in another case (`delete`, `Get`): the
+/// rules compare methods exactly, the application may not. hyper has already refused methods
+/// that are not RFC 9110 tokens.
+pub fn check_method(method: &str) -> Result<(), String> {
+    match standard_in_any_case(method) {
+        Some(standard) if standard != method => Err(format!(
+            "method `{}` is `{standard}` in another case; methods are case-sensitive (RFC 9110 section 9.1): send `{standard}`",
+            untrusted(method)
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The path part of an HTTP rule, matched against the normalised request path (see
+/// [`crate::path`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    /// This path and everything below it, at segment boundaries: `/api` matches `/api`, `/api/`
+    /// and `/api/items` (and `/api?q`, the query not being part of the path), not
+    /// `/api-internal`.
+    Segments(String),
+    /// A raw prefix of the normalised path, written with a trailing `*`: `/api*` matches
+    /// `/api-internal` too.
+    Prefix(String),
+}
+
+impl PathMatch {
+    /// Parses a rule path: it starts with `/`, is in normal form (rules are compared with
+    /// normalised paths, so `/a/../b` could never match as written), and may end with `*`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (path, prefix) = match text.strip_suffix('*') {
+            Some(path) => (path, true),
+            None => (text, false),
+        };
+        if !path.starts_with('/') {
+            return Err(format!(
+                "path `{}` must start with `/`, e.g. `/api` (or `/api*` for a raw prefix)",
+                untrusted(text)
+            ));
+        }
+        // Kept escaped separators stay escapes, so a rule may name `%2F` for listeners that keep
+        // them.
+        let normal = crate::path::normalize(path, crate::path::EscapedSlashes::Keep)
+            .map_err(|e| e.to_string())?;
+        if normal != path {
+            return Err(format!(
+                "path `{}` is not in normal form; write `{}{}` (rules match normalised request paths: dot segments removed, slashes merged, escapes of letters, digits and `-._~` decoded, other escapes in upper case)",
+                untrusted(text),
+                untrusted(&normal),
+                if prefix { "*" } else { "" }
+            ));
+        }
+        Ok(if prefix {
+            PathMatch::Prefix(normal)
+        } else {
+            PathMatch::Segments(normal)
+        })
+    }
+
+    /// True when the normalised request path `path` is matched.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            PathMatch::Segments(rule) => path.strip_prefix(rule.as_str()).is_some_and(|rest| {
+                rest.is_empty() || rest.starts_with('/') || rule.ends_with('/')
+            }),
+        }
+    }
+}
+
+impl fmt::Display for PathMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathMatch::Segments(path) => f.write_str(path),
+            PathMatch::Prefix(prefix) => write!(f, "{prefix}*"),
+        }
+    }
 }
 
 impl HttpRule {
@@ -231,7 +332,7 @@ impl HttpRule {
         let fields: Vec<&str> = text.split_whitespace().collect();
         let [principal, methods, path] = fields.as_slice() else {
             return Err(format!(
-                "`{text}` has {} fields; write `PRINCIPAL METHODS PATH-PREFIX`, e.g. `spiffe://example.org/web GET,POST /api` (`*` for any)",
+                "`{text}` has {} fields; write `PRINCIPAL METHODS PATH`, e.g. `spiffe://example.org/web GET,POST /api` (`*` for any)",
                 fields.len()
             ));
         };
@@ -253,7 +354,8 @@ impl HttpRule {
         HttpRule::new(action, principals, methods, paths)
     }
 
-    /// A rule, with its methods and paths checked.
+    /// A rule, with its methods and paths checked: methods must be RFC 9110 tokens (standard
+    /// ones are upper-cased), paths must be in normal form.
     pub fn new(
         action: Action,
         principals: Vec<IdPattern>,
@@ -263,20 +365,18 @@ impl HttpRule {
         let methods = methods
             .into_iter()
             .map(|method| {
-                if !method.is_empty() && method.chars().all(|c| c.is_ascii_alphabetic()) {
-                    Ok(method.to_ascii_uppercase())
-                } else {
-                    Err(format!(
-                        "`{method}` is not an HTTP method; write e.g. GET or POST"
-                    ))
+                if method.is_empty() || !method.chars().all(is_tchar) {
+                    return Err(format!(
+                        "`{method}` is not an HTTP method (an RFC 9110 token); write e.g. GET or POST"
+                    ));
                 }
+                Ok(standard_in_any_case(&method).map_or(method, str::to_string))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(bad) = paths.iter().find(|p| !p.starts_with('/')) {
-            return Err(format!(
-                "path prefix `{bad}` must start with `/`, e.g. `/api`"
-            ));
-        }
+        let paths = paths
+            .iter()
+            .map(|path| PathMatch::parse(path))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(HttpRule {
             action,
             principals,
@@ -285,11 +385,12 @@ impl HttpRule {
         })
     }
 
+    /// `path` is the normalised request path.
     fn matches(&self, peer: Option<&SpiffeId>, method: &str, path: &str) -> bool {
         let principal = self.principals.is_empty()
             || peer.is_some_and(|id| self.principals.iter().any(|p| p.matches(id)));
         let method = self.methods.is_empty() || self.methods.iter().any(|m| m == method);
-        let path = self.paths.is_empty() || self.paths.iter().any(|p| path.starts_with(p.as_str()));
+        let path = self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path));
         principal && method && path
     }
 }
@@ -312,13 +413,14 @@ impl fmt::Display for HttpRule {
             },
             any(self.principals.iter().map(ToString::to_string).collect()),
             any(self.methods.clone()),
-            any(self.paths.clone())
+            any(self.paths.iter().map(ToString::to_string).collect())
         )
     }
 }
 
-/// Decides an HTTP request: deny rules first, then allow rules; when any allow rule exists and none
-/// matches, the request is refused. On refusal, says why (the rule).
+/// Decides an HTTP request with the normalised path `path` (see [`crate::path::normalize`]): deny
+/// rules first, then allow rules; when any allow rule exists and none matches, the request is
+/// refused. On refusal, says why (the rule).
 pub fn check_http(
     rules: &[HttpRule],
     peer: Option<&SpiffeId>,
@@ -453,5 +555,55 @@ mod tests {
         assert!(check_http(&[], None, "GET", "/").is_ok());
         assert!(HttpRule::parse_flag("--http-allow", Action::Allow, "GET /").is_err());
         assert!(HttpRule::parse_flag("--http-allow", Action::Allow, "* GET api").is_err());
+    }
+
+    #[test]
+    fn rule_paths_match_at_segment_boundaries() {
+        let api = PathMatch::parse("/api").expect("valid");
+        for path in ["/api", "/api/", "/api/items", "/api/a/b"] {
+            assert!(api.matches(path), "{path}");
+        }
+        for path in ["/api-internal", "/apix", "/", "/ap", "/v1/api"] {
+            assert!(!api.matches(path), "{path}");
+        }
+        let below = PathMatch::parse("/api/").expect("valid");
+        assert!(below.matches("/api/items") && below.matches("/api/"));
+        assert!(!below.matches("/api"));
+        let prefix = PathMatch::parse("/api*").expect("valid");
+        assert!(prefix.matches("/api-internal") && prefix.matches("/api/x"));
+        assert_eq!(prefix.to_string(), "/api*");
+        assert!(PathMatch::parse("/").expect("valid").matches("/anything"));
+    }
+
+    #[test]
+    fn rule_paths_and_methods_must_be_in_normal_form() {
+        for (bad, says) in [
+            ("api", "must start with `/`"),
+            ("/api/../admin", "write `/admin`"),
+            ("//admin", "write `/admin`"),
+            ("/%61dmin", "write `/admin`"),
+            ("/a%3bb*", "write `/a%3Bb*`"),
+            ("/a%zz", "malformed percent-escape"),
+        ] {
+            let err = PathMatch::parse(bad).expect_err(bad);
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let rule = HttpRule::parse_flag("--http-deny", Action::Deny, "* delete,Patch,PURGE /api")
+            .expect("valid");
+        assert_eq!(rule.methods, ["DELETE", "PATCH", "PURGE"]);
+        let err = HttpRule::parse_flag("--http-deny", Action::Deny, "* GE(T /api")
+            .expect_err("not a token");
+        assert!(err.contains("RFC 9110 token"), "{err}");
+    }
+
+    #[test]
+    fn standard_methods_in_another_case_are_refused() {
+        for method in ["GET", "DELETE", "PURGE", "purge", "M-SEARCH"] {
+            assert!(check_method(method).is_ok(), "{method}");
+        }
+        for (method, standard) in [("delete", "DELETE"), ("Get", "GET"), ("pAtCh", "PATCH")] {
+            let err = check_method(method).expect_err(method);
+            assert!(err.contains(&format!("send `{standard}`")), "{err}");
+        }
     }
 }

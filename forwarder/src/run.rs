@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::ForwarderConfig;
-use crate::http::HttpProxy;
+use crate::http::{HttpProxy, RequestChecks};
 use crate::identity::{self, IdentityStore};
 use crate::metrics::Metrics;
 use crate::proxy::{InboundListener, OutboundListener, Shared};
@@ -97,7 +97,11 @@ impl Forwarder {
                 Arc::new(HttpProxy::new(
                     spec.name.clone(),
                     spec.target.clone(),
-                    spec.http_rules.clone(),
+                    RequestChecks {
+                        rules: spec.http_rules.clone(),
+                        escaped_slashes: spec.escaped_slashes,
+                        max_path_length: config.limits.max_path_length,
+                    },
                     config.limits.connect_timeout,
                     config.limits.handshake_timeout,
                     store.clone(),
@@ -112,6 +116,9 @@ impl Forwarder {
                 http = spec.http,
                 "inbound listener"
             );
+            if let Some(warning) = spec.permissive_bypass() {
+                tracing::warn!(listener = %spec.name, "{warning}");
+            }
             let inbound = Arc::new(InboundListener {
                 spec,
                 acceptor: TlsAcceptor::from(Arc::new(tls)),

@@ -17,6 +17,7 @@ pub(crate) struct ForwardArgs {
     /// describe one listener instead.
     #[arg(long, short, conflicts_with_all = [
         "inbound", "target", "mode", "allow", "deny", "http", "http_allow", "http_deny",
+        "escaped_slashes",
         "outbound", "upstream", "expect_id", "expect_trust_domain", "expect_pattern",
     ])]
     config: Option<PathBuf>,
@@ -54,6 +55,9 @@ pub(crate) struct ForwardArgs {
     /// Inbound HTTP: deny `PRINCIPAL METHODS PATH-PREFIX` (checked first); repeatable.
     #[arg(long)]
     http_deny: Vec<String>,
+    /// Inbound HTTP: `%2F`, `%5C` and `\` in a request path: reject (400, the default) or keep.
+    #[arg(long)]
+    escaped_slashes: Option<String>,
     /// Outbound: listen here (loopback) for plaintext, e.g. 127.0.0.1:9000.
     #[arg(long)]
     outbound: Option<String>,
@@ -84,6 +88,9 @@ pub(crate) struct ForwardArgs {
     /// Connections open at once, over all listeners.
     #[arg(long)]
     max_connections: Option<usize>,
+    /// HTTP mode: bytes of a request's path and query; longer ones get 414 (default 8192).
+    #[arg(long)]
+    max_path_length: Option<usize>,
     /// error, warn, info, debug, trace, or a tracing filter.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -110,6 +117,7 @@ pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<()> {
         idle_timeout: args.idle_timeout,
         drain_timeout: args.drain_timeout,
         max_connections: args.max_connections,
+        max_path_length: args.max_path_length,
         inbound: args.inbound,
         target: args.target,
         mode: args.mode,
@@ -118,6 +126,7 @@ pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<()> {
         http: args.http,
         http_allow: args.http_allow,
         http_deny: args.http_deny,
+        escaped_slashes: args.escaped_slashes,
         outbound: args.outbound,
         upstream: args.upstream,
         expect_id: args.expect_id,
