@@ -1,7 +1,7 @@
 //! Registration entries: which workloads (selectors), under which parent (an agent or a node
 //! alias), get which SPIFFE ID, and how their SVIDs are shaped.
 
-use crate::id::{SpiffeId, TrustDomain, parse_member_id, parse_trust_domain};
+use crate::id::{SpiffeId, TrustDomain, check_not_reserved, parse_member_id, parse_trust_domain};
 use crate::selector::Selector;
 use crate::{Error, Result};
 
@@ -74,6 +74,7 @@ impl EntryInput {
     /// given server-assigned `id`. The error names the first field that is wrong.
     pub fn validate(self, trust_domain: &TrustDomain, id: String, now: i64) -> Result<Entry> {
         let spiffe_id = parse_member_id("spiffe_id", &self.spiffe_id, trust_domain)?;
+        check_not_reserved("spiffe_id", &spiffe_id, trust_domain)?;
         let parent_id = parse_member_id("parent_id", &self.parent_id, trust_domain)?;
         if spiffe_id == parent_id {
             return Err(Error::field(
@@ -248,6 +249,13 @@ mod tests {
             "spiffe_id",
         );
         refused(|e| e.parent_id = "not-an-id".into(), "parent_id");
+        for reserved in [
+            "spiffe://example.org/sigil/server",
+            "spiffe://example.org/sigil/agent/join_token/abc",
+            "spiffe://example.org/sigil/anything",
+        ] {
+            refused(|e| e.spiffe_id = reserved.into(), "reserved namespace");
+        }
         refused(|e| e.selectors.clear(), "selectors");
         refused(
             |e| {

@@ -6,7 +6,14 @@
 
 pub use spiffe::{SpiffeId, TrustDomain};
 
+use crate::untrusted::untrusted;
 use crate::{Error, Result};
+
+/// The path namespace of a trust domain that belongs to Sigil's own components: the server
+/// (`/sigil/server`) and the agents (`/sigil/agent/...`). The agent API trusts a client
+/// certificate under `/sigil/agent/` as an agent, and agents trust `/sigil/server` as their
+/// server, so nothing an operator or a workload can create may fall in it.
+pub const RESERVED_PATH: &str = "/sigil";
 
 /// Parses a SPIFFE ID, naming `field` in the error. The ID must be written in canonical form:
 /// `spiffe://` then a lower-case trust domain of `[a-z0-9._-]` and path segments of
@@ -15,13 +22,20 @@ pub fn parse_spiffe_id(field: &'static str, value: &str) -> Result<SpiffeId> {
     let id = SpiffeId::new(value).map_err(|e| {
         Error::field(
             field,
-            format!("`{value}` is not a SPIFFE ID ({e}); expected spiffe://<trust-domain>/<path>"),
+            format!(
+                "`{}` is not a SPIFFE ID ({e}); expected spiffe://<trust-domain>/<path>",
+                untrusted(value)
+            ),
         )
     })?;
     if id.to_string() != value {
         return Err(Error::field(
             field,
-            format!("`{value}` is not in canonical form; write it as `{id}`"),
+            format!(
+                "`{}` is not in canonical form; write it as `{}`",
+                untrusted(value),
+                untrusted(&id.to_string())
+            ),
         ));
     }
     Ok(id)
@@ -38,8 +52,9 @@ pub fn parse_member_id(
         return Err(Error::field(
             field,
             format!(
-                "`{value}` belongs to trust domain `{}`, but this server is the CA of `{trust_domain}`",
-                id.trust_domain_name()
+                "`{}` belongs to trust domain `{}`, but this server is the CA of `{trust_domain}`",
+                untrusted(value),
+                untrusted(id.trust_domain_name())
             ),
         ));
     }
@@ -51,14 +66,21 @@ pub fn parse_trust_domain(field: &'static str, value: &str) -> Result<TrustDomai
     let td = TrustDomain::new(value).map_err(|e| {
         Error::field(
             field,
-            format!("`{value}` is not a trust domain name ({e}); expected e.g. `example.org`"),
+            format!(
+                "`{}` is not a trust domain name ({e}); expected e.g. `example.org`",
+                untrusted(value)
+            ),
         )
     })?;
     let canonical = value.strip_prefix("spiffe://").unwrap_or(value);
     if td.as_str() != canonical {
         return Err(Error::field(
             field,
-            format!("`{value}` must be lower case; write it as `{td}`"),
+            format!(
+                "`{}` must be lower case; write it as `{}`",
+                untrusted(value),
+                untrusted(td.as_str())
+            ),
         ));
     }
     Ok(td)
@@ -81,6 +103,34 @@ pub fn agent_id(trust_domain: &TrustDomain, attestor: &str, parts: &[&str]) -> R
 /// True when `id` names an agent (`/sigil/agent/...`) of `trust_domain`.
 pub fn is_agent_id(id: &SpiffeId, trust_domain: &TrustDomain) -> bool {
     id.is_member_of(trust_domain) && id.path().starts_with("/sigil/agent/")
+}
+
+/// True when `id` falls in `trust_domain`'s reserved namespace ([`RESERVED_PATH`]): the
+/// server's ID, an agent's ID, or anything else under `/sigil/`.
+pub fn is_reserved(id: &SpiffeId, trust_domain: &TrustDomain) -> bool {
+    let path = id.path();
+    id.is_member_of(trust_domain)
+        && path
+            .strip_prefix(RESERVED_PATH)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Refuses `id` when it falls in `trust_domain`'s reserved namespace, naming `field`.
+pub fn check_not_reserved(
+    field: &'static str,
+    id: &SpiffeId,
+    trust_domain: &TrustDomain,
+) -> Result<()> {
+    if is_reserved(id, trust_domain) {
+        return Err(Error::field(
+            field,
+            format!(
+                "`{}` is in the reserved namespace `spiffe://{trust_domain}{RESERVED_PATH}/`, which belongs to Sigil's server and agents; choose a path outside it",
+                untrusted(&id.to_string())
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn member(trust_domain: &TrustDomain, segments: &[&str]) -> SpiffeId {
@@ -109,6 +159,23 @@ mod tests {
         );
         assert!(is_agent_id(&agent, &td()));
         assert!(!is_agent_id(&server_id(&td()), &td()));
+    }
+
+    #[test]
+    fn the_sigil_namespace_is_reserved() {
+        let reserved =
+            |text: &str| is_reserved(&parse_spiffe_id("id", text).expect("valid"), &td());
+        assert!(reserved("spiffe://example.org/sigil"));
+        assert!(reserved("spiffe://example.org/sigil/server"));
+        assert!(reserved("spiffe://example.org/sigil/agent/join_token/abc"));
+        assert!(reserved("spiffe://example.org/sigil/anything/else"));
+        assert!(!reserved("spiffe://example.org/sigilx"));
+        assert!(!reserved("spiffe://example.org/web/sigil"));
+        assert!(!reserved("spiffe://example.org/Sigil/server"));
+        // Another domain's server ID is that domain's business (federation names it).
+        assert!(!reserved("spiffe://other.org/sigil/server"));
+        let err = check_not_reserved("spiffe_id", &server_id(&td()), &td()).unwrap_err();
+        assert!(err.to_string().contains("reserved namespace"), "{err}");
     }
 
     #[test]

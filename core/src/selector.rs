@@ -7,6 +7,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::untrusted::untrusted;
 use crate::{Error, Result};
 
 /// One selector.
@@ -38,7 +39,10 @@ impl Selector {
         let Some((kind, value)) = text.split_once(':') else {
             return Err(Error::field(
                 "selector",
-                format!("`{text}` has no `:`; expected type:value, e.g. unix:uid:1000"),
+                format!(
+                    "`{}` has no `:`; expected type:value, e.g. unix:uid:1000",
+                    untrusted(text)
+                ),
             ));
         };
         Selector::new(kind, value)
@@ -46,7 +50,7 @@ impl Selector {
 
     /// Checks both parts; used when a selector was built field by field (e.g. from a request).
     pub fn check(&self) -> Result<()> {
-        let text = || format!("{}:{}", self.kind, self.value);
+        let text = || untrusted(&format!("{}:{}", self.kind, self.value)).to_string();
         if self.kind.is_empty()
             || !self
                 .kind
@@ -58,7 +62,7 @@ impl Selector {
                 format!(
                     "`{}` has type `{}`; a selector type is lower-case letters, digits and `_` (e.g. unix, k8s)",
                     text(),
-                    self.kind
+                    untrusted(&self.kind)
                 ),
             ));
         }
@@ -76,7 +80,7 @@ impl Selector {
                 "selector",
                 format!(
                     "`{}` has control characters or surrounding whitespace in its value",
-                    text().escape_default()
+                    text()
                 ),
             ));
         }

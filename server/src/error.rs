@@ -43,6 +43,10 @@ pub enum Error {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// Stored data breaks a rule the server enforces (e.g. an ID in the reserved namespace); the
+    /// message names the rows and how to remove them.
+    #[error("stored data refused: {0}")]
+    Integrity(String),
     /// The server cannot serve this now (e.g. shutting down); retry.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -67,7 +71,7 @@ impl Error {
             Error::NotFound(_) => tonic::Status::not_found(message),
             Error::AlreadyExists(_) => tonic::Status::already_exists(message),
             Error::Unavailable(_) => tonic::Status::unavailable(message),
-            Error::Datastore(_) | Error::Ca(_) | Error::Io { .. } => {
+            Error::Datastore(_) | Error::Ca(_) | Error::Io { .. } | Error::Integrity(_) => {
                 tonic::Status::internal(message)
             }
         }

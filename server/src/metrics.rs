@@ -17,8 +17,9 @@ pub struct SvidLabels {
 /// Labels of attestation counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttestationLabels {
-    /// The node attestor.
-    pub attestor: String,
+    /// The node attestor: one of the configured attestors' names, or `unknown` for any other name
+    /// a caller sent (labels come from a fixed set, so callers cannot grow the metrics).
+    pub attestor: &'static str,
     /// `success`, `refused` or `error`.
     pub result: &'static str,
 }

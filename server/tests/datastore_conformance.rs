@@ -136,6 +136,7 @@ fn agent(id: &str) -> AgentRecord {
         attestor: "join_token".into(),
         selectors: vec![Selector::parse("join_token:abc").expect("selector")],
         svid_serial: "01".into(),
+        previous_svid_serial: String::new(),
         svid_expires_at: NOW + 3600,
         banned: false,
         created_at: NOW,
@@ -299,8 +300,39 @@ async fn agents_are_attested_renewed_banned_and_evicted(backend: &Backend) -> an
         ),
         ("02", NOW + 7200, NOW + 10)
     );
+    assert_eq!(
+        renewed.previous_svid_serial, "01",
+        "renewal keeps the serial it replaced"
+    );
+    let again = ds.set_agent_svid(AGENT, "03", NOW + 7200, NOW + 11).await?;
+    assert_eq!(
+        (
+            again.svid_serial.as_str(),
+            again.previous_svid_serial.as_str()
+        ),
+        ("03", "02"),
+        "only the immediately previous serial is kept"
+    );
+    // Attesting again starts afresh: no serial from before survives.
+    let mut reattested = agent(AGENT);
+    reattested.svid_serial = "04".into();
+    ds.put_agent(&reattested).await?;
+    let stored = ds.get_agent(AGENT).await?.expect("agent");
+    assert_eq!(
+        (
+            stored.svid_serial.as_str(),
+            stored.previous_svid_serial.as_str()
+        ),
+        ("04", "")
+    );
     let banned = ds.ban_agent(AGENT, NOW + 20).await?;
     assert!(banned.banned);
+    // An attestation that read the row before the ban cannot lift it.
+    assert!(matches!(
+        ds.put_agent(&agent(AGENT)).await,
+        Err(Error::PermissionDenied(_))
+    ));
+    assert!(ds.get_agent(AGENT).await?.expect("agent").banned);
     assert_eq!(ds.list_agents().await?.len(), 1);
     let evicted = ds.delete_agent(AGENT).await?;
     assert_eq!(evicted.spiffe_id, AGENT);

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use sigil_core::bundle::TrustBundle;
 use sigil_core::id::is_agent_id;
+use sigil_core::untrusted::untrusted;
 use sigil_core::x509::{certificate_facts, check_csr};
 use sigil_proto::agent::agent_api_server::AgentApi;
 use sigil_proto::agent::{
@@ -50,8 +51,21 @@ impl<D> AgentService<D> {
     }
 }
 
-/// The calling agent's SPIFFE ID, from its verified client certificate.
-fn caller_agent<T>(request: &Request<T>, state: &ServerState<impl DataStore>) -> Result<String> {
+/// The calling agent, from its verified client certificate.
+#[derive(Debug, Clone)]
+struct CallerAgent {
+    id: String,
+    /// Hex serial of the certificate it presented.
+    serial: String,
+}
+
+/// The calling agent's SPIFFE ID, from its verified client certificate. The certificate must be
+/// the agent's current SVID (or the one before its last renewal) as the datastore records it:
+/// the handshake proves only that our CA signed it, not that it is still the agent's.
+async fn caller_agent<T, D: DataStore>(
+    request: &Request<T>,
+    state: &ServerState<D>,
+) -> Result<CallerAgent> {
     let certs = request.peer_certs().ok_or_else(|| {
         Error::Unauthenticated(
             "this call needs the agent's SVID as the TLS client certificate; attest the node first"
@@ -70,9 +84,25 @@ fn caller_agent<T>(request: &Request<T>, state: &ServerState<impl DataStore>) ->
                 "the client certificate is not an agent SVID of this trust domain".into(),
             )
         })?;
-    let id = id.to_string();
-    state.authz.check_agent(&id)?;
-    Ok(id)
+    let caller = CallerAgent {
+        id: id.to_string(),
+        serial: facts.serial,
+    };
+    if state
+        .authz
+        .check_agent_serial(&caller.id, &caller.serial)
+        .is_err()
+    {
+        // A renewal just written (here or by another server) may not have reached the cache yet.
+        state.authz.catch_up(state.datastore.as_ref()).await?;
+        state
+            .authz
+            .check_agent_serial(&caller.id, &caller.serial)
+            .inspect_err(|e| {
+                tracing::warn!(agent = %caller.id, error = %e, "agent certificate refused");
+            })?;
+    }
+    Ok(caller)
 }
 
 impl<D: DataStore> AgentService<D> {
@@ -108,7 +138,7 @@ impl<D: DataStore> AgentService<D> {
         csr: &[u8],
     ) -> Result<crate::ca::SignedX509Svid> {
         let csr = check_csr(csr)?;
-        let svid = self.state.ca.sign_x509_svid(
+        let svid = self.state.ca.sign_component_x509_svid(
             &csr.public_key,
             agent_id,
             &[],
@@ -136,7 +166,7 @@ impl<D: DataStore> AgentService<D> {
                     "attestor",
                     format!(
                         "`{}` is not enabled on this server; enabled: {}",
-                        request.attestor,
+                        untrusted(&request.attestor),
                         known.join(", ")
                     ),
                 ))
@@ -153,6 +183,8 @@ impl<D: DataStore> AgentService<D> {
         }
         let svid = self.sign_agent_svid(&node.agent_id, &request.csr)?;
         let now = self.state.clock.unix_now();
+        // No previous serial: a certificate from before this attestation (an evicted agent's, say)
+        // must not work again. `put_agent` refuses if a ban landed since the read above.
         self.state
             .datastore
             .put_agent(&AgentRecord {
@@ -160,6 +192,7 @@ impl<D: DataStore> AgentService<D> {
                 attestor: attestor.name().to_string(),
                 selectors: node.selectors,
                 svid_serial: svid.serial.clone(),
+                previous_svid_serial: String::new(),
                 svid_expires_at: svid.not_after,
                 banned: false,
                 created_at: existing.map_or(now, |a| a.created_at),
@@ -220,7 +253,12 @@ impl<D: DataStore> AgentApi for AgentService<D> {
         request: Request<AttestNodeRequest>,
     ) -> Result<Response<AttestNodeResponse>, Status> {
         let request = request.into_inner();
-        let attestor = request.attestor.clone();
+        // The label takes a configured attestor's name or `unknown`, never the caller's string.
+        let attestor = self
+            .state
+            .attestors
+            .get_key_value(request.attestor.as_str())
+            .map_or("unknown", |(name, _)| *name);
         let outcome = self.attest(request).await;
         let result = match &outcome {
             Ok(_) => "success",
@@ -244,7 +282,7 @@ impl<D: DataStore> AgentApi for AgentService<D> {
         &self,
         request: Request<RenewAgentSvidRequest>,
     ) -> Result<Response<RenewAgentSvidResponse>, Status> {
-        let agent_id = caller_agent(&request, &self.state)?;
+        let agent_id = caller_agent(&request, &self.state).await?.id;
         let id = sigil_core::id::parse_spiffe_id("agent_id", &agent_id).map_err(Error::from)?;
         let svid = self
             .sign_agent_svid(&id, &request.get_ref().csr)
@@ -255,6 +293,11 @@ impl<D: DataStore> AgentApi for AgentService<D> {
         self.state
             .datastore
             .set_agent_svid(&agent_id, &svid.serial, svid.not_after, now)
+            .await?;
+        // The agent reconnects with the new certificate at once; let the cache know it first.
+        self.state
+            .authz
+            .catch_up(self.state.datastore.as_ref())
             .await?;
         Ok(Response::new(RenewAgentSvidResponse {
             svid: Some(svid_to_proto(agent_id, &svid)),
@@ -267,19 +310,19 @@ impl<D: DataStore> AgentApi for AgentService<D> {
         &self,
         request: Request<SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let agent_id = caller_agent(&request, &self.state)?;
+        let caller = caller_agent(&request, &self.state).await?;
         let (sender, receiver) = mpsc::channel(16);
         let state = self.state.clone();
         let streams = self.streams.clone();
         tokio::spawn(async move {
             state.metrics.sync_streams.inc();
-            let first_stream = streams.open(&agent_id);
+            let first_stream = streams.open(&caller.id);
             if first_stream {
                 state.metrics.agents_connected.inc();
             }
-            stream_changes(&state, &agent_id, sender).await;
+            stream_changes(&state, &caller, sender).await;
             state.metrics.sync_streams.dec();
-            if streams.close(&agent_id) {
+            if streams.close(&caller.id) {
                 state.metrics.agents_connected.dec();
             }
         });
@@ -290,7 +333,7 @@ impl<D: DataStore> AgentApi for AgentService<D> {
         &self,
         request: Request<BatchSignX509SvidRequest>,
     ) -> Result<Response<BatchSignX509SvidResponse>, Status> {
-        let agent_id = caller_agent(&request, &self.state)?;
+        let agent_id = caller_agent(&request, &self.state).await?.id;
         let requests = request.into_inner().requests;
         if requests.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -308,7 +351,7 @@ impl<D: DataStore> AgentApi for AgentService<D> {
                     error_message: String::new(),
                 },
                 Err(e) => {
-                    tracing::warn!(agent = %agent_id, entry = %item.entry_id, error = %e, "X509-SVID request refused");
+                    tracing::warn!(agent = %agent_id, entry = %untrusted(&item.entry_id), error = %e, "X509-SVID request refused");
                     let status = e.status();
                     X509SvidResult {
                         entry_id: item.entry_id,
@@ -326,7 +369,7 @@ impl<D: DataStore> AgentApi for AgentService<D> {
         &self,
         request: Request<SignJwtSvidRequest>,
     ) -> Result<Response<SignJwtSvidResponse>, Status> {
-        let agent_id = caller_agent(&request, &self.state)?;
+        let agent_id = caller_agent(&request, &self.state).await?.id;
         let request = request.into_inner();
         let entry = self.state.authz.authorize(&agent_id, &request.entry_id)?;
         let ttl = Duration::from_secs(u64::try_from(entry.jwt_svid_ttl).unwrap_or(0));
@@ -358,13 +401,15 @@ impl<D: DataStore> AgentApi for AgentService<D> {
     }
 }
 
-/// Sends `agent_id` its snapshot, then every difference, until the agent goes away or loses its
-/// right to call (evicted or banned).
+/// Sends the agent its snapshot, then every difference, until the agent goes away or loses its
+/// right to call (evicted, banned, or the certificate the stream was opened with is no longer
+/// its current or previous SVID).
 async fn stream_changes<D: DataStore>(
     state: &ServerState<D>,
-    agent_id: &str,
+    caller: &CallerAgent,
     sender: mpsc::Sender<Result<SyncResponse, Status>>,
 ) {
+    let agent_id = caller.id.as_str();
     let mut changes = state.authz.subscribe();
     let mut stopping = state.stopping.clone();
     let mut sent: HashMap<String, u64> = HashMap::new();
@@ -375,7 +420,7 @@ async fn stream_changes<D: DataStore>(
     let mut first = true;
     loop {
         let revision = *changes.borrow_and_update();
-        if let Err(e) = state.authz.check_agent(agent_id) {
+        if let Err(e) = state.authz.check_agent_serial(agent_id, &caller.serial) {
             let _ = sender.send(Err(e.status())).await;
             return;
         }

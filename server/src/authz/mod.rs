@@ -8,6 +8,8 @@
 //! Every change bumps a revision on a watch channel; sync streams wake on it and send each agent
 //! the difference between what it holds and what it may now use.
 
+pub mod reserved;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
@@ -16,10 +18,11 @@ use sigil_core::clock::SharedClock;
 use sigil_core::entry::Entry;
 use sigil_core::id::{TrustDomain, parse_trust_domain, server_id};
 use sigil_core::selector::{Selector, all_present};
+use sigil_core::untrusted::untrusted;
 use tokio::sync::{Mutex, watch};
 
 use crate::attest::agent_node_name;
-use crate::datastore::{DataStore, EntryFilter, EventKind};
+use crate::datastore::{AgentRecord, DataStore, EntryFilter, EventKind};
 use crate::k8s::{AUTO_ENTRY_PREFIX, PodIdentities};
 use crate::{Error, Result};
 
@@ -36,6 +39,23 @@ const LATE_EVENT_WINDOW: u64 = 256;
 struct AgentState {
     selectors: Vec<Selector>,
     banned: bool,
+    /// The serials of the agent's current SVID and of the one before its last renewal: the only
+    /// agent certificates the agent API accepts for this agent.
+    serials: [String; 2],
+}
+
+impl AgentState {
+    fn from_record(agent: AgentRecord) -> Self {
+        AgentState {
+            selectors: agent.selectors,
+            banned: agent.banned,
+            serials: [agent.svid_serial, agent.previous_svid_serial],
+        }
+    }
+
+    fn holds(&self, serial: &str) -> bool {
+        !serial.is_empty() && self.serials.iter().any(|s| s == serial)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -99,13 +119,9 @@ impl Authorizations {
             state.insert_entry(&server_id, Arc::new(entry));
         }
         for agent in datastore.list_agents().await? {
-            state.agents.insert(
-                agent.spiffe_id.clone(),
-                AgentState {
-                    selectors: agent.selectors,
-                    banned: agent.banned,
-                },
-            );
+            state
+                .agents
+                .insert(agent.spiffe_id.clone(), AgentState::from_record(agent));
         }
         for bundle in datastore.list_bundles().await? {
             if bundle.trust_domain == trust_domain {
@@ -194,13 +210,9 @@ impl Authorizations {
                 let mut state = self.write();
                 match agent {
                     Some(agent) => {
-                        state.agents.insert(
-                            agent.spiffe_id,
-                            AgentState {
-                                selectors: agent.selectors,
-                                banned: agent.banned,
-                            },
-                        );
+                        state
+                            .agents
+                            .insert(agent.spiffe_id.clone(), AgentState::from_record(agent));
                     }
                     None => {
                         state.agents.remove(subject);
@@ -268,6 +280,20 @@ impl Authorizations {
             Some(_) => Ok(()),
             None => Err(Error::PermissionDenied(format!(
                 "agent {agent_id} is not attested (it was evicted or never attested); attest the node again"
+            ))),
+        }
+    }
+
+    /// Like [`Authorizations::check_agent`], and the client certificate with `serial` must be the
+    /// agent's current SVID or the one it renewed last: a certificate stolen from an earlier
+    /// generation, minted outside the renewal path, or held from before an eviction is refused.
+    pub fn check_agent_serial(&self, agent_id: &str, serial: &str) -> Result<()> {
+        self.check_agent(agent_id)?;
+        match self.read().agents.get(agent_id) {
+            Some(agent) if agent.holds(serial) => Ok(()),
+            _ => Err(Error::PermissionDenied(format!(
+                "the client certificate (serial {}) is not the current SVID of agent {agent_id}: it was replaced by renewal or by a new attestation; restart the agent to attest again",
+                untrusted(serial)
             ))),
         }
     }
@@ -436,6 +462,7 @@ mod tests {
                     attestor: "join_token".into(),
                     selectors: vec![Selector::parse(selector).expect("selector")],
                     svid_serial: String::new(),
+                    previous_svid_serial: String::new(),
                     svid_expires_at: 0,
                     banned: false,
                     created_at: 0,

@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 use rcgen::{Issuer, KeyPair, PublicKeyData};
 use sigil_core::bundle::{JwtAuthority, TrustBundle};
 use sigil_core::clock::{SharedClock, from_unix_seconds, unix_seconds};
-use sigil_core::id::{SpiffeId, TrustDomain};
+use sigil_core::id::{SpiffeId, TrustDomain, check_not_reserved, is_reserved};
 use sigil_core::x509::{KeyType, certificate_facts, leaf_params, root_ca_params};
 use tokio::sync::Mutex;
 
@@ -517,7 +517,40 @@ impl Ca {
 
     /// Signs an X509-SVID for `public_key` naming `spiffe_id`, valid for `ttl` (capped by the CA's
     /// own expiry). Zero `ttl` means the default.
+    ///
+    /// This is the path of every workload identity (agent batches, the Istio CA API), so it
+    /// refuses IDs in the reserved `/sigil/` namespace: whatever an entry, a token or a CSR says,
+    /// a workload can never hold the server's or an agent's identity.
     pub fn sign_x509_svid(
+        &self,
+        public_key: &impl PublicKeyData,
+        spiffe_id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<SignedX509Svid> {
+        check_not_reserved("spiffe_id", spiffe_id, &self.settings.trust_domain)
+            .map_err(|e| Error::PermissionDenied(e.to_string()))?;
+        self.sign_x509(public_key, spiffe_id, dns_names, ttl)
+    }
+
+    /// Signs the X509-SVID of one of Sigil's own components: the server's TLS certificate or an
+    /// agent SVID, whose IDs are the only ones in the reserved `/sigil/` namespace.
+    pub fn sign_component_x509_svid(
+        &self,
+        public_key: &impl PublicKeyData,
+        spiffe_id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<SignedX509Svid> {
+        if !is_reserved(spiffe_id, &self.settings.trust_domain) {
+            return Err(Error::Ca(format!(
+                "{spiffe_id} is not the ID of a Sigil component; sign workloads with sign_x509_svid"
+            )));
+        }
+        self.sign_x509(public_key, spiffe_id, dns_names, ttl)
+    }
+
+    fn sign_x509(
         &self,
         public_key: &impl PublicKeyData,
         spiffe_id: &SpiffeId,
@@ -559,6 +592,8 @@ impl Ca {
         audience: &[String],
         ttl: Duration,
     ) -> Result<SignedJwtSvid> {
+        check_not_reserved("spiffe_id", spiffe_id, &self.settings.trust_domain)
+            .map_err(|e| Error::PermissionDenied(e.to_string()))?;
         if audience.is_empty() || audience.iter().any(String::is_empty) {
             return Err(Error::Invalid(sigil_core::Error::field(
                 "audience",
@@ -1025,6 +1060,36 @@ mod tests {
                 .jwt_authorities
                 .iter()
                 .any(|k| k.key_id == jwt.key_id)
+        );
+    }
+
+    #[tokio::test]
+    async fn workload_signing_never_issues_a_reserved_id() {
+        let (_dir, clock, ds) = fixture().await;
+        let ca = memory_ca(&clock, &ds).await;
+        let key = KeyType::EcP256.generate().expect("key");
+        let workload = SpiffeId::new("spiffe://example.org/web").expect("id");
+        for reserved in [
+            "spiffe://example.org/sigil/server",
+            "spiffe://example.org/sigil/agent/join_token/abc",
+            "spiffe://example.org/sigil/x",
+        ] {
+            let id = SpiffeId::new(reserved).expect("id");
+            let err = ca
+                .sign_x509_svid(&key, &id, &[], Duration::ZERO)
+                .expect_err("a workload SVID with a reserved ID");
+            assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
+            assert!(
+                ca.sign_jwt_svid(&id, &["db".into()], Duration::ZERO)
+                    .is_err()
+            );
+            ca.sign_component_x509_svid(&key, &id, &[], Duration::ZERO)
+                .expect("components are signed on their own path");
+        }
+        assert!(
+            ca.sign_component_x509_svid(&key, &workload, &[], Duration::ZERO)
+                .is_err(),
+            "the component path signs only reserved IDs"
         );
     }
 }

@@ -33,6 +33,8 @@ pub struct AgentRecord {
     pub selectors: Vec<Selector>,
     /// Hex serial of the agent's current SVID.
     pub svid_serial: String,
+    /// Hex serial of the SVID before the last renewal (empty after an attestation).
+    pub previous_svid_serial: String,
     /// Unix seconds.
     pub svid_expires_at: i64,
     /// A banned agent cannot attest again until it is evicted (deleted).
@@ -231,7 +233,9 @@ pub trait DataStore: Send + Sync + 'static {
     fn list_entries(&self, filter: &EntryFilter)
     -> impl Future<Output = Result<Vec<Entry>>> + Send;
 
-    /// Creates or replaces an agent (after attestation).
+    /// Creates or replaces an agent (after attestation). Never lifts a ban: when the stored agent
+    /// is banned nothing is written and the call fails with `PermissionDenied`, decided in the same
+    /// statement, so a ban racing an attestation always wins.
     fn put_agent(&self, agent: &AgentRecord) -> impl Future<Output = Result<()>> + Send;
     /// One agent by SPIFFE ID.
     fn get_agent(
@@ -240,7 +244,7 @@ pub trait DataStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<AgentRecord>>> + Send;
     /// All agents, ordered by SPIFFE ID.
     fn list_agents(&self) -> impl Future<Output = Result<Vec<AgentRecord>>> + Send;
-    /// Records a renewed agent SVID.
+    /// Records a renewed agent SVID; the serial it replaces becomes the previous one.
     fn set_agent_svid(
         &self,
         spiffe_id: &str,

@@ -31,7 +31,7 @@ macro_rules! entry_columns {
 /// The columns of `agents`.
 macro_rules! agent_columns {
     () => {
-        "spiffe_id, attestor, selectors, svid_serial, svid_expires_at, banned, created_at, updated_at"
+        "spiffe_id, attestor, selectors, svid_serial, previous_svid_serial, svid_expires_at, banned, created_at, updated_at"
     };
 }
 
@@ -195,6 +195,7 @@ fn agent_from_row(row: &AnyRow) -> Result<AgentRecord> {
         attestor: row.try_get("attestor")?,
         selectors: parse_selectors(&row.try_get::<String, _>("selectors")?)?,
         svid_serial: row.try_get("svid_serial")?,
+        previous_svid_serial: row.try_get("previous_svid_serial")?,
         svid_expires_at: row.try_get("svid_expires_at")?,
         banned: row.try_get::<i64, _>("banned")? != 0,
         created_at: row.try_get("created_at")?,
@@ -421,17 +422,27 @@ impl DataStore for SqlDataStore {
             agent.updated_at,
         )
         .await?;
-        sqlx::query("INSERT INTO agents (spiffe_id, attestor, selectors, svid_serial, svid_expires_at, banned, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (spiffe_id) DO UPDATE SET attestor = $2, selectors = $3, svid_serial = $4, svid_expires_at = $5, banned = $6, updated_at = $8")
+        // The upsert's WHERE keeps a banned row untouched (and returns nothing), so no ban can be
+        // overwritten by an attestation that read the row before the ban.
+        let stored = sqlx::query("INSERT INTO agents (spiffe_id, attestor, selectors, svid_serial, previous_svid_serial, svid_expires_at, banned, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (spiffe_id) DO UPDATE SET attestor = $2, selectors = $3, svid_serial = $4, previous_svid_serial = $5, svid_expires_at = $6, banned = $7, updated_at = $9 WHERE agents.banned = 0 RETURNING spiffe_id")
             .bind(&agent.spiffe_id)
             .bind(&agent.attestor)
             .bind(join_lines(&agent.selectors))
             .bind(&agent.svid_serial)
+            .bind(&agent.previous_svid_serial)
             .bind(agent.svid_expires_at)
             .bind(i64::from(agent.banned))
             .bind(agent.created_at)
             .bind(agent.updated_at)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
+        if stored.is_none() {
+            tx.rollback().await?;
+            return Err(Error::PermissionDenied(format!(
+                "agent {} is banned; an operator must evict it before it can attest again",
+                agent.spiffe_id
+            )));
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -468,7 +479,7 @@ impl DataStore for SqlDataStore {
     ) -> Result<AgentRecord> {
         let mut tx = self.pool.begin().await?;
         append_event(&mut tx, EventKind::Agent, spiffe_id, now).await?;
-        let row = sqlx::query(concat!("UPDATE agents SET svid_serial = $2, svid_expires_at = $3, updated_at = $4 WHERE spiffe_id = $1 RETURNING ", agent_columns!()))
+        let row = sqlx::query(concat!("UPDATE agents SET previous_svid_serial = svid_serial, svid_serial = $2, svid_expires_at = $3, updated_at = $4 WHERE spiffe_id = $1 RETURNING ", agent_columns!()))
             .bind(spiffe_id)
             .bind(serial)
             .bind(expires_at)

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use sigil_core::bundle::TrustBundle;
 use sigil_core::clock::SharedClock;
-use sigil_core::id::{TrustDomain, parse_spiffe_id, parse_trust_domain};
+use sigil_core::id::{TrustDomain, check_not_reserved, parse_spiffe_id, parse_trust_domain};
 use tokio::sync::{Notify, watch};
 
 use crate::authz::Authorizations;
@@ -85,9 +85,12 @@ impl RelationshipInput {
                     "an https_spiffe endpoint needs the SPIFFE ID it presents (e.g. spiffe://<td>/sigil/server)".into(),
                 ));
             }
-            ("https_spiffe", id) => EndpointProfile::HttpsSpiffe {
-                endpoint_spiffe_id: parse_spiffe_id("endpoint_spiffe_id", id)?,
-            },
+            ("https_spiffe", id) => {
+                let endpoint_spiffe_id = parse_spiffe_id("endpoint_spiffe_id", id)?;
+                // Another domain's endpoint never holds our server's or agents' identity.
+                check_not_reserved("endpoint_spiffe_id", &endpoint_spiffe_id, own)?;
+                EndpointProfile::HttpsSpiffe { endpoint_spiffe_id }
+            }
             (other, _) => {
                 return Err(invalid(
                     "profile",
@@ -138,6 +141,20 @@ pub fn check_foreign_bundle(
         ));
     }
     Ok(())
+}
+
+/// What the refresher makes of the body a bundle endpoint of `trust_domain` answered: the bundle
+/// to store, or why the answer must not replace `stored`. Pure (no I/O), so the fuzz target
+/// `federation_bundle` drives exactly what a hostile endpoint reaches.
+pub fn read_fetched_bundle(
+    trust_domain: &TrustDomain,
+    document: &str,
+    stored: Option<&TrustBundle>,
+) -> std::result::Result<TrustBundle, String> {
+    let fresh = TrustBundle::from_spiffe_json(trust_domain.clone(), document)
+        .map_err(|e| format!("the answer is not a valid SPIFFE bundle: {e}"))?;
+    check_foreign_bundle(trust_domain, &fresh, stored)?;
+    Ok(fresh)
 }
 
 /// Bounds on how often an endpoint is fetched, whatever its refresh hint says.
@@ -307,10 +324,7 @@ impl Federation {
             }
         };
         let document = fetch::fetch(&relationship.bundle_endpoint_url, tls).await?;
-        let fresh = TrustBundle::from_spiffe_json(td.clone(), &document)
-            .map_err(|e| format!("the answer is not a valid SPIFFE bundle: {e}"))?;
-        check_foreign_bundle(td, &fresh, stored)?;
-        Ok(fresh)
+        read_fetched_bundle(td, &document, stored)
     }
 
     /// Refreshes every relationship when it is due, until `stopping`.
