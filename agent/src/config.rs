@@ -14,6 +14,14 @@ use crate::{Error, Result};
 /// The default Workload API socket.
 pub const DEFAULT_SOCKET: &str = "/tmp/sigil-agent/public/api.sock";
 
+/// The highest `sds.max_resource_names` accepted: far above what any Envoy subscribes to, low
+/// enough that one request cannot make the agent render secrets without end.
+const MAX_RESOURCE_NAMES_LIMIT: usize = 10_000;
+
+/// The `workload_api.max_header_list_size` values accepted: a gRPC request's headers need a few
+/// hundred bytes; HTTP/2 carries the size in 32 bits, and more than 16 MiB is a memory hazard.
+const HEADER_LIST_SIZE_RANGE: std::ops::RangeInclusive<usize> = 1024..=16 * 1024 * 1024;
+
 /// The agent's configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -52,6 +60,26 @@ pub struct AgentConfig {
     pub kubernetes: KubernetesConfig,
     /// `[sds]`: Envoy SDS on the Workload API socket.
     pub sds: SdsConfig,
+    /// `[workload_api]`: bounds on what clients of the Workload API socket may send.
+    pub workload_api: WorkloadApiConfig,
+}
+
+/// The `[workload_api]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadApiConfig {
+    /// The largest header list a request may carry, in bytes, counted as HTTP/2 counts it (name,
+    /// value and 32 bytes per header), and the largest compressed header block; a client over it
+    /// has its connection refused (GOAWAY `ENHANCE_YOUR_CALM`). Default 65536.
+    pub max_header_list_size: usize,
+}
+
+impl Default for WorkloadApiConfig {
+    fn default() -> Self {
+        WorkloadApiConfig {
+            max_header_list_size: sigil_workload_api::authority::DEFAULT_MAX_HEADER_LIST_SIZE,
+        }
+    }
 }
 
 /// The `[sds]` section: the names of the three well-known SDS resources.
@@ -64,6 +92,10 @@ pub struct SdsConfig {
     pub own_bundle_name: String,
     /// Every bundle the caller may use. Default `ALL`.
     pub all_bundles_name: String,
+    /// The most resource names one SDS request may carry (repeats included), and the most
+    /// resources one delta stream may subscribe to; more is refused with `InvalidArgument`.
+    /// Default 64.
+    pub max_resource_names: usize,
 }
 
 impl Default for SdsConfig {
@@ -72,6 +104,7 @@ impl Default for SdsConfig {
             default_svid_name: "default".into(),
             own_bundle_name: "ROOTCA".into(),
             all_bundles_name: "ALL".into(),
+            max_resource_names: sigil_workload_api::sds::DEFAULT_MAX_RESOURCE_NAMES,
         }
     }
 }
@@ -192,6 +225,7 @@ impl Default for AgentConfig {
             node_attestor: NodeAttestorKind::JoinToken,
             kubernetes: KubernetesConfig::default(),
             sds: SdsConfig::default(),
+            workload_api: WorkloadApiConfig::default(),
         }
     }
 }
@@ -234,6 +268,20 @@ impl AgentConfig {
                 "max_batch must be between 1 and 1000 (the server's limit)",
             ));
         }
+        if !(1..=MAX_RESOURCE_NAMES_LIMIT).contains(&self.sds.max_resource_names) {
+            return Err(bad(&format!(
+                "sds.max_resource_names must be between 1 and {MAX_RESOURCE_NAMES_LIMIT} (default {})",
+                sigil_workload_api::sds::DEFAULT_MAX_RESOURCE_NAMES
+            )));
+        }
+        if !HEADER_LIST_SIZE_RANGE.contains(&self.workload_api.max_header_list_size) {
+            return Err(bad(&format!(
+                "workload_api.max_header_list_size must be between {} and {} bytes (default {})",
+                HEADER_LIST_SIZE_RANGE.start(),
+                HEADER_LIST_SIZE_RANGE.end(),
+                sigil_workload_api::authority::DEFAULT_MAX_HEADER_LIST_SIZE
+            )));
+        }
         if self.trust_bundle_path.is_some() && self.insecure_bootstrap {
             return Err(bad(
                 "set either trust_bundle_path or insecure_bootstrap, not both",
@@ -269,5 +317,37 @@ mod tests {
                 .to_string()
                 .contains("trust_domain is required")
         );
+    }
+
+    #[test]
+    fn workload_api_bounds_have_defaults_and_limits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        let defaults = AgentConfig::default();
+        assert_eq!(defaults.sds.max_resource_names, 64);
+        assert_eq!(defaults.workload_api.max_header_list_size, 65536);
+        std::fs::write(
+            &path,
+            "[sds]\nmax_resource_names = 8\n[workload_api]\nmax_header_list_size = 16384\n",
+        )
+        .expect("write");
+        let config = AgentConfig::from_file(&path).expect("valid");
+        config.validate(&path).expect("within the limits");
+        assert_eq!(config.sds.max_resource_names, 8);
+        for (text, named) in [
+            ("[sds]\nmax_resource_names = 0\n", "sds.max_resource_names"),
+            (
+                "[workload_api]\nmax_header_list_size = 100\n",
+                "workload_api.max_header_list_size",
+            ),
+        ] {
+            std::fs::write(&path, text).expect("write");
+            let err = AgentConfig::from_file(&path)
+                .expect("parses")
+                .validate(&path)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named) && err.contains("default"), "{err}");
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sigil_core::clock::SharedClock;
+use sigil_workload_api::authority::HeaderLimits;
 use sigil_workload_api::sds::{Sds, SdsNames};
 use sigil_workload_api::server::{WorkloadApi, bind_socket, serve};
 use tokio::net::TcpListener;
@@ -135,12 +136,16 @@ pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Re
         own_bundle: config.sds.own_bundle_name.clone(),
         all_bundles: config.sds.all_bundles_name.clone(),
     };
-    let sds = Sds::new(source.clone(), names, stopping.clone());
+    let sds = Sds::new(source.clone(), names, stopping.clone())
+        .with_max_resource_names(config.sds.max_resource_names);
     let api = WorkloadApi::new(source, stopping.clone());
+    let limits = HeaderLimits {
+        max_header_list_size: config.workload_api.max_header_list_size,
+    };
     let serving = stopping.clone();
     let socket_path = config.socket_path.clone();
     tasks.spawn(async move {
-        if let Err(e) = serve(listener, api, sds, serving).await {
+        if let Err(e) = serve(listener, api, sds, limits, serving).await {
             tracing::error!(error = %e, "the Workload API stopped");
         }
     });

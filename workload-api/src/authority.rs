@@ -1,36 +1,106 @@
-//! Lets gRPC clients built on grpc C-core (py-spiffe, grpcio) and grpc-java reach the Workload API.
+//! Lets gRPC clients built on grpc C-core (py-spiffe, grpcio) and grpc-java reach the Workload API,
+//! and bounds what any client's header blocks may cost the agent.
 //!
 //! Over a Unix socket those clients send the socket path, percent-encoded, as the HTTP/2
 //! `:authority` (`tmp%2Fsigil%2Fapi.sock`). hyper's HTTP/2 server refuses such a request with
 //! `RST_STREAM(PROTOCOL_ERROR)` before any gRPC code runs, because `%` is not valid in an
-//! authority. On a Unix socket the authority means nothing, so this adapter sits between the socket
-//! and the HTTP/2 server and rewrites every request's `:authority` to `localhost`.
+//! authority. On a Unix socket the authority means nothing, so [`HeaderRewriter`] sits between
+//! the socket and the HTTP/2 server and rewrites every request's `:authority` to `localhost`.
 //!
 //! Only the client-to-server direction is touched, and only HEADERS (with their CONTINUATION
 //! frames): the header block is decoded with the client's HPACK state and re-encoded as literals
 //! without indexing, so the server's decoder needs no table state from us. Every other frame passes
 //! through byte for byte.
+//!
+//! Because it decodes first, the rewriter is where header bounds hold: the dynamic table is at
+//! most [`HEADER_TABLE_SIZE`] bytes, a header list (compressed, and decoded as RFC 9113
+//! §6.5.2 counts it) at most [`HeaderLimits::max_header_list_size`], and decoding stops at the
+//! first field over it. A connection that breaks a rule or a bound gets a GOAWAY naming why and is
+//! closed; the HTTP/2 server sees its input end and flushes what it had queued first.
 
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use bytes::{BufMut, BytesMut};
 
-use bytes::{Buf, BufMut, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use crate::Error;
+use crate::hpack::{self, ENTRY_OVERHEAD};
+
+mod io;
+pub(crate) use io::AuthorityRewrite;
+
+/// The largest HPACK dynamic table a client may make the agent keep, in bytes: the HTTP/2 default
+/// of SETTINGS_HEADER_TABLE_SIZE, which the server advertises unchanged. A table size update above
+/// it is a COMPRESSION_ERROR.
+pub use crate::hpack::TABLE_SIZE as HEADER_TABLE_SIZE;
 
 /// The client connection preface every HTTP/2 connection starts with.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER_LEN: usize = 9;
 const HEADERS: u8 = 0x1;
+const GOAWAY: u8 = 0x7;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
-/// The largest frame payload a peer may send without a SETTINGS change (RFC 9113 §4.2).
+/// The largest frame payload a client may send: SETTINGS_MAX_FRAME_SIZE, which the Workload API
+/// server leaves at its default (RFC 9113 §4.2).
 const MAX_FRAME: usize = 16_384;
-/// The largest header block accepted across CONTINUATION frames.
-const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// What `:authority` is rewritten to.
+const AUTHORITY: &[u8] = b"localhost";
+
+/// The default of [`HeaderLimits::max_header_list_size`]: 64 KiB.
+pub const DEFAULT_MAX_HEADER_LIST_SIZE: usize = 64 * 1024;
+
+/// The HTTP/2 error codes (RFC 9113 §7) a refused connection's GOAWAY carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Http2Code {
+    /// A framing rule was broken.
+    ProtocolError = 0x1,
+    /// A frame was larger than SETTINGS_MAX_FRAME_SIZE.
+    FrameSizeError = 0x6,
+    /// A header block could not be decoded, or changed the HPACK table beyond what we allow.
+    CompressionError = 0x9,
+    /// A header list went over the configured bound.
+    EnhanceYourCalm = 0xb,
+}
+
+impl std::fmt::Display for Http2Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Http2Code::ProtocolError => "PROTOCOL_ERROR",
+            Http2Code::FrameSizeError => "FRAME_SIZE_ERROR",
+            Http2Code::CompressionError => "COMPRESSION_ERROR",
+            Http2Code::EnhanceYourCalm => "ENHANCE_YOUR_CALM",
+        })
+    }
+}
+
+fn refuse(code: Http2Code, why: impl Into<String>) -> Error {
+    Error::Http2 {
+        code,
+        reason: why.into(),
+    }
+}
+
+fn protocol_error(why: &str) -> Error {
+    refuse(Http2Code::ProtocolError, why)
+}
+
+/// The bounds on a client's header blocks (the agent's `[workload_api]` settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderLimits {
+    /// The largest header list a request may carry, counted as RFC 9113 §6.5.2 does (name +
+    /// value + 32 bytes per field) after decoding, and also the largest compressed header block.
+    /// The HTTP/2 server advertises it as SETTINGS_MAX_HEADER_LIST_SIZE. Default 64 KiB.
+    pub max_header_list_size: usize,
+}
+
+impl Default for HeaderLimits {
+    fn default() -> Self {
+        HeaderLimits {
+            max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE,
+        }
+    }
+}
 
 /// A header block being collected across CONTINUATION frames.
 struct PendingHeaders {
@@ -40,58 +110,100 @@ struct PendingHeaders {
     block: Vec<u8>,
 }
 
-/// A connection whose incoming HTTP/2 requests get `:authority: localhost`.
-pub(crate) struct AuthorityRewrite<S> {
-    inner: S,
+/// The IO-free core of the rewriter: client bytes in, the bytes the HTTP/2 server should read out.
+///
+/// Feed it the bytes of one client connection in order, in pieces of any size. It passes the
+/// preface and every complete frame on, header blocks rewritten, and keeps an incomplete frame
+/// until the rest arrives. Memory stays bounded whatever the input: at most one frame
+/// (16 KiB), one header block and its re-encoding ([`HeaderLimits::max_header_list_size`] each)
+/// and the HPACK table ([`HEADER_TABLE_SIZE`]) are held, on top of what the caller passes.
+pub struct HeaderRewriter {
+    limits: HeaderLimits,
     raw: BytesMut,
-    ready: BytesMut,
     preface_seen: bool,
     pending: Option<PendingHeaders>,
-    decoder: loona_hpack::Decoder<'static>,
+    decoder: hpack::Decoder,
+    last_stream_id: u32,
+    refused: bool,
 }
 
-impl<S> std::fmt::Debug for AuthorityRewrite<S> {
+impl std::fmt::Debug for HeaderRewriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthorityRewrite").finish_non_exhaustive()
+        f.debug_struct("HeaderRewriter")
+            .field("limits", &self.limits)
+            .field("last_stream_id", &self.last_stream_id)
+            .field("refused", &self.refused)
+            .finish_non_exhaustive()
     }
 }
 
-impl<S> AuthorityRewrite<S> {
-    /// Wraps a freshly accepted connection.
-    pub(crate) fn new(inner: S) -> Self {
-        AuthorityRewrite {
-            inner,
-            raw: BytesMut::with_capacity(16 * 1024),
-            ready: BytesMut::with_capacity(16 * 1024),
+impl HeaderRewriter {
+    /// A rewriter for a new connection.
+    pub fn new(limits: HeaderLimits) -> Self {
+        HeaderRewriter {
+            limits,
+            raw: BytesMut::new(),
             preface_seen: false,
             pending: None,
-            decoder: loona_hpack::Decoder::new(),
+            decoder: hpack::Decoder::new(),
+            last_stream_id: 0,
+            refused: false,
         }
     }
 
-    /// Moves every complete unit (the preface, whole frames) from `raw` to `ready`, rewriting
-    /// header blocks on the way.
-    fn process(&mut self) -> io::Result<()> {
+    /// Takes the next bytes the client sent and appends to `out` what the HTTP/2 server should
+    /// read next.
+    ///
+    /// An error ([`Error::Http2`]) means the client broke a framing or HPACK rule or a bound, and
+    /// the connection must end: `out` then holds what came before the offending frame, and every
+    /// later call fails without looking at its input.
+    pub fn feed(&mut self, input: &[u8], out: &mut BytesMut) -> Result<(), Error> {
+        if self.refused {
+            return Err(protocol_error(
+                "the connection was already refused; nothing more is read from it",
+            ));
+        }
+        self.raw.extend_from_slice(input);
+        let result = self.process(out);
+        if result.is_err() {
+            self.refused = true;
+            self.raw = BytesMut::new();
+            self.pending = None;
+        }
+        result
+    }
+
+    /// The highest stream whose request headers were passed on, as a GOAWAY reports it.
+    pub fn last_stream_id(&self) -> u32 {
+        self.last_stream_id
+    }
+
+    fn process(&mut self, out: &mut BytesMut) -> Result<(), Error> {
         if !self.preface_seen {
-            if self.raw.len() < PREFACE.len() {
-                return Ok(());
-            }
-            if &self.raw[..PREFACE.len()] != PREFACE {
+            let seen = self.raw.len().min(PREFACE.len());
+            if self.raw[..seen] != PREFACE[..seen] {
                 return Err(protocol_error(
                     "the connection does not start with the HTTP/2 preface",
                 ));
             }
-            let preface = self.raw.split_to(PREFACE.len());
-            self.ready.extend_from_slice(&preface);
+            if seen < PREFACE.len() {
+                return Ok(());
+            }
+            out.extend_from_slice(&self.raw.split_to(PREFACE.len()));
             self.preface_seen = true;
         }
         while self.raw.len() >= FRAME_HEADER_LEN {
             let length = (usize::from(self.raw[0]) << 16)
                 | (usize::from(self.raw[1]) << 8)
                 | usize::from(self.raw[2]);
-            if length > MAX_HEADER_BLOCK {
-                // Larger than any frame the HTTP/2 server accepts: refuse before buffering it.
-                return Err(protocol_error("frame larger than the server accepts"));
+            if length > MAX_FRAME {
+                // Refused before any of it is buffered.
+                return Err(refuse(
+                    Http2Code::FrameSizeError,
+                    format!(
+                        "a {length}-byte frame is larger than this server's SETTINGS_MAX_FRAME_SIZE of {MAX_FRAME}"
+                    ),
+                ));
             }
             if self.raw.len() < FRAME_HEADER_LEN + length {
                 return Ok(());
@@ -104,20 +216,29 @@ impl<S> AuthorityRewrite<S> {
             let frame = self.raw.split_to(FRAME_HEADER_LEN + length);
             let payload = &frame[FRAME_HEADER_LEN..];
             match kind {
-                HEADERS => self.headers(stream_id, flags, payload)?,
-                CONTINUATION => self.continuation(stream_id, flags, payload)?,
+                HEADERS => self.headers(stream_id, flags, payload, out)?,
+                CONTINUATION => self.continuation(stream_id, flags, payload, out)?,
                 _ if self.pending.is_some() => {
                     return Err(protocol_error("a frame interrupted a header block"));
                 }
-                _ => self.ready.extend_from_slice(&frame),
+                _ => out.extend_from_slice(&frame),
             }
         }
         Ok(())
     }
 
-    fn headers(&mut self, stream_id: u32, flags: u8, payload: &[u8]) -> io::Result<()> {
+    fn headers(
+        &mut self,
+        stream_id: u32,
+        flags: u8,
+        payload: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), Error> {
         if self.pending.is_some() {
             return Err(protocol_error("a HEADERS frame interrupted a header block"));
+        }
+        if stream_id == 0 {
+            return Err(protocol_error("a HEADERS frame on stream 0"));
         }
         let mut body = payload;
         let mut padding = 0;
@@ -147,355 +268,111 @@ impl<S> AuthorityRewrite<S> {
             priority,
             block: body[..block_len].to_vec(),
         };
+        self.check_block_size(pending.block.len())?;
         if flags & END_HEADERS != 0 {
-            self.emit(pending)
+            self.emit(pending, out)
         } else {
             self.pending = Some(pending);
             Ok(())
         }
     }
 
-    fn continuation(&mut self, stream_id: u32, flags: u8, payload: &[u8]) -> io::Result<()> {
+    fn continuation(
+        &mut self,
+        stream_id: u32,
+        flags: u8,
+        payload: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<(), Error> {
         let mut pending = self
             .pending
             .take()
             .filter(|p| p.stream_id == stream_id)
             .ok_or_else(|| protocol_error("CONTINUATION without a header block on its stream"))?;
-        if pending.block.len() + payload.len() > MAX_HEADER_BLOCK {
-            return Err(protocol_error("header block too large"));
-        }
+        self.check_block_size(pending.block.len() + payload.len())?;
         pending.block.extend_from_slice(payload);
         if flags & END_HEADERS != 0 {
-            self.emit(pending)
+            self.emit(pending, out)
         } else {
             self.pending = Some(pending);
             Ok(())
         }
     }
 
-    /// Decodes a complete header block, replaces `:authority`, and writes it out as HEADERS
-    /// (plus CONTINUATION frames if it no longer fits one frame).
-    fn emit(&mut self, pending: PendingHeaders) -> io::Result<()> {
-        let headers = self
-            .decoder
-            .decode(&pending.block)
-            .map_err(|e| protocol_error(&format!("undecodable header block: {e}")))?;
-        let mut block = Vec::with_capacity(pending.block.len() + 16);
-        for (name, value) in &headers {
-            let value: &[u8] = if name.as_slice() == b":authority" {
-                b"localhost"
-            } else {
-                value
-            };
-            encode_literal(&mut block, name, value);
-        }
-        let mut first = true;
-        let mut chunks = block.chunks(MAX_FRAME - 5).peekable();
-        if chunks.peek().is_none() {
-            // An empty block still needs its HEADERS frame.
-            self.write_frame(
-                HEADERS,
-                (pending.flags & END_STREAM) | END_HEADERS | priority_flag(&pending),
-                pending.stream_id,
-                &priority_prefix(&pending),
-            );
-            return Ok(());
-        }
-        while let Some(chunk) = chunks.next() {
-            let last = chunks.peek().is_none();
-            let end_headers = if last { END_HEADERS } else { 0 };
-            if first {
-                let mut payload = priority_prefix(&pending);
-                payload.extend_from_slice(chunk);
-                let flags = (pending.flags & END_STREAM) | end_headers | priority_flag(&pending);
-                self.write_frame(HEADERS, flags, pending.stream_id, &payload);
-                first = false;
-            } else {
-                self.write_frame(CONTINUATION, end_headers, pending.stream_id, chunk);
-            }
+    fn check_block_size(&self, size: usize) -> Result<(), Error> {
+        let max = self.limits.max_header_list_size;
+        if size > max {
+            return Err(refuse(
+                Http2Code::EnhanceYourCalm,
+                format!(
+                    "a compressed header block of more than {max} bytes; workload_api.max_header_list_size bounds it"
+                ),
+            ));
         }
         Ok(())
     }
 
-    fn write_frame(&mut self, kind: u8, flags: u8, stream_id: u32, payload: &[u8]) {
-        let length = payload.len();
-        // Lengths are bounded by MAX_FRAME, so they fit the 24-bit field.
-        self.ready.put_u8(((length >> 16) & 0xff) as u8);
-        self.ready.put_u8(((length >> 8) & 0xff) as u8);
-        self.ready.put_u8((length & 0xff) as u8);
-        self.ready.put_u8(kind);
-        self.ready.put_u8(flags);
-        self.ready.put_u32(stream_id);
-        self.ready.extend_from_slice(payload);
-    }
-}
-
-fn priority_flag(pending: &PendingHeaders) -> u8 {
-    if pending.priority.is_some() {
-        PRIORITY
-    } else {
-        0
-    }
-}
-
-fn priority_prefix(pending: &PendingHeaders) -> Vec<u8> {
-    pending.priority.map(|p| p.to_vec()).unwrap_or_default()
-}
-
-fn protocol_error(why: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("HTTP/2 protocol error: {why}"),
-    )
-}
-
-/// HPACK integer with an `prefix_bits`-bit prefix (RFC 7541 §5.1), `first` holding the high bits.
-fn encode_integer(out: &mut Vec<u8>, first: u8, prefix_bits: u32, mut value: usize) {
-    let max = (1usize << prefix_bits) - 1;
-    if value < max {
-        out.push(first | value as u8);
-        return;
-    }
-    out.push(first | max as u8);
-    value -= max;
-    while value >= 128 {
-        out.push((value % 128) as u8 | 0x80);
-        value /= 128;
-    }
-    out.push(value as u8);
-}
-
-/// A "literal header field without indexing, new name" (RFC 7541 §6.2.2), strings not Huffman
-/// coded: it leaves the receiver's dynamic table untouched.
-fn encode_literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.push(0x00);
-    encode_integer(out, 0x00, 7, name.len());
-    out.extend_from_slice(name);
-    encode_integer(out, 0x00, 7, value.len());
-    out.extend_from_slice(value);
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        loop {
-            if !this.ready.is_empty() {
-                let n = this.ready.len().min(buf.remaining());
-                buf.put_slice(&this.ready[..n]);
-                this.ready.advance(n);
-                return Poll::Ready(Ok(()));
+    /// Decodes a complete header block, replaces `:authority`, and writes it out as HEADERS
+    /// (plus CONTINUATION frames if it no longer fits one frame). Decoding stops at the first
+    /// field that takes the header list over its bound, so a block cannot expand beyond it.
+    fn emit(&mut self, pending: PendingHeaders, out: &mut BytesMut) -> Result<(), Error> {
+        let max = self.limits.max_header_list_size;
+        let mut block = Vec::with_capacity(pending.block.len() + 16);
+        let mut list_size = 0usize;
+        self.decoder.decode(&pending.block, |name, value| {
+            let value = if name == b":authority" {
+                AUTHORITY
+            } else {
+                value
+            };
+            // Counted as the server will count what we pass on, so whatever passes here passes
+            // there too.
+            list_size += name.len() + value.len() + ENTRY_OVERHEAD;
+            if list_size > max {
+                return Err(refuse(
+                    Http2Code::EnhanceYourCalm,
+                    format!(
+                        "a header list of more than {max} bytes (name + value + 32 per field); workload_api.max_header_list_size bounds it"
+                    ),
+                ));
             }
-            let mut chunk = [0u8; 8192];
-            let mut chunk_buf = ReadBuf::new(&mut chunk);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut chunk_buf) {
-                Poll::Ready(Ok(())) => {
-                    let filled = chunk_buf.filled();
-                    if filled.is_empty() {
-                        // End of stream: hand over whatever is left unparsed, then EOF.
-                        let rest = this.raw.split();
-                        if rest.is_empty() {
-                            return Poll::Ready(Ok(()));
-                        }
-                        this.ready.extend_from_slice(&rest);
-                        continue;
-                    }
-                    this.raw.extend_from_slice(filled);
-                    if let Err(e) = this.process() {
-                        // The stream cannot be followed any further: the connection ends here.
-                        tracing::debug!(error = %e, "closing a Workload API connection");
-                        this.ready.clear();
-                        return Poll::Ready(Err(e));
-                    }
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
+            hpack::encode_literal(&mut block, name, value);
+            Ok(())
+        })?;
+        self.last_stream_id = self.last_stream_id.max(pending.stream_id);
+        let priority = pending.priority.map(|p| p.to_vec()).unwrap_or_default();
+        let priority_flag = if pending.priority.is_some() {
+            PRIORITY
+        } else {
+            0
+        };
+        let mut chunks = block.chunks(MAX_FRAME - priority.len());
+        let first = chunks.next().unwrap_or_default();
+        let more = chunks.len() > 0;
+        let mut payload = priority;
+        payload.extend_from_slice(first);
+        let end_headers = if more { 0 } else { END_HEADERS };
+        let flags = (pending.flags & END_STREAM) | end_headers | priority_flag;
+        write_frame(out, HEADERS, flags, pending.stream_id, &payload);
+        while let Some(chunk) = chunks.next() {
+            let end_headers = if chunks.len() == 0 { END_HEADERS } else { 0 };
+            write_frame(out, CONTINUATION, end_headers, pending.stream_id, chunk);
         }
+        Ok(())
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityRewrite<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-impl tonic::transport::server::Connected for AuthorityRewrite<tokio::net::UnixStream> {
-    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
+fn write_frame(out: &mut BytesMut, kind: u8, flags: u8, stream_id: u32, payload: &[u8]) {
+    let length = payload.len();
+    // Lengths are bounded by MAX_FRAME, so they fit the 24-bit field.
+    out.put_u8(((length >> 16) & 0xff) as u8);
+    out.put_u8(((length >> 8) & 0xff) as u8);
+    out.put_u8((length & 0xff) as u8);
+    out.put_u8(kind);
+    out.put_u8(flags);
+    out.put_u32(stream_id);
+    out.extend_from_slice(payload);
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![
-            (payload.len() >> 16) as u8,
-            (payload.len() >> 8) as u8,
-            payload.len() as u8,
-            kind,
-            flags,
-        ];
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(payload);
-        out
-    }
-
-    fn run(input: &[u8]) -> io::Result<Vec<u8>> {
-        let mut rewrite = AuthorityRewrite::new(tokio::io::empty());
-        rewrite.raw.extend_from_slice(input);
-        rewrite.process()?;
-        Ok(rewrite.ready.to_vec())
-    }
-
-    fn block(headers: &[(&str, &str)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (name, value) in headers {
-            encode_literal(&mut out, name.as_bytes(), value.as_bytes());
-        }
-        out
-    }
-
-    fn decoded_headers(output: &[u8]) -> Vec<(String, String)> {
-        let mut decoder = loona_hpack::Decoder::new();
-        let payload = &output[PREFACE.len() + FRAME_HEADER_LEN..];
-        decoder
-            .decode(payload)
-            .expect("decodable")
-            .into_iter()
-            .map(|(n, v)| {
-                (
-                    String::from_utf8(n).expect("utf8"),
-                    String::from_utf8(v).expect("utf8"),
-                )
-            })
-            .collect()
-    }
-
-    #[test]
-    fn rewrites_the_authority_and_keeps_the_rest() {
-        let headers = block(&[
-            (":method", "POST"),
-            (":authority", "tmp%2Fsigil%2Fapi.sock"),
-            ("workload.spiffe.io", "true"),
-        ]);
-        let mut input = PREFACE.to_vec();
-        input.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &headers));
-        let settings = frame(0x4, 0, 0, &[]);
-        input.extend(&settings);
-        let output = run(&input).expect("processed");
-        assert_eq!(&output[..PREFACE.len()], PREFACE);
-        assert_eq!(output[PREFACE.len() + 4], END_HEADERS | END_STREAM);
-        let decoded = decoded_headers(&output[..output.len() - settings.len()]);
-        assert!(
-            decoded.contains(&(":authority".into(), "localhost".into())),
-            "{decoded:?}"
-        );
-        assert!(
-            decoded.contains(&("workload.spiffe.io".into(), "true".into())),
-            "{decoded:?}"
-        );
-        assert!(output.ends_with(&settings), "other frames pass through");
-    }
-
-    #[test]
-    fn joins_continuations_and_drops_padding() {
-        let headers = block(&[
-            (":authority", "a%2Fb"),
-            (":path", "/SpiffeWorkloadAPI/FetchX509SVID"),
-        ]);
-        let (head, tail) = headers.split_at(5);
-        let mut padded = vec![3u8];
-        padded.extend_from_slice(head);
-        padded.extend_from_slice(&[0, 0, 0]);
-        let mut input = PREFACE.to_vec();
-        input.extend(frame(HEADERS, PADDED, 3, &padded));
-        input.extend(frame(CONTINUATION, END_HEADERS, 3, tail));
-        let output = run(&input).expect("processed");
-        let decoded = decoded_headers(&output);
-        assert_eq!(decoded[0], (":authority".into(), "localhost".into()));
-        assert_eq!(decoded[1].1, "/SpiffeWorkloadAPI/FetchX509SVID");
-    }
-
-    #[test]
-    fn random_frames_never_panic() {
-        // xorshift with a fixed seed: deterministic hostile input.
-        let mut state = 0x5eed_0004_u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        let valid = {
-            let mut input = PREFACE.to_vec();
-            input.extend(frame(
-                HEADERS,
-                END_HEADERS,
-                1,
-                &block(&[(":authority", "a%2Fb"), (":path", "/x")]),
-            ));
-            input
-        };
-        for _ in 0..5000 {
-            let mut input = if next() % 2 == 0 {
-                valid.clone()
-            } else {
-                PREFACE.to_vec()
-            };
-            let extra = (next() % 64) as usize;
-            for _ in 0..extra {
-                input.push((next() & 0xff) as u8);
-            }
-            if next() % 3 == 0 && input.len() > PREFACE.len() {
-                let at = PREFACE.len() + (next() as usize % (input.len() - PREFACE.len()));
-                input[at] ^= (next() & 0xff) as u8 | 1;
-            }
-            let _ = run(&input);
-        }
-    }
-
-    #[test]
-    fn refuses_interleaved_and_garbage_input() {
-        let mut input = PREFACE.to_vec();
-        input.extend(frame(HEADERS, 0, 1, &block(&[(":method", "GET")])));
-        input.extend(frame(0x0, 0, 1, b"data"));
-        assert!(run(&input).is_err());
-        assert!(run(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").is_err());
-        let mut input = PREFACE.to_vec();
-        input.extend(frame(HEADERS, END_HEADERS, 1, &[0xff, 0xff, 0xff]));
-        assert!(run(&input).is_err());
-    }
-}
+mod tests;

@@ -34,6 +34,15 @@ pub enum Error {
     /// An answer was malformed.
     #[error("malformed Workload API answer: {0}")]
     Malformed(String),
+    /// A client broke an HTTP/2 or HPACK rule or went over a header bound on the Workload API
+    /// socket: its connection is refused with a GOAWAY carrying `code` and `reason`.
+    #[error("HTTP/2 {code}: {reason}")]
+    Http2 {
+        /// The error code the GOAWAY carries.
+        code: crate::authority::Http2Code,
+        /// What the client did wrong and, for a bound, the setting that raises it.
+        reason: String,
+    },
 }
 
 impl Error {

@@ -7,16 +7,17 @@
 //! - [`jwt`]: JWT-SVID validation against JWT bundles.
 //! - [`sds`]: Envoy's Secret Discovery Service (SDS v3) on the same socket, for Envoy and Istio.
 //! - [`client`]: a Workload API client, used by `sigil-agent api ...`.
-//!
-//! The server accepts clients that send a Unix socket path as the HTTP/2 authority (grpc C-core,
-//! grpc-java): `authority.rs` rewrites it before the HTTP/2 server sees it.
+//! - [`authority`]: the HTTP/2 adapter in front of the server, which rewrites the `:authority` that
+//!   grpc C-core and grpc-java clients send (a Unix socket path) and bounds every client's header
+//!   blocks (HPACK table, header list size); [`authority::HeaderRewriter`] is its IO-free core.
 //!
 //! The wire format is the SPIFFE standard's, so any SPIFFE client (go-spiffe, py-spiffe, the
 //! `spiffe` crate) talks to it.
 
-mod authority;
+pub mod authority;
 pub mod client;
 mod error;
+mod hpack;
 pub mod jwt;
 pub mod sds;
 pub mod server;

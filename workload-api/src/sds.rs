@@ -12,34 +12,34 @@
 //! pushed. Delta streams (Envoy's `DELTA_GRPC`) track subscriptions and send only the resources
 //! whose version changed, each with its own version.
 //!
+//! Every request is bounded by [`Sds::with_max_resource_names`] (default
+//! [`DEFAULT_MAX_RESOURCE_NAMES`]): a request naming more resources, or a delta stream subscribing
+//! to more, is refused with `InvalidArgument`. Repeated names are answered once, and a delta
+//! stream keeps the versions Envoy says it holds only for resources it subscribed to, so what a
+//! stream keeps is bounded by what it subscribed to.
+//!
 //! Validation contexts for several trust domains use Envoy's SPIFFE certificate validator, which
 //! checks each peer against its own domain's bundle. An Envoy that cannot use it (an older build,
 //! or a policy of plain validation) sets the node metadata `disable_spiffe_cert_validation: true`
 //! (the key SPIRE's agent honours too) and gets every bundle as one plain `trusted_ca` instead.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::{
-    DataSource, Node, TypedExtensionConfig, data_source::Specifier,
-};
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, Secret, SpiffeCertValidatorConfig, TlsCertificate, secret,
-    spiffe_cert_validator_config,
-};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
     SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
-use envoy_types::pb::google::protobuf::{Any, value::Kind};
+use envoy_types::pb::google::protobuf::Any;
 use futures::Stream;
 use prost::Message;
 use ring::digest::{SHA256, digest};
-use sigil_core::bundle::{TrustBundle, pem_block};
 use sigil_core::selector::Selector;
+use sigil_core::untrusted::untrusted;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -47,30 +47,13 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::server::peer_caller;
 use crate::source::{IdentitySource, X509View};
 
+mod secrets;
+use secrets::{tls_certificate, validation_context, wants_plain_validation};
+
 /// The type URL of every SDS resource.
 const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
-/// The type URL of Envoy's SPIFFE certificate validator configuration.
-const SPIFFE_VALIDATOR_TYPE: &str =
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
 /// The node metadata key by which an Envoy asks for plain `trusted_ca` validation contexts.
 pub const PLAIN_VALIDATION_METADATA: &str = "disable_spiffe_cert_validation";
-
-/// Whether the Envoy that sent `node` asked for plain validation contexts (a boolean `true`, or
-/// the string `"true"`, as YAML bootstraps often carry it).
-fn wants_plain_validation(node: Option<&Node>) -> bool {
-    let Some(metadata) = node.and_then(|node| node.metadata.as_ref()) else {
-        return false;
-    };
-    match metadata
-        .fields
-        .get(PLAIN_VALIDATION_METADATA)
-        .and_then(|value| value.kind.as_ref())
-    {
-        Some(Kind::BoolValue(flag)) => *flag,
-        Some(Kind::StringValue(text)) => text.eq_ignore_ascii_case("true"),
-        _ => false,
-    }
-}
 
 /// The configurable names of the three well-known resources (Istio asks for `default` and
 /// `ROOTCA`).
@@ -84,12 +67,20 @@ pub struct SdsNames {
     pub all_bundles: String,
 }
 
+/// The default of [`Sds::with_max_resource_names`], the agent's `sds.max_resource_names`.
+pub const DEFAULT_MAX_RESOURCE_NAMES: usize = 64;
+
+/// The length of the versions this service sends (hex of 12 digest bytes); a version Envoy
+/// claims to hold that has another length cannot be one of ours.
+const VERSION_LEN: usize = 24;
+
 /// The SDS service over an identity source.
 #[derive(Debug)]
 pub struct Sds<S> {
     source: Arc<S>,
     names: SdsNames,
     stopping: watch::Receiver<bool>,
+    max_resource_names: usize,
 }
 
 // Not derived: a derive would ask `S: Clone`, and only the `Arc` is cloned.
@@ -99,6 +90,7 @@ impl<S> Clone for Sds<S> {
             source: self.source.clone(),
             names: self.names.clone(),
             stopping: self.stopping.clone(),
+            max_resource_names: self.max_resource_names,
         }
     }
 }
@@ -127,87 +119,20 @@ impl<S: IdentitySource> Sds<S> {
             source,
             names,
             stopping,
+            max_resource_names: DEFAULT_MAX_RESOURCE_NAMES,
         }
+    }
+
+    /// Bounds the resource names one request may carry (in each of a delta request's lists), and
+    /// the resources one delta stream may subscribe to. Default [`DEFAULT_MAX_RESOURCE_NAMES`].
+    pub fn with_max_resource_names(mut self, max: usize) -> Self {
+        self.max_resource_names = max;
+        self
     }
 
     /// Wraps the service for tonic.
     pub fn into_service(self) -> SecretDiscoveryServiceServer<Self> {
         SecretDiscoveryServiceServer::new(self)
-    }
-}
-
-fn inline(bytes: Vec<u8>) -> Option<DataSource> {
-    Some(DataSource {
-        specifier: Some(Specifier::InlineBytes(bytes)),
-        ..DataSource::default()
-    })
-}
-
-fn pem_chain(chain: &[Vec<u8>]) -> Vec<u8> {
-    chain
-        .iter()
-        .map(|der| pem_block("CERTIFICATE", der))
-        .collect::<String>()
-        .into_bytes()
-}
-
-fn tls_certificate(name: &str, chain: &[Vec<u8>], key: &[u8]) -> Secret {
-    Secret {
-        name: name.into(),
-        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-            certificate_chain: inline(pem_chain(chain)),
-            private_key: inline(pem_block("PRIVATE KEY", key).into_bytes()),
-            ..TlsCertificate::default()
-        })),
-    }
-}
-
-/// A validation context for `bundles`: plain `trusted_ca` for one trust domain or when `plain`
-/// is asked for, Envoy's SPIFFE validator otherwise.
-fn validation_context(name: &str, bundles: &[Arc<TrustBundle>], plain: bool) -> Secret {
-    let context = match bundles {
-        [one] => CertificateValidationContext {
-            trusted_ca: inline(one.to_pem().into_bytes()),
-            ..CertificateValidationContext::default()
-        },
-        all if plain => CertificateValidationContext {
-            trusted_ca: inline(
-                all.iter()
-                    .map(|b| b.to_pem())
-                    .collect::<String>()
-                    .into_bytes(),
-            ),
-            ..CertificateValidationContext::default()
-        },
-        many => {
-            // Several trust domains: Envoy's SPIFFE validator checks each peer against the bundle
-            // of the peer's own trust domain only.
-            let config = SpiffeCertValidatorConfig {
-                trust_domains: many
-                    .iter()
-                    .map(|b| spiffe_cert_validator_config::TrustDomain {
-                        name: b.trust_domain.to_string(),
-                        trust_bundle: inline(b.to_pem().into_bytes()),
-                        ..spiffe_cert_validator_config::TrustDomain::default()
-                    })
-                    .collect(),
-                ..SpiffeCertValidatorConfig::default()
-            };
-            CertificateValidationContext {
-                custom_validator_config: Some(TypedExtensionConfig {
-                    name: "envoy.tls.cert_validator.spiffe".into(),
-                    typed_config: Some(Any {
-                        type_url: SPIFFE_VALIDATOR_TYPE.into(),
-                        value: config.encode_to_vec(),
-                    }),
-                }),
-                ..CertificateValidationContext::default()
-            }
-        }
-    };
-    Secret {
-        name: name.into(),
-        r#type: Some(secret::Type::ValidationContext(context)),
     }
 }
 
@@ -243,8 +168,11 @@ impl<S: IdentitySource> Sds<S> {
                 tls_certificate(name, &svid.chain, &svid.key)
             } else {
                 return Err(Status::permission_denied(format!(
-                    "this caller may not have the secret `{name}`: it is neither {}, {}, {}, a trust domain it may use, nor one of its SPIFFE IDs",
-                    self.names.default_svid, self.names.own_bundle, self.names.all_bundles
+                    "this caller may not have the secret `{}`: it is neither {}, {}, {}, a trust domain it may use, nor one of its SPIFFE IDs",
+                    untrusted(name),
+                    self.names.default_svid,
+                    self.names.own_bundle,
+                    self.names.all_bundles
                 )));
             };
             secrets.push(secret);
@@ -255,6 +183,64 @@ impl<S: IdentitySource> Sds<S> {
         }
         let version = hex_digest(&encoded);
         Ok((version, secrets))
+    }
+}
+
+impl<S> Sds<S> {
+    /// Refuses a list of `count` resource names (`what` says which) over the bound.
+    fn check_count(&self, what: &str, count: usize) -> Result<(), Status> {
+        let max = self.max_resource_names;
+        if count > max {
+            return Err(Status::invalid_argument(format!(
+                "{what} has {count} resource names; at most {max} are allowed (the agent's sds.max_resource_names)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `names` checked against the bound, without repeats, in the order first named.
+    fn distinct_names(&self, names: Vec<String>) -> Result<Vec<String>, Status> {
+        self.check_count("resource_names", names.len())?;
+        let mut seen = HashSet::with_capacity(names.len());
+        Ok(names
+            .into_iter()
+            .filter(|name| seen.insert(name.clone()))
+            .collect())
+    }
+
+    /// Applies a delta request to a stream's subscriptions and to the versions Envoy holds;
+    /// refuses a request or a subscription set over the bound. Envoy says on a reconnect which
+    /// versions it holds: only those of subscribed resources, in our version format, are kept.
+    fn subscribe(
+        &self,
+        subscribed: &mut BTreeSet<String>,
+        held: &mut HashMap<String, String>,
+        request: DeltaDiscoveryRequest,
+    ) -> Result<(), Status> {
+        self.check_count(
+            "resource_names_subscribe",
+            request.resource_names_subscribe.len(),
+        )?;
+        self.check_count(
+            "resource_names_unsubscribe",
+            request.resource_names_unsubscribe.len(),
+        )?;
+        self.check_count(
+            "initial_resource_versions",
+            request.initial_resource_versions.len(),
+        )?;
+        for name in request.resource_names_unsubscribe {
+            subscribed.remove(&name);
+            held.remove(&name);
+        }
+        subscribed.extend(request.resource_names_subscribe);
+        self.check_count("this stream's subscriptions", subscribed.len())?;
+        for (name, version) in request.initial_resource_versions {
+            if version.len() == VERSION_LEN && subscribed.contains(&name) {
+                held.insert(name, version);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -316,16 +302,13 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
                         plain = wants_plain_validation(request.node.as_ref());
                     }
                     if let Some(error) = &request.error_detail {
-                        tracing::warn!(nonce = %request.response_nonce, error = %error.message, "Envoy rejected delta SDS secrets (NACK)");
+                        tracing::warn!(nonce = %untrusted(&request.response_nonce), error = %untrusted(&error.message), "Envoy rejected delta SDS secrets (NACK)");
                         continue;
                     }
-                    // On a reconnect Envoy says what it already holds.
-                    held.extend(request.initial_resource_versions);
-                    for name in request.resource_names_unsubscribe {
-                        subscribed.remove(&name);
-                        held.remove(&name);
+                    if let Err(status) = sds.subscribe(&mut subscribed, &mut held, request) {
+                        let _ = sender.send(Err(status)).await;
+                        return;
                     }
-                    subscribed.extend(request.resource_names_subscribe);
                 }
                 // Only what changed (or was never sent) goes out, each with its own version.
                 let mut resources = Vec::new();
@@ -418,11 +401,18 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
                         continue; // An answer to an older response; the newer one is on its way.
                     }
                     if let Some(error) = &request.error_detail {
-                        tracing::warn!(version = %request.version_info, error = %error.message, "Envoy rejected SDS secrets (NACK)");
+                        tracing::warn!(version = %untrusted(&request.version_info), error = %untrusted(&error.message), "Envoy rejected SDS secrets (NACK)");
                         continue;
                     }
-                    let same_names = names.as_ref() == Some(&request.resource_names);
-                    names = Some(request.resource_names);
+                    let requested = match sds.distinct_names(request.resource_names) {
+                        Ok(requested) => requested,
+                        Err(status) => {
+                            let _ = sender.send(Err(status)).await;
+                            return;
+                        }
+                    };
+                    let same_names = names.as_ref() == Some(&requested);
+                    names = Some(requested);
                     if same_names && request.version_info == sent_version {
                         continue; // An ACK of what Envoy has.
                     }
@@ -459,9 +449,8 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
         let selectors = self.source.attest(caller).await?;
         let request = request.into_inner();
         let plain = wants_plain_validation(request.node.as_ref());
-        let (version, secrets) = self
-            .render(&selectors, &request.resource_names, plain)
-            .await?;
+        let names = self.distinct_names(request.resource_names)?;
+        let (version, secrets) = self.render(&selectors, &names, plain).await?;
         Ok(Response::new(response(version, secrets, 1)))
     }
 }
@@ -469,83 +458,96 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::google::protobuf::{Struct, Value};
-    use sigil_core::id::parse_trust_domain;
 
-    fn bundle(domain: &str, der: &[u8]) -> Arc<TrustBundle> {
-        let mut bundle = TrustBundle::new(parse_trust_domain("trust_domain", domain).expect("td"));
-        bundle.x509_authorities.push(der.to_vec());
-        Arc::new(bundle)
-    }
-
-    fn node_with(key: &str, kind: Kind) -> Node {
-        Node {
-            metadata: Some(Struct {
-                fields: [(key.to_string(), Value { kind: Some(kind) })].into(),
-            }),
-            ..Node::default()
+    fn sds(max: usize) -> Sds<()> {
+        Sds {
+            source: Arc::new(()),
+            names: SdsNames {
+                default_svid: "default".into(),
+                own_bundle: "ROOTCA".into(),
+                all_bundles: "ALL".into(),
+            },
+            stopping: watch::channel(false).1,
+            max_resource_names: max,
         }
     }
 
-    fn context(secret: &Secret) -> &CertificateValidationContext {
-        match &secret.r#type {
-            Some(secret::Type::ValidationContext(context)) => context,
-            other => panic!("not a validation context: {other:?}"),
-        }
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|n| n.to_string()).collect()
     }
 
     #[test]
-    fn one_domain_is_a_plain_trusted_ca() {
-        let secret = validation_context("ROOTCA", &[bundle("a.test", b"a")], false);
-        let context = context(&secret);
-        assert!(context.trusted_ca.is_some());
-        assert!(context.custom_validator_config.is_none());
+    fn repeated_names_are_answered_once_and_too_many_are_refused() {
+        let distinct = sds(3)
+            .distinct_names(names(&["ROOTCA", "default", "ROOTCA"]))
+            .expect("within the bound");
+        assert_eq!(distinct, names(&["ROOTCA", "default"]));
+        let refused = sds(3)
+            .distinct_names(names(&["default"; 4]))
+            .expect_err("over the bound, repeats or not");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(
+            refused.message().contains("4 resource names")
+                && refused.message().contains("at most 3")
+                && refused.message().contains("sds.max_resource_names"),
+            "{}",
+            refused.message()
+        );
     }
 
     #[test]
-    fn several_domains_use_the_spiffe_validator_with_one_entry_per_domain() {
-        let bundles = [bundle("a.test", b"a"), bundle("b.test", b"b")];
-        let secret = validation_context("ALL", &bundles, false);
-        let context = context(&secret);
-        assert!(context.trusted_ca.is_none());
-        let validator = context.custom_validator_config.as_ref().expect("validator");
-        assert_eq!(validator.name, "envoy.tls.cert_validator.spiffe");
-        let config = SpiffeCertValidatorConfig::decode(
-            validator
-                .typed_config
-                .as_ref()
-                .expect("typed config")
-                .value
-                .as_slice(),
-        )
-        .expect("decodes");
-        let domains: Vec<_> = config.trust_domains.iter().map(|d| &d.name).collect();
-        assert_eq!(domains, ["a.test", "b.test"]);
-    }
-
-    #[test]
-    fn node_metadata_asks_for_plain_validation_of_several_domains() {
-        let bundles = [bundle("a.test", b"a"), bundle("b.test", b"b")];
-        let asks = node_with(PLAIN_VALIDATION_METADATA, Kind::BoolValue(true));
-        assert!(wants_plain_validation(Some(&asks)));
-        let secret = validation_context("ALL", &bundles, wants_plain_validation(Some(&asks)));
-        let context = context(&secret);
-        assert!(context.custom_validator_config.is_none());
-        let pem = match &context.trusted_ca.as_ref().expect("trusted_ca").specifier {
-            Some(Specifier::InlineBytes(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
-            other => panic!("not inline bytes: {other:?}"),
+    fn a_delta_stream_keeps_only_versions_of_what_it_subscribed_to() {
+        let sds = sds(3);
+        let (mut subscribed, mut held) = (BTreeSet::new(), HashMap::new());
+        let ours = "0123456789abcdef01234567".to_string();
+        let request = DeltaDiscoveryRequest {
+            resource_names_subscribe: names(&["default"]),
+            initial_resource_versions: [
+                ("default".to_string(), ours.clone()),
+                ("ROOTCA".to_string(), ours.clone()),
+                ("ALL".to_string(), "x".repeat(10_000)),
+            ]
+            .into(),
+            ..DeltaDiscoveryRequest::default()
         };
-        assert_eq!(pem.matches("BEGIN CERTIFICATE").count(), 2);
+        sds.subscribe(&mut subscribed, &mut held, request)
+            .expect("within the bound");
+        assert_eq!(held, [("default".to_string(), ours)].into());
+        let unsubscribe = DeltaDiscoveryRequest {
+            resource_names_unsubscribe: names(&["default"]),
+            ..DeltaDiscoveryRequest::default()
+        };
+        sds.subscribe(&mut subscribed, &mut held, unsubscribe)
+            .expect("within the bound");
+        assert!(subscribed.is_empty() && held.is_empty());
     }
 
     #[test]
-    fn only_a_true_flag_asks_for_plain_validation() {
-        let as_string = node_with(PLAIN_VALIDATION_METADATA, Kind::StringValue("True".into()));
-        assert!(wants_plain_validation(Some(&as_string)));
-        let off = node_with(PLAIN_VALIDATION_METADATA, Kind::BoolValue(false));
-        assert!(!wants_plain_validation(Some(&off)));
-        let other_key = node_with("cluster", Kind::BoolValue(true));
-        assert!(!wants_plain_validation(Some(&other_key)));
-        assert!(!wants_plain_validation(None));
+    fn a_delta_stream_is_bounded_per_request_and_in_total() {
+        let sds = sds(3);
+        let (mut subscribed, mut held) = (BTreeSet::new(), HashMap::new());
+        let flood = DeltaDiscoveryRequest {
+            initial_resource_versions: (0..4).map(|i| (format!("n{i}"), "v".into())).collect(),
+            ..DeltaDiscoveryRequest::default()
+        };
+        let refused = sds
+            .subscribe(&mut subscribed, &mut held, flood)
+            .expect_err("over the bound");
+        assert!(
+            refused.message().contains("initial_resource_versions"),
+            "{}",
+            refused.message()
+        );
+        for (i, list) in [["a", "b"], ["c", "d"]].iter().enumerate() {
+            let result = sds.subscribe(
+                &mut subscribed,
+                &mut held,
+                DeltaDiscoveryRequest {
+                    resource_names_subscribe: names(list),
+                    ..DeltaDiscoveryRequest::default()
+                },
+            );
+            assert_eq!(result.is_ok(), i == 0, "{result:?}");
+        }
     }
 }

@@ -86,14 +86,18 @@ pub async fn serve<S: IdentitySource>(
     listener: UnixListener,
     api: WorkloadApi<S>,
     sds: crate::sds::Sds<S>,
+    limits: crate::authority::HeaderLimits,
     mut stopping: watch::Receiver<bool>,
 ) -> Result<()> {
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // The rewriter holds header lists to this already; the server advertises it to clients.
+        .http2_max_header_list_size(u32::try_from(limits.max_header_list_size).unwrap_or(u32::MAX))
         .add_service(api.into_service())
         .add_service(sds.into_service())
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener).map_ok(AuthorityRewrite::new),
+            UnixListenerStream::new(listener)
+                .map_ok(move |stream| AuthorityRewrite::new(stream, limits)),
             async move {
                 let _ = stopping.wait_for(|stop| *stop).await;
             },
