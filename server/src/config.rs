@@ -120,6 +120,30 @@ impl Default for JoinTokenConfig {
     }
 }
 
+/// The `[agent_api]` section: what clients of the agent API may hold before they are
+/// authenticated (every node can reach this port).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentApiConfig {
+    /// Connections open at once; more are closed on accept. Default 16384.
+    pub max_connections: usize,
+    /// TLS handshakes in flight at once; while all are taken no connection is accepted.
+    /// Default 256.
+    pub max_handshakes: usize,
+    /// How long a client has to finish its TLS handshake. Default 10 s.
+    pub handshake_timeout: Ttl,
+}
+
+impl Default for AgentApiConfig {
+    fn default() -> Self {
+        AgentApiConfig {
+            max_connections: 16_384,
+            max_handshakes: 256,
+            handshake_timeout: Ttl(Duration::from_secs(10)),
+        }
+    }
+}
+
 /// The `[issuance_record]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -161,6 +185,8 @@ pub struct ServerConfig {
     /// DNS names the server's own certificate carries (the names of the Service agents and
     /// istio-agent reach it by), beside its SPIFFE ID.
     pub server_dns_names: Vec<String>,
+    /// `[agent_api]`
+    pub agent_api: AgentApiConfig,
     /// `[ca]`
     pub ca: CaConfig,
     /// `[datastore]`
@@ -354,6 +380,7 @@ impl Default for ServerConfig {
             issuance_record: IssuanceRecordConfig::default(),
             kubernetes: KubernetesConfig::default(),
             federation: FederationConfig::default(),
+            agent_api: AgentApiConfig::default(),
         }
     }
 }
@@ -452,6 +479,15 @@ impl ServerConfig {
         }
         if self.max_message_bytes < 64 * 1024 {
             return Err(bad("max_message_bytes must be at least 65536".into()));
+        }
+        let agent_api = &self.agent_api;
+        if agent_api.max_connections == 0
+            || agent_api.max_handshakes == 0
+            || agent_api.handshake_timeout.0.is_zero()
+        {
+            return Err(bad(
+                "agent_api.max_connections, agent_api.max_handshakes and agent_api.handshake_timeout must be above zero".into(),
+            ));
         }
         let federation = &self.federation;
         match federation.bundle_endpoint_profile.as_str() {

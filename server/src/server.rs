@@ -67,6 +67,7 @@ pub async fn start(
     create_private_dir(&config.data_dir)?;
 
     let datastore = Arc::new(SqlDataStore::connect(&config.datastore_url(), clock.clone()).await?);
+    crate::authz::reserved::check_stored_rows(datastore.as_ref(), &trust_domain).await?;
     let keys: Arc<dyn KeyManager> = match config.ca.key_manager {
         KeyManagerKind::Disk => Arc::new(DiskKeyManager::new(config.data_dir.join("keys"))?),
         KeyManagerKind::Memory => Arc::new(MemoryKeyManager::default()),
@@ -161,11 +162,12 @@ pub async fn start(
     })?;
     let agent_api_address = local_address(&agent_listener)?;
     let (connections, incoming) = mpsc::channel(256);
-    tasks.spawn(
-        server_tls
-            .clone()
-            .accept(agent_listener, connections, stopped.clone()),
-    );
+    tasks.spawn(server_tls.clone().accept(
+        agent_listener,
+        connections,
+        config.agent_api.clone(),
+        stopped.clone(),
+    ));
     let agent_service = AgentApiServer::new(AgentService::new(state.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);

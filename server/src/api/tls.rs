@@ -5,8 +5,10 @@
 //! Client certificates are optional at the TLS layer (attestation happens before an agent has
 //! one) and verified against the bundle when present; each handler decides whether it needs one.
 
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use rcgen::KeyPair;
@@ -16,17 +18,17 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sigil_core::id::server_id;
 use sigil_core::tls::crypto_provider;
 use sigil_core::x509::KeyType;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Connected;
 
 use super::ServerState;
+use crate::config::AgentApiConfig;
 use crate::datastore::{DataStore, IssuedSvid};
 use crate::{Error, Result};
-
-/// How long a client has to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The current TLS configuration of the agent API.
 #[derive(Debug)]
@@ -86,13 +88,30 @@ impl ServerTls {
 
     /// Accepts TCP connections on `listener`, completes TLS handshakes off the accept loop, and
     /// hands finished connections to `sender` (the gRPC server's incoming stream).
+    ///
+    /// `limits` bounds what unauthenticated clients can hold: at most `max_handshakes` handshakes
+    /// in flight (the loop stops accepting while they are all taken, so further clients wait in
+    /// the kernel's backlog rather than in memory; a slot frees after `handshake_timeout` at the
+    /// latest) and at most `max_connections` connections open (more are closed at once).
     pub async fn accept(
         self: Arc<Self>,
         listener: TcpListener,
-        sender: mpsc::Sender<std::io::Result<TlsStream<tokio::net::TcpStream>>>,
+        sender: mpsc::Sender<std::io::Result<LimitedConnection>>,
+        limits: AgentApiConfig,
         mut stopped: watch::Receiver<bool>,
     ) {
+        let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
+        let connections = Arc::new(Semaphore::new(limits.max_connections));
+        let timeout = limits.handshake_timeout.0;
+        let mut last_refusal_logged: Option<Instant> = None;
         loop {
+            let handshake = tokio::select! {
+                permit = handshakes.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                _ = stopped.wait_for(|stop| *stop) => return,
+            };
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 _ = stopped.wait_for(|stop| *stop) => return,
@@ -105,13 +124,31 @@ impl ServerTls {
                     continue;
                 }
             };
+            let Ok(connection) = connections.clone().try_acquire_owned() else {
+                // One line per interval, not per connection: a flood must not become a log flood.
+                if last_refusal_logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL) {
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "refusing agent API connections: agent_api.max_connections are open; raise it if this many agents are expected"
+                    );
+                    last_refusal_logged = Some(Instant::now());
+                }
+                continue;
+            };
             let _ = socket.set_nodelay(true);
             let acceptor = TlsAcceptor::from(self.config.load_full());
             let handoff = sender.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+                let handshake_result = tokio::time::timeout(timeout, acceptor.accept(socket)).await;
+                drop(handshake);
+                match handshake_result {
                     Ok(Ok(stream)) => {
-                        let _ = handoff.send(Ok(stream)).await;
+                        let _ = handoff
+                            .send(Ok(LimitedConnection {
+                                stream,
+                                _slot: connection,
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -124,15 +161,74 @@ impl ServerTls {
     }
 }
 
+/// How often a refusal for too many connections is logged at most.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// An agent API connection that holds one of the `max_connections` slots until it closes.
+#[derive(Debug)]
+pub struct LimitedConnection {
+    stream: TlsStream<TcpStream>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connected for LimitedConnection {
+    type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for LimitedConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// A fresh server SVID in a TLS configuration, with its expiry, the bundle sequence it was made
 /// under, and the CA that signed it.
 fn build<D: DataStore>(state: &ServerState<D>) -> Result<(rustls::ServerConfig, i64, u64, String)> {
     let provider = crypto_provider();
     let key = KeyType::EcP256.generate()?;
     let id = server_id(state.ca.trust_domain());
-    let svid = state
-        .ca
-        .sign_x509_svid(&key, &id, &state.server_dns_names, Duration::ZERO)?;
+    let svid =
+        state
+            .ca
+            .sign_component_x509_svid(&key, &id, &state.server_dns_names, Duration::ZERO)?;
     state.recorder.record(IssuedSvid {
         serial: svid.serial.clone(),
         kind: "x509".into(),
