@@ -14,8 +14,10 @@ use kube::Api;
 use serde::Deserialize;
 use sigil_core::id::{TrustDomain, agent_id};
 use sigil_core::selector::Selector;
+use sigil_core::untrusted::untrusted;
 
 use super::{AttestedNode, NodeAttestor};
+
 use crate::k8s::review;
 use crate::{Error, Result};
 
@@ -68,13 +70,15 @@ impl PsatAttestor {
         }
         let payload: Payload = serde_json::from_slice(payload).map_err(|e| {
             Error::Unauthenticated(format!(
-                "the PSAT payload is not {{\"cluster\", \"token\"}} JSON: {e}"
+                "the PSAT payload is not {{\"cluster\", \"token\"}} JSON: {}",
+                untrusted(&e.to_string())
             ))
         })?;
         if payload.cluster != self.cluster {
             return Err(Error::Unauthenticated(format!(
                 "cluster `{}` is not configured on this server (it knows `{}`)",
-                payload.cluster, self.cluster
+                untrusted(&payload.cluster),
+                self.cluster
             )));
         }
         let reviewed = review(&self.client, payload.token, &self.audience).await?;

@@ -344,7 +344,8 @@ impl Authorizations {
         let now = self.clock.unix_now();
         let denied = || {
             Error::PermissionDenied(format!(
-                "agent {agent_id} is not authorized for entry `{entry_id}` (no such entry under this agent or its node aliases)"
+                "agent {agent_id} is not authorized for entry `{}` (no such entry under this agent or its node aliases)",
+                untrusted(entry_id)
             ))
         };
         if entry_id.starts_with(AUTO_ENTRY_PREFIX)
