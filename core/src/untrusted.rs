@@ -29,8 +29,7 @@ pub fn untrusted_bytes(value: &[u8]) -> String {
 
 impl fmt::Display for Untrusted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut shown = 0;
-        for (index, c) in self.0.char_indices() {
+        for (shown, (index, c)) in self.0.char_indices().enumerate() {
             if shown == MAX_SHOWN {
                 return write!(f, "...({} more bytes)", self.0.len() - index);
             }
@@ -39,7 +38,6 @@ impl fmt::Display for Untrusted<'_> {
             } else {
                 write!(f, "{}", c.escape_default())?;
             }
-            shown += 1;
         }
         Ok(())
     }
