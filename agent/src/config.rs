@@ -11,8 +11,35 @@ use sigil_core::id::{TrustDomain, parse_trust_domain};
 
 use crate::{Error, Result};
 
-/// The default Workload API socket.
-pub const DEFAULT_SOCKET: &str = "/tmp/sigil-agent/public/api.sock";
+/// The Workload API socket of an agent running as root, unless `socket_path` says otherwise.
+/// Under `/run`, which only root may write: a socket under `/tmp` could be taken over by any user
+/// who creates its directory first.
+pub const ROOT_SOCKET: &str = "/run/sigil-agent/public/api.sock";
+
+/// Where the socket of an agent that is not root goes, under its `data_dir`.
+const DATA_DIR_SOCKET: &str = "public/api.sock";
+
+/// The default Workload API socket: [`ROOT_SOCKET`] for an agent running as root, else
+/// `<data_dir>/public/api.sock`.
+pub fn default_socket(data_dir: &Path) -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        PathBuf::from(ROOT_SOCKET)
+    } else {
+        data_dir.join(DATA_DIR_SOCKET)
+    }
+}
+
+/// The socket `sigil-agent api ...` tries when neither `--socket` nor `SPIFFE_ENDPOINT_SOCKET` is
+/// given: the one a non-root agent with the default `data_dir` would serve here, if it exists,
+/// else the node agent's [`ROOT_SOCKET`].
+pub fn default_client_socket() -> PathBuf {
+    let local = default_socket(&AgentConfig::default().data_dir);
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from(ROOT_SOCKET)
+    }
+}
 
 /// The highest `sds.max_resource_names` accepted: far above what any Envoy subscribes to, low
 /// enough that one request cannot make the agent render secrets without end.
@@ -32,8 +59,9 @@ pub struct AgentConfig {
     pub server_address: String,
     /// Where the agent keeps its key, SVID and the last bundle. Default `.sigil/agent`.
     pub data_dir: PathBuf,
-    /// The Workload API socket. Default `/tmp/sigil-agent/public/api.sock`.
-    pub socket_path: PathBuf,
+    /// The Workload API socket. Default `/run/sigil-agent/public/api.sock` for an agent running
+    /// as root, else `<data_dir>/public/api.sock`; see [`AgentConfig::socket`].
+    pub socket_path: Option<PathBuf>,
     /// The PEM bundle to trust the server with on first contact (`sigil-server bundle show`).
     pub trust_bundle_path: Option<PathBuf>,
     /// Trust whatever server answers on first contact. Development only.
@@ -211,7 +239,7 @@ impl Default for AgentConfig {
             trust_domain: None,
             server_address: "127.0.0.1:8081".into(),
             data_dir: PathBuf::from(".sigil/agent"),
-            socket_path: PathBuf::from(DEFAULT_SOCKET),
+            socket_path: None,
             trust_bundle_path: None,
             insecure_bootstrap: false,
             join_token: None,
@@ -241,6 +269,13 @@ impl AgentConfig {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })
+    }
+
+    /// The Workload API socket: `socket_path`, else [`default_socket`] of the `data_dir`.
+    pub fn socket(&self) -> PathBuf {
+        self.socket_path
+            .clone()
+            .unwrap_or_else(|| default_socket(&self.data_dir))
     }
 
     /// The validated trust domain.
@@ -294,6 +329,25 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_socket_is_under_run_for_root_and_the_data_dir_otherwise() {
+        let config = AgentConfig {
+            data_dir: PathBuf::from("/var/lib/sigil-agent"),
+            ..AgentConfig::default()
+        };
+        let expected = if rustix::process::geteuid().is_root() {
+            PathBuf::from("/run/sigil-agent/public/api.sock")
+        } else {
+            PathBuf::from("/var/lib/sigil-agent/public/api.sock")
+        };
+        assert_eq!(config.socket(), expected);
+        let chosen = AgentConfig {
+            socket_path: Some(PathBuf::from("/run/sigil/sockets/socket")),
+            ..config
+        };
+        assert_eq!(chosen.socket(), PathBuf::from("/run/sigil/sockets/socket"));
+    }
 
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {

@@ -104,21 +104,13 @@ pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Re
         stopping.clone(),
     ));
 
-    let attestor = UnixAttestor::new(
-        config.proc_root.clone(),
-        config.passwd_path.clone(),
-        config.group_path.clone(),
-    );
+    let attestor = UnixAttestor::new(config.passwd_path.clone(), config.group_path.clone());
     let k8s = if config.kubernetes.workload_attestor {
         let node_name = config.kubernetes.node_name(source)?;
         let client = config.kubernetes.client().await?;
         let index = Arc::new(PodIndex::new(node_name));
         tasks.spawn(watch_pods(client, index.clone(), stopping.clone()));
-        Some(K8sAttestor::new(
-            config.proc_root.clone(),
-            index,
-            config.kubernetes.pod_wait.0,
-        ))
+        Some(K8sAttestor::new(index, config.kubernetes.pod_wait.0))
     } else {
         None
     };
@@ -130,7 +122,8 @@ pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Re
         link.clone(),
         metrics.clone(),
     ));
-    let listener = bind_socket(&config.socket_path).await?;
+    let socket_path = config.socket();
+    let listener = bind_socket(&socket_path).await?;
     let names = SdsNames {
         default_svid: config.sds.default_svid_name.clone(),
         own_bundle: config.sds.own_bundle_name.clone(),
@@ -138,12 +131,11 @@ pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Re
     };
     let sds = Sds::new(source.clone(), names, stopping.clone())
         .with_max_resource_names(config.sds.max_resource_names);
-    let api = WorkloadApi::new(source, stopping.clone());
+    let api = WorkloadApi::new(source, stopping.clone()).with_proc_root(config.proc_root.clone());
     let limits = HeaderLimits {
         max_header_list_size: config.workload_api.max_header_list_size,
     };
     let serving = stopping.clone();
-    let socket_path = config.socket_path.clone();
     tasks.spawn(async move {
         if let Err(e) = serve(listener, api, sds, limits, serving).await {
             tracing::error!(error = %e, "the Workload API stopped");

@@ -107,7 +107,7 @@ async fn main() -> anyhow::Result<()> {
         trust_domain: Some(args.trust_domain.clone()),
         server_address: server.agent_api_address.to_string(),
         data_dir: agent_dir,
-        socket_path: socket_path.clone(),
+        socket_path: Some(socket_path.clone()),
         trust_bundle_path: Some(bundle_path),
         join_token,
         health_address: "127.0.0.1:0".parse()?,

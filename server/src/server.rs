@@ -421,30 +421,102 @@ fn create_private_dir(dir: &Path) -> Result<()> {
 
 /// Binds the admin socket with owner-only permissions, replacing a stale file left by a crashed
 /// server but never a live one.
+///
+/// The socket never appears at its path with a wider mode than 0600: binding it there and then
+/// restricting it would leave a moment in which any local user could connect (and the umask is
+/// process-wide, so it is not changed for this). Instead the socket is bound in a private
+/// directory (created 0700, next to the path so that both are on one filesystem), restricted
+/// there where nobody else can reach it, and renamed into place, which also replaces a stale
+/// socket atomically.
 async fn bind_admin_socket(path: &Path) -> Result<UnixListener> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
-    }
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(Error::Unavailable(format!(
-                "another server is listening on the admin socket {}; stop it or set admin_socket",
-                path.display()
-            )));
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
+
+    let parent = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+            parent.to_path_buf()
         }
-        std::fs::remove_file(path)
-            .map_err(|e| Error::io(format!("removing stale socket {}", path.display()), e))?;
+        None => PathBuf::from("."),
+    };
+    let name = path.file_name().ok_or_else(|| Error::Config {
+        path: path.to_path_buf(),
+        reason: "admin_socket must name a socket file, e.g. /run/sigil/admin.sock".into(),
+    })?;
+    match std::fs::symlink_metadata(path) {
+        Ok(found) if found.file_type().is_socket() => {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(Error::Unavailable(format!(
+                    "another server is listening on the admin socket {}; stop it or set admin_socket",
+                    path.display()
+                )));
+            }
+        }
+        Ok(_) => {
+            return Err(Error::io(
+                format!("the admin socket path {}", path.display()),
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "something other than a socket is there; remove it or set admin_socket",
+                ),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("checking {}", path.display()), e)),
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| Error::io(format!("binding the admin socket {}", path.display()), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+    // A fresh name: a leftover of a crash, or a name someone else took first, is skipped.
+    let mut staging = None;
+    for attempt in 0..16 {
+        let candidate = parent.join(format!(
+            ".{}.{}.{attempt}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&candidate) {
+            Ok(()) => {
+                staging = Some(candidate);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("creating a private directory in {}", parent.display()),
+                    e,
+                ));
+            }
+        }
+    }
+    let staging = staging.ok_or_else(|| {
         Error::io(
-            format!("restricting the admin socket {}", path.display()),
-            e,
+            format!("creating a private directory in {}", parent.display()),
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "16 candidate names are taken; remove the stale .<socket>.* directories",
+            ),
         )
     })?;
-    Ok(listener)
+    let staged = staging.join(name);
+    let bound = async {
+        let listener = UnixListener::bind(&staged)
+            .map_err(|e| Error::io(format!("binding the admin socket {}", path.display()), e))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+            Error::io(
+                format!("restricting the admin socket {}", path.display()),
+                e,
+            )
+        })?;
+        std::fs::rename(&staged, path).map_err(|e| {
+            Error::io(
+                format!("moving the admin socket into place at {}", path.display()),
+                e,
+            )
+        })?;
+        Ok(listener)
+    }
+    .await;
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&staging);
+    bound
 }
 
 /// Follows the change feed for writes this process did not make (other servers sharing the

@@ -191,6 +191,11 @@ async fn kubernetes_identities_follow_pods_and_stay_on_their_node() -> anyhow::R
         proc_root.join(format!("{pid}/status")),
         format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}\nGroups:\t\n"),
     )?;
+    // The agent holds the caller from accept by its start time (field 22 of stat).
+    std::fs::write(
+        proc_root.join(format!("{pid}/stat")),
+        std::fs::read_to_string("/proc/self/stat")?,
+    )?;
     let token_path = dir.path().join("psat-token");
     std::fs::write(&token_path, "psat-a\n")?;
     let agent = AgentProcess::start_with(

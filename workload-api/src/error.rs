@@ -31,6 +31,24 @@ pub enum Error {
     /// A JWT-SVID failed validation.
     #[error("invalid JWT-SVID: {0}")]
     InvalidJwt(String),
+    /// The process on the other end of a connection cannot be held, or is no longer the process
+    /// that connected (it exited, its pid was reused, or it executed another program).
+    #[error("cannot attest the caller (pid {pid}): {reason}")]
+    Caller {
+        /// The pid the caller connected with.
+        pid: i32,
+        /// What happened to it.
+        reason: String,
+    },
+    /// The socket's directory, or one above it, is not safe to serve from: another user could
+    /// replace the socket.
+    #[error("refusing to serve the socket under {path}: {reason}")]
+    SocketDirectory {
+        /// The offending directory.
+        path: std::path::PathBuf,
+        /// Why it is unsafe, and what to do.
+        reason: String,
+    },
     /// An answer was malformed.
     #[error("malformed Workload API answer: {0}")]
     Malformed(String),

@@ -4,6 +4,8 @@
 //!   SVIDs and bundles, tell me when anything changes. The agent implements it.
 //! - [`server`]: the tonic service and the socket it listens on (permissions, stale sockets, the
 //!   `workload.spiffe.io` header, peer credentials).
+//! - [`peer`]: the process on the other end of a connection, held by a pidfd from accept, so
+//!   attestation reads the `/proc` of the process that connected and nothing else.
 //! - [`jwt`]: JWT-SVID validation against JWT bundles.
 //! - [`sds`]: Envoy's Secret Discovery Service (SDS v3) on the same socket, for Envoy and Istio.
 //! - [`client`]: a Workload API client, used by `sigil-agent api ...`.
@@ -19,8 +21,10 @@ pub mod client;
 mod error;
 mod hpack;
 pub mod jwt;
+pub mod peer;
 pub mod sds;
 pub mod server;
+mod socket;
 pub mod source;
 
 pub use error::{Error, Result};

@@ -1,13 +1,9 @@
-//! The Workload API server: the tonic service over an [`IdentitySource`], and the Unix socket it
-//! listens on.
-//!
-//! The socket's directory is created 0755 and the socket 0777: any local process may connect,
-//! because who it is gets decided by attestation of its peer credentials, not by file access. A
-//! stale socket left by a crashed agent is replaced; a live one is not.
+//! The Workload API server: the tonic service over an [`IdentitySource`], served on the socket
+//! [`bind_socket`] creates. Each accepted connection's process is held from accept (see
+//! [`crate::peer`]) and every call is attested as that process.
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -25,10 +21,11 @@ use sigil_proto::workload::{
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::authority::AuthorityRewrite;
+use crate::peer::{Held, Peer};
+pub use crate::socket::bind_socket;
 use crate::source::{Caller, IdentitySource, X509View};
 use crate::{Error, HEADER, Result, jwt};
 
@@ -41,44 +38,30 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 pub struct WorkloadApi<S> {
     source: Arc<S>,
     stopping: watch::Receiver<bool>,
+    proc_root: PathBuf,
 }
 
 impl<S: IdentitySource> WorkloadApi<S> {
     /// The service; its streams end when `stopping` turns true.
     pub fn new(source: Arc<S>, stopping: watch::Receiver<bool>) -> Self {
-        WorkloadApi { source, stopping }
+        WorkloadApi {
+            source,
+            stopping,
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+
+    /// Where callers' processes are found at accept (default `/proc`, for agents that mount the
+    /// host's proc filesystem elsewhere).
+    pub fn with_proc_root(mut self, proc_root: PathBuf) -> Self {
+        self.proc_root = proc_root;
+        self
     }
 
     /// Wraps the service for tonic.
     pub fn into_service(self) -> SpiffeWorkloadApiServer<Self> {
         SpiffeWorkloadApiServer::new(self)
     }
-}
-
-/// Creates the socket at `path` (directory 0755, socket 0777), replacing a stale one.
-pub async fn bind_socket(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| Error::io(format!("setting permissions of {}", dir.display()), e))?;
-    }
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(Error::Endpoint(format!(
-                "another process is serving {}; stop it or choose another socket_path",
-                path.display()
-            )));
-        }
-        std::fs::remove_file(path)
-            .map_err(|e| Error::io(format!("removing stale socket {}", path.display()), e))?;
-        tracing::info!(socket = %path.display(), "replaced a stale Workload API socket");
-    }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))
-        .map_err(|e| Error::io(format!("setting permissions of {}", path.display()), e))?;
-    Ok(listener)
 }
 
 /// Serves the Workload API and SDS on `listener` until `stopping` turns true.
@@ -89,6 +72,7 @@ pub async fn serve<S: IdentitySource>(
     limits: crate::authority::HeaderLimits,
     mut stopping: watch::Receiver<bool>,
 ) -> Result<()> {
+    let proc_root = api.proc_root.clone();
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         // The rewriter holds header lists to this already; the server advertises it to clients.
@@ -96,8 +80,11 @@ pub async fn serve<S: IdentitySource>(
         .add_service(api.into_service())
         .add_service(sds.into_service())
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener)
-                .map_ok(move |stream| AuthorityRewrite::new(stream, limits)),
+            // The process is held at accept, before the caller can do anything else.
+            UnixListenerStream::new(listener).map_ok(move |stream| {
+                let peer = Peer::accept(&stream, &proc_root);
+                Held::new(AuthorityRewrite::new(stream, limits), peer)
+            }),
             async move {
                 let _ = stopping.wait_for(|stop| *stop).await;
             },
@@ -120,20 +107,13 @@ fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
     peer_caller(request)
 }
 
-/// The caller's peer credentials (SO_PEERCRED) from the Unix socket connection.
+/// The caller as held since its connection was accepted (see [`crate::peer`]).
 pub(crate) fn peer_caller<T>(request: &Request<T>) -> Result<Caller, Status> {
-    let credentials = request
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|info| info.peer_cred)
-        .ok_or_else(|| {
-            Status::permission_denied("cannot read the caller's credentials from the socket")
-        })?;
-    Ok(Caller {
-        pid: credentials.pid(),
-        uid: credentials.uid(),
-        gid: credentials.gid(),
-    })
+    let peer = request.extensions().get::<Peer>().ok_or_else(|| {
+        Status::permission_denied("cannot read the caller's credentials from the socket")
+    })?;
+    peer.caller()
+        .map_err(|reason| Status::permission_denied(reason.to_string()))
 }
 
 fn concat_der(certificates: &[Vec<u8>]) -> Vec<u8> {
@@ -149,7 +129,7 @@ fn x509_response(view: &X509View) -> X509svidResponse {
             .map(|svid| sigil_proto::workload::X509svid {
                 spiffe_id: svid.spiffe_id.clone(),
                 x509_svid: concat_der(&svid.chain),
-                x509_svid_key: svid.key.clone(),
+                x509_svid_key: svid.key.to_vec(),
                 bundle: bundle.clone(),
                 hint: svid.hint.clone(),
             })

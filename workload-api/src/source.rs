@@ -8,8 +8,11 @@ use sigil_core::selector::Selector;
 use tokio::sync::watch;
 use tonic::Status;
 
-/// Who is calling, from the socket's peer credentials (SO_PEERCRED).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use crate::peer::PeerProcess;
+
+/// Who is calling, from the socket's peer credentials (SO_PEERCRED) and the process held since
+/// the connection was accepted.
+#[derive(Debug, Clone)]
 pub struct Caller {
     /// The process id, when the kernel reports one.
     pub pid: Option<i32>,
@@ -17,6 +20,9 @@ pub struct Caller {
     pub uid: u32,
     /// The effective group id.
     pub gid: u32,
+    /// The process that connected, held since accept: read `/proc` through it, then verify it.
+    /// `None` when the kernel reports no pid (a caller in a pid namespace the agent cannot see).
+    pub process: Option<Arc<PeerProcess>>,
 }
 
 /// One X509-SVID with its key, as handed to a workload.
@@ -26,8 +32,8 @@ pub struct X509Svid {
     pub spiffe_id: String,
     /// DER certificates, leaf first.
     pub chain: Vec<Vec<u8>>,
-    /// PKCS#8 DER private key.
-    pub key: Vec<u8>,
+    /// PKCS#8 DER private key (redacted in `Debug`, zeroed when dropped).
+    pub key: sigil_core::secret::PrivateKey,
     /// The entry's hint.
     pub hint: String,
 }

@@ -9,7 +9,6 @@
 //! (a pod that just started) is waited for, up to a bound, then refused with a clear error.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::watcher::{self, Event};
 use sigil_core::selector::Selector;
+use sigil_workload_api::peer::PeerProcess;
 use tokio::sync::watch;
 use tonic::Status;
 
@@ -190,30 +190,30 @@ pub fn container_id(cgroup: &str) -> Option<String> {
 /// Attests callers that run in containers on this node.
 #[derive(Debug, Clone)]
 pub struct K8sAttestor {
-    proc_root: PathBuf,
     index: Arc<PodIndex>,
     pod_wait: Duration,
 }
 
 impl K8sAttestor {
-    /// An attestor over a pod index, reading cgroups under `proc_root`, waiting up to `pod_wait`
-    /// for a container the watch has not delivered yet.
-    pub fn new(proc_root: PathBuf, index: Arc<PodIndex>, pod_wait: Duration) -> Self {
-        K8sAttestor {
-            proc_root,
-            index,
-            pod_wait,
-        }
+    /// An attestor over a pod index, waiting up to `pod_wait` for a container the watch has not
+    /// delivered yet.
+    pub fn new(index: Arc<PodIndex>, pod_wait: Duration) -> Self {
+        K8sAttestor { index, pod_wait }
     }
 
-    /// The caller's Kubernetes selectors; empty for a process outside any container.
-    pub async fn attest(&self, pid: i32) -> Result<Vec<Selector>, Status> {
-        let cgroup = std::fs::read_to_string(self.proc_root.join(pid.to_string()).join("cgroup"))
-            .map_err(|e| {
+    /// The Kubernetes selectors of the process held since the caller connected; empty for a
+    /// process outside any container.
+    pub async fn attest(&self, process: &PeerProcess) -> Result<Vec<Selector>, Status> {
+        let pid = process.pid();
+        let cgroup = process.read("cgroup").map_err(|e| {
             Status::permission_denied(format!(
                 "cannot read the cgroup of process {pid} ({e}); it may have exited"
             ))
         })?;
+        // The cgroup read is the connecting process's only if it is still that process.
+        process
+            .verify()
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
         let Some(container) = container_id(&cgroup) else {
             return Ok(Vec::new());
         };

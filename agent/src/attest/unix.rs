@@ -4,8 +4,10 @@
 //! Selectors: `unix:uid:<n>`, `unix:gid:<n>`, `unix:user:<name>`, `unix:group:<name>`,
 //! `unix:supplementary_gid:<n>`, `unix:supplementary_group:<name>`, `unix:path:<exe>`. Names come
 //! from the passwd and group files; the path from `/proc/<pid>/exe` when the agent may read it.
-//! A process that exits before it is attested, or whose pid now belongs to another user, is
-//! refused: it cannot be told apart from an impostor.
+//! `/proc` is read through the process held since the connection was accepted
+//! ([`sigil_workload_api::peer`]), and checked afterwards to still be that process: one that
+//! exited, whose pid went to another process, that executed another program, or that now runs as
+//! another user is refused, because it cannot be told apart from an impostor.
 
 use std::path::PathBuf;
 
@@ -16,23 +18,18 @@ use tonic::Status;
 /// Reads selectors for callers.
 #[derive(Debug, Clone)]
 pub struct UnixAttestor {
-    proc_root: PathBuf,
     passwd: PathBuf,
     group: PathBuf,
 }
 
 impl UnixAttestor {
-    /// An attestor reading `proc_root` (normally `/proc`) and the given passwd and group files.
-    pub fn new(proc_root: PathBuf, passwd: PathBuf, group: PathBuf) -> Self {
-        UnixAttestor {
-            proc_root,
-            passwd,
-            group,
-        }
+    /// An attestor naming users and groups from the given passwd and group files.
+    pub fn new(passwd: PathBuf, group: PathBuf) -> Self {
+        UnixAttestor { passwd, group }
     }
 
     /// The caller's selectors.
-    pub fn attest(&self, caller: Caller) -> Result<Vec<Selector>, Status> {
+    pub fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, Status> {
         let mut selectors = vec![
             selector("uid", caller.uid.to_string())?,
             selector("gid", caller.gid.to_string())?,
@@ -46,9 +43,9 @@ impl UnixAttestor {
         if let Some(name) = name_of(&groups, caller.gid) {
             selectors.push(selector("group", name)?);
         }
-        if let Some(pid) = caller.pid.filter(|pid| *pid > 0) {
-            let process = self.proc_root.join(pid.to_string());
-            let status = std::fs::read_to_string(process.join("status")).map_err(|e| {
+        if let Some(process) = &caller.process {
+            let pid = process.pid();
+            let status = process.read("status").map_err(|e| {
                 Status::permission_denied(format!(
                     "cannot attest the caller: process {pid} is gone or unreadable ({e}); it may have exited before attestation"
                 ))
@@ -65,12 +62,16 @@ impl UnixAttestor {
                     selectors.push(selector("supplementary_group", name)?);
                 }
             }
-            match std::fs::read_link(process.join("exe")) {
+            match process.read_link("exe") {
                 Ok(exe) => selectors.push(selector("path", exe.display().to_string())?),
                 Err(e) => {
                     tracing::debug!(pid, error = %e, "no unix:path selector: cannot read the executable path")
                 }
             }
+            // What was read is the connecting process's only if it is still that process.
+            process
+                .verify()
+                .map_err(|e| Status::permission_denied(e.to_string()))?;
         }
         selectors.sort();
         selectors.dedup();
@@ -120,7 +121,17 @@ fn supplementary_groups(status: &str) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use rustix::process::{PidfdFlags, getpid, pidfd_open};
+    use sigil_workload_api::peer::PeerProcess;
+
     use super::*;
+
+    fn stat_line(pid: i32, start_time: u64) -> String {
+        format!("{pid} (web) S 1 {pid} {pid} 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {start_time} 0 0\n")
+    }
 
     fn fake_host() -> (tempfile::TempDir, UnixAttestor) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -131,9 +142,11 @@ mod tests {
             "Name:\tweb\nUid:\t1000\t1000\t1000\t1000\nGid:\t1000\t1000\t1000\t1000\nGroups:\t27 1000 \n",
         )
         .expect("status");
+        std::fs::write(proc_root.join("4242/stat"), stat_line(4242, 100)).expect("stat");
         std::os::unix::fs::symlink("/usr/bin/web", proc_root.join("4242/exe")).expect("exe");
         std::fs::create_dir_all(proc_root.join("5000")).expect("proc");
         std::fs::write(proc_root.join("5000/status"), "Uid:\t0\t0\t0\t0\n").expect("status");
+        std::fs::write(proc_root.join("5000/stat"), stat_line(5000, 300)).expect("stat");
         std::fs::write(
             dir.path().join("passwd"),
             "root:x:0:0::/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n",
@@ -144,25 +157,34 @@ mod tests {
             "root:x:0:\nsudo:x:27:alice\nalice:x:1000:\n",
         )
         .expect("group");
-        let attestor = UnixAttestor::new(
-            proc_root,
-            dir.path().join("passwd"),
-            dir.path().join("group"),
-        );
+        let attestor = UnixAttestor::new(dir.path().join("passwd"), dir.path().join("group"));
         (dir, attestor)
+    }
+
+    /// A caller whose /proc entry is the fake `pid` under `dir`, held (as the server does at
+    /// accept) by a pidfd of this test process, which stays alive.
+    fn held(dir: &Path, pid: i32, uid: u32) -> Caller {
+        let pidfd = pidfd_open(getpid(), PidfdFlags::empty()).expect("pidfd");
+        let process = PeerProcess::hold_pidfd(&dir.join("proc"), pid, pidfd).expect("held");
+        Caller {
+            pid: Some(pid),
+            uid,
+            gid: uid,
+            process: Some(Arc::new(process)),
+        }
+    }
+
+    fn texts(selectors: &[Selector]) -> Vec<String> {
+        selectors.iter().map(ToString::to_string).collect()
     }
 
     #[test]
     fn selectors_from_credentials_and_proc() {
-        let (_dir, attestor) = fake_host();
+        let (dir, attestor) = fake_host();
         let selectors = attestor
-            .attest(Caller {
-                pid: Some(4242),
-                uid: 1000,
-                gid: 1000,
-            })
+            .attest(&held(dir.path(), 4242, 1000))
             .expect("attested");
-        let texts: Vec<String> = selectors.iter().map(ToString::to_string).collect();
+        let texts = texts(&selectors);
         for expected in [
             "unix:uid:1000",
             "unix:gid:1000",
@@ -180,24 +202,44 @@ mod tests {
     }
 
     #[test]
+    fn a_pid_reused_between_accept_and_attestation_is_refused() {
+        let (dir, attestor) = fake_host();
+        let caller = held(dir.path(), 4242, 1000);
+        // Another process got pid 4242 after the connection was accepted: another start time.
+        std::fs::write(dir.path().join("proc/4242/stat"), stat_line(4242, 200)).expect("stat");
+        let refused = attestor.attest(&caller).expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(
+            refused.message().contains("the caller changed")
+                && refused.message().contains("start time changed"),
+            "{}",
+            refused.message()
+        );
+    }
+
+    #[test]
     fn exited_or_reused_processes_are_refused() {
-        let (_dir, attestor) = fake_host();
+        let (dir, attestor) = fake_host();
+        // `cat` lives until its stdin closes: it exits after accept, before attestation.
+        let mut child = std::process::Command::new("cat")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn cat");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let process = PeerProcess::hold(Path::new("/proc"), pid).expect("held");
+        drop(child.stdin.take());
+        child.wait().expect("wait");
         let gone = attestor
-            .attest(Caller {
-                pid: Some(9999),
-                uid: 1000,
-                gid: 1000,
+            .attest(&Caller {
+                pid: Some(pid),
+                uid: 0,
+                gid: 0,
+                process: Some(Arc::new(process)),
             })
             .unwrap_err();
         assert_eq!(gone.code(), tonic::Code::PermissionDenied);
         assert!(gone.message().contains("exited"), "{}", gone.message());
-        let reused = attestor
-            .attest(Caller {
-                pid: Some(5000),
-                uid: 1000,
-                gid: 1000,
-            })
-            .unwrap_err();
+        let reused = attestor.attest(&held(dir.path(), 5000, 1000)).unwrap_err();
         assert!(
             reused.message().contains("no longer belongs"),
             "{}",
@@ -209,13 +251,13 @@ mod tests {
     fn unknown_ids_still_get_numeric_selectors() {
         let (_dir, attestor) = fake_host();
         let selectors = attestor
-            .attest(Caller {
+            .attest(&Caller {
                 pid: None,
                 uid: 4321,
                 gid: 4321,
+                process: None,
             })
             .expect("attested");
-        let texts: Vec<String> = selectors.iter().map(ToString::to_string).collect();
-        assert_eq!(texts, ["unix:gid:4321", "unix:uid:4321"]);
+        assert_eq!(texts(&selectors), ["unix:gid:4321", "unix:uid:4321"]);
     }
 }

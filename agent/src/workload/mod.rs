@@ -80,9 +80,11 @@ impl AgentSource {
 impl IdentitySource for AgentSource {
     fn attest(&self, caller: Caller) -> BoxFuture<'_, Result<Vec<Selector>, Status>> {
         async move {
-            let mut outcome = self.attestor.attest(caller);
-            if let (Ok(selectors), Some(k8s), Some(pid)) = (&mut outcome, &self.k8s, caller.pid) {
-                match k8s.attest(pid).await {
+            let mut outcome = self.attestor.attest(&caller);
+            if let (Ok(selectors), Some(k8s), Some(process)) =
+                (&mut outcome, &self.k8s, &caller.process)
+            {
+                match k8s.attest(process).await {
                     Ok(more) => {
                         selectors.extend(more);
                         selectors.sort();

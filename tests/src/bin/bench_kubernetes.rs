@@ -120,6 +120,11 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let own_status = std::fs::read_to_string("/proc/self/status")?;
     std::fs::write(proc_root.join(format!("{pid}/status")), own_status)?;
+    // The agent holds the caller from accept by its start time (field 22 of stat).
+    std::fs::write(
+        proc_root.join(format!("{pid}/stat")),
+        std::fs::read_to_string("/proc/self/stat")?,
+    )?;
     let token = dir.path().join("token");
     std::fs::write(&token, "psat")?;
     let agent = AgentProcess::start_with(

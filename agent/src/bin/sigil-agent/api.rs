@@ -27,7 +27,8 @@ pub(crate) enum Format {
 /// Where the Workload API is, and how to print.
 #[derive(Debug, Args)]
 pub(crate) struct Common {
-    /// The Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET, else the agent's default path).
+    /// The Workload API socket (default: $SPIFFE_ENDPOINT_SOCKET, else
+    /// .sigil/agent/public/api.sock if it exists, else /run/sigil-agent/public/api.sock).
     #[arg(long, global = true)]
     socket: Option<String>,
     /// Output format.
@@ -137,8 +138,11 @@ pub(crate) enum ValidateCommand {
 fn resolve_socket(flag: Option<&str>) -> anyhow::Result<PathBuf> {
     let address = match flag {
         Some(address) => address.to_string(),
-        None => std::env::var(ENDPOINT_ENV)
-            .unwrap_or_else(|_| sigil_agent::config::DEFAULT_SOCKET.to_string()),
+        None => std::env::var(ENDPOINT_ENV).unwrap_or_else(|_| {
+            sigil_agent::config::default_client_socket()
+                .display()
+                .to_string()
+        }),
     };
     Ok(socket_path(&address)?)
 }

@@ -131,7 +131,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         config.data_dir = value;
     }
     if let Some(value) = args.socket_path {
-        config.socket_path = value;
+        config.socket_path = Some(value);
     }
     if let Some(value) = args.trust_bundle_path {
         config.trust_bundle_path = Some(value);
