@@ -9,6 +9,7 @@
 //! - [`tls`]: rustls verifiers that authenticate peers by SPIFFE ID against a bundle.
 //! - [`clock`]: the injectable clock that every expiry and rotation decision reads.
 //! - [`health`]: the `/ready` probe behind both `healthcheck` commands.
+//! - [`secret`]: private key bytes that never print and are zeroed when dropped.
 //! - [`untrusted`]: outside strings truncated and escaped before a log line or a status shows them.
 //!
 //! Errors are one enum, [`Error`], whose messages name the field that was wrong.
@@ -19,6 +20,7 @@ pub mod entry;
 mod error;
 pub mod health;
 pub mod id;
+pub mod secret;
 pub mod selector;
 pub mod tls;
 pub mod untrusted;

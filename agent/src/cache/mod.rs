@@ -19,6 +19,7 @@ use sigil_core::bundle::TrustBundle;
 use sigil_core::clock::SharedClock;
 use sigil_core::entry::{Entry, EntryInput};
 use sigil_core::id::TrustDomain;
+use sigil_core::secret::PrivateKey;
 use sigil_core::selector::{Selector, all_present};
 use sigil_proto::agent::SyncResponse;
 use sigil_proto::common;
@@ -38,8 +39,8 @@ pub struct CachedSvid {
     pub entry_revision: u64,
     /// DER certificates, leaf first.
     pub chain: Vec<Vec<u8>>,
-    /// PKCS#8 DER private key.
-    pub key: Vec<u8>,
+    /// PKCS#8 DER private key (redacted in `Debug`, zeroed when dropped).
+    pub key: PrivateKey,
     /// Unix seconds.
     pub not_before: i64,
     /// Unix seconds.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sigil_core::entry::Entry;
+use sigil_core::secret::PrivateKey;
 use sigil_core::x509::{KeyType, certificate_facts};
 use sigil_proto::agent::{BatchSignX509SvidRequest, X509SvidRequest};
 use tokio::sync::{mpsc, oneshot};
@@ -166,7 +167,7 @@ async fn sign_batch(
                             entry_id: entry.id.clone(),
                             entry_revision: entry.revision,
                             chain: svid.cert_chain,
-                            key: key.serialize_der(),
+                            key: PrivateKey::new(key.serialize_der()),
                             not_before: facts.not_before,
                             not_after: facts.not_after,
                             // From now, not from the back-dated NotBefore, so renewal comes at half the
