@@ -11,6 +11,7 @@ use x509_parser::public_key::PublicKey;
 use x509_parser::x509::SubjectPublicKeyInfo;
 
 use crate::id::TrustDomain;
+use crate::untrusted::untrusted;
 use crate::x509::certificate_facts;
 use crate::{Error, Result};
 
@@ -137,8 +138,12 @@ impl TrustBundle {
                 json.len()
             )));
         }
-        let doc: Jwks = serde_json::from_str(json)
-            .map_err(|e| Error::InvalidBundle(format!("not a JWKS document: {e}")))?;
+        let doc: Jwks = serde_json::from_str(json).map_err(|e| {
+            Error::InvalidBundle(format!(
+                "not a JWKS document: {}",
+                untrusted(&e.to_string())
+            ))
+        })?;
         let mut bundle = TrustBundle::new(trust_domain);
         bundle.sequence = doc.spiffe_sequence.unwrap_or(0);
         if let Some(hint) = doc.spiffe_refresh_hint {
@@ -158,6 +163,20 @@ impl TrustBundle {
                     })?;
                     certificate_facts(&der)
                         .map_err(|e| Error::InvalidBundle(format!("key {index}: {e}")))?;
+                    // What is accepted must serialise again (the datastore stores bundles as
+                    // this JSON): an authority whose key a JWK cannot carry is refused here,
+                    // not when it is stored.
+                    let publishable =
+                        certificate_spki(&der).and_then(|spki| jwk_from_spki(&spki, "x509-svid"));
+                    if let Err(e) = publishable {
+                        let why = match e {
+                            Error::InvalidBundle(why) => why,
+                            other => other.to_string(),
+                        };
+                        return Err(Error::InvalidBundle(format!(
+                            "key {index}: the CA certificate's key cannot be published ({why}); use an EC P-256/P-384 or RSA CA"
+                        )));
+                    }
                     bundle.x509_authorities.push(der);
                 }
                 "jwt-svid" => {
@@ -257,7 +276,12 @@ fn spki_from_jwk(jwk: &Jwk) -> std::result::Result<Vec<u8>, String> {
     let (prefix, len) = match jwk.crv.as_deref() {
         Some("P-256") => (P256_SPKI_PREFIX, 32),
         Some("P-384") => (P384_SPKI_PREFIX, 48),
-        other => return Err(format!("curve {other:?} is not P-256 or P-384")),
+        other => {
+            return Err(format!(
+                "curve {} is not P-256 or P-384",
+                untrusted(other.unwrap_or("(none)"))
+            ));
+        }
     };
     let coordinate = |name: &str, value: &Option<String>| {
         let bytes = URL_SAFE_NO_PAD
@@ -334,6 +358,19 @@ mod tests {
                 "{bad}"
             );
         }
+        // Found by the bundle_json fuzz target: a bundle with an Ed25519 CA parsed, then could
+        // not be serialised to be stored.
+        let ed25519 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("key");
+        let ca = root_ca_params(&td, SystemTime::now(), Duration::from_secs(3600))
+            .expect("params")
+            .self_signed(&ed25519)
+            .expect("cert");
+        let document = format!(
+            r#"{{"keys":[{{"use":"x509-svid","kty":"OKP","x5c":["{}"]}}]}}"#,
+            STANDARD.encode(ca.der())
+        );
+        let err = TrustBundle::from_spiffe_json(td.clone(), &document).expect_err("ed25519 CA");
+        assert!(err.to_string().contains("cannot be published"), "{err}");
         let unknown_use = r#"{"keys":[{"use":"other","kty":"EC"}]}"#;
         assert!(
             TrustBundle::from_spiffe_json(td, unknown_use)
