@@ -198,6 +198,18 @@ pub fn check_dns_name(name: &str) -> Result<()> {
     }
 }
 
+/// Whether two SAN DNS names can name the same host: equal (ignoring case), or one is a `*.`
+/// wildcard covering the other's first label.
+pub fn dns_names_overlap(a: &str, b: &str) -> bool {
+    let covers = |pattern: &str, name: &str| {
+        pattern.strip_prefix("*.").is_some_and(|suffix| {
+            name.split_once('.')
+                .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(suffix))
+        })
+    };
+    a.eq_ignore_ascii_case(b) || covers(a, b) || covers(b, a)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +248,16 @@ mod tests {
             err.to_string().contains(field),
             "expected `{field}` in: {err}"
         );
+    }
+
+    #[test]
+    fn dns_names_overlap_exactly_or_by_wildcard() {
+        assert!(dns_names_overlap("sigil.svc", "SIGIL.svc"));
+        assert!(dns_names_overlap("*.sigil.svc", "server.sigil.svc"));
+        assert!(dns_names_overlap("server.sigil.svc", "*.sigil.svc"));
+        assert!(dns_names_overlap("*.sigil.svc", "*.sigil.svc"));
+        assert!(!dns_names_overlap("*.sigil.svc", "a.b.sigil.svc"));
+        assert!(!dns_names_overlap("web.svc", "sigil.svc"));
     }
 
     #[test]

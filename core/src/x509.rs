@@ -21,6 +21,7 @@ use x509_parser::public_key::PublicKey;
 
 use crate::clock::unix_seconds;
 use crate::id::{SpiffeId, TrustDomain, parse_spiffe_id};
+use crate::untrusted::untrusted;
 use crate::{Error, Result};
 
 /// How far back a certificate's NotBefore is set, so peers whose clocks lag a little accept it.
@@ -130,7 +131,8 @@ fn requested_spiffe_id(csr: &X509CertificationRequest<'_>) -> Result<Option<Spif
         for extension in extensions {
             let ParsedExtension::SubjectAlternativeName(san) = extension else {
                 return Err(Error::InvalidCsr(format!(
-                    "unexpected extension request {extension:?}; only a subjectAltName with the SPIFFE ID is accepted"
+                    "unexpected extension request {}; only a subjectAltName with the SPIFFE ID is accepted",
+                    untrusted(&format!("{extension:?}"))
                 )));
             };
             for name in &san.general_names {
@@ -148,7 +150,8 @@ fn requested_spiffe_id(csr: &X509CertificationRequest<'_>) -> Result<Option<Spif
                     }
                     other => {
                         return Err(Error::InvalidCsr(format!(
-                            "unexpected SAN {other}; DNS names come from the registration entry, not the CSR"
+                            "unexpected SAN {}; DNS names come from the registration entry, not the CSR",
+                            untrusted(&other.to_string())
                         )));
                     }
                 }

@@ -132,6 +132,16 @@ pub struct AgentApiConfig {
     pub max_handshakes: usize,
     /// How long a client has to finish its TLS handshake. Default 10 s.
     pub handshake_timeout: Ttl,
+    /// Of the open connections, how many may come without a client certificate (nodes that are
+    /// attesting). Default 1024.
+    pub max_unauthenticated_connections: usize,
+    /// How long a connection without a client certificate is kept: enough to attest, not enough
+    /// to hold a slot for good. Default 60 s.
+    pub unauthenticated_connection_lifetime: Ttl,
+    /// HTTP/2 streams one connection may have open at once. Default 64.
+    pub max_streams_per_connection: u32,
+    /// How long one call may take until its answer starts. Default 60 s.
+    pub request_timeout: Ttl,
 }
 
 impl Default for AgentApiConfig {
@@ -140,6 +150,10 @@ impl Default for AgentApiConfig {
             max_connections: 16_384,
             max_handshakes: 256,
             handshake_timeout: Ttl(Duration::from_secs(10)),
+            max_unauthenticated_connections: 1024,
+            unauthenticated_connection_lifetime: Ttl(Duration::from_secs(60)),
+            max_streams_per_connection: 64,
+            request_timeout: Ttl(Duration::from_secs(60)),
         }
     }
 }
@@ -457,6 +471,7 @@ impl ServerConfig {
             default_jwt_svid_ttl: self.ca.default_jwt_svid_ttl.0,
             bundle_refresh_hint: self.ca.bundle_refresh_hint.0,
             upstream,
+            reserved_dns_names: self.server_dns_names.clone(),
         })
     }
 
@@ -483,10 +498,14 @@ impl ServerConfig {
         let agent_api = &self.agent_api;
         if agent_api.max_connections == 0
             || agent_api.max_handshakes == 0
+            || agent_api.max_unauthenticated_connections == 0
+            || agent_api.max_streams_per_connection == 0
             || agent_api.handshake_timeout.0.is_zero()
+            || agent_api.unauthenticated_connection_lifetime.0.is_zero()
+            || agent_api.request_timeout.0.is_zero()
         {
             return Err(bad(
-                "agent_api.max_connections, agent_api.max_handshakes and agent_api.handshake_timeout must be above zero".into(),
+                "every [agent_api] bound must be above zero (max_connections, max_handshakes, max_unauthenticated_connections, max_streams_per_connection, handshake_timeout, unauthenticated_connection_lifetime, request_timeout)".into(),
             ));
         }
         let federation = &self.federation;

@@ -67,7 +67,12 @@ pub async fn start(
     create_private_dir(&config.data_dir)?;
 
     let datastore = Arc::new(SqlDataStore::connect(&config.datastore_url(), clock.clone()).await?);
-    crate::authz::reserved::check_stored_rows(datastore.as_ref(), &trust_domain).await?;
+    crate::authz::reserved::check_stored_rows(
+        datastore.as_ref(),
+        &trust_domain,
+        &config.server_dns_names,
+    )
+    .await?;
     let keys: Arc<dyn KeyManager> = match config.ca.key_manager {
         KeyManagerKind::Disk => Arc::new(DiskKeyManager::new(config.data_dir.join("keys"))?),
         KeyManagerKind::Memory => Arc::new(MemoryKeyManager::default()),
@@ -185,9 +190,18 @@ pub async fn start(
         _ => None,
     };
     let mut agent_stop = stopped.clone();
+    let agent_api_limits = config.agent_api.clone();
     tasks.spawn(async move {
+        // tonic leaves hyper's HTTP/2 stream and reset limits off unless told: every node can
+        // reach this port, so each is set.
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(Some(agent_api_limits.max_streams_per_connection))
+            .http2_max_local_error_reset_streams(Some(1024))
+            .http2_max_pending_accept_reset_streams(Some(20))
+            .http2_max_header_list_size(Some(16 * 1024))
+            .timeout(agent_api_limits.request_timeout.0)
             .add_service(agent_service)
             .add_optional_service(istio_service)
             .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {

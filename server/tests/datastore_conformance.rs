@@ -291,7 +291,9 @@ async fn agents_are_attested_renewed_banned_and_evicted(backend: &Backend) -> an
     let ds = &backend.store;
     ds.put_agent(&agent(AGENT)).await?;
     assert_eq!(ds.get_agent(AGENT).await?, Some(agent(AGENT)));
-    let renewed = ds.set_agent_svid(AGENT, "02", NOW + 7200, NOW + 10).await?;
+    let renewed = ds
+        .set_agent_svid(AGENT, "01", "02", NOW + 7200, NOW + 10)
+        .await?;
     assert_eq!(
         (
             renewed.svid_serial.as_str(),
@@ -304,7 +306,9 @@ async fn agents_are_attested_renewed_banned_and_evicted(backend: &Backend) -> an
         renewed.previous_svid_serial, "01",
         "renewal keeps the serial it replaced"
     );
-    let again = ds.set_agent_svid(AGENT, "03", NOW + 7200, NOW + 11).await?;
+    let again = ds
+        .set_agent_svid(AGENT, "02", "03", NOW + 7200, NOW + 11)
+        .await?;
     assert_eq!(
         (
             again.svid_serial.as_str(),
@@ -313,6 +317,24 @@ async fn agents_are_attested_renewed_banned_and_evicted(backend: &Backend) -> an
         ("03", "02"),
         "only the immediately previous serial is kept"
     );
+    // A lost answer is retried with the same certificate: it stays the previous one.
+    let retried = ds
+        .set_agent_svid(AGENT, "02", "03b", NOW + 7200, NOW + 12)
+        .await?;
+    assert_eq!(
+        (
+            retried.svid_serial.as_str(),
+            retried.previous_svid_serial.as_str()
+        ),
+        ("03b", "02")
+    );
+    // A certificate two generations old, or none, cannot renew.
+    for stale in ["01", ""] {
+        assert!(matches!(
+            ds.set_agent_svid(AGENT, stale, "99", NOW, NOW).await,
+            Err(Error::PermissionDenied(_))
+        ));
+    }
     // Attesting again starts afresh: no serial from before survives.
     let mut reattested = agent(AGENT);
     reattested.svid_serial = "04".into();
@@ -346,7 +368,7 @@ async fn agents_are_attested_renewed_banned_and_evicted(backend: &Backend) -> an
         Err(Error::NotFound(_))
     ));
     assert!(matches!(
-        ds.set_agent_svid(AGENT, "03", NOW, NOW).await,
+        ds.set_agent_svid(AGENT, "04", "05", NOW, NOW).await,
         Err(Error::NotFound(_))
     ));
     Ok(())

@@ -30,7 +30,11 @@ const RESERVED: [&str; 3] = [
 #[test]
 fn reserved_ids_cannot_be_registered_by_any_path() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let server = ServerProcess::start(&dir.path().join("server"), None, "")?;
+    let server = ServerProcess::start(
+        &dir.path().join("server"),
+        None,
+        "server_dns_names = [\"sigil-server.sigil.svc\"]\n",
+    )?;
     for id in RESERVED {
         let err = server.cli_error(&[
             "entry",
@@ -85,6 +89,23 @@ fn reserved_ids_cannot_be_registered_by_any_path() -> anyhow::Result<()> {
         "spiffe://example.org/sigil/server",
     ])?;
     assert!(err.contains("reserved namespace"), "{err}");
+
+    // The server's own DNS names (what istio-agent checks it by) are reserved the same way.
+    for name in ["sigil-server.sigil.svc", "*.sigil.svc"] {
+        let err = server.cli_error(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/dns",
+            "--parent-id",
+            NODE_ALIAS,
+            "--selector",
+            "unix:uid:0",
+            "--dns",
+            name,
+        ])?;
+        assert!(err.contains("server_dns_names"), "{name}: {err}");
+    }
 
     let entries = server.cli_json(&["entry", "list"])?;
     let stored = entries.to_string();
@@ -317,7 +338,7 @@ async fn agent_api_bounds_handshakes_and_connections() -> anyhow::Result<()> {
     let server = ServerProcess::start(
         &dir.path().join("server"),
         None,
-        "[agent_api]\nmax_handshakes = 4\nmax_connections = 6\nhandshake_timeout = \"2s\"\n",
+        "[agent_api]\nmax_handshakes = 4\nmax_connections = 6\nhandshake_timeout = \"2s\"\nunauthenticated_connection_lifetime = \"3s\"\n",
     )?;
     let td = parse_trust_domain("trust_domain", "example.org")?;
     let roots = pem_certificates(&server.cli(&["bundle", "show"])?)?;
@@ -386,6 +407,24 @@ async fn agent_api_bounds_handshakes_and_connections() -> anyhow::Result<()> {
             Err(e) => return Err(e.context("a freed slot was never reused")),
         }
     }
+
+    // A connection without a client certificate that finished its handshake is not kept for
+    // good: the server ends it after unauthenticated_connection_lifetime.
+    let mut idle = open.remove(0);
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut buffer = [0u8; 1024];
+        loop {
+            match idle.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "an unauthenticated connection was kept past its lifetime"
+    );
     Ok(())
 }
 

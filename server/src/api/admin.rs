@@ -154,6 +154,7 @@ impl<D: DataStore> AdminService<D> {
         let trust_domain = self.state.ca.trust_domain();
         let stored = if create {
             let checked = entry_input(entry).validate(trust_domain, new_entry_id()?, now)?;
+            self.state.ca.check_workload_dns_names(&checked.dns_names)?;
             self.state.datastore.create_entry(&checked).await?
         } else {
             required("id", &entry.id)?;
@@ -165,6 +166,7 @@ impl<D: DataStore> AdminService<D> {
                 .ok_or_else(|| Error::NotFound(format!("entry `{}`", entry.id)))?;
             let id = entry.id.clone();
             let mut checked = entry_input(entry).validate(trust_domain, id, now)?;
+            self.state.ca.check_workload_dns_names(&checked.dns_names)?;
             checked.created_at = existing.created_at;
             self.state.datastore.update_entry(&checked).await?
         };

@@ -94,7 +94,10 @@ async fn caller_agent<T, D: DataStore>(
         .is_err()
     {
         // A renewal just written (here or by another server) may not have reached the cache yet.
-        state.authz.catch_up(state.datastore.as_ref()).await?;
+        state
+            .authz
+            .catch_up_on_miss(state.datastore.as_ref())
+            .await?;
         state
             .authz
             .check_agent_serial(&caller.id, &caller.serial)
@@ -137,6 +140,11 @@ impl<D: DataStore> AgentService<D> {
         agent_id: &sigil_core::id::SpiffeId,
         csr: &[u8],
     ) -> Result<crate::ca::SignedX509Svid> {
+        if !is_agent_id(agent_id, self.state.ca.trust_domain()) {
+            return Err(Error::Ca(format!(
+                "{agent_id} is not an agent ID; an attestor must name agents under /sigil/agent/"
+            )));
+        }
         let csr = check_csr(csr)?;
         let svid = self.state.ca.sign_component_x509_svid(
             &csr.public_key,
@@ -223,7 +231,8 @@ impl<D: DataStore> AgentService<D> {
         let csr = check_csr(csr)?;
         if let Some(requested) = csr.spiffe_id.as_ref().filter(|id| **id != entry.spiffe_id) {
             return Err(Error::PermissionDenied(format!(
-                "the CSR asks for {requested}, but entry `{entry_id}` is {}; the agent is not authorized for that ID",
+                "the CSR asks for {requested}, but entry `{}` is {}; the agent is not authorized for that ID",
+                untrusted(entry_id),
                 entry.spiffe_id
             )));
         }
@@ -282,7 +291,8 @@ impl<D: DataStore> AgentApi for AgentService<D> {
         &self,
         request: Request<RenewAgentSvidRequest>,
     ) -> Result<Response<RenewAgentSvidResponse>, Status> {
-        let agent_id = caller_agent(&request, &self.state).await?.id;
+        let caller = caller_agent(&request, &self.state).await?;
+        let agent_id = caller.id;
         let id = sigil_core::id::parse_spiffe_id("agent_id", &agent_id).map_err(Error::from)?;
         let svid = self
             .sign_agent_svid(&id, &request.get_ref().csr)
@@ -292,7 +302,7 @@ impl<D: DataStore> AgentApi for AgentService<D> {
         let now = self.state.clock.unix_now();
         self.state
             .datastore
-            .set_agent_svid(&agent_id, &svid.serial, svid.not_after, now)
+            .set_agent_svid(&agent_id, &caller.serial, &svid.serial, svid.not_after, now)
             .await?;
         // The agent reconnects with the new certificate at once; let the cache know it first.
         self.state

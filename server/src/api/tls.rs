@@ -5,6 +5,7 @@
 //! Client certificates are optional at the TLS layer (attestation happens before an agent has
 //! one) and verified against the bundle when present; each handler decides whether it needs one.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -102,6 +103,8 @@ impl ServerTls {
     ) {
         let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
         let connections = Arc::new(Semaphore::new(limits.max_connections));
+        let unauthenticated = Arc::new(Semaphore::new(limits.max_unauthenticated_connections));
+        let lifetime = limits.unauthenticated_connection_lifetime.0;
         let timeout = limits.handshake_timeout.0;
         let mut last_refusal_logged: Option<Instant> = None;
         loop {
@@ -138,15 +141,29 @@ impl ServerTls {
             let _ = socket.set_nodelay(true);
             let acceptor = TlsAcceptor::from(self.config.load_full());
             let handoff = sender.clone();
+            let unauthenticated = unauthenticated.clone();
             tokio::spawn(async move {
                 let handshake_result = tokio::time::timeout(timeout, acceptor.accept(socket)).await;
                 drop(handshake);
                 match handshake_result {
                     Ok(Ok(stream)) => {
+                        // Without a client certificate only AttestNode can be called: such a
+                        // connection takes one of a smaller set of slots and is closed after a
+                        // while, so nobody holds the port with connections that cost them nothing.
+                        let anonymous = if stream.get_ref().1.peer_certificates().is_none() {
+                            let Ok(slot) = unauthenticated.try_acquire_owned() else {
+                                tracing::debug!(%peer, "closing a connection without a client certificate: agent_api.max_unauthenticated_connections are open");
+                                return;
+                            };
+                            Some((slot, Box::pin(tokio::time::sleep(lifetime))))
+                        } else {
+                            None
+                        };
                         let _ = handoff
                             .send(Ok(LimitedConnection {
                                 stream,
                                 _slot: connection,
+                                anonymous,
                             }))
                             .await;
                     }
@@ -164,11 +181,14 @@ impl ServerTls {
 /// How often a refusal for too many connections is logged at most.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// An agent API connection that holds one of the `max_connections` slots until it closes.
+/// An agent API connection that holds one of the `max_connections` slots until it closes; one
+/// without a client certificate also holds an unauthenticated slot and ends (reads see the end of
+/// the stream) when its lifetime is over.
 #[derive(Debug)]
 pub struct LimitedConnection {
     stream: TlsStream<TcpStream>,
     _slot: OwnedSemaphorePermit,
+    anonymous: Option<(OwnedSemaphorePermit, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl Connected for LimitedConnection {
@@ -185,6 +205,11 @@ impl AsyncRead for LimitedConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Some((_, expiry)) = self.anonymous.as_mut()
+            && expiry.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }

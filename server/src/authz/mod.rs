@@ -91,7 +91,13 @@ pub struct Authorizations {
     revision: watch::Sender<u64>,
     /// Automatic Kubernetes identities, when enabled.
     pods: Option<Arc<PodIdentities>>,
+    /// When a caller last made the cache catch up on a miss ([`Authorizations::catch_up_on_miss`]).
+    last_miss_catch_up: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How often a cache miss may make the cache read the change feed at most: refused certificates
+/// cost any caller nothing, so they must not cost the datastore a query each.
+const MISS_CATCH_UP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl Authorizations {
     /// Loads every entry and agent and the own bundle from `datastore`.
@@ -141,6 +147,7 @@ impl Authorizations {
             position: Mutex::new(FeedPosition { newest, recent }),
             revision,
             pods: None,
+            last_miss_catch_up: std::sync::Mutex::new(None),
         })
     }
 
@@ -188,6 +195,24 @@ impl Authorizations {
             self.bump();
         }
         Ok(())
+    }
+
+    /// Like [`Authorizations::catch_up`], for a request the cache refused that a write not yet
+    /// applied (another server's renewal, say) might allow: at most once per
+    /// `MISS_CATCH_UP_INTERVAL`; returns whether it caught up.
+    pub async fn catch_up_on_miss<D: DataStore>(&self, datastore: &D) -> Result<bool> {
+        {
+            let mut last = self
+                .last_miss_catch_up
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < MISS_CATCH_UP_INTERVAL) {
+                return Ok(false);
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        self.catch_up(datastore).await?;
+        Ok(true)
     }
 
     async fn apply<D: DataStore>(

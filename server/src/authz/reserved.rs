@@ -5,6 +5,7 @@
 //! rule existed (or by hand in the database) would still hand a workload an agent's or the
 //! server's identity, so the server refuses to start while any remain, naming each one.
 
+use sigil_core::entry::dns_names_overlap;
 use sigil_core::id::{TrustDomain, is_reserved};
 use sigil_core::untrusted::untrusted;
 
@@ -19,15 +20,26 @@ const LISTED: usize = 20;
 pub async fn check_stored_rows<D: DataStore>(
     datastore: &D,
     trust_domain: &TrustDomain,
+    server_dns_names: &[String],
 ) -> Result<()> {
     let mut offending = Vec::new();
     for entry in datastore.list_entries(&EntryFilter::default()).await? {
         if is_reserved(&entry.spiffe_id, trust_domain) {
             offending.push(format!(
-                "entry {} ({}): DELETE FROM entries WHERE id = '{}'",
+                "entry {} ({}) in table entries",
                 untrusted(&entry.id),
-                entry.spiffe_id,
-                untrusted(&entry.id)
+                entry.spiffe_id
+            ));
+        }
+        if let Some(name) = entry.dns_names.iter().find(|name| {
+            server_dns_names
+                .iter()
+                .any(|server| dns_names_overlap(name, server))
+        }) {
+            offending.push(format!(
+                "entry {} (DNS name {}, one of the server's) in table entries",
+                untrusted(&entry.id),
+                untrusted(name)
             ));
         }
     }
@@ -36,8 +48,8 @@ pub async fn check_stored_rows<D: DataStore>(
             && is_reserved(endpoint_spiffe_id, trust_domain)
         {
             offending.push(format!(
-                "federation relationship {} (endpoint {endpoint_spiffe_id}): DELETE FROM federation_relationships WHERE trust_domain = '{}'",
-                relationship.trust_domain, relationship.trust_domain
+                "the federation relationship with {} (endpoint {endpoint_spiffe_id}) in table federation_relationships",
+                relationship.trust_domain
             ));
         }
     }
@@ -51,7 +63,7 @@ pub async fn check_stored_rows<D: DataStore>(
         listing.push_str(&format!("; and {more} more"));
     }
     Err(Error::Integrity(format!(
-        "the datastore holds IDs in the reserved namespace spiffe://{trust_domain}/sigil/, which only the server and agents may hold; a workload with one could impersonate them. Remove these rows (with the SQL shown, after a backup) and start again: {listing}"
+        "the datastore holds IDs in the reserved namespace spiffe://{trust_domain}/sigil/, which only the server and agents may hold, or DNS names of the server's own certificate; a workload with one could impersonate them. Delete these rows from the database (after a backup) and start again: {listing}"
     )))
 }
 
@@ -86,7 +98,7 @@ mod tests {
         .validate(&td, "e1".into(), 0)
         .expect("valid");
         datastore.create_entry(&entry).await.expect("stored");
-        check_stored_rows(&datastore, &td)
+        check_stored_rows(&datastore, &td, &[])
             .await
             .expect("nothing reserved yet");
 
@@ -96,7 +108,7 @@ mod tests {
             parse_spiffe_id("spiffe_id", "spiffe://example.org/sigil/agent/join_token/b")
                 .expect("id");
         datastore.create_entry(&entry).await.expect("stored");
-        let err = check_stored_rows(&datastore, &td)
+        let err = check_stored_rows(&datastore, &td, &[])
             .await
             .expect_err("refused");
         let text = err.to_string();

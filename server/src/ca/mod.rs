@@ -61,6 +61,10 @@ pub struct CaSettings {
     pub bundle_refresh_hint: Duration,
     /// The operator's CA that signs this one, when there is one; otherwise the CA is a root.
     pub upstream: Option<Arc<dyn UpstreamAuthority>>,
+    /// DNS names of the server's own certificate (`server_dns_names`): clients that check the
+    /// server by host name (istio-agent does) must never accept a workload in its place, so no
+    /// workload SVID carries one of them.
+    pub reserved_dns_names: Vec<String>,
 }
 
 impl CaSettings {
@@ -530,7 +534,27 @@ impl Ca {
     ) -> Result<SignedX509Svid> {
         check_not_reserved("spiffe_id", spiffe_id, &self.settings.trust_domain)
             .map_err(|e| Error::PermissionDenied(e.to_string()))?;
+        self.check_workload_dns_names(dns_names)?;
         self.sign_x509(public_key, spiffe_id, dns_names, ttl)
+    }
+
+    /// Refuses workload DNS names that can name the server's own host (see
+    /// [`CaSettings::reserved_dns_names`]).
+    pub fn check_workload_dns_names(&self, dns_names: &[String]) -> Result<()> {
+        for name in dns_names {
+            if let Some(reserved) = self
+                .settings
+                .reserved_dns_names
+                .iter()
+                .find(|reserved| sigil_core::entry::dns_names_overlap(name, reserved))
+            {
+                return Err(Error::PermissionDenied(format!(
+                    "DNS name `{}` can name the server itself (server_dns_names has `{reserved}`); a workload may not hold it",
+                    sigil_core::untrusted::untrusted(name)
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Signs the X509-SVID of one of Sigil's own components: the server's TLS certificate or an
@@ -818,6 +842,7 @@ mod tests {
             default_jwt_svid_ttl: Duration::from_secs(300),
             bundle_refresh_hint: Duration::from_secs(300),
             upstream: None,
+            reserved_dns_names: vec!["sigil-server.sigil.svc".into()],
         }
     }
 
@@ -1091,5 +1116,11 @@ mod tests {
                 .is_err(),
             "the component path signs only reserved IDs"
         );
+        for name in ["sigil-server.sigil.svc", "*.sigil.svc"] {
+            let err = ca
+                .sign_x509_svid(&key, &workload, &[name.into()], Duration::ZERO)
+                .expect_err("a workload SVID with the server's DNS name");
+            assert!(err.to_string().contains("server_dns_names"), "{err}");
+        }
     }
 }

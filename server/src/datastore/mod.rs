@@ -244,10 +244,15 @@ pub trait DataStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<AgentRecord>>> + Send;
     /// All agents, ordered by SPIFFE ID.
     fn list_agents(&self) -> impl Future<Output = Result<Vec<AgentRecord>>> + Send;
-    /// Records a renewed agent SVID; the serial it replaces becomes the previous one.
+    /// Records a renewed agent SVID, asked for with the certificate of `presented_serial`: it
+    /// becomes the previous serial and `serial` the current one. Refused with `PermissionDenied`
+    /// unless `presented_serial` is the stored current or previous serial of an agent that is not
+    /// banned (so a lost answer can be retried with the same certificate, but a certificate from
+    /// before a re-attestation cannot renew); `NotFound` when there is no such agent.
     fn set_agent_svid(
         &self,
         spiffe_id: &str,
+        presented_serial: &str,
         serial: &str,
         expires_at: i64,
         now: i64,

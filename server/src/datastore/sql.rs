@@ -473,20 +473,32 @@ impl DataStore for SqlDataStore {
     async fn set_agent_svid(
         &self,
         spiffe_id: &str,
+        presented_serial: &str,
         serial: &str,
         expires_at: i64,
         now: i64,
     ) -> Result<AgentRecord> {
         let mut tx = self.pool.begin().await?;
         append_event(&mut tx, EventKind::Agent, spiffe_id, now).await?;
-        let row = sqlx::query(concat!("UPDATE agents SET previous_svid_serial = svid_serial, svid_serial = $2, svid_expires_at = $3, updated_at = $4 WHERE spiffe_id = $1 RETURNING ", agent_columns!()))
+        // Compare and swap: only a renewal made with a certificate the row still holds is
+        // written, so a renewal racing an eviction and re-attestation (or a ban) changes nothing.
+        let row = sqlx::query(concat!("UPDATE agents SET previous_svid_serial = $2, svid_serial = $3, svid_expires_at = $4, updated_at = $5 WHERE spiffe_id = $1 AND banned = 0 AND $2 <> '' AND (svid_serial = $2 OR previous_svid_serial = $2) RETURNING ", agent_columns!()))
             .bind(spiffe_id)
+            .bind(presented_serial)
             .bind(serial)
             .bind(expires_at)
             .bind(now)
             .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("agent `{spiffe_id}`")))?;
+            .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Err(match self.get_agent(spiffe_id).await? {
+                None => Error::NotFound(format!("agent `{spiffe_id}`")),
+                Some(_) => Error::PermissionDenied(format!(
+                    "agent {spiffe_id} renewed with a certificate it no longer holds (it was replaced, banned or attested again); restart the agent to attest again"
+                )),
+            });
+        };
         let agent = agent_from_row(&row)?;
         tx.commit().await?;
         Ok(agent)

@@ -140,7 +140,8 @@ impl PodIdentities {
         self.fresh()?;
         let denied = || {
             Error::PermissionDenied(format!(
-                "no pod of `{entry_id}` runs on node {node}, so its agent may not obtain it"
+                "no pod of `{}` runs on node {node}, so its agent may not obtain it",
+                sigil_core::untrusted::untrusted(entry_id)
             ))
         };
         let (namespace, account) = entry_id
