@@ -241,25 +241,31 @@ impl Decoder {
     }
 }
 
-/// An integer with a `prefix_bits`-bit prefix (RFC 7541 §5.1) and the bytes it took. Values past
-/// 2^28 are refused: nothing in a header block of bounded size needs them.
+/// An integer with a `prefix_bits`-bit prefix (RFC 7541 §5.1) and the bytes it took. More than 5
+/// continuation bytes (values of 2^35 and up) are refused: nothing real needs them, and a size
+/// update's value must stay readable so its refusal can say what was asked for.
 fn integer(buf: &[u8], prefix_bits: u32) -> Result<(usize, usize), Error> {
-    let max = (1usize << prefix_bits) - 1;
+    let max = (1u64 << prefix_bits) - 1;
     let Some(&first) = buf.first() else {
         return Err(compression_error("the header block ends inside an integer"));
     };
-    let mut value = usize::from(first) & max;
+    let mut value = u64::from(first) & max;
     if value < max {
-        return Ok((value, 1));
+        return Ok((value as usize, 1));
     }
     for (i, &byte) in buf[1..].iter().enumerate() {
-        if i == 4 {
+        if i == 5 {
             return Err(compression_error(
-                "an integer in the header block is longer than 4 continuation bytes",
+                "an integer in the header block is longer than 5 continuation bytes",
             ));
         }
-        value += usize::from(byte & 0x7f) << (7 * i);
+        value += u64::from(byte & 0x7f) << (7 * i);
         if byte & 0x80 == 0 {
+            let value = usize::try_from(value).map_err(|_| {
+                compression_error(format!(
+                    "the integer {value} in the header block is too large"
+                ))
+            })?;
             return Ok((value, i + 2));
         }
     }
@@ -415,7 +421,7 @@ mod tests {
         for block in [
             &[0x80][..],             // index 0
             &[0xff, 0xff, 0xff][..], // integer runs out
-            &[0xff, 0x80, 0x80, 0x80, 0x80, 0x01][..],
+            &[0xff, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01][..],
             &[0x00, 0x05, b'a'][..],       // string runs out
             &[0x00, 0x81, 0xff, 0x00][..], // bad Huffman padding
             &[0x7f, 0x00, 0x00, 0x00][..], // index past the table

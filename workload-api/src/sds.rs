@@ -47,7 +47,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::server::peer_caller;
 use crate::source::{IdentitySource, X509View};
 
+mod bounds;
 mod secrets;
+pub use bounds::BoundedRequests;
 use secrets::{tls_certificate, validation_context, wants_plain_validation};
 
 /// The type URL of every SDS resource.
@@ -96,19 +98,21 @@ impl<S> Clone for Sds<S> {
 }
 
 /// What a stream's task does next: a request arrived (`Some`), or secrets may have changed
-/// (`None`); `Err` when the stream or the agent is done.
+/// (`None`); `Err` when the stream or the agent is done, with the status to end the stream with
+/// when its requests failed (one refused before it was decoded, see [`BoundedRequests`]).
 async fn next_event<T>(
     inbound: &mut Streaming<T>,
     changes: &mut watch::Receiver<u64>,
     stopping: &mut watch::Receiver<bool>,
-) -> Result<Option<T>, ()> {
+) -> Result<Option<T>, Option<Status>> {
     tokio::select! {
         message = inbound.message() => match message {
             Ok(Some(request)) => Ok(Some(request)),
-            Ok(None) | Err(_) => Err(()),
+            Ok(None) => Err(None),
+            Err(status) => Err(Some(status)),
         },
-        changed = changes.changed() => changed.map(|()| None).map_err(|_| ()),
-        _ = stopping.wait_for(|stop| *stop) => Err(()),
+        changed = changes.changed() => changed.map(|()| None).map_err(|_| None),
+        _ = stopping.wait_for(|stop| *stop) => Err(None),
     }
 }
 
@@ -130,9 +134,11 @@ impl<S: IdentitySource> Sds<S> {
         self
     }
 
-    /// Wraps the service for tonic.
-    pub fn into_service(self) -> SecretDiscoveryServiceServer<Self> {
-        SecretDiscoveryServiceServer::new(self)
+    /// Wraps the service for tonic, with the resource-name bound checked on every request before
+    /// it is decoded.
+    pub fn into_service(self) -> BoundedRequests<SecretDiscoveryServiceServer<Self>> {
+        let max = self.max_resource_names;
+        BoundedRequests::new(SecretDiscoveryServiceServer::new(self), max)
     }
 }
 
@@ -187,54 +193,28 @@ impl<S: IdentitySource> Sds<S> {
 }
 
 impl<S> Sds<S> {
-    /// Refuses a list of `count` resource names (`what` says which) over the bound.
-    fn check_count(&self, what: &str, count: usize) -> Result<(), Status> {
-        let max = self.max_resource_names;
-        if count > max {
-            return Err(Status::invalid_argument(format!(
-                "{what} has {count} resource names; at most {max} are allowed (the agent's sds.max_resource_names)"
-            )));
-        }
-        Ok(())
-    }
-
-    /// `names` checked against the bound, without repeats, in the order first named.
-    fn distinct_names(&self, names: Vec<String>) -> Result<Vec<String>, Status> {
-        self.check_count("resource_names", names.len())?;
-        let mut seen = HashSet::with_capacity(names.len());
-        Ok(names
-            .into_iter()
-            .filter(|name| seen.insert(name.clone()))
-            .collect())
-    }
-
     /// Applies a delta request to a stream's subscriptions and to the versions Envoy holds;
-    /// refuses a request or a subscription set over the bound. Envoy says on a reconnect which
-    /// versions it holds: only those of subscribed resources, in our version format, are kept.
+    /// refuses a subscription set over the bound (each request's lists are bounded before it is
+    /// decoded, by [`BoundedRequests`]). Envoy says on a reconnect which versions it holds: only
+    /// those of subscribed resources, in our version format, are kept.
     fn subscribe(
         &self,
         subscribed: &mut BTreeSet<String>,
         held: &mut HashMap<String, String>,
         request: DeltaDiscoveryRequest,
     ) -> Result<(), Status> {
-        self.check_count(
-            "resource_names_subscribe",
-            request.resource_names_subscribe.len(),
-        )?;
-        self.check_count(
-            "resource_names_unsubscribe",
-            request.resource_names_unsubscribe.len(),
-        )?;
-        self.check_count(
-            "initial_resource_versions",
-            request.initial_resource_versions.len(),
-        )?;
         for name in request.resource_names_unsubscribe {
             subscribed.remove(&name);
             held.remove(&name);
         }
         subscribed.extend(request.resource_names_subscribe);
-        self.check_count("this stream's subscriptions", subscribed.len())?;
+        let max = self.max_resource_names;
+        if subscribed.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "this stream would subscribe to {} resources; at most {max} are allowed (the agent's sds.max_resource_names)",
+                subscribed.len()
+            )));
+        }
         for (name, version) in request.initial_resource_versions {
             if version.len() == VERSION_LEN && subscribed.contains(&name) {
                 held.insert(name, version);
@@ -242,6 +222,16 @@ impl<S> Sds<S> {
         }
         Ok(())
     }
+}
+
+/// `names` without repeats, in the order first named. (How many a request may carry is checked
+/// before it is decoded, by [`BoundedRequests`].)
+fn distinct(names: Vec<String>) -> Vec<String> {
+    let mut seen = HashSet::with_capacity(names.len());
+    names
+        .into_iter()
+        .filter(|name| seen.insert(name.clone()))
+        .collect()
 }
 
 fn hex_digest(bytes: &[u8]) -> String {
@@ -293,9 +283,14 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
             let mut plain = false;
             let mut nonce = 0u64;
             loop {
-                let Ok(request) = next_event(&mut inbound, &mut changes, &mut stopping).await
-                else {
-                    return;
+                let request = match next_event(&mut inbound, &mut changes, &mut stopping).await {
+                    Ok(request) => request,
+                    Err(status) => {
+                        if let Some(status) = status {
+                            let _ = sender.send(Err(status)).await;
+                        }
+                        return;
+                    }
                 };
                 if let Some(request) = request {
                     if request.node.is_some() {
@@ -387,10 +382,16 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
             let mut nonce = 0u64;
             loop {
                 // What to do next: a request arrived, or something changed.
-                let Ok(request_names) = next_event(&mut inbound, &mut changes, &mut stopping).await
-                else {
-                    return;
-                };
+                let request_names =
+                    match next_event(&mut inbound, &mut changes, &mut stopping).await {
+                        Ok(request) => request,
+                        Err(status) => {
+                            if let Some(status) = status {
+                                let _ = sender.send(Err(status)).await;
+                            }
+                            return;
+                        }
+                    };
                 if let Some(request) = request_names {
                     if request.node.is_some() {
                         plain = wants_plain_validation(request.node.as_ref());
@@ -404,13 +405,7 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
                         tracing::warn!(version = %untrusted(&request.version_info), error = %untrusted(&error.message), "Envoy rejected SDS secrets (NACK)");
                         continue;
                     }
-                    let requested = match sds.distinct_names(request.resource_names) {
-                        Ok(requested) => requested,
-                        Err(status) => {
-                            let _ = sender.send(Err(status)).await;
-                            return;
-                        }
-                    };
+                    let requested = distinct(request.resource_names);
                     let same_names = names.as_ref() == Some(&requested);
                     names = Some(requested);
                     if same_names && request.version_info == sent_version {
@@ -449,7 +444,7 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
         let selectors = self.source.attest(caller).await?;
         let request = request.into_inner();
         let plain = wants_plain_validation(request.node.as_ref());
-        let names = self.distinct_names(request.resource_names)?;
+        let names = distinct(request.resource_names);
         let (version, secrets) = self.render(&selectors, &names, plain).await?;
         Ok(Response::new(response(version, secrets, 1)))
     }
@@ -477,21 +472,10 @@ mod tests {
     }
 
     #[test]
-    fn repeated_names_are_answered_once_and_too_many_are_refused() {
-        let distinct = sds(3)
-            .distinct_names(names(&["ROOTCA", "default", "ROOTCA"]))
-            .expect("within the bound");
-        assert_eq!(distinct, names(&["ROOTCA", "default"]));
-        let refused = sds(3)
-            .distinct_names(names(&["default"; 4]))
-            .expect_err("over the bound, repeats or not");
-        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
-        assert!(
-            refused.message().contains("4 resource names")
-                && refused.message().contains("at most 3")
-                && refused.message().contains("sds.max_resource_names"),
-            "{}",
-            refused.message()
+    fn repeated_names_are_answered_once() {
+        assert_eq!(
+            distinct(names(&["ROOTCA", "default", "ROOTCA", "default"])),
+            names(&["ROOTCA", "default"])
         );
     }
 
@@ -523,21 +507,9 @@ mod tests {
     }
 
     #[test]
-    fn a_delta_stream_is_bounded_per_request_and_in_total() {
+    fn a_delta_stream_subscribes_to_at_most_the_bound() {
         let sds = sds(3);
         let (mut subscribed, mut held) = (BTreeSet::new(), HashMap::new());
-        let flood = DeltaDiscoveryRequest {
-            initial_resource_versions: (0..4).map(|i| (format!("n{i}"), "v".into())).collect(),
-            ..DeltaDiscoveryRequest::default()
-        };
-        let refused = sds
-            .subscribe(&mut subscribed, &mut held, flood)
-            .expect_err("over the bound");
-        assert!(
-            refused.message().contains("initial_resource_versions"),
-            "{}",
-            refused.message()
-        );
         for (i, list) in [["a", "b"], ["c", "d"]].iter().enumerate() {
             let result = sds.subscribe(
                 &mut subscribed,
@@ -547,7 +519,17 @@ mod tests {
                     ..DeltaDiscoveryRequest::default()
                 },
             );
-            assert_eq!(result.is_ok(), i == 0, "{result:?}");
+            match result {
+                Ok(()) => assert_eq!(i, 0),
+                Err(status) => {
+                    assert_eq!(i, 1);
+                    assert!(
+                        status.message().contains("4 resources")
+                            && status.message().contains("sds.max_resource_names"),
+                        "{status:?}"
+                    );
+                }
+            }
         }
     }
 }
