@@ -10,8 +10,9 @@ use crate::text;
 
 /// `sigil_forwarder::path::normalize` under both escaped-slash actions.
 ///
-/// Holds: a normalised path starts with `/`, is ASCII, has no empty, `.` or `..` segment (no
-/// `//`, `/./`, `/../`, nor a trailing `/.` or `/..`), and normalising it again changes nothing;
+/// Holds: a normalised path starts with `/`, is ASCII, has no `.` or `..` segment and no empty
+/// one but a trailing slash (so no `//`, `/./`, `/../`, nor a trailing `/.` or `/..`), and
+/// normalising it again changes nothing;
 /// a path accepted under `reject` is accepted under `keep` with the same result.
 pub fn path_normalize(data: &[u8]) {
     let Some(path) = text(data) else { return };
@@ -27,13 +28,15 @@ pub fn path_normalize(data: &[u8]) {
             "{path:?} -> {normal:?}: no leading `/`"
         );
         assert!(normal.is_ascii(), "{path:?} -> {normal:?}: not ASCII");
-        if normal != "/" {
-            for segment in normal[1..].split('/') {
-                assert!(
-                    !matches!(segment, "" | "." | ".."),
-                    "{path:?} -> {normal:?}: has an empty, `.` or `..` segment"
-                );
-            }
+        // A trailing slash is a last, empty segment: `/api/` is not `/api` (RFC 3986 keeps it,
+        // e.g. `/a/b/..` is `/a/`), so only the segments before the last must be non-empty.
+        let segments: Vec<&str> = normal[1..].split('/').collect();
+        for (i, segment) in segments.iter().enumerate() {
+            let last = i + 1 == segments.len();
+            assert!(
+                !matches!(*segment, "." | "..") && (last || !segment.is_empty()),
+                "{path:?} -> {normal:?}: has an empty, `.` or `..` segment"
+            );
         }
         assert_eq!(
             normalize(normal, mode).as_deref().ok(),
