@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use sigil_agent::attest::k8s::container_id;
+use sigil_agent::attest::k8s::pod_container;
 use sigil_agent::config::AgentConfig;
 use sigil_core::id::{SpiffeId, parse_spiffe_id};
 use sigil_forwarder::config::ForwarderConfig;
@@ -153,15 +153,27 @@ fn other_domain(pattern: &IdPattern) -> String {
     }
 }
 
-/// `container_id` on a `/proc/<pid>/cgroup` file (a workload can name sub-cgroups it may
+/// `pod_container` on a `/proc/<pid>/cgroup` file (a workload can name sub-cgroups it may
 /// create).
 ///
-/// Holds: a container ID is 64 hex digits and is the last component of a path in the input.
+/// Holds: a container ID is 64 hex digits and, like the pod UID, appears in the input; a line
+/// that yields a pod yields the same pod with anything appended below the container's cgroup (a
+/// container may create cgroups inside its own).
 pub fn cgroup(data: &[u8]) {
     let Some(input) = text(data) else { return };
-    if let Some(id) = container_id(input) {
+    if let Some(found) = pod_container(input) {
+        let id = &found.container_id;
         assert_eq!(id.len(), 64);
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert!(input.contains(&id), "container ID {id} is not in the input");
+        assert!(input.contains(id.as_str()), "container ID {id} is not in the input");
+        let uid = &found.pod_uid;
+        assert!(
+            input.contains(uid.as_str()) || input.contains(&uid.replace('-', "_")),
+            "pod UID {uid} is not in the input"
+        );
+        if let Some(line) = input.lines().find(|line| pod_container(line).is_some()) {
+            let nested = format!("{line}/nested");
+            assert_eq!(pod_container(&nested).as_ref(), pod_container(line).as_ref());
+        }
     }
 }

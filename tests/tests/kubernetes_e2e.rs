@@ -2,7 +2,8 @@
 //! kube-rs in them) reach through a kubeconfig: PSAT node attestation and each of its refusals, a
 //! workload mapped through its cgroup to a pod and given its ServiceAccount's identity through the
 //! real Workload API, identities scoped to the node, a deleted pod's identity withdrawn, the bundle
-//! ConfigMap, and 1000 pods created at once reaching their node's agent.
+//! ConfigMap, cgroups made up to name another pod's container refused, and 1000 pods created at
+//! once reaching their node's agent.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,9 @@ const WEB_CONTAINER: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa
 const DB_CONTAINER: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
 const AGENT_CONTAINER: &str = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
 const DNS_CONTAINER: &str = "dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd";
+const INTRUDER_CONTAINER: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+/// The cgroup the kubelet (systemd driver) gives web-1's container; its pod UID is `pod-web-1`.
+const WEB_CGROUP: &str = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podpod_web_1.slice/cri-containerd-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.scope\n";
 
 fn token(audience: &str, namespace: &str, account: &str, pod: &str, expired: bool) -> FakeToken {
     FakeToken {
@@ -74,6 +78,15 @@ async fn kubernetes_identities_follow_pods_and_stay_on_their_node() -> anyhow::R
         "web",
         &[("app", "web")],
         &[("web", "web:1", WEB_CONTAINER)],
+    );
+    fake.add_pod(
+        "prod",
+        "intruder-1",
+        "pod-intruder-1",
+        "node-a",
+        "intruder",
+        &[],
+        &[("intruder", "intruder:1", INTRUDER_CONTAINER)],
     );
     fake.add_pod(
         "prod",
@@ -180,12 +193,8 @@ async fn kubernetes_identities_follow_pods_and_stay_on_their_node() -> anyhow::R
     let pid = std::process::id();
     let proc_root = dir.path().join("proc");
     std::fs::create_dir_all(proc_root.join(pid.to_string()))?;
-    std::fs::write(
-        proc_root.join(format!("{pid}/cgroup")),
-        format!(
-            "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podweb.slice/cri-containerd-{WEB_CONTAINER}.scope\n"
-        ),
-    )?;
+    let cgroup_file = proc_root.join(format!("{pid}/cgroup"));
+    std::fs::write(&cgroup_file, WEB_CGROUP)?;
     let uid = sigil_tests::current_uid()?;
     std::fs::write(
         proc_root.join(format!("{pid}/status")),
@@ -237,6 +246,52 @@ async fn kubernetes_identities_follow_pods_and_stay_on_their_node() -> anyhow::R
         "{}",
         svid.spiffe_id()
     );
+
+    // A process that may create cgroups names one after web-1's container: a user's systemd
+    // session (delegated its subtree) growing a kubepods tree of its own gets no identity, and
+    // the intruder's container, which made the same tree inside its own cgroup, gets its own.
+    std::fs::write(
+        &cgroup_file,
+        format!(
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podpod_web_1.slice/cri-containerd-{WEB_CONTAINER}.scope\n"
+        ),
+    )?;
+    let from_session = client.fetch_x509_svid().await;
+    ensure!(
+        from_session.is_err(),
+        "a user session's made-up cgroup got {:?}",
+        from_session.map(|svid| svid.spiffe_id().to_string())
+    );
+    std::fs::write(
+        &cgroup_file,
+        format!(
+            "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podpod_intruder_1.slice/cri-containerd-{INTRUDER_CONTAINER}.scope/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podpod_web_1.slice/cri-containerd-{WEB_CONTAINER}.scope\n"
+        ),
+    )?;
+    let intruder = client.fetch_x509_svid().await?;
+    ensure!(
+        intruder.spiffe_id().to_string() == "spiffe://example.org/ns/prod/sa/intruder",
+        "the intruder got {}",
+        intruder.spiffe_id()
+    );
+    // A container ID under another pod's cgroup (a tree the kubelet never makes) is refused.
+    std::fs::write(
+        &cgroup_file,
+        format!(
+            "0::/kubepods.slice/kubepods-podpod_intruder_1.slice/cri-containerd-{WEB_CONTAINER}.scope\n"
+        ),
+    )?;
+    let mut raw = sigil_workload_api::client::WorkloadClient::connect(&agent.socket).await?;
+    let refused = raw
+        .fetch_x509()
+        .await
+        .err()
+        .context("a container under another pod's cgroup got an identity")?;
+    ensure!(
+        refused.to_string().contains("belongs to pod pod-web-1"),
+        "{refused}"
+    );
+    std::fs::write(&cgroup_file, WEB_CGROUP)?;
 
     // The agent of node-a may not obtain identities whose pods run elsewhere, or in kube-system.
     let (identity, _) = IdentityStore::open(&agent.data_dir)?
@@ -303,10 +358,9 @@ async fn kubernetes_identities_follow_pods_and_stay_on_their_node() -> anyhow::R
     // A container no pod on the node has (yet) is waited for, up to pod_wait, then refused with
     // the reason.
     std::fs::write(
-        proc_root.join(format!("{pid}/cgroup")),
+        &cgroup_file,
         "0::/kubepods.slice/kubepods-podnew.slice/cri-containerd-eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee.scope\n",
     )?;
-    let mut raw = sigil_workload_api::client::WorkloadClient::connect(&agent.socket).await?;
     let refused = raw
         .fetch_x509()
         .await

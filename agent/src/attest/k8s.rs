@@ -17,6 +17,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::watcher::{self, Event};
 use sigil_core::selector::Selector;
+use sigil_core::untrusted::untrusted;
 use sigil_workload_api::peer::PeerProcess;
 use tokio::sync::watch;
 use tonic::Status;
@@ -168,23 +169,117 @@ pub async fn watch_pods(
     }
 }
 
-/// The container ID in a `/proc/<pid>/cgroup` file, for containerd, CRI-O and Docker under cgroup
-/// v1 or v2; `None` for a process that is not in a container.
-pub fn container_id(cgroup: &str) -> Option<String> {
+/// Where the kubelet put a process: the pod (by UID) and the container (by runtime ID) whose
+/// cgroup holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodContainer {
+    /// The pod's UID as the API server spells it (dashes, not the systemd driver's underscores).
+    pub pod_uid: String,
+    /// The container ID without the runtime's prefix, 64 hex digits.
+    pub container_id: String,
+}
+
+/// The pod and container of a `/proc/<pid>/cgroup` file, for containerd, CRI-O and Docker under
+/// the kubelet's systemd or cgroupfs driver, cgroup v1 or v2; `None` for a process outside any
+/// pod.
+///
+/// Only the kubelet's own tree counts, read from the top: a process may create cgroups below one
+/// it was delegated (a container with a writable cgroupfs, or any user's systemd session), and a
+/// path that merely ends in another container's ID, or carries a `kubepods` tree of its own inside
+/// such a delegation, must not name that container. So the pod's cgroup must sit where the kubelet
+/// puts it (`kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid>.slice` under systemd,
+/// where a slice's name spells its ancestors, or `kubepods/<qos>/pod<uid>` under cgroupfs), the
+/// container's cgroup right below it, and whatever a container made inside its own cgroup is still
+/// that container. A path that starts with `..` is read from inside the agent's cgroup namespace:
+/// the `..` stand for the ancestors the kubelet's tree shares with the agent's, and nobody can name
+/// a cgroup `..`. A kubelet `--cgroup-root` is supported under systemd (`kubelet.slice/
+/// kubelet-kubepods.slice/...`), not under cgroupfs.
+pub fn pod_container(cgroup: &str) -> Option<PodContainer> {
     cgroup.lines().find_map(|line| {
         // `hierarchy-id:controllers:path`; the path may itself contain colons.
         let path = line.splitn(3, ':').nth(2)?;
-        let last = path.rsplit('/').next()?;
-        let last = last.strip_suffix(".scope").unwrap_or(last);
-        let id = ["cri-containerd-", "crio-", "docker-", "containerd-"]
-            .iter()
-            .find_map(|prefix| last.strip_prefix(prefix))
-            .unwrap_or(last);
-        let in_container =
-            path.contains("kubepods") || path.contains("/docker") || last.len() != id.len();
-        (in_container && id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| id.to_string())
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let ups = segments.iter().take_while(|s| **s == "..").count();
+        let segments = &segments[ups..];
+        let in_namespace = ups > 0;
+        let (pod_at, pod_uid) = segments.iter().enumerate().find_map(|(at, segment)| {
+            let (ancestors, uid) =
+                systemd_pod_slice(segment).or_else(|| cgroupfs_pod(segment, &segments[..at]))?;
+            sits_under(&segments[..at], &ancestors, in_namespace).then_some((at, uid))
+        })?;
+        let container_id = container_scope(segments.get(pod_at + 1)?)?;
+        Some(PodContainer {
+            pod_uid,
+            container_id,
+        })
     })
+}
+
+/// `kubepods-burstable-pod<uid>.slice` -> the slices systemd puts it under (`kubepods.slice`,
+/// `kubepods-burstable.slice`) and the pod UID.
+fn systemd_pod_slice(segment: &str) -> Option<(Vec<String>, String)> {
+    let unit = segment.strip_suffix(".slice")?;
+    let (parent, uid) = unit.rsplit_once("-pod")?;
+    let parent_is_kubepods = ["kubepods", "kubepods-besteffort", "kubepods-burstable"]
+        .iter()
+        .any(|name| parent == *name || parent.ends_with(&format!("-{name}")));
+    if !parent_is_kubepods || !is_pod_uid(uid) {
+        return None;
+    }
+    // A slice `a-b-c.slice` lives in `a-b.slice`, which lives in `a.slice`.
+    let ancestors = parent
+        .match_indices('-')
+        .map(|(at, _)| &parent[..at])
+        .chain([parent])
+        .map(|name| format!("{name}.slice"))
+        .collect();
+    Some((ancestors, uid.replace('_', "-")))
+}
+
+/// `pod<uid>` under the cgroupfs driver -> the directories above it (`kubepods`, and the QoS
+/// class the path names, if any) and the pod UID.
+fn cgroupfs_pod(segment: &str, above: &[&str]) -> Option<(Vec<String>, String)> {
+    let uid = segment.strip_prefix("pod")?;
+    if !is_pod_uid(uid) {
+        return None;
+    }
+    let mut ancestors = vec!["kubepods".to_string()];
+    if let Some(qos @ ("besteffort" | "burstable")) = above.last().copied() {
+        ancestors.push(qos.to_string());
+    }
+    Some((ancestors, uid.to_string()))
+}
+
+/// Whether the path above a pod's cgroup is exactly its `ancestors`, or, read from inside a
+/// cgroup namespace, the last of them.
+fn sits_under(above: &[&str], ancestors: &[String], in_namespace: bool) -> bool {
+    if above.len() > ancestors.len() || (!in_namespace && above.len() != ancestors.len()) {
+        return false;
+    }
+    ancestors[ancestors.len() - above.len()..]
+        .iter()
+        .zip(above)
+        .all(|(expected, segment)| expected == segment)
+}
+
+/// A pod UID as the kubelet spells it in a cgroup name (dashes, or underscores under systemd).
+fn is_pod_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 64
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The container ID of a container's cgroup: `cri-containerd-<id>.scope`, `crio-<id>.scope`,
+/// `docker-<id>.scope` or a bare `<id>`.
+fn container_scope(segment: &str) -> Option<String> {
+    let name = segment.strip_suffix(".scope").unwrap_or(segment);
+    let id = ["cri-containerd-", "crio-", "docker-", "containerd-"]
+        .iter()
+        .find_map(|prefix| name.strip_prefix(prefix))
+        .unwrap_or(name);
+    (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
 }
 
 /// Attests callers that run in containers on this node.
@@ -214,7 +309,11 @@ impl K8sAttestor {
         process
             .verify()
             .map_err(|e| Status::permission_denied(e.to_string()))?;
-        let Some(container) = container_id(&cgroup) else {
+        let Some(PodContainer {
+            pod_uid,
+            container_id: container,
+        }) = pod_container(&cgroup)
+        else {
             return Ok(Vec::new());
         };
         let mut changes = self.index.changes.subscribe();
@@ -237,6 +336,15 @@ impl K8sAttestor {
                 self.index.node_name, self.pod_wait
             ))
         })?;
+        // The kubelet names the pod's cgroup after its UID; a container ID found under another
+        // pod's cgroup is a cgroup tree somebody made up.
+        if info.pod_uid != pod_uid {
+            return Err(Status::permission_denied(format!(
+                "process {pid} is in a cgroup of pod {} but its container {container} belongs to pod {}; refusing to attest it",
+                untrusted(&pod_uid),
+                info.pod_uid
+            )));
+        }
         let mut selectors = Vec::with_capacity(8 + info.labels.len());
         let mut push = |value: String| {
             if let Ok(selector) = Selector::new("k8s", value) {
@@ -262,35 +370,93 @@ mod tests {
     use super::*;
 
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const OTHER: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+
+    fn found(cgroup: &str) -> Option<(String, String)> {
+        pod_container(cgroup).map(|found| (found.pod_uid, found.container_id))
+    }
 
     #[test]
-    fn container_ids_from_every_runtime_and_cgroup_version() {
+    fn pods_and_containers_from_every_runtime_driver_and_cgroup_version() {
+        let uid = "8f4c1d2e-0000-4a5b-9c6d-1234567890ab";
+        let systemd_uid = uid.replace('-', "_");
         let cases = [
             format!(
-                "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice/cri-containerd-{ID}.scope"
+                "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{systemd_uid}.slice/cri-containerd-{ID}.scope"
             ),
-            format!("0::/kubepods.slice/kubepods-pod1234.slice/crio-{ID}.scope"),
-            format!("0::/system.slice/docker-{ID}.scope"),
+            format!("0::/kubepods.slice/kubepods-pod{systemd_uid}.slice/crio-{ID}.scope"),
             format!(
-                "12:memory:/kubepods/burstable/pod1234/{ID}\n11:cpu:/kubepods/burstable/pod1234/{ID}"
+                "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{systemd_uid}.slice/docker-{ID}.scope"
             ),
-            format!("4:pids:/docker/{ID}"),
+            format!(
+                "12:memory:/kubepods/burstable/pod{uid}/{ID}\n11:cpu:/kubepods/burstable/pod{uid}/{ID}"
+            ),
+            format!("0::/kubepods/pod{uid}/{ID}"),
+            // A kubelet with --cgroup-root=/kubelet under systemd.
+            format!(
+                "0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{systemd_uid}.slice/cri-containerd-{ID}.scope"
+            ),
+            // Read from inside the agent's cgroup namespace.
+            format!(
+                "0::/../../kubepods-burstable.slice/kubepods-burstable-pod{systemd_uid}.slice/cri-containerd-{ID}.scope"
+            ),
+            format!("0::/../../pod{uid}/{ID}"),
+            // A cgroup the container made inside its own is still that container.
+            format!(
+                "0::/kubepods.slice/kubepods-pod{systemd_uid}.slice/cri-containerd-{ID}.scope/init"
+            ),
         ];
         for cgroup in cases {
-            assert_eq!(container_id(&cgroup).as_deref(), Some(ID), "{cgroup}");
+            assert_eq!(
+                found(&cgroup),
+                Some((uid.to_string(), ID.to_string())),
+                "{cgroup}"
+            );
         }
     }
 
     #[test]
-    fn processes_outside_containers_have_none() {
+    fn processes_outside_pods_have_none() {
         for cgroup in [
-            "0::/user.slice/user-1000.slice/session-3.scope",
-            "0::/",
-            "",
-            "garbage",
-            "1:name=systemd:/init.scope",
+            "0::/user.slice/user-1000.slice/session-3.scope".to_string(),
+            "0::/".into(),
+            "".into(),
+            "garbage".into(),
+            "1:name=systemd:/init.scope".into(),
+            // Docker containers outside Kubernetes are in no pod.
+            format!("0::/system.slice/docker-{ID}.scope"),
+            format!("4:pids:/docker/{ID}"),
+            // A pod's own cgroup, above its containers (the pause process's parent).
+            "0::/kubepods.slice/kubepods-poda.slice".into(),
+            format!("0::/kubepods.slice/kubepods-poda.slice/crio-conmon-{ID}.scope"),
         ] {
-            assert_eq!(container_id(cgroup), None, "{cgroup}");
+            assert_eq!(found(&cgroup), None, "{cgroup}");
         }
+    }
+
+    /// A process that may create cgroups (a user's systemd session is delegated its subtree, as
+    /// is a container with a writable cgroupfs) builds a path that ends in another pod's
+    /// container ID. None of them may name that container.
+    #[test]
+    fn cgroups_made_below_a_delegation_name_no_other_container() {
+        for cgroup in [
+            // The last component is the victim's ID, anywhere.
+            format!("0::/user.slice/user-1000.slice/user@1000.service/app.slice/{ID}"),
+            format!("0::/user.slice/user-1000.slice/user@1000.service/kubepods/pod1/{ID}"),
+            // A whole kubepods tree inside a user's session.
+            format!(
+                "0::/user.slice/user-1000.slice/user@1000.service/kubepods.slice/kubepods-podv.slice/cri-containerd-{ID}.scope"
+            ),
+            // A slice whose name claims parents it is not under.
+            format!("0::/kubepods-burstable-podv.slice/cri-containerd-{ID}.scope"),
+            format!("0::/kubepods.slice/kubepods-burstable-podv.slice/cri-containerd-{ID}.scope"),
+        ] {
+            assert_eq!(found(&cgroup), None, "{cgroup}");
+        }
+        // Inside its own container, a fake pod tree naming the victim still names its own.
+        let nested = format!(
+            "0::/kubepods.slice/kubepods-podown.slice/cri-containerd-{OTHER}.scope/kubepods.slice/kubepods-podv.slice/cri-containerd-{ID}.scope"
+        );
+        assert_eq!(found(&nested), Some(("own".to_string(), OTHER.to_string())));
     }
 }

@@ -152,6 +152,16 @@ fn identities(corpus: &mut Corpus) -> Result<()> {
         "v1-crio",
         format!("4:pids:/kubepods/besteffort/pod1/crio-{id}\n"),
     )?;
+    corpus.put(
+        "cgroup",
+        "v2-in-namespace",
+        format!("0::/../../kubepods-besteffort.slice/kubepods-besteffort-pod1_2.slice/crio-{id}.scope/init\n"),
+    )?;
+    corpus.put(
+        "cgroup",
+        "user-delegation",
+        format!("0::/user.slice/user-1000.slice/user@1000.service/kubepods.slice/kubepods-pod1.slice/cri-containerd-{id}.scope\n"),
+    )?;
     corpus.texts(
         "cgroup",
         &[

@@ -114,7 +114,7 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         proc_root.join(format!("{pid}/cgroup")),
         format!(
-            "0::/kubepods.slice/kubepods-pod0.slice/cri-containerd-{:064x}.scope\n",
+            "0::/kubepods.slice/kubepods-podpod_0.slice/cri-containerd-{:064x}.scope\n",
             0
         ),
     )?;
