@@ -11,6 +11,7 @@ use sigil_core::entry::{Entry, EntryInput};
 use sigil_core::id::{parse_spiffe_id, parse_trust_domain};
 use sigil_core::selector::Selector;
 use sigil_server::Error;
+use sigil_server::ca::AuthorityState;
 use sigil_server::datastore::{
     AgentRecord, Authority, AuthorityKind, DataStore, EndpointProfile, EntryFilter, EventKind,
     FederationRelationship, IssuedSvid, JoinToken, SqlDataStore, SvidFilter, TokenRefusal,
@@ -563,7 +564,7 @@ async fn authorities_journal(backend: &Backend) -> anyhow::Result<()> {
         kind: AuthorityKind::X509,
         key_ref: "x509-ca-1".into(),
         public_data: vec![1, 2, 3],
-        state: "active".into(),
+        state: AuthorityState::Active,
         not_after: NOW + 100,
         created_at: NOW,
     };
@@ -576,7 +577,7 @@ async fn authorities_journal(backend: &Backend) -> anyhow::Result<()> {
     };
     ds.put_authority(&first).await?;
     ds.put_authority(&second).await?;
-    first.state = "old".into();
+    first.state = AuthorityState::Old;
     ds.put_authority(&first).await?;
     assert_eq!(ds.list_authorities().await?, vec![first, second]);
     Ok(())

@@ -63,7 +63,7 @@ fn authority_to_proto(authority: &crate::datastore::Authority) -> Authority {
             crate::datastore::AuthorityKind::X509 => "x509".into(),
             crate::datastore::AuthorityKind::Jwt => "jwt".into(),
         },
-        state: authority.state.clone(),
+        state: authority.state.to_string(),
         not_after: authority.not_after,
         created_at: authority.created_at,
         public_data: authority.public_data.clone(),

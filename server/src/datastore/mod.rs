@@ -19,6 +19,7 @@ use sigil_core::id::{SpiffeId, TrustDomain};
 use sigil_core::selector::Selector;
 
 use crate::Result;
+use crate::ca::AuthorityState;
 
 pub use sql::SqlDataStore;
 
@@ -137,8 +138,8 @@ pub struct Authority {
     pub key_ref: String,
     /// X.509: the DER certificate; JWT: the DER SubjectPublicKeyInfo.
     pub public_data: Vec<u8>,
-    /// `prepared`, `active` or `old`.
-    pub state: String,
+    /// Where it is in the journal.
+    pub state: AuthorityState,
     /// Unix seconds.
     pub not_after: i64,
     /// Unix seconds.

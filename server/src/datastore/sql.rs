@@ -735,12 +735,13 @@ impl DataStore for SqlDataStore {
         rows.iter()
             .map(|row| {
                 let kind: String = row.try_get("kind")?;
+                let state: String = row.try_get("state")?;
                 Ok(Authority {
                     id: row.try_get("id")?,
                     kind: kind.parse()?,
                     key_ref: row.try_get("key_ref")?,
                     public_data: row.try_get("public_data")?,
-                    state: row.try_get("state")?,
+                    state: state.parse().map_err(|e| corrupt("authority state", e))?,
                     not_after: row.try_get("not_after")?,
                     created_at: row.try_get("created_at")?,
                 })
@@ -754,7 +755,7 @@ impl DataStore for SqlDataStore {
             .bind(authority.kind.as_str())
             .bind(&authority.key_ref)
             .bind(&authority.public_data)
-            .bind(&authority.state)
+            .bind(authority.state.as_str())
             .bind(authority.not_after)
             .bind(authority.created_at)
             .execute(&self.pool)
