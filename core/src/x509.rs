@@ -56,6 +56,23 @@ impl KeyType {
     }
 }
 
+/// A CSR (DER) for `key`, with `spiffe_id` as its URI SAN when given: what the agent sends to be
+/// signed, and what [`check_csr`] reads on the server.
+pub fn csr_for(key: &KeyPair, spiffe_id: Option<&SpiffeId>) -> Result<Vec<u8>> {
+    let mut params = CertificateParams::default();
+    if let Some(id) = spiffe_id {
+        let uri = id
+            .to_string()
+            .try_into()
+            .map_err(|e| Error::Crypto(format!("cannot encode {id} as a URI SAN: {e}")))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+    }
+    let csr = params
+        .serialize_request(key)
+        .map_err(|e| Error::Crypto(format!("cannot build a CSR: {e}")))?;
+    Ok(csr.der().to_vec())
+}
+
 /// A CSR that passed every check: its signature verifies, its key is supported and it asks for
 /// nothing but (at most) one SPIFFE ID.
 #[derive(Debug)]

@@ -10,7 +10,7 @@ use prometheus_client::registry::Registry;
 /// Labels of signed-SVID counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SvidLabels {
-    /// `x509`, `jwt` or `agent`.
+    /// `x509` or `jwt` (workloads), `agent` or `server` (Sigil's own).
     pub kind: &'static str,
 }
 

@@ -24,7 +24,7 @@ use crate::api::tls::ServerTls;
 use crate::api::{ServerState, health};
 use crate::attest::{JoinTokenAttestor, NodeAttestor, PsatAttestor};
 use crate::authz::Authorizations;
-use crate::ca::{Ca, DiskKeyManager, IssuanceRecorder, KeyManager, MemoryKeyManager};
+use crate::ca::{Ca, DiskKeyManager, IssuanceRecorder, Issuer, KeyManager, MemoryKeyManager};
 use crate::config::{KeyManagerKind, ServerConfig};
 use crate::datastore::{DataStore, SqlDataStore};
 use crate::federation::endpoint::{self, EndpointTls, FileCertificate};
@@ -140,9 +140,9 @@ pub async fn start(
     load_static_relationships(&config, source, &trust_domain, datastore.as_ref(), &clock).await?;
     let state = Arc::new(ServerState {
         datastore: datastore.clone(),
-        ca,
+        ca: ca.clone(),
         authz,
-        recorder,
+        issuer: Issuer::new(ca.clone(), recorder, metrics.clone()),
         metrics,
         federation: federation.clone(),
         ca_changed: Arc::new(tokio::sync::Notify::new()),

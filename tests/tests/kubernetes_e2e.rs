@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use futures::StreamExt;
-use sigil_agent::node::{IdentityStore, attest_node, connect, csr_for};
+use sigil_agent::node::{IdentityStore, attest_node, connect};
 use sigil_core::id::{SpiffeId, parse_trust_domain};
-use sigil_core::x509::KeyType;
+use sigil_core::x509::{KeyType, csr_for};
 use sigil_proto::agent::{BatchSignX509SvidRequest, X509SvidRequest};
 use sigil_tests::kubernetes::{FakeKubernetes, FakeToken};
 use sigil_tests::{AgentProcess, ServerProcess, pem_certificates};

@@ -245,7 +245,7 @@ async fn an_agent_certificate_the_datastore_does_not_hold_is_refused() -> anyhow
         refused.message().contains("not the current SVID"),
         "{refused:?}"
     );
-    let csr = sigil_agent::node::csr_for(&KeyType::EcP256.generate()?, None)?;
+    let csr = sigil_core::x509::csr_for(&KeyType::EcP256.generate()?, None)?;
     let refused = forged
         .client
         .batch_sign_x509_svid(BatchSignX509SvidRequest {

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use rcgen::KeyPair;
-use sigil_agent::node::{attest_with_join_token, connect, csr_for, renew};
+use sigil_agent::node::{attest_with_join_token, connect, renew};
 use sigil_core::id::{SpiffeId, parse_trust_domain};
-use sigil_core::x509::{KeyType, check_leaf_profile};
+use sigil_core::x509::{KeyType, check_leaf_profile, csr_for};
 use sigil_proto::agent::{
     BatchSignX509SvidRequest, SignJwtSvidRequest, SyncRequest, X509SvidRequest,
 };

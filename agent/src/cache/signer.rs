@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use sigil_core::entry::Entry;
 use sigil_core::secret::PrivateKey;
-use sigil_core::x509::{KeyType, certificate_facts};
+use sigil_core::x509::{KeyType, certificate_facts, csr_for};
 use sigil_proto::agent::{BatchSignX509SvidRequest, X509SvidRequest};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Status};
 
 use super::{Cache, CachedSvid, renewal_time};
 use crate::metrics::Metrics;
-use crate::node::{ServerLink, csr_for};
+use crate::node::ServerLink;
 
 /// How batches are formed.
 #[derive(Debug, Clone, Copy)]

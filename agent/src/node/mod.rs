@@ -9,10 +9,10 @@ mod connect;
 mod link;
 mod store;
 
-use rcgen::{CertificateParams, KeyPair};
+use rcgen::KeyPair;
 use sigil_core::bundle::TrustBundle;
 use sigil_core::id::{SpiffeId, parse_spiffe_id};
-use sigil_core::x509::KeyType;
+use sigil_core::x509::{KeyType, csr_for};
 use sigil_proto::agent::{AttestNodeRequest, RenewAgentSvidRequest};
 use sigil_proto::common;
 
@@ -33,21 +33,6 @@ pub struct AgentIdentity {
     pub expires_at: i64,
     /// The agent's private key (never leaves the node).
     pub key: KeyPair,
-}
-
-/// A CSR (DER) for `key`, with `spiffe_id` as its URI SAN when given.
-pub fn csr_for(key: &KeyPair, spiffe_id: Option<&SpiffeId>) -> Result<Vec<u8>> {
-    let mut params = CertificateParams::default();
-    if let Some(id) = spiffe_id {
-        let uri = id.to_string().try_into().map_err(|e| {
-            sigil_core::Error::Crypto(format!("cannot encode {id} as a URI SAN: {e}"))
-        })?;
-        params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
-    }
-    let csr = params
-        .serialize_request(key)
-        .map_err(|e| sigil_core::Error::Crypto(format!("cannot build a CSR: {e}")))?;
-    Ok(csr.der().to_vec())
 }
 
 fn identity_from(

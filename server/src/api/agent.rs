@@ -27,8 +27,9 @@ use tonic::{Request, Response, Status};
 
 use super::ServerState;
 use super::convert::{entry_to_proto, svid_to_proto};
-use crate::datastore::{AgentRecord, DataStore, IssuedSvid};
-use crate::metrics::{AttestationLabels, SvidLabels};
+use crate::ca::Recipient;
+use crate::datastore::{AgentRecord, DataStore};
+use crate::metrics::AttestationLabels;
 use crate::{Error, Result};
 
 /// The most CSRs one batch may carry.
@@ -109,31 +110,6 @@ async fn caller_agent<T, D: DataStore>(
 }
 
 impl<D: DataStore> AgentService<D> {
-    fn record(
-        &self,
-        kind: &'static str,
-        spiffe_id: &str,
-        agent_id: &str,
-        entry_id: &str,
-        svid: &crate::ca::SignedX509Svid,
-    ) {
-        self.state
-            .metrics
-            .svids_signed
-            .get_or_create(&SvidLabels { kind })
-            .inc();
-        self.state.recorder.record(IssuedSvid {
-            serial: svid.serial.clone(),
-            kind: "x509".into(),
-            spiffe_id: spiffe_id.to_string(),
-            agent_id: agent_id.to_string(),
-            entry_id: entry_id.to_string(),
-            authority_id: svid.authority_id.clone(),
-            not_before: svid.not_before,
-            not_after: svid.not_after,
-        });
-    }
-
     /// Signs an agent SVID for the key in `csr`.
     fn sign_agent_svid(
         &self,
@@ -146,20 +122,9 @@ impl<D: DataStore> AgentService<D> {
             )));
         }
         let csr = check_csr(csr)?;
-        let svid = self.state.ca.sign_component_x509_svid(
-            &csr.public_key,
-            agent_id,
-            &[],
-            self.state.agent_svid_ttl,
-        )?;
-        self.record(
-            "agent",
-            &agent_id.to_string(),
-            &agent_id.to_string(),
-            "",
-            &svid,
-        );
-        Ok(svid)
+        self.state
+            .issuer
+            .agent_x509(&csr.public_key, agent_id, self.state.agent_svid_ttl)
     }
 
     async fn attest(&self, request: AttestNodeRequest) -> Result<AttestNodeResponse> {
@@ -237,19 +202,18 @@ impl<D: DataStore> AgentService<D> {
             )));
         }
         let ttl = Duration::from_secs(u64::try_from(entry.x509_svid_ttl).unwrap_or(0));
-        let svid = self.state.ca.sign_x509_svid(
+        let svid = self.state.issuer.workload_x509(
             &csr.public_key,
             &entry.spiffe_id,
             &entry.dns_names,
             ttl,
+            Recipient { agent_id, entry_id },
         )?;
         self.state
             .metrics
             .signing_seconds
             .observe(started.elapsed().as_secs_f64());
-        let spiffe_id = entry.spiffe_id.to_string();
-        self.record("x509", &spiffe_id, agent_id, entry_id, &svid);
-        Ok(svid_to_proto(spiffe_id, &svid))
+        Ok(svid_to_proto(entry.spiffe_id.to_string(), &svid))
     }
 }
 
@@ -383,26 +347,16 @@ impl<D: DataStore> AgentApi for AgentService<D> {
         let request = request.into_inner();
         let entry = self.state.authz.authorize(&agent_id, &request.entry_id)?;
         let ttl = Duration::from_secs(u64::try_from(entry.jwt_svid_ttl).unwrap_or(0));
-        let signed = self
-            .state
-            .ca
-            .sign_jwt_svid(&entry.spiffe_id, &request.audience, ttl)?;
-        self.state
-            .metrics
-            .svids_signed
-            .get_or_create(&SvidLabels { kind: "jwt" })
-            .inc();
+        let signed = self.state.issuer.workload_jwt(
+            &entry.spiffe_id,
+            &request.audience,
+            ttl,
+            Recipient {
+                agent_id: &agent_id,
+                entry_id: &entry.id,
+            },
+        )?;
         let spiffe_id = entry.spiffe_id.to_string();
-        self.state.recorder.record(IssuedSvid {
-            serial: signed.token_id.clone(),
-            kind: "jwt".into(),
-            spiffe_id: spiffe_id.clone(),
-            agent_id,
-            entry_id: entry.id.clone(),
-            authority_id: signed.key_id.clone(),
-            not_before: signed.issued_at,
-            not_after: signed.expires_at,
-        });
         Ok(Response::new(SignJwtSvidResponse {
             spiffe_id,
             token: signed.token,

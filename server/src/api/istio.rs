@@ -18,7 +18,8 @@ use sigil_proto::istio_ca::{IstioCertificateRequest, IstioCertificateResponse};
 use tonic::{Request, Response, Status};
 
 use super::ServerState;
-use crate::datastore::{DataStore, IssuedSvid};
+use crate::ca::Recipient;
+use crate::datastore::DataStore;
 use crate::k8s::review;
 use crate::{Error, Result};
 
@@ -95,20 +96,16 @@ impl<D: DataStore> IstioCa<D> {
         } else {
             requested.min(self.max_validity)
         };
-        let svid = self
-            .state
-            .ca
-            .sign_x509_svid(&csr.public_key, &id, &[], validity)?;
-        self.state.recorder.record(IssuedSvid {
-            serial: svid.serial.clone(),
-            kind: "x509".into(),
-            spiffe_id: id.to_string(),
-            agent_id: String::new(),
-            entry_id: "istio-ca".into(),
-            authority_id: svid.authority_id.clone(),
-            not_before: svid.not_before,
-            not_after: svid.not_after,
-        });
+        let svid = self.state.issuer.workload_x509(
+            &csr.public_key,
+            &id,
+            &[],
+            validity,
+            Recipient {
+                agent_id: "",
+                entry_id: "istio-ca",
+            },
+        )?;
         let bundle = self.state.ca.bundle();
         let mut cert_chain: Vec<String> = svid
             .chain

@@ -8,8 +8,10 @@
 //!
 //! A signing request flows: TLS handshake ([`tls`]) -> [`agent::AgentService`] finds the calling
 //! agent from its certificate -> [`crate::authz`] says whether the agent may obtain the entry ->
-//! [`sigil_core::x509::check_csr`] checks the CSR -> [`crate::ca::Ca`] signs -> the
-//! [`crate::ca::IssuanceRecorder`] writes the record in the background.
+//! [`sigil_core::x509::check_csr`] checks the CSR -> [`crate::ca::Issuer`] has the
+//! [`crate::ca::Ca`] sign, and the [`crate::ca::IssuanceRecorder`] write the record in the
+//! background. Every path that hands out an SVID (agent API, server TLS, Istio CA) goes through
+//! the one [`crate::ca::Issuer`].
 
 pub mod admin;
 pub mod agent;
@@ -27,7 +29,7 @@ use sigil_core::clock::SharedClock;
 
 use crate::attest::NodeAttestor;
 use crate::authz::Authorizations;
-use crate::ca::{Ca, IssuanceRecorder};
+use crate::ca::{Ca, Issuer};
 use crate::federation::Federation;
 use crate::metrics::Metrics;
 
@@ -39,8 +41,8 @@ pub struct ServerState<D> {
     pub ca: Arc<Ca>,
     /// Who may obtain what.
     pub authz: Arc<Authorizations>,
-    /// The background writer of issued-SVID records.
-    pub recorder: IssuanceRecorder,
+    /// Signs, records and counts every SVID the server hands out.
+    pub issuer: Issuer,
     /// Prometheus series.
     pub metrics: Arc<Metrics>,
     /// The federated bundles' refresher.

@@ -28,7 +28,7 @@ use tonic::transport::server::Connected;
 
 use super::ServerState;
 use crate::config::AgentApiConfig;
-use crate::datastore::{DataStore, IssuedSvid};
+use crate::datastore::DataStore;
 use crate::{Error, Result};
 
 /// The current TLS configuration of the agent API.
@@ -250,20 +250,9 @@ fn build<D: DataStore>(state: &ServerState<D>) -> Result<(rustls::ServerConfig, 
     let provider = crypto_provider();
     let key = KeyType::EcP256.generate()?;
     let id = server_id(state.ca.trust_domain());
-    let svid =
-        state
-            .ca
-            .sign_component_x509_svid(&key, &id, &state.server_dns_names, Duration::ZERO)?;
-    state.recorder.record(IssuedSvid {
-        serial: svid.serial.clone(),
-        kind: "x509".into(),
-        spiffe_id: id.to_string(),
-        agent_id: String::new(),
-        entry_id: String::new(),
-        authority_id: svid.authority_id.clone(),
-        not_before: svid.not_before,
-        not_after: svid.not_after,
-    });
+    let svid = state
+        .issuer
+        .server_x509(&key, &id, &state.server_dns_names)?;
     let bundle = state.ca.bundle();
     let mut roots = RootCertStore::empty();
     for der in &bundle.x509_authorities {

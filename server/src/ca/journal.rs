@@ -386,12 +386,12 @@ mod tests {
 
     const ALL: [AuthorityState; 5] = [Prepared, Active, Old, Tainted, Revoked];
 
+    /// One of the journal's moves.
+    type Move = fn(AuthorityState) -> Option<AuthorityState>;
+
     #[test]
     fn each_state_moves_only_forward_one_step() {
-        let moves: [(
-            fn(AuthorityState) -> Option<AuthorityState>,
-            &[(AuthorityState, AuthorityState)],
-        ); 4] = [
+        let moves: [(Move, &[(AuthorityState, AuthorityState)]); 4] = [
             (AuthorityState::activate, &[(Prepared, Active)]),
             (AuthorityState::retire, &[(Active, Old)]),
             (AuthorityState::taint, &[(Old, Tainted), (Tainted, Tainted)]),

@@ -7,6 +7,7 @@
 //! | file | what it holds |
 //! |---|---|
 //! | `journal.rs` | [`AuthorityState`], the schedule ([`journal::plan`]), prepare / activate / taint / revoke |
+//! | `issue.rs` | [`Issuer`]: every SVID the server hands out is signed, recorded and counted there |
 //! | `sign.rs` | signing X509-SVIDs and JWT-SVIDs, and the reserved-namespace checks |
 //! | `bundle.rs` | the own bundle, rebuilt from the journal |
 //! | `create.rs` | making and loading authorities |
@@ -14,6 +15,7 @@
 
 mod bundle;
 mod create;
+mod issue;
 mod journal;
 mod jwt;
 mod keys;
@@ -25,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rcgen::{Issuer, KeyPair};
+use rcgen::KeyPair;
 use sigil_core::bundle::TrustBundle;
 use sigil_core::clock::SharedClock;
 use sigil_core::id::TrustDomain;
@@ -35,6 +37,7 @@ use tokio::sync::Mutex;
 use crate::Result;
 use crate::datastore::{AuthorityKind, DataStore};
 
+pub use issue::{Issuer, Recipient};
 pub use journal::{AuthorityState, Plan, plan};
 pub use jwt::JwtKey;
 pub use keys::{DiskKeyManager, KeyManager, MemoryKeyManager};
@@ -99,7 +102,7 @@ impl CaSettings {
 /// An X.509 CA that can sign.
 struct X509Authority {
     id: String,
-    issuer: Issuer<'static, KeyPair>,
+    issuer: rcgen::Issuer<'static, KeyPair>,
     not_after: i64,
     /// Intermediates to send after a leaf it signs (empty when it is a root).
     chain_above: Vec<Vec<u8>>,

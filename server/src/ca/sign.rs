@@ -48,7 +48,7 @@ impl Ca {
     /// This is the path of every workload identity (agent batches, the Istio CA API), so it
     /// refuses IDs in the reserved `/sigil/` namespace: whatever an entry, a token or a CSR says,
     /// a workload can never hold the server's or an agent's identity.
-    pub fn sign_x509_svid(
+    pub(super) fn sign_x509_svid(
         &self,
         public_key: &impl PublicKeyData,
         spiffe_id: &SpiffeId,
@@ -82,7 +82,7 @@ impl Ca {
 
     /// Signs the X509-SVID of one of Sigil's own components: the server's TLS certificate or an
     /// agent SVID, whose IDs are the only ones in the reserved `/sigil/` namespace.
-    pub fn sign_component_x509_svid(
+    pub(super) fn sign_component_x509_svid(
         &self,
         public_key: &impl PublicKeyData,
         spiffe_id: &SpiffeId,
@@ -133,7 +133,7 @@ impl Ca {
 
     /// Signs a JWT-SVID for `spiffe_id` and `audience`, valid for `ttl` (zero: the default),
     /// never past the signing key's own expiry.
-    pub fn sign_jwt_svid(
+    pub(super) fn sign_jwt_svid(
         &self,
         spiffe_id: &SpiffeId,
         audience: &[String],

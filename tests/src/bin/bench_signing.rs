@@ -15,9 +15,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, ensure};
 use clap::Parser;
 use rcgen::Issuer;
-use sigil_agent::node::{attest_with_join_token, connect, csr_for};
+use sigil_agent::node::{attest_with_join_token, connect};
 use sigil_core::id::{SpiffeId, parse_trust_domain};
-use sigil_core::x509::{KeyType, check_csr, leaf_params, root_ca_params};
+use sigil_core::x509::{KeyType, check_csr, csr_for, leaf_params, root_ca_params};
 use sigil_proto::agent::{BatchSignX509SvidRequest, X509SvidRequest};
 use sigil_tests::{ServerProcess, pem_certificates, postgres};
 
