@@ -1,43 +1,32 @@
-//! Assembles a running server from its configuration: datastore, CA, authorizations, the three
-//! listeners and the background tasks, and takes it down again in order.
+//! Assembles a running server from its configuration: datastore, CA, authorizations, the
+//! listeners ([`listeners`]) and the background tasks ([`tasks`]), and takes it down again in
+//! order.
+
+mod listeners;
+mod tasks;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use sigil_core::clock::SharedClock;
-use sigil_proto::admin::admin_api_server::AdminApiServer;
-use sigil_proto::agent::agent_api_server::AgentApiServer;
-use sigil_proto::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
-use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch};
+use sigil_core::id::TrustDomain;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 
-use crate::api::admin::AdminService;
-use crate::api::agent::AgentService;
-use crate::api::istio::IstioCa;
+use crate::api::ServerState;
 use crate::api::tls::ServerTls;
-use crate::api::{ServerState, health};
 use crate::attest::{JoinTokenAttestor, NodeAttestor, PsatAttestor};
 use crate::authz::Authorizations;
 use crate::ca::{Ca, DiskKeyManager, IssuanceRecorder, Issuer, KeyManager, MemoryKeyManager};
 use crate::config::{KeyManagerKind, ServerConfig};
 use crate::datastore::{DataStore, SqlDataStore};
-use crate::federation::endpoint::{self, EndpointTls, FileCertificate};
 use crate::federation::{Federation, RefreshBounds, RelationshipInput, check_foreign_bundle};
 use crate::k8s::{self, AutoIdentitySettings, PodIdentities};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
-
-/// How often the CA checks whether an authority is due for rotation and the server SVID for
-/// renewal.
-const ROTATION_CHECK: Duration = Duration::from_secs(30);
-/// How often expired records are pruned.
-const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// A started server. Drop it or call [`RunningServer::shutdown`] to stop.
 #[derive(Debug)]
@@ -64,7 +53,7 @@ pub async fn start(
 ) -> Result<RunningServer> {
     config.validate(source)?;
     let trust_domain = config.trust_domain(source)?;
-    create_private_dir(&config.data_dir)?;
+    listeners::create_private_dir(&config.data_dir)?;
 
     let datastore = Arc::new(SqlDataStore::connect(&config.datastore_url(), clock.clone()).await?);
     crate::authz::reserved::check_stored_rows(
@@ -73,58 +62,28 @@ pub async fn start(
         &config.server_dns_names,
     )
     .await?;
-    let keys: Arc<dyn KeyManager> = match config.ca.key_manager {
-        KeyManagerKind::Disk => Arc::new(DiskKeyManager::new(config.data_dir.join("keys"))?),
-        KeyManagerKind::Memory => Arc::new(MemoryKeyManager::default()),
-    };
-    let ca = Arc::new(
-        Ca::load(
-            config.ca_settings(trust_domain.clone())?,
-            keys,
-            clock.clone(),
-            datastore.as_ref(),
-        )
-        .await?,
-    );
-    let kubernetes = &config.kubernetes;
-    let kube_client = if kubernetes.enabled() {
-        Some(kubernetes.client().await?)
+    let ca = Arc::new(load_ca(&config, &trust_domain, &clock, datastore.as_ref()).await?);
+    let kube_client = if config.kubernetes.enabled() {
+        Some(config.kubernetes.client().await?)
     } else {
         None
     };
     let mut authz =
         Authorizations::load(trust_domain.clone(), clock.clone(), datastore.as_ref()).await?;
-    let pod_identities = match (&kube_client, kubernetes.auto_identity) {
-        (Some(_), true) => {
-            let pods = Arc::new(PodIdentities::new(AutoIdentitySettings {
-                trust_domain: trust_domain.clone(),
-                template: kubernetes.identity_template.clone(),
-                include: kubernetes.namespaces_include.clone(),
-                exclude: kubernetes.namespaces_exclude.clone(),
-                max_staleness: kubernetes.max_staleness.0,
-            }));
-            authz = authz.with_pod_identities(pods.clone());
-            Some(pods)
-        }
-        _ => None,
-    };
+    let pod_identities = pod_identities(&config, &trust_domain, kube_client.as_ref());
+    if let Some(pods) = &pod_identities {
+        authz = authz.with_pod_identities(pods.clone());
+    }
     let authz = Arc::new(authz);
     let (recorder, recorder_task) = IssuanceRecorder::start(datastore.clone());
-
     let (stop, stopped) = watch::channel(false);
-    let mut attestors: HashMap<&'static str, Arc<dyn NodeAttestor>> = HashMap::new();
-    let join_token = JoinTokenAttestor::new(datastore.clone(), trust_domain.clone(), clock.clone());
-    attestors.insert(join_token.name(), Arc::new(join_token));
-    if let (Some(client), Some(cluster)) = (&kube_client, &kubernetes.cluster) {
-        let psat = PsatAttestor::new(
-            client.clone(),
-            trust_domain.clone(),
-            cluster.clone(),
-            kubernetes.psat_audience.clone(),
-            kubernetes.allowed_service_accounts.clone(),
-        );
-        attestors.insert(psat.name(), Arc::new(psat));
-    }
+    let attestors = node_attestors(
+        &config,
+        &trust_domain,
+        &clock,
+        kube_client.as_ref(),
+        &datastore,
+    );
 
     let metrics = Arc::new(Metrics::default());
     let federation = Arc::new(Federation::new(
@@ -156,168 +115,30 @@ pub async fn start(
     let server_tls = Arc::new(ServerTls::new(&state)?);
 
     let mut tasks = JoinSet::new();
-
-    // The agent API: TLS handshakes happen in `ServerTls::accept`; finished connections flow into
-    // tonic through a channel, which carries the peer certificates along.
-    let agent_listener = TcpListener::bind(config.bind_address).await.map_err(|e| {
-        Error::io(
-            format!("binding the agent API to {}", config.bind_address),
-            e,
-        )
-    })?;
-    let agent_api_address = local_address(&agent_listener)?;
-    let (connections, incoming) = mpsc::channel(256);
-    tasks.spawn(server_tls.clone().accept(
-        agent_listener,
-        connections,
-        config.agent_api.clone(),
-        stopped.clone(),
-    ));
-    let agent_service = AgentApiServer::new(AgentService::new(state.clone()))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
-    // Istio's certificate service shares the port (and the TLS identity) when enabled.
-    let istio_service = match (&kube_client, kubernetes.istio_ca) {
-        (Some(client), true) => Some(
-            IstioCertificateServiceServer::new(IstioCa::new(
-                state.clone(),
-                client.clone(),
-                kubernetes.istio_ca_audience.clone(),
-                kubernetes.istio_max_validity.0,
-            ))
-            .max_decoding_message_size(config.max_message_bytes),
-        ),
-        _ => None,
-    };
-    let mut agent_stop = stopped.clone();
-    let agent_api_limits = config.agent_api.clone();
-    tasks.spawn(async move {
-        // tonic leaves hyper's HTTP/2 stream and reset limits off unless told: every node can
-        // reach this port, so each is set.
-        let result = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .max_concurrent_streams(Some(agent_api_limits.max_streams_per_connection))
-            .http2_max_local_error_reset_streams(Some(1024))
-            .http2_max_pending_accept_reset_streams(Some(20))
-            .http2_max_header_list_size(Some(16 * 1024))
-            .timeout(agent_api_limits.request_timeout.0)
-            .add_service(agent_service)
-            .add_optional_service(istio_service)
-            .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {
-                let _ = agent_stop.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "the agent API stopped");
-        }
-    });
-
-    let admin_socket = config.admin_socket_path();
-    let admin_listener = bind_admin_socket(&admin_socket).await?;
-    let admin_service = AdminApiServer::new(AdminService::new(state.clone()))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(usize::MAX);
-    let mut admin_stop = stopped.clone();
-    tasks.spawn(async move {
-        let result = tonic::transport::Server::builder()
-            .add_service(admin_service)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), async move {
-                let _ = admin_stop.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "the admin API stopped");
-        }
-    });
-
-    let health_listener = TcpListener::bind(config.health_address)
-        .await
-        .map_err(|e| {
-            Error::io(
-                format!("binding the health endpoint to {}", config.health_address),
-                e,
-            )
-        })?;
-    let health_address = local_address(&health_listener)?;
-    let mut health_stop = stopped.clone();
-    let router = health::router(state.clone());
-    tasks.spawn(async move {
-        let result = axum::serve(health_listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = health_stop.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "the health endpoint stopped");
-        }
-    });
-
-    let bundle_endpoint_address = match config.federation.bundle_endpoint_address {
-        Some(address) => {
-            let listener = TcpListener::bind(address)
-                .await
-                .map_err(|e| Error::io(format!("binding the bundle endpoint to {address}"), e))?;
-            let bound = local_address(&listener)?;
-            let tls = match (
-                config.federation.bundle_endpoint_profile.as_str(),
-                &config.federation.bundle_endpoint_cert_file,
-                &config.federation.bundle_endpoint_key_file,
-            ) {
-                ("https_web", Some(cert), Some(key)) => {
-                    EndpointTls::Web(FileCertificate::load(cert.clone(), key.clone())?)
-                }
-                _ => EndpointTls::Spiffe(server_tls.clone()),
-            };
-            let authz = state.authz.clone();
-            let ca = state.ca.clone();
-            let bundle = Arc::new(move || authz.bundle().unwrap_or_else(|| ca.bundle()));
-            tasks.spawn(endpoint::serve(listener, tls, bundle, stopped.clone()));
-            tracing::info!(address = %bound, profile = %config.federation.bundle_endpoint_profile, "bundle endpoint listening");
-            Some(bound)
-        }
-        None => None,
-    };
-    tasks.spawn(federation.run(datastore.clone(), stopped.clone()));
-
-    tasks.spawn(follow_changes(
-        state.clone(),
-        config.change_poll_interval.0,
-        stopped.clone(),
-    ));
-    if let (Some(client), Some(pods)) = (&kube_client, pod_identities) {
-        tasks.spawn(k8s::watch_pods(
-            client.clone(),
-            pods.clone(),
-            stopped.clone(),
-        ));
-        tasks.spawn(follow_pods(pods, state.authz.clone(), stopped.clone()));
-    }
-    if let (Some(client), Some(name)) = (&kube_client, &kubernetes.bundle_configmap) {
-        tasks.spawn(k8s::publish_bundle(
-            client.clone(),
-            kubernetes.bundle_configmap_namespace.clone(),
-            name.clone(),
-            state.authz.clone(),
-            stopped.clone(),
-        ));
-    }
-    if let Some(client) = kube_client
-        .as_ref()
-        .filter(|_| kubernetes.istio_root_cert_configmaps)
-    {
-        tasks.spawn(k8s::publish_istio_root_certs(
-            client.clone(),
-            state.authz.clone(),
-            stopped.clone(),
-        ));
-    }
-    tasks.spawn(maintain_ca(state.clone(), server_tls, stopped.clone()));
-    tasks.spawn(prune(
-        state.clone(),
-        config.issuance_record.retention.0,
+    let agent_api_address = listeners::serve_agent_api(
+        &mut tasks,
+        &config,
+        &state,
+        &server_tls,
+        kube_client.as_ref(),
+        &stopped,
+    )
+    .await?;
+    let admin_socket = listeners::serve_admin_api(&mut tasks, &config, &state, &stopped).await?;
+    let health_address = listeners::serve_health(&mut tasks, &config, &state, &stopped).await?;
+    let bundle_endpoint_address =
+        listeners::serve_bundle_endpoint(&mut tasks, &config, &state, &server_tls, &stopped)
+            .await?;
+    tasks.spawn(federation.run(datastore, stopped.clone()));
+    spawn_background_tasks(
+        &mut tasks,
+        &config,
+        &state,
+        server_tls,
+        kube_client.as_ref(),
+        pod_identities,
         stopped,
-    ));
+    );
 
     tracing::info!(
         trust_domain = %trust_domain,
@@ -336,6 +157,125 @@ pub async fn start(
         recorder_task,
         state,
     })
+}
+
+/// The CA, with its keys on disk (`<data_dir>/keys`) or in memory as `[ca] key_manager` says.
+async fn load_ca<D: DataStore>(
+    config: &ServerConfig,
+    trust_domain: &TrustDomain,
+    clock: &SharedClock,
+    datastore: &D,
+) -> Result<Ca> {
+    let keys: Arc<dyn KeyManager> = match config.ca.key_manager {
+        KeyManagerKind::Disk => Arc::new(DiskKeyManager::new(config.data_dir.join("keys"))?),
+        KeyManagerKind::Memory => Arc::new(MemoryKeyManager::default()),
+    };
+    Ca::load(
+        config.ca_settings(trust_domain.clone())?,
+        keys,
+        clock.clone(),
+        datastore,
+    )
+    .await
+}
+
+/// The automatic ServiceAccount identities, when `[kubernetes] auto_identity` is on.
+fn pod_identities(
+    config: &ServerConfig,
+    trust_domain: &TrustDomain,
+    kube_client: Option<&kube::Client>,
+) -> Option<Arc<PodIdentities>> {
+    let kubernetes = &config.kubernetes;
+    kube_client.filter(|_| kubernetes.auto_identity)?;
+    Some(Arc::new(PodIdentities::new(AutoIdentitySettings {
+        trust_domain: trust_domain.clone(),
+        template: kubernetes.identity_template.clone(),
+        include: kubernetes.namespaces_include.clone(),
+        exclude: kubernetes.namespaces_exclude.clone(),
+        max_staleness: kubernetes.max_staleness.0,
+    })))
+}
+
+/// The node attestors by name: join tokens always, `k8s_psat` when a cluster is configured.
+fn node_attestors(
+    config: &ServerConfig,
+    trust_domain: &TrustDomain,
+    clock: &SharedClock,
+    kube_client: Option<&kube::Client>,
+    datastore: &Arc<SqlDataStore>,
+) -> HashMap<&'static str, Arc<dyn NodeAttestor>> {
+    let mut attestors: HashMap<&'static str, Arc<dyn NodeAttestor>> = HashMap::new();
+    let join_token = JoinTokenAttestor::new(datastore.clone(), trust_domain.clone(), clock.clone());
+    attestors.insert(join_token.name(), Arc::new(join_token));
+    let kubernetes = &config.kubernetes;
+    if let (Some(client), Some(cluster)) = (kube_client, &kubernetes.cluster) {
+        let psat = PsatAttestor::new(
+            client.clone(),
+            trust_domain.clone(),
+            cluster.clone(),
+            kubernetes.psat_audience.clone(),
+            kubernetes.allowed_service_accounts.clone(),
+        );
+        attestors.insert(psat.name(), Arc::new(psat));
+    }
+    attestors
+}
+
+/// Starts the tasks that run beside the listeners: the change feed, the pod watch and the
+/// ConfigMap publishers (with Kubernetes), CA maintenance and pruning.
+fn spawn_background_tasks<D: DataStore>(
+    tasks: &mut JoinSet<()>,
+    config: &ServerConfig,
+    state: &Arc<ServerState<D>>,
+    server_tls: Arc<ServerTls>,
+    kube_client: Option<&kube::Client>,
+    pod_identities: Option<Arc<PodIdentities>>,
+    stopped: watch::Receiver<bool>,
+) {
+    tasks.spawn(tasks::follow_changes(
+        state.clone(),
+        config.change_poll_interval.0,
+        stopped.clone(),
+    ));
+    let kubernetes = &config.kubernetes;
+    if let (Some(client), Some(pods)) = (kube_client, pod_identities) {
+        tasks.spawn(k8s::watch_pods(
+            client.clone(),
+            pods.clone(),
+            stopped.clone(),
+        ));
+        tasks.spawn(tasks::follow_pods(
+            pods,
+            state.authz.clone(),
+            stopped.clone(),
+        ));
+    }
+    if let (Some(client), Some(name)) = (kube_client, &kubernetes.bundle_configmap) {
+        tasks.spawn(k8s::publish_bundle(
+            client.clone(),
+            kubernetes.bundle_configmap_namespace.clone(),
+            name.clone(),
+            state.authz.clone(),
+            stopped.clone(),
+        ));
+    }
+    if let Some(client) = kube_client.filter(|_| kubernetes.istio_root_cert_configmaps) {
+        tasks.spawn(k8s::publish_istio_root_certs(
+            client.clone(),
+            state.authz.clone(),
+            stopped.clone(),
+        ));
+    }
+    tasks.spawn(tasks::maintain_ca(
+        state.clone(),
+        server_tls,
+        stopped.clone(),
+    ));
+    tasks.spawn(tasks::prune(
+        state.clone(),
+        config.issuance_record.retention.0,
+        stopped,
+    ));
 }
 
 /// Writes the relationships of `[[federation.relationships]]` into the datastore (the file wins
@@ -417,210 +357,5 @@ impl RunningServer {
         let _ = std::fs::remove_file(&self.admin_socket);
         tracing::info!("sigil-server stopped");
         Ok(())
-    }
-}
-
-fn local_address(listener: &TcpListener) -> Result<SocketAddr> {
-    listener
-        .local_addr()
-        .map_err(|e| Error::io("reading a listener's address", e))
-}
-
-fn create_private_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::io(format!("creating data directory {}", dir.display()), e))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::io(format!("restricting data directory {}", dir.display()), e))
-}
-
-/// Binds the admin socket with owner-only permissions, replacing a stale file left by a crashed
-/// server but never a live one.
-///
-/// The socket never appears at its path with a wider mode than 0600: binding it there and then
-/// restricting it would leave a moment in which any local user could connect (and the umask is
-/// process-wide, so it is not changed for this). Instead the socket is bound in a private
-/// directory (created 0700, next to the path so that both are on one filesystem), restricted
-/// there where nobody else can reach it, and renamed into place, which also replaces a stale
-/// socket atomically.
-async fn bind_admin_socket(path: &Path) -> Result<UnixListener> {
-    use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
-
-    let parent = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(parent) => {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
-            parent.to_path_buf()
-        }
-        None => PathBuf::from("."),
-    };
-    let name = path.file_name().ok_or_else(|| Error::Config {
-        path: path.to_path_buf(),
-        reason: "admin_socket must name a socket file, e.g. /run/sigil/admin.sock".into(),
-    })?;
-    match std::fs::symlink_metadata(path) {
-        Ok(found) if found.file_type().is_socket() => {
-            if tokio::net::UnixStream::connect(path).await.is_ok() {
-                return Err(Error::Unavailable(format!(
-                    "another server is listening on the admin socket {}; stop it or set admin_socket",
-                    path.display()
-                )));
-            }
-        }
-        Ok(_) => {
-            return Err(Error::io(
-                format!("the admin socket path {}", path.display()),
-                std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "something other than a socket is there; remove it or set admin_socket",
-                ),
-            ));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("checking {}", path.display()), e)),
-    }
-    // A fresh name: a leftover of a crash, or a name someone else took first, is skipped.
-    let mut staging = None;
-    for attempt in 0..16 {
-        let candidate = parent.join(format!(
-            ".{}.{}.{attempt}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        match std::fs::DirBuilder::new().mode(0o700).create(&candidate) {
-            Ok(()) => {
-                staging = Some(candidate);
-                break;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                return Err(Error::io(
-                    format!("creating a private directory in {}", parent.display()),
-                    e,
-                ));
-            }
-        }
-    }
-    let staging = staging.ok_or_else(|| {
-        Error::io(
-            format!("creating a private directory in {}", parent.display()),
-            std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "16 candidate names are taken; remove the stale .<socket>.* directories",
-            ),
-        )
-    })?;
-    let staged = staging.join(name);
-    let bound = async {
-        let listener = UnixListener::bind(&staged)
-            .map_err(|e| Error::io(format!("binding the admin socket {}", path.display()), e))?;
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
-            Error::io(
-                format!("restricting the admin socket {}", path.display()),
-                e,
-            )
-        })?;
-        std::fs::rename(&staged, path).map_err(|e| {
-            Error::io(
-                format!("moving the admin socket into place at {}", path.display()),
-                e,
-            )
-        })?;
-        Ok(listener)
-    }
-    .await;
-    let _ = std::fs::remove_file(&staged);
-    let _ = std::fs::remove_dir(&staging);
-    bound
-}
-
-/// Follows the change feed for writes this process did not make (other servers sharing the
-/// database, or an operator's direct change).
-async fn follow_changes<D: DataStore>(
-    state: Arc<ServerState<D>>,
-    interval: Duration,
-    mut stopped: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            _ = stopped.wait_for(|stop| *stop) => return,
-        }
-        if let Err(e) = state.authz.catch_up(state.datastore.as_ref()).await {
-            tracing::warn!(error = %e, "cannot read the change feed; serving from the cache and retrying");
-        }
-    }
-}
-
-/// Wakes the sync streams whenever the pods behind automatic identities change.
-async fn follow_pods(
-    pods: Arc<PodIdentities>,
-    authz: Arc<Authorizations>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let mut changes = pods.subscribe();
-    loop {
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
-            _ = stopped.wait_for(|stop| *stop) => return,
-        }
-        authz.bump();
-    }
-}
-
-async fn maintain_ca<D: DataStore>(
-    state: Arc<ServerState<D>>,
-    tls: Arc<ServerTls>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(ROTATION_CHECK) => {}
-            () = state.ca_changed.notified() => {}
-            _ = stopped.wait_for(|stop| *stop) => return,
-        }
-        let tainted = state.ca.tainted();
-        match state.ca.rotate_if_due(state.datastore.as_ref()).await {
-            Ok(changed) if changed || state.ca.tainted() != tainted => {
-                if let Err(e) = state.authz.catch_up(state.datastore.as_ref()).await {
-                    tracing::warn!(error = %e, "cannot read the change feed after a bundle change");
-                }
-                // Sync streams resend the tainted set (another server may have changed it).
-                state.authz.bump();
-            }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "CA rotation check failed; retrying"),
-        }
-        if let Err(e) = tls.refresh_if_due(&state) {
-            tracing::error!(error = %e, "cannot renew the server SVID; retrying");
-        }
-    }
-}
-
-async fn prune<D: DataStore>(
-    state: Arc<ServerState<D>>,
-    retention: Duration,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let retention = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX / 2);
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(PRUNE_INTERVAL) => {}
-            _ = stopped.wait_for(|stop| *stop) => return,
-        }
-        let now = state.clock.unix_now();
-        let datastore = state.datastore.as_ref();
-        let outcome = async {
-            let svids = datastore.prune_issued_svids(now - retention).await?;
-            let tokens = datastore.prune_join_tokens(now - 24 * 3600).await?;
-            let events = datastore.prune_events(now - 24 * 3600).await?;
-            Ok::<_, Error>((svids, tokens, events))
-        }
-        .await;
-        match outcome {
-            Ok((svids, tokens, events)) => {
-                tracing::debug!(svids, tokens, events, "pruned expired records")
-            }
-            Err(e) => tracing::warn!(error = %e, "pruning failed; retrying later"),
-        }
     }
 }
