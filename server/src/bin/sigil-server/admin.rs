@@ -328,6 +328,7 @@ pub(crate) fn refused(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", status.message())
 }
 
+/// Runs one admin command against the server listening on `socket`.
 pub(crate) async fn administer(
     socket: &Path,
     format: Format,
@@ -335,7 +336,32 @@ pub(crate) async fn administer(
 ) -> anyhow::Result<()> {
     let mut client = connect(socket).await?;
     match command {
-        Command::Token(TokenCommand::Generate { spiffe_id, ttl }) => {
+        Command::Token(command) => run_token(&mut client, format, command).await?,
+        Command::Entry(command) => run_entry(&mut client, format, command).await?,
+        Command::Agent(command) => run_agent(&mut client, format, command).await?,
+        Command::Bundle(command) => run_bundle(&mut client, format, command).await?,
+        Command::Ca(command) => {
+            crate::ca::run(&mut client, format, command).await?;
+        }
+        Command::Federation(command) => {
+            crate::federation::run(&mut client, format, command).await?;
+        }
+        Command::Svid(command) => run_svid(&mut client, format, command).await?,
+        Command::Run(_) | Command::Healthcheck(_) => {
+            bail!("`run` and `healthcheck` do not use the admin socket")
+        }
+    }
+    Ok(())
+}
+
+/// `token ...`: join tokens.
+async fn run_token(
+    client: &mut AdminApiClient<Channel>,
+    format: Format,
+    command: TokenCommand,
+) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Generate { spiffe_id, ttl } => {
             let response = client
                 .create_join_token(CreateJoinTokenRequest {
                     alias_spiffe_id: spiffe_id.unwrap_or_default(),
@@ -346,7 +372,18 @@ pub(crate) async fn administer(
                 .into_inner();
             output::token(format, &response);
         }
-        Command::Entry(EntryCommand::Create(fields)) => {
+    }
+    Ok(())
+}
+
+/// `entry ...`: registration entries.
+async fn run_entry(
+    client: &mut AdminApiClient<Channel>,
+    format: Format,
+    command: EntryCommand,
+) -> anyhow::Result<()> {
+    match command {
+        EntryCommand::Create(fields) => {
             let entry = fields.into_proto(String::new())?;
             let created = client
                 .create_entry(CreateEntryRequest { entry: Some(entry) })
@@ -355,7 +392,7 @@ pub(crate) async fn administer(
                 .into_inner();
             output::entries(format, &[created]);
         }
-        Command::Entry(EntryCommand::Update { id, fields }) => {
+        EntryCommand::Update { id, fields } => {
             let entry = fields.into_proto(id)?;
             let updated = client
                 .update_entry(UpdateEntryRequest { entry: Some(entry) })
@@ -364,7 +401,7 @@ pub(crate) async fn administer(
                 .into_inner();
             output::entries(format, &[updated]);
         }
-        Command::Entry(EntryCommand::Delete { id }) => {
+        EntryCommand::Delete { id } => {
             let deleted = client
                 .delete_entry(EntryId { id })
                 .await
@@ -372,7 +409,7 @@ pub(crate) async fn administer(
                 .into_inner();
             output::entries(format, &[deleted]);
         }
-        Command::Entry(EntryCommand::Show { id }) => {
+        EntryCommand::Show { id } => {
             let entry = client
                 .get_entry(EntryId { id })
                 .await
@@ -380,11 +417,11 @@ pub(crate) async fn administer(
                 .into_inner();
             output::entries(format, &[entry]);
         }
-        Command::Entry(EntryCommand::List {
+        EntryCommand::List {
             spiffe_id,
             parent_id,
             selectors,
-        }) => {
+        } => {
             let selectors = selector_flags(&selectors)?;
             let response = client
                 .list_entries(ListEntriesRequest {
@@ -397,7 +434,18 @@ pub(crate) async fn administer(
                 .into_inner();
             output::entries(format, &response.entries);
         }
-        Command::Agent(AgentCommand::List) => {
+    }
+    Ok(())
+}
+
+/// `agent ...`: attested agents.
+async fn run_agent(
+    client: &mut AdminApiClient<Channel>,
+    format: Format,
+    command: AgentCommand,
+) -> anyhow::Result<()> {
+    match command {
+        AgentCommand::List => {
             let response = client
                 .list_agents(ListAgentsRequest {})
                 .await
@@ -405,7 +453,7 @@ pub(crate) async fn administer(
                 .into_inner();
             output::agents(format, &response.agents);
         }
-        Command::Agent(AgentCommand::Show { spiffe_id }) => {
+        AgentCommand::Show { spiffe_id } => {
             let agent = client
                 .get_agent(AgentId { spiffe_id })
                 .await
@@ -413,7 +461,7 @@ pub(crate) async fn administer(
                 .into_inner();
             output::agents(format, &[agent]);
         }
-        Command::Agent(AgentCommand::Evict { spiffe_id }) => {
+        AgentCommand::Evict { spiffe_id } => {
             let agent = client
                 .evict_agent(AgentId { spiffe_id })
                 .await
@@ -421,7 +469,7 @@ pub(crate) async fn administer(
                 .into_inner();
             output::agents(format, &[agent]);
         }
-        Command::Agent(AgentCommand::Ban { spiffe_id }) => {
+        AgentCommand::Ban { spiffe_id } => {
             let agent = client
                 .ban_agent(AgentId { spiffe_id })
                 .await
@@ -429,10 +477,21 @@ pub(crate) async fn administer(
                 .into_inner();
             output::agents(format, &[agent]);
         }
-        Command::Bundle(BundleCommand::Show {
+    }
+    Ok(())
+}
+
+/// `bundle ...`: the own and foreign trust bundles.
+async fn run_bundle(
+    client: &mut AdminApiClient<Channel>,
+    format: Format,
+    command: BundleCommand,
+) -> anyhow::Result<()> {
+    match command {
+        BundleCommand::Show {
             format: bundle_format,
             trust_domain,
-        }) => {
+        } => {
             let bundle = client
                 .get_bundle(GetBundleRequest {
                     trust_domain: trust_domain.unwrap_or_default(),
@@ -442,7 +501,7 @@ pub(crate) async fn administer(
                 .into_inner();
             print!("{}", render_bundle(bundle, bundle_format)?);
         }
-        Command::Bundle(BundleCommand::List) => {
+        BundleCommand::List => {
             let bundles = client
                 .list_bundles(ListBundlesRequest {})
                 .await
@@ -451,7 +510,7 @@ pub(crate) async fn administer(
                 .bundles;
             output::bundles(format, &bundles);
         }
-        Command::Bundle(BundleCommand::Set { trust_domain, path }) => {
+        BundleCommand::Set { trust_domain, path } => {
             let document = if path.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin()).context("reading standard input")?
             } else {
@@ -468,7 +527,7 @@ pub(crate) async fn administer(
                 .into_inner();
             output::bundles(format, &[bundle]);
         }
-        Command::Bundle(BundleCommand::Delete { trust_domain }) => {
+        BundleCommand::Delete { trust_domain } => {
             let bundle = client
                 .delete_bundle(TrustDomainName { trust_domain })
                 .await
@@ -476,17 +535,22 @@ pub(crate) async fn administer(
                 .into_inner();
             output::bundles(format, &[bundle]);
         }
-        Command::Ca(command) => {
-            crate::ca::run(&mut client, format, command).await?;
-        }
-        Command::Federation(command) => {
-            crate::federation::run(&mut client, format, command).await?;
-        }
-        Command::Svid(SvidCommand::List {
+    }
+    Ok(())
+}
+
+/// `svid ...`: the issuance record.
+async fn run_svid(
+    client: &mut AdminApiClient<Channel>,
+    format: Format,
+    command: SvidCommand,
+) -> anyhow::Result<()> {
+    match command {
+        SvidCommand::List {
             spiffe_id,
             agent_id,
             valid,
-        }) => {
+        } => {
             let response = client
                 .list_svids(ListSvidsRequest {
                     spiffe_id: spiffe_id.unwrap_or_default(),
@@ -498,16 +562,13 @@ pub(crate) async fn administer(
                 .into_inner();
             output::svids(format, &response.svids);
         }
-        Command::Svid(SvidCommand::Show { serial }) => {
+        SvidCommand::Show { serial } => {
             let svid = client
                 .get_svid(SvidSerial { serial })
                 .await
                 .map_err(refused)?
                 .into_inner();
             output::svids(format, &[svid]);
-        }
-        Command::Run(_) | Command::Healthcheck(_) => {
-            bail!("`run` and `healthcheck` do not use the admin socket")
         }
     }
     Ok(())
