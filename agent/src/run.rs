@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sigil_core::clock::SharedClock;
+use sigil_core::id::TrustDomain;
 use sigil_workload_api::authority::HeaderLimits;
 use sigil_workload_api::sds::{Sds, SdsNames};
 use sigil_workload_api::server::{WorkloadApi, bind_socket, serve};
@@ -40,31 +41,9 @@ pub struct RunningAgent {
 pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Result<RunningAgent> {
     config.validate(source)?;
     let trust_domain = config.trust_domain(source)?;
-    let bootstrap = match (&config.trust_bundle_path, config.insecure_bootstrap) {
-        (Some(path), _) => Bootstrap::BundleFile(path.clone()),
-        (None, true) => Bootstrap::Insecure,
-        (None, false) => Bootstrap::None,
-    };
     let metrics = Arc::new(Metrics::default());
-    let (link, bundle) = ServerLink::establish(
-        LinkSettings {
-            address: config.server_address.clone(),
-            trust_domain: trust_domain.clone(),
-            data_dir: config.data_dir.clone(),
-            bootstrap,
-            attestation: match config.node_attestor {
-                NodeAttestorKind::JoinToken => {
-                    config.join_token.clone().map(NodeAttestation::JoinToken)
-                }
-                NodeAttestorKind::K8sPsat => Some(NodeAttestation::KubernetesPsat {
-                    cluster: config.kubernetes.cluster.clone(),
-                    token_path: config.kubernetes.token_path.clone(),
-                }),
-            },
-        },
-        &clock,
-    )
-    .await?;
+    let (link, bundle) =
+        ServerLink::establish(link_settings(&config, trust_domain.clone()), &clock).await?;
     let link = Arc::new(link);
     let spiffe_id = link.identity().spiffe_id.to_string();
     let cache = Arc::new(Cache::new(
@@ -85,6 +64,57 @@ pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Re
 
     let (stop, stopping) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    spawn_upkeep(
+        &mut tasks, &link, &cache, &signer, &metrics, &clock, &stopping,
+    );
+
+    let attestor = UnixAttestor::new(config.passwd_path.clone(), config.group_path.clone());
+    let k8s = start_k8s_attestor(&config, source, &mut tasks, &stopping).await?;
+    let source = Arc::new(AgentSource::new(
+        attestor,
+        k8s,
+        cache.clone(),
+        signer,
+        link.clone(),
+        metrics.clone(),
+    ));
+    let socket_path = config.socket();
+    serve_workload_api(&config, &socket_path, source, &mut tasks, &stopping).await?;
+    let health = Health {
+        link,
+        cache,
+        metrics,
+    };
+    let health_address = serve_health(config.health_address, health, &mut tasks, &stopping).await?;
+
+    tracing::info!(
+        agent = %spiffe_id,
+        socket = %socket_path.display(),
+        endpoint = %sigil_workload_api::endpoint_address(&socket_path),
+        health = %health_address,
+        "sigil-agent is running; point workloads at SPIFFE_ENDPOINT_SOCKET={}",
+        sigil_workload_api::endpoint_address(&socket_path)
+    );
+    Ok(RunningAgent {
+        socket_path,
+        health_address,
+        spiffe_id,
+        stop,
+        tasks,
+    })
+}
+
+/// Spawns the sync stream from the server and the rotation of the workload SVIDs and of the
+/// agent's own SVID.
+fn spawn_upkeep(
+    tasks: &mut JoinSet<()>,
+    link: &Arc<ServerLink>,
+    cache: &Arc<Cache>,
+    signer: &Signer,
+    metrics: &Arc<Metrics>,
+    clock: &SharedClock,
+    stopping: &watch::Receiver<bool>,
+) {
     tasks.spawn(sync::follow(
         link.clone(),
         cache.clone(),
@@ -103,27 +133,59 @@ pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Re
         clock.clone(),
         stopping.clone(),
     ));
+}
 
-    let attestor = UnixAttestor::new(config.passwd_path.clone(), config.group_path.clone());
-    let k8s = if config.kubernetes.workload_attestor {
-        let node_name = config.kubernetes.node_name(source)?;
-        let client = config.kubernetes.client().await?;
-        let index = Arc::new(PodIndex::new(node_name));
-        tasks.spawn(watch_pods(client, index.clone(), stopping.clone()));
-        Some(K8sAttestor::new(index, config.kubernetes.pod_wait.0))
-    } else {
-        None
+/// The settings of the link to the server: its address, the first-contact trust and how the
+/// node attests.
+fn link_settings(config: &AgentConfig, trust_domain: TrustDomain) -> LinkSettings {
+    let bootstrap = match (&config.trust_bundle_path, config.insecure_bootstrap) {
+        (Some(path), _) => Bootstrap::BundleFile(path.clone()),
+        (None, true) => Bootstrap::Insecure,
+        (None, false) => Bootstrap::None,
     };
-    let source = Arc::new(AgentSource::new(
-        attestor,
-        k8s,
-        cache.clone(),
-        signer,
-        link.clone(),
-        metrics.clone(),
-    ));
-    let socket_path = config.socket();
-    let listener = bind_socket(&socket_path).await?;
+    LinkSettings {
+        address: config.server_address.clone(),
+        trust_domain,
+        data_dir: config.data_dir.clone(),
+        bootstrap,
+        attestation: match config.node_attestor {
+            NodeAttestorKind::JoinToken => {
+                config.join_token.clone().map(NodeAttestation::JoinToken)
+            }
+            NodeAttestorKind::K8sPsat => Some(NodeAttestation::KubernetesPsat {
+                cluster: config.kubernetes.cluster.clone(),
+                token_path: config.kubernetes.token_path.clone(),
+            }),
+        },
+    }
+}
+
+/// The Kubernetes workload attestor and its pod watch, if the configuration turns it on.
+async fn start_k8s_attestor(
+    config: &AgentConfig,
+    source: &Path,
+    tasks: &mut JoinSet<()>,
+    stopping: &watch::Receiver<bool>,
+) -> Result<Option<K8sAttestor>> {
+    if !config.kubernetes.workload_attestor {
+        return Ok(None);
+    }
+    let node_name = config.kubernetes.node_name(source)?;
+    let client = config.kubernetes.client().await?;
+    let index = Arc::new(PodIndex::new(node_name));
+    tasks.spawn(watch_pods(client, index.clone(), stopping.clone()));
+    Ok(Some(K8sAttestor::new(index, config.kubernetes.pod_wait.0)))
+}
+
+/// Opens the Workload API socket at `socket_path` and serves the Workload API and SDS on it.
+async fn serve_workload_api(
+    config: &AgentConfig,
+    socket_path: &Path,
+    source: Arc<AgentSource>,
+    tasks: &mut JoinSet<()>,
+    stopping: &watch::Receiver<bool>,
+) -> Result<()> {
+    let listener = bind_socket(socket_path).await?;
     let names = SdsNames {
         default_svid: config.sds.default_svid_name.clone(),
         own_bundle: config.sds.own_bundle_name.clone(),
@@ -141,24 +203,25 @@ pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Re
             tracing::error!(error = %e, "the Workload API stopped");
         }
     });
+    Ok(())
+}
 
-    let health_listener = TcpListener::bind(config.health_address)
+/// Binds the health endpoint (`/live`, `/ready`, `/metrics`) and serves it; returns the address
+/// it listens on.
+async fn serve_health(
+    address: SocketAddr,
+    health: Health,
+    tasks: &mut JoinSet<()>,
+    stopping: &watch::Receiver<bool>,
+) -> Result<SocketAddr> {
+    let health_listener = TcpListener::bind(address)
         .await
-        .map_err(|e| {
-            Error::io(
-                format!("binding the health endpoint to {}", config.health_address),
-                e,
-            )
-        })?;
+        .map_err(|e| Error::io(format!("binding the health endpoint to {address}"), e))?;
     let health_address = health_listener
         .local_addr()
         .map_err(|e| Error::io("reading the health address", e))?;
     let mut health_stop = stopping.clone();
-    let routes = router(Health {
-        link,
-        cache,
-        metrics,
-    });
+    let routes = router(health);
     tasks.spawn(async move {
         let result = axum::serve(health_listener, routes)
             .with_graceful_shutdown(async move {
@@ -169,22 +232,7 @@ pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Re
             tracing::error!(error = %e, "the health endpoint stopped");
         }
     });
-
-    tracing::info!(
-        agent = %spiffe_id,
-        socket = %socket_path.display(),
-        endpoint = %sigil_workload_api::endpoint_address(&socket_path),
-        health = %health_address,
-        "sigil-agent is running; point workloads at SPIFFE_ENDPOINT_SOCKET={}",
-        sigil_workload_api::endpoint_address(&socket_path)
-    );
-    Ok(RunningAgent {
-        socket_path,
-        health_address,
-        spiffe_id,
-        stop,
-        tasks,
-    })
+    Ok(health_address)
 }
 
 impl RunningAgent {

@@ -1,5 +1,6 @@
 //! Starting the forwarder, and draining it.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::config::ForwarderConfig;
+use crate::config::{ForwarderConfig, Inbound, Outbound};
 use crate::http::{HttpProxy, RequestChecks};
 use crate::identity::{self, IdentityStore};
 use crate::metrics::Metrics;
@@ -41,30 +42,8 @@ impl Forwarder {
         let (shutdown, stop) = watch::channel(false);
         let mut background = Vec::new();
         if let Some(address) = config.health_address {
-            let listener = TcpListener::bind(address)
-                .await
-                .map_err(|source| Error::Bind {
-                    address: address.to_string(),
-                    what: "the health endpoint".into(),
-                    source,
-                })?;
-            let router = crate::health::router(
-                store.clone(),
-                metrics.clone(),
-                std::sync::Arc::new(sigil_core::clock::SystemClock),
-            );
-            let mut stop = stop.clone();
-            background.push(tokio::spawn(async move {
-                let served = axum::serve(listener, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|stop| *stop).await;
-                    })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!("the health endpoint stopped: {e}");
-                }
-            }));
-            tracing::info!(%address, "health endpoint: /live, /ready, /metrics");
+            background
+                .push(serve_health(address, store.clone(), metrics.clone(), stop.clone()).await?);
         }
         background.push(tokio::spawn(identity::follow(
             store.clone(),
@@ -83,81 +62,10 @@ impl Forwarder {
         });
         let mut listeners = Vec::new();
         for spec in config.inbound {
-            let tcp = bind(spec.listen, &spec.name).await?;
-            let verifier = Arc::new(ClientVerifier::new(
-                spec.name.clone(),
-                store.clone(),
-                spec.policy.clone(),
-                metrics.clone(),
-            ));
-            let tls = server_config(store.clone(), verifier, spec.http).map_err(|e| {
-                Error::Identity(format!("cannot build the TLS server configuration: {e}"))
-            })?;
-            let http = spec.http.then(|| {
-                Arc::new(HttpProxy::new(
-                    spec.name.clone(),
-                    spec.target.clone(),
-                    RequestChecks {
-                        rules: spec.http_rules.clone(),
-                        escaped_slashes: spec.escaped_slashes,
-                        max_path_length: config.limits.max_path_length,
-                    },
-                    config.limits.connect_timeout,
-                    config.limits.handshake_timeout,
-                    store.clone(),
-                    metrics.clone(),
-                ))
-            });
-            tracing::info!(
-                listener = %spec.name,
-                listen = %spec.listen,
-                target = %spec.target,
-                mode = ?spec.mode,
-                http = spec.http,
-                "inbound listener"
-            );
-            if let Some(warning) = spec.permissive_bypass() {
-                tracing::warn!(listener = %spec.name, "{warning}");
-            }
-            let inbound = Arc::new(InboundListener {
-                spec,
-                acceptor: TlsAcceptor::from(Arc::new(tls)),
-                http,
-            });
-            listeners.push(tokio::spawn(crate::proxy::serve_inbound(
-                tcp,
-                inbound,
-                shared.clone(),
-            )));
+            listeners.push(start_inbound(spec, &store, &shared).await?);
         }
         for spec in config.outbound {
-            let tcp = bind(spec.listen, &spec.name).await?;
-            let verifier = Arc::new(UpstreamVerifier::new(
-                spec.name.clone(),
-                store.clone(),
-                spec.expect.clone(),
-                metrics.clone(),
-            ));
-            let tls = client_config(store.clone(), verifier).map_err(|e| {
-                Error::Identity(format!("cannot build the TLS client configuration: {e}"))
-            })?;
-            tracing::info!(
-                listener = %spec.name,
-                listen = %spec.listen,
-                upstream = %spec.upstream,
-                expect = %spec.expect.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-                "outbound listener"
-            );
-            let outbound = Arc::new(OutboundListener {
-                server_name: server_name(&spec.upstream),
-                spec,
-                connector: TlsConnector::from(Arc::new(tls)),
-            });
-            listeners.push(tokio::spawn(crate::proxy::serve_outbound(
-                tcp,
-                outbound,
-                shared.clone(),
-            )));
+            listeners.push(start_outbound(spec, &store, &shared).await?);
         }
         tracing::info!("sigil-agent forward is running");
         Ok(Forwarder {
@@ -197,6 +105,126 @@ impl Forwarder {
             let _ = task.await;
         }
     }
+}
+
+/// Binds the health endpoint (`/live`, `/ready`, `/metrics`) and serves it until `stop`.
+async fn serve_health(
+    address: SocketAddr,
+    store: Arc<IdentityStore>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| Error::Bind {
+            address: address.to_string(),
+            what: "the health endpoint".into(),
+            source,
+        })?;
+    let router = crate::health::router(
+        store,
+        metrics,
+        std::sync::Arc::new(sigil_core::clock::SystemClock),
+    );
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!("the health endpoint stopped: {e}");
+        }
+    });
+    tracing::info!(%address, "health endpoint: /live, /ready, /metrics");
+    Ok(task)
+}
+
+/// Binds one inbound listener, builds its TLS server (and HTTP proxy, in HTTP mode) and serves it.
+async fn start_inbound(
+    spec: Inbound,
+    store: &Arc<IdentityStore>,
+    shared: &Arc<Shared>,
+) -> Result<JoinHandle<()>> {
+    let tcp = bind(spec.listen, &spec.name).await?;
+    let verifier = Arc::new(ClientVerifier::new(
+        spec.name.clone(),
+        store.clone(),
+        spec.policy.clone(),
+        shared.metrics.clone(),
+    ));
+    let tls = server_config(store.clone(), verifier, spec.http)
+        .map_err(|e| Error::Identity(format!("cannot build the TLS server configuration: {e}")))?;
+    let http = spec.http.then(|| {
+        Arc::new(HttpProxy::new(
+            spec.name.clone(),
+            spec.target.clone(),
+            RequestChecks {
+                rules: spec.http_rules.clone(),
+                escaped_slashes: spec.escaped_slashes,
+                max_path_length: shared.limits.max_path_length,
+            },
+            shared.limits.connect_timeout,
+            shared.limits.handshake_timeout,
+            store.clone(),
+            shared.metrics.clone(),
+        ))
+    });
+    tracing::info!(
+        listener = %spec.name,
+        listen = %spec.listen,
+        target = %spec.target,
+        mode = ?spec.mode,
+        http = spec.http,
+        "inbound listener"
+    );
+    if let Some(warning) = spec.permissive_bypass() {
+        tracing::warn!(listener = %spec.name, "{warning}");
+    }
+    let inbound = Arc::new(InboundListener {
+        spec,
+        acceptor: TlsAcceptor::from(Arc::new(tls)),
+        http,
+    });
+    Ok(tokio::spawn(crate::proxy::serve_inbound(
+        tcp,
+        inbound,
+        shared.clone(),
+    )))
+}
+
+/// Binds one outbound listener, builds its TLS client and serves it.
+async fn start_outbound(
+    spec: Outbound,
+    store: &Arc<IdentityStore>,
+    shared: &Arc<Shared>,
+) -> Result<JoinHandle<()>> {
+    let tcp = bind(spec.listen, &spec.name).await?;
+    let verifier = Arc::new(UpstreamVerifier::new(
+        spec.name.clone(),
+        store.clone(),
+        spec.expect.clone(),
+        shared.metrics.clone(),
+    ));
+    let tls = client_config(store.clone(), verifier)
+        .map_err(|e| Error::Identity(format!("cannot build the TLS client configuration: {e}")))?;
+    tracing::info!(
+        listener = %spec.name,
+        listen = %spec.listen,
+        upstream = %spec.upstream,
+        expect = %spec.expect.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        "outbound listener"
+    );
+    let outbound = Arc::new(OutboundListener {
+        server_name: server_name(&spec.upstream),
+        spec,
+        connector: TlsConnector::from(Arc::new(tls)),
+    });
+    Ok(tokio::spawn(crate::proxy::serve_outbound(
+        tcp,
+        outbound,
+        shared.clone(),
+    )))
 }
 
 async fn bind(address: std::net::SocketAddr, name: &str) -> Result<TcpListener> {

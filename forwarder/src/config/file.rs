@@ -6,8 +6,8 @@ use serde::Deserialize;
 use sigil_core::id::parse_spiffe_id;
 
 use super::{
-    ForwarderConfig, Limits, Mode, duration, inbound, max_connections, max_path_length, outbound,
-    patterns, socket_addr,
+    ForwarderConfig, Inbound, Limits, Mode, Outbound, duration, inbound, max_connections,
+    max_path_length, outbound, patterns, socket_addr,
 };
 use crate::path::EscapedSlashes;
 use crate::policy::{Action, HttpRule};
@@ -39,103 +39,15 @@ impl ForwarderConfig {
             inbound: Vec::new(),
             outbound: Vec::new(),
         };
-        if let Some(socket) = &file.socket {
-            config.socket = sigil_workload_api::socket_path(socket)
-                .map_err(|e| Error::config(source, "socket", e))?;
-        }
-        if let Some(id) = &file.spiffe_id {
-            config.spiffe_id = Some(
-                parse_spiffe_id("spiffe_id", id)
-                    .map_err(|e| Error::config(source, "spiffe_id", e))?,
-            );
-        }
-        if let Some(address) = &file.health_address {
-            config.health_address = Some(socket_addr(source, "health_address", address)?);
-        }
-        let limits = &file.limits;
-        for (key, value, slot) in [
-            (
-                "limits.connect_timeout",
-                &limits.connect_timeout,
-                &mut config.limits.connect_timeout,
-            ),
-            (
-                "limits.handshake_timeout",
-                &limits.handshake_timeout,
-                &mut config.limits.handshake_timeout,
-            ),
-            (
-                "limits.idle_timeout",
-                &limits.idle_timeout,
-                &mut config.limits.idle_timeout,
-            ),
-            (
-                "limits.drain_timeout",
-                &limits.drain_timeout,
-                &mut config.limits.drain_timeout,
-            ),
-        ] {
-            if let Some(value) = value {
-                *slot = duration(source, key, value)?;
-            }
-        }
-        if let Some(max) = limits.max_connections {
-            config.limits.max_connections = max_connections(source, "limits.max_connections", max)?;
-        }
-        if let Some(max) = limits.max_path_length {
-            config.limits.max_path_length = max_path_length(source, "limits.max_path_length", max)?;
-        }
+        config.apply_file_settings(source, &file)?;
+        config.limits = limits_from_file(source, &file.limits)?;
         for (i, raw) in file.inbound.iter().enumerate() {
-            let key = format!("inbound[{i}]");
-            let listen = socket_addr(source, &format!("{key}.listen"), &raw.listen)?;
-            let mut rules = Vec::new();
-            for (j, rule) in raw.http_rules.iter().enumerate() {
-                let rule_key = format!("{key}.http_rules[{j}]");
-                let principals =
-                    patterns(source, &format!("{rule_key}.principals"), &rule.principals)?;
-                rules.push(
-                    HttpRule::new(
-                        rule.action,
-                        principals,
-                        rule.methods.clone(),
-                        rule.paths.clone(),
-                    )
-                    .map_err(|e| Error::config(source, rule_key.clone(), e))?,
-                );
-            }
-            if !rules.is_empty() && !raw.http {
-                return Err(Error::config(
-                    source,
-                    format!("{key}.http_rules"),
-                    "HTTP rules need `http = true` on the listener",
-                ));
-            }
-            config.inbound.push(inbound(
-                source,
-                &key,
-                raw.name.clone(),
-                listen,
-                &raw.target,
-                raw.mode.or(file.mode).unwrap_or(Mode::Strict),
-                patterns(source, &format!("{key}.allow"), &raw.allow)?,
-                patterns(source, &format!("{key}.deny"), &raw.deny)?,
-                raw.http,
-                rules,
-                raw.escaped_slashes,
-            )?);
+            config
+                .inbound
+                .push(inbound_from_file(source, i, raw, file.mode)?);
         }
         for (i, raw) in file.outbound.iter().enumerate() {
-            let key = format!("outbound[{i}]");
-            let listen = socket_addr(source, &format!("{key}.listen"), &raw.listen)?;
-            let expect = patterns(source, &format!("{key}.expect"), &raw.expect)?;
-            config.outbound.push(outbound(
-                source,
-                &key,
-                raw.name.clone(),
-                listen,
-                &raw.upstream,
-                expect,
-            )?);
+            config.outbound.push(outbound_from_file(source, i, raw)?);
         }
         if config.inbound.is_empty() && config.outbound.is_empty() {
             return Err(Error::config(
@@ -144,11 +56,35 @@ impl ForwarderConfig {
                 "the file has no listener; add an [[inbound]] or [[outbound]] table",
             ));
         }
-        let mut names: Vec<&str> = config
+        config.check_unique_names(source)?;
+        Ok(config)
+    }
+
+    /// Sets the socket, SVID and health address that the file's top level gives.
+    fn apply_file_settings(&mut self, source: &str, file: &File) -> Result<()> {
+        if let Some(socket) = &file.socket {
+            self.socket = sigil_workload_api::socket_path(socket)
+                .map_err(|e| Error::config(source, "socket", e))?;
+        }
+        if let Some(id) = &file.spiffe_id {
+            self.spiffe_id = Some(
+                parse_spiffe_id("spiffe_id", id)
+                    .map_err(|e| Error::config(source, "spiffe_id", e))?,
+            );
+        }
+        if let Some(address) = &file.health_address {
+            self.health_address = Some(socket_addr(source, "health_address", address)?);
+        }
+        Ok(())
+    }
+
+    /// Refuses two listeners (inbound or outbound) with the same name.
+    fn check_unique_names(&self, source: &str) -> Result<()> {
+        let mut names: Vec<&str> = self
             .inbound
             .iter()
             .map(|l| l.name.as_str())
-            .chain(config.outbound.iter().map(|l| l.name.as_str()))
+            .chain(self.outbound.iter().map(|l| l.name.as_str()))
             .collect();
         names.sort_unstable();
         if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
@@ -161,8 +97,112 @@ impl ForwarderConfig {
                 ),
             ));
         }
-        Ok(config)
+        Ok(())
     }
+}
+
+/// The `[limits]` table over the defaults.
+fn limits_from_file(source: &str, limits: &FileLimits) -> Result<Limits> {
+    let mut result = Limits::default();
+    for (key, value, slot) in [
+        (
+            "limits.connect_timeout",
+            &limits.connect_timeout,
+            &mut result.connect_timeout,
+        ),
+        (
+            "limits.handshake_timeout",
+            &limits.handshake_timeout,
+            &mut result.handshake_timeout,
+        ),
+        (
+            "limits.idle_timeout",
+            &limits.idle_timeout,
+            &mut result.idle_timeout,
+        ),
+        (
+            "limits.drain_timeout",
+            &limits.drain_timeout,
+            &mut result.drain_timeout,
+        ),
+    ] {
+        if let Some(value) = value {
+            *slot = duration(source, key, value)?;
+        }
+    }
+    if let Some(max) = limits.max_connections {
+        result.max_connections = max_connections(source, "limits.max_connections", max)?;
+    }
+    if let Some(max) = limits.max_path_length {
+        result.max_path_length = max_path_length(source, "limits.max_path_length", max)?;
+    }
+    Ok(result)
+}
+
+/// The `i`th `[[inbound]]` table; `default_mode` is the file's top-level `mode`.
+fn inbound_from_file(
+    source: &str,
+    i: usize,
+    raw: &FileInbound,
+    default_mode: Option<Mode>,
+) -> Result<Inbound> {
+    let key = format!("inbound[{i}]");
+    let listen = socket_addr(source, &format!("{key}.listen"), &raw.listen)?;
+    let rules = http_rules_from_file(source, &key, &raw.http_rules)?;
+    if !rules.is_empty() && !raw.http {
+        return Err(Error::config(
+            source,
+            format!("{key}.http_rules"),
+            "HTTP rules need `http = true` on the listener",
+        ));
+    }
+    inbound(
+        source,
+        &key,
+        raw.name.clone(),
+        listen,
+        &raw.target,
+        raw.mode.or(default_mode).unwrap_or(Mode::Strict),
+        patterns(source, &format!("{key}.allow"), &raw.allow)?,
+        patterns(source, &format!("{key}.deny"), &raw.deny)?,
+        raw.http,
+        rules,
+        raw.escaped_slashes,
+    )
+}
+
+/// The `[[inbound.http_rules]]` of the listener at `key`.
+fn http_rules_from_file(source: &str, key: &str, raw: &[FileHttpRule]) -> Result<Vec<HttpRule>> {
+    let mut rules = Vec::new();
+    for (j, rule) in raw.iter().enumerate() {
+        let rule_key = format!("{key}.http_rules[{j}]");
+        let principals = patterns(source, &format!("{rule_key}.principals"), &rule.principals)?;
+        rules.push(
+            HttpRule::new(
+                rule.action,
+                principals,
+                rule.methods.clone(),
+                rule.paths.clone(),
+            )
+            .map_err(|e| Error::config(source, rule_key.clone(), e))?,
+        );
+    }
+    Ok(rules)
+}
+
+/// The `i`th `[[outbound]]` table.
+fn outbound_from_file(source: &str, i: usize, raw: &FileOutbound) -> Result<Outbound> {
+    let key = format!("outbound[{i}]");
+    let listen = socket_addr(source, &format!("{key}.listen"), &raw.listen)?;
+    let expect = patterns(source, &format!("{key}.expect"), &raw.expect)?;
+    outbound(
+        source,
+        &key,
+        raw.name.clone(),
+        listen,
+        &raw.upstream,
+        expect,
+    )
 }
 
 #[derive(Debug, Deserialize)]

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use sigil_core::id::parse_spiffe_id;
 
 use super::{
-    FLAGS, ForwarderConfig, IdPattern, Limits, Mode, duration, inbound, max_connections,
-    max_path_length, outbound, patterns, socket_addr,
+    FLAGS, ForwarderConfig, IdPattern, Inbound, Limits, Mode, Outbound, duration, inbound,
+    max_connections, max_path_length, outbound, patterns, socket_addr,
 };
 use crate::policy::{Action, HttpRule};
 use crate::{Error, Result};
@@ -75,18 +75,6 @@ impl ForwarderConfig {
             inbound: Vec::new(),
             outbound: Vec::new(),
         };
-        let any_inbound = flags.target.is_some()
-            || flags.mode.is_some()
-            || !flags.allow.is_empty()
-            || !flags.deny.is_empty()
-            || flags.http
-            || !flags.http_allow.is_empty()
-            || !flags.http_deny.is_empty()
-            || flags.escaped_slashes.is_some();
-        let any_outbound = flags.upstream.is_some()
-            || !flags.expect_id.is_empty()
-            || !flags.expect_trust_domain.is_empty()
-            || !flags.expect_pattern.is_empty();
         match (&flags.inbound, &flags.outbound) {
             (Some(_), Some(_)) => {
                 return Err(Error::config(
@@ -102,115 +90,8 @@ impl ForwarderConfig {
                     "no listener: give --inbound ADDR --target ADDR, or --outbound ADDR --upstream HOST:PORT --expect-id ID, or --config FILE",
                 ));
             }
-            (Some(listen), None) => {
-                if any_outbound {
-                    return Err(Error::config(
-                        FLAGS,
-                        "--upstream",
-                        "--upstream and --expect-* belong to an --outbound listener, not --inbound",
-                    ));
-                }
-                let listen = socket_addr(FLAGS, "--inbound", listen)?;
-                let target = flags.target.as_deref().ok_or_else(|| {
-                    Error::config(
-                        FLAGS,
-                        "--target",
-                        "--inbound needs --target HOST:PORT, the local application to forward to",
-                    )
-                })?;
-                let mode = match &flags.mode {
-                    Some(mode) => mode
-                        .parse()
-                        .map_err(|e| Error::config(FLAGS, "--mode", e))?,
-                    None => Mode::Strict,
-                };
-                let mut http_rules = Vec::new();
-                for (key, action, list) in [
-                    ("--http-deny", Action::Deny, &flags.http_deny),
-                    ("--http-allow", Action::Allow, &flags.http_allow),
-                ] {
-                    for text in list {
-                        http_rules.push(
-                            HttpRule::parse_flag(key, action, text)
-                                .map_err(|e| Error::config(FLAGS, key, e))?,
-                        );
-                    }
-                }
-                config.inbound.push(inbound(
-                    FLAGS,
-                    "--inbound",
-                    None,
-                    listen,
-                    target,
-                    mode,
-                    patterns(FLAGS, "--allow", &flags.allow)?,
-                    patterns(FLAGS, "--deny", &flags.deny)?,
-                    flags.http,
-                    http_rules,
-                    flags
-                        .escaped_slashes
-                        .as_deref()
-                        .map(|text| text.parse())
-                        .transpose()
-                        .map_err(|e| Error::config(FLAGS, "--escaped-slashes", e))?,
-                )?);
-            }
-            (None, Some(listen)) => {
-                if any_inbound {
-                    return Err(Error::config(
-                        FLAGS,
-                        "--target",
-                        "--target, --mode, --allow, --deny, --http and --escaped-slashes belong to an --inbound listener, not --outbound",
-                    ));
-                }
-                let listen = socket_addr(FLAGS, "--outbound", listen)?;
-                let upstream = flags.upstream.as_deref().ok_or_else(|| {
-                    Error::config(
-                        FLAGS,
-                        "--upstream",
-                        "--outbound needs --upstream HOST:PORT, the mTLS server to connect to",
-                    )
-                })?;
-                let mut expect = patterns(FLAGS, "--expect-id", &flags.expect_id)?;
-                if let Some(bad) = expect.iter().find(|p| !matches!(p, IdPattern::Exact(_))) {
-                    return Err(Error::config(
-                        FLAGS,
-                        "--expect-id",
-                        format!(
-                            "`{bad}` is not a single SPIFFE ID; use --expect-trust-domain or --expect-pattern"
-                        ),
-                    ));
-                }
-                for td in &flags.expect_trust_domain {
-                    let text = if td.starts_with("spiffe://") {
-                        td.clone()
-                    } else {
-                        format!("spiffe://{td}")
-                    };
-                    match IdPattern::parse("--expect-trust-domain", &text) {
-                        Ok(pattern @ IdPattern::TrustDomain(_)) => expect.push(pattern),
-                        Ok(_) => {
-                            return Err(Error::config(
-                                FLAGS,
-                                "--expect-trust-domain",
-                                format!(
-                                    "`{td}` has a path; give only the trust domain, e.g. example.org"
-                                ),
-                            ));
-                        }
-                        Err(e) => return Err(Error::config(FLAGS, "--expect-trust-domain", e)),
-                    }
-                }
-                expect.extend(patterns(FLAGS, "--expect-pattern", &flags.expect_pattern)?);
-                config.outbound.push(outbound(
-                    FLAGS,
-                    "--outbound",
-                    None,
-                    listen,
-                    upstream,
-                    expect,
-                )?);
-            }
+            (Some(listen), None) => config.inbound.push(inbound_from_flags(flags, listen)?),
+            (None, Some(listen)) => config.outbound.push(outbound_from_flags(flags, listen)?),
         }
         config.apply_overrides(flags)?;
         Ok(config)
@@ -273,6 +154,146 @@ impl ForwarderConfig {
             self.limits.max_path_length = max_path_length(FLAGS, "--max-path-length", max)?;
         }
         Ok(())
+    }
+}
+
+/// Whether any flag of an `--inbound` listener is given.
+fn has_inbound_flags(flags: &Flags) -> bool {
+    flags.target.is_some()
+        || flags.mode.is_some()
+        || !flags.allow.is_empty()
+        || !flags.deny.is_empty()
+        || flags.http
+        || !flags.http_allow.is_empty()
+        || !flags.http_deny.is_empty()
+        || flags.escaped_slashes.is_some()
+}
+
+/// Whether any flag of an `--outbound` listener is given.
+fn has_outbound_flags(flags: &Flags) -> bool {
+    flags.upstream.is_some()
+        || !flags.expect_id.is_empty()
+        || !flags.expect_trust_domain.is_empty()
+        || !flags.expect_pattern.is_empty()
+}
+
+/// The inbound listener of `--inbound listen` and the flags that go with it.
+fn inbound_from_flags(flags: &Flags, listen: &str) -> Result<Inbound> {
+    if has_outbound_flags(flags) {
+        return Err(Error::config(
+            FLAGS,
+            "--upstream",
+            "--upstream and --expect-* belong to an --outbound listener, not --inbound",
+        ));
+    }
+    let listen = socket_addr(FLAGS, "--inbound", listen)?;
+    let target = flags.target.as_deref().ok_or_else(|| {
+        Error::config(
+            FLAGS,
+            "--target",
+            "--inbound needs --target HOST:PORT, the local application to forward to",
+        )
+    })?;
+    let mode = match &flags.mode {
+        Some(mode) => mode
+            .parse()
+            .map_err(|e| Error::config(FLAGS, "--mode", e))?,
+        None => Mode::Strict,
+    };
+    let http_rules = http_rules_from_flags(flags)?;
+    inbound(
+        FLAGS,
+        "--inbound",
+        None,
+        listen,
+        target,
+        mode,
+        patterns(FLAGS, "--allow", &flags.allow)?,
+        patterns(FLAGS, "--deny", &flags.deny)?,
+        flags.http,
+        http_rules,
+        flags
+            .escaped_slashes
+            .as_deref()
+            .map(|text| text.parse())
+            .transpose()
+            .map_err(|e| Error::config(FLAGS, "--escaped-slashes", e))?,
+    )
+}
+
+/// The HTTP rules of `--http-deny` then `--http-allow`, in that order.
+fn http_rules_from_flags(flags: &Flags) -> Result<Vec<HttpRule>> {
+    let mut http_rules = Vec::new();
+    for (key, action, list) in [
+        ("--http-deny", Action::Deny, &flags.http_deny),
+        ("--http-allow", Action::Allow, &flags.http_allow),
+    ] {
+        for text in list {
+            http_rules.push(
+                HttpRule::parse_flag(key, action, text)
+                    .map_err(|e| Error::config(FLAGS, key, e))?,
+            );
+        }
+    }
+    Ok(http_rules)
+}
+
+/// The outbound listener of `--outbound listen` and the flags that go with it.
+fn outbound_from_flags(flags: &Flags, listen: &str) -> Result<Outbound> {
+    if has_inbound_flags(flags) {
+        return Err(Error::config(
+            FLAGS,
+            "--target",
+            "--target, --mode, --allow, --deny, --http and --escaped-slashes belong to an --inbound listener, not --outbound",
+        ));
+    }
+    let listen = socket_addr(FLAGS, "--outbound", listen)?;
+    let upstream = flags.upstream.as_deref().ok_or_else(|| {
+        Error::config(
+            FLAGS,
+            "--upstream",
+            "--outbound needs --upstream HOST:PORT, the mTLS server to connect to",
+        )
+    })?;
+    let expect = expected_upstream_ids(flags)?;
+    outbound(FLAGS, "--outbound", None, listen, upstream, expect)
+}
+
+/// The identities an outbound upstream may present: `--expect-id`, `--expect-trust-domain` and
+/// `--expect-pattern`, in that order.
+fn expected_upstream_ids(flags: &Flags) -> Result<Vec<IdPattern>> {
+    let mut expect = patterns(FLAGS, "--expect-id", &flags.expect_id)?;
+    if let Some(bad) = expect.iter().find(|p| !matches!(p, IdPattern::Exact(_))) {
+        return Err(Error::config(
+            FLAGS,
+            "--expect-id",
+            format!(
+                "`{bad}` is not a single SPIFFE ID; use --expect-trust-domain or --expect-pattern"
+            ),
+        ));
+    }
+    for td in &flags.expect_trust_domain {
+        expect.push(trust_domain_pattern(td)?);
+    }
+    expect.extend(patterns(FLAGS, "--expect-pattern", &flags.expect_pattern)?);
+    Ok(expect)
+}
+
+/// The pattern of one `--expect-trust-domain`, given with or without `spiffe://`.
+fn trust_domain_pattern(td: &str) -> Result<IdPattern> {
+    let text = if td.starts_with("spiffe://") {
+        td.to_string()
+    } else {
+        format!("spiffe://{td}")
+    };
+    match IdPattern::parse("--expect-trust-domain", &text) {
+        Ok(pattern @ IdPattern::TrustDomain(_)) => Ok(pattern),
+        Ok(_) => Err(Error::config(
+            FLAGS,
+            "--expect-trust-domain",
+            format!("`{td}` has a path; give only the trust domain, e.g. example.org"),
+        )),
+        Err(e) => Err(Error::config(FLAGS, "--expect-trust-domain", e)),
     }
 }
 

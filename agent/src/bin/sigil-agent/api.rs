@@ -165,25 +165,11 @@ pub(crate) async fn run(command: ApiCommand) -> anyhow::Result<()> {
                     names,
                 },
             ..
-        } => {
-            let mut updates = client.watch_x509().await?;
-            while let Some(response) = updates.message().await? {
-                write_x509(&dir, &names, &response)?;
-            }
-            anyhow::bail!("the agent closed the Workload API stream (it is shutting down?)");
-        }
+        } => keep_x509_written(&mut client, &dir, &names).await,
         ApiCommand::Fetch {
             what: FetchCommand::X509 { write, names, .. },
             ..
-        } => {
-            let started = Instant::now();
-            let response = client.fetch_x509().await?;
-            let elapsed = started.elapsed();
-            if let Some(dir) = write {
-                write_x509(&dir, &names, &response)?;
-            }
-            print_x509(format, &response, Some(elapsed))?;
-        }
+        } => fetch_x509(&mut client, format, write.as_deref(), &names).await,
         ApiCommand::Fetch {
             what:
                 FetchCommand::Jwt {
@@ -191,90 +177,141 @@ pub(crate) async fn run(command: ApiCommand) -> anyhow::Result<()> {
                     spiffe_id,
                 },
             ..
-        } => {
-            let response = client.fetch_jwt(audience, spiffe_id).await?;
-            match format {
-                Format::Text => {
-                    for svid in &response.svids {
-                        println!("SPIFFE ID: {}", svid.spiffe_id);
-                        println!("Token: {}", svid.svid);
-                    }
-                }
-                Format::Json => print_json(&json!({
-                    "svids": response.svids.iter().map(|s| json!({"spiffe_id": s.spiffe_id, "token": s.svid, "hint": s.hint})).collect::<Vec<_>>()
-                })),
-            }
-        }
+        } => fetch_jwt(&mut client, format, audience, spiffe_id).await,
         ApiCommand::Fetch {
             what: FetchCommand::Bundles,
             ..
-        } => {
-            let x509 = client.fetch_x509_bundles().await?;
-            let jwt = client.fetch_jwt_bundles().await?;
-            let mut trust_domains: Vec<&String> =
-                x509.bundles.keys().chain(jwt.bundles.keys()).collect();
-            trust_domains.sort();
-            trust_domains.dedup();
-            let mut documents = serde_json::Map::new();
-            for td in trust_domains {
-                let pem = x509
-                    .bundles
-                    .get(td)
-                    .map(|der| split_pem(der))
-                    .transpose()?
-                    .unwrap_or_default();
-                let jwks: Value = jwt
-                    .bundles
-                    .get(td)
-                    .map(|bytes| serde_json::from_slice(bytes))
-                    .transpose()
-                    .context("the JWT bundle is not JSON")?
-                    .unwrap_or(Value::Null);
-                match format {
-                    Format::Text => {
-                        println!("Trust domain: {td}");
-                        print!("{pem}");
-                        println!("JWT keys: {}", serde_json::to_string_pretty(&jwks)?);
-                    }
-                    Format::Json => {
-                        documents.insert(td.clone(), json!({"x509_pem": pem, "jwt_jwks": jwks}));
-                    }
-                }
-            }
-            if format == Format::Json {
-                print_json(&json!({ "bundles": documents }));
-            }
-        }
+        } => fetch_bundles(&mut client, format).await,
         ApiCommand::Validate {
             what: ValidateCommand::Jwt { audience, token },
             ..
-        } => {
-            let response = client.validate_jwt(audience, token).await?;
-            let claims = response.claims.map(struct_to_json).unwrap_or(Value::Null);
-            match format {
-                Format::Text => {
-                    println!("SPIFFE ID: {}", response.spiffe_id);
-                    println!("Claims: {}", serde_json::to_string_pretty(&claims)?);
-                }
-                Format::Json => {
-                    print_json(&json!({"spiffe_id": response.spiffe_id, "claims": claims}))
-                }
+        } => validate_jwt(&mut client, format, audience, token).await,
+        ApiCommand::Watch { .. } => watch_x509(&mut client, format).await,
+    }
+}
+
+/// `fetch x509 --write DIR --watch`: rewrites the files on every update until the stream ends.
+async fn keep_x509_written(
+    client: &mut WorkloadClient,
+    dir: &Path,
+    names: &FileNames,
+) -> anyhow::Result<()> {
+    let mut updates = client.watch_x509().await?;
+    while let Some(response) = updates.message().await? {
+        write_x509(dir, names, &response)?;
+    }
+    anyhow::bail!("the agent closed the Workload API stream (it is shutting down?)");
+}
+
+/// `fetch x509`: fetches the SVIDs once, writes them if asked, and prints them.
+async fn fetch_x509(
+    client: &mut WorkloadClient,
+    format: Format,
+    write: Option<&Path>,
+    names: &FileNames,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let response = client.fetch_x509().await?;
+    let elapsed = started.elapsed();
+    if let Some(dir) = write {
+        write_x509(dir, names, &response)?;
+    }
+    print_x509(format, &response, Some(elapsed))
+}
+
+/// `fetch jwt`: prints the caller's JWT-SVIDs for the audience.
+async fn fetch_jwt(
+    client: &mut WorkloadClient,
+    format: Format,
+    audience: Vec<String>,
+    spiffe_id: Option<String>,
+) -> anyhow::Result<()> {
+    let response = client.fetch_jwt(audience, spiffe_id).await?;
+    match format {
+        Format::Text => {
+            for svid in &response.svids {
+                println!("SPIFFE ID: {}", svid.spiffe_id);
+                println!("Token: {}", svid.svid);
             }
         }
-        ApiCommand::Watch { .. } => {
-            let mut stream = client.watch_x509().await?;
-            while let Some(update) = stream
-                .message()
-                .await
-                .context("the X509-SVID stream broke")?
-            {
-                print_x509(format, &update, None)?;
-                if format == Format::Text {
-                    println!("---");
-                }
-                std::io::stdout().flush()?;
+        Format::Json => print_json(&json!({
+            "svids": response.svids.iter().map(|s| json!({"spiffe_id": s.spiffe_id, "token": s.svid, "hint": s.hint})).collect::<Vec<_>>()
+        })),
+    }
+    Ok(())
+}
+
+/// `fetch bundles`: prints the X.509 and JWT bundles of every trust domain, sorted.
+async fn fetch_bundles(client: &mut WorkloadClient, format: Format) -> anyhow::Result<()> {
+    let x509 = client.fetch_x509_bundles().await?;
+    let jwt = client.fetch_jwt_bundles().await?;
+    let mut trust_domains: Vec<&String> = x509.bundles.keys().chain(jwt.bundles.keys()).collect();
+    trust_domains.sort();
+    trust_domains.dedup();
+    let mut documents = serde_json::Map::new();
+    for td in trust_domains {
+        let pem = x509
+            .bundles
+            .get(td)
+            .map(|der| split_pem(der))
+            .transpose()?
+            .unwrap_or_default();
+        let jwks: Value = jwt
+            .bundles
+            .get(td)
+            .map(|bytes| serde_json::from_slice(bytes))
+            .transpose()
+            .context("the JWT bundle is not JSON")?
+            .unwrap_or(Value::Null);
+        match format {
+            Format::Text => {
+                println!("Trust domain: {td}");
+                print!("{pem}");
+                println!("JWT keys: {}", serde_json::to_string_pretty(&jwks)?);
+            }
+            Format::Json => {
+                documents.insert(td.clone(), json!({"x509_pem": pem, "jwt_jwks": jwks}));
             }
         }
+    }
+    if format == Format::Json {
+        print_json(&json!({ "bundles": documents }));
+    }
+    Ok(())
+}
+
+/// `validate jwt`: has the agent validate a token and prints its SPIFFE ID and claims.
+async fn validate_jwt(
+    client: &mut WorkloadClient,
+    format: Format,
+    audience: String,
+    token: String,
+) -> anyhow::Result<()> {
+    let response = client.validate_jwt(audience, token).await?;
+    let claims = response.claims.map(struct_to_json).unwrap_or(Value::Null);
+    match format {
+        Format::Text => {
+            println!("SPIFFE ID: {}", response.spiffe_id);
+            println!("Claims: {}", serde_json::to_string_pretty(&claims)?);
+        }
+        Format::Json => print_json(&json!({"spiffe_id": response.spiffe_id, "claims": claims})),
+    }
+    Ok(())
+}
+
+/// `watch`: prints every X509-SVID update as it arrives.
+async fn watch_x509(client: &mut WorkloadClient, format: Format) -> anyhow::Result<()> {
+    let mut stream = client.watch_x509().await?;
+    while let Some(update) = stream
+        .message()
+        .await
+        .context("the X509-SVID stream broke")?
+    {
+        print_x509(format, &update, None)?;
+        if format == Format::Text {
+            println!("---");
+        }
+        std::io::stdout().flush()?;
     }
     Ok(())
 }
