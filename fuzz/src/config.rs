@@ -165,7 +165,10 @@ pub fn cgroup(data: &[u8]) {
         let id = &found.container_id;
         assert_eq!(id.len(), 64);
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert!(input.contains(id.as_str()), "container ID {id} is not in the input");
+        assert!(
+            input.contains(id.as_str()),
+            "container ID {id} is not in the input"
+        );
         let uid = &found.pod_uid;
         assert!(
             input.contains(uid.as_str()) || input.contains(&uid.replace('-', "_")),
@@ -173,7 +176,10 @@ pub fn cgroup(data: &[u8]) {
         );
         if let Some(line) = input.lines().find(|line| pod_container(line).is_some()) {
             let nested = format!("{line}/nested");
-            assert_eq!(pod_container(&nested).as_ref(), pod_container(line).as_ref());
+            assert_eq!(
+                pod_container(&nested).as_ref(),
+                pod_container(line).as_ref()
+            );
         }
     }
 }

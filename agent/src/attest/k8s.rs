@@ -223,7 +223,8 @@ fn systemd_pod_slice(segment: &str) -> Option<(Vec<String>, String)> {
     let parent_is_kubepods = ["kubepods", "kubepods-besteffort", "kubepods-burstable"]
         .iter()
         .any(|name| parent == *name || parent.ends_with(&format!("-{name}")));
-    if !parent_is_kubepods || !is_pod_uid(uid) {
+    // The systemd driver spells the UID's dashes as underscores: a dash would make another slice.
+    if !parent_is_kubepods || !is_pod_uid(uid) || uid.contains('-') {
         return None;
     }
     // A slice `a-b-c.slice` lives in `a-b.slice`, which lives in `a.slice`.
@@ -450,6 +451,8 @@ mod tests {
             // A slice whose name claims parents it is not under.
             format!("0::/kubepods-burstable-podv.slice/cri-containerd-{ID}.scope"),
             format!("0::/kubepods.slice/kubepods-burstable-podv.slice/cri-containerd-{ID}.scope"),
+            // A dash in a slice name is a level of the hierarchy, never part of a pod UID.
+            format!("0::/kubepods.slice/kubepods-podv-1.slice/cri-containerd-{ID}.scope"),
         ] {
             assert_eq!(found(&cgroup), None, "{cgroup}");
         }
