@@ -1,6 +1,6 @@
 //! Assembles a running server from its configuration: datastore, CA, authorizations, the
-//! listeners ([`listeners`]) and the background tasks ([`tasks`]), and takes it down again in
-//! order.
+//! listeners (`server/listeners.rs`) and the background tasks (`server/tasks.rs`), and takes it
+//! down again in order.
 
 mod listeners;
 mod tasks;

@@ -77,6 +77,7 @@ fn main() -> Result<()> {
     x509(&mut corpus)?;
     bundles(&mut corpus)?;
     jwts(&mut corpus)?;
+    jwt_claims(&mut corpus)?;
     configs(&mut corpus)?;
     http::seeds(&mut corpus)?;
     println!(
@@ -357,6 +358,7 @@ fn bundles(corpus: &mut Corpus) -> Result<()> {
     Ok(())
 }
 
+/// `jwt_svid` seeds: compact tokens signed by a key no bundle holds.
 fn jwts(corpus: &mut Corpus) -> Result<()> {
     // Tokens signed by a key no bundle holds: they reach every check before the signature.
     let key = KeyType::EcP256.generate()?;
@@ -417,6 +419,12 @@ fn jwts(corpus: &mut Corpus) -> Result<()> {
             ("empty", ""),
         ],
     )?;
+    Ok(())
+}
+
+/// `jwt_claims` seeds: a header line and a claims line, checked against a known bundle.
+fn jwt_claims(corpus: &mut Corpus) -> Result<()> {
+    let claims = r#"{"sub":"spiffe://example.org/web","aud":["db"],"exp":2000000}"#;
     let header = r#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#;
     let lines = |h: &str, c: &str| format!("{h}\n{c}");
     let seeds = [

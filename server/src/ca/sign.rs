@@ -62,7 +62,7 @@ impl Ca {
     }
 
     /// Refuses workload DNS names that can name the server's own host (see
-    /// [`CaSettings::reserved_dns_names`]).
+    /// [`super::CaSettings::reserved_dns_names`]).
     pub fn check_workload_dns_names(&self, dns_names: &[String]) -> Result<()> {
         for name in dns_names {
             if let Some(reserved) = self

@@ -32,8 +32,8 @@
 //! at the backend), new connections per second (connect, one byte there and back, close: one full
 //! mTLS handshake each), round-trip time of a small request over a kept connection (p50/p99,
 //! compared with direct TCP), and the resident memory of each proxy process before and after
-//! opening N idle connections (`VmRSS` in /proc/<pid>/status). The proxies' CPU time during each
-//! measurement comes from /proc/<pid>/stat, and the CPU that other processes of the machine took
+//! opening N idle connections (`VmRSS` in `/proc/<pid>/status`). The proxies' CPU time during each
+//! measurement comes from `/proc/<pid>/stat`, and the CPU that other processes of the machine took
 //! from /proc/stat, so a window disturbed by a build next door shows as such.
 //!
 //! The peers are measured in rounds (3 by default), each round in a rotated order, and the table
@@ -510,7 +510,7 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 /// Linux reports CPU time in /proc in 1/100 s on every platform the benchmark runs on.
 const USER_HZ: f64 = 100.0;
 
-/// User plus system CPU ticks of a process (all its threads), from /proc/<pid>/stat; 0 when it
+/// User plus system CPU ticks of a process (all its threads), from `/proc/<pid>/stat`; 0 when it
 /// cannot be read (the process is gone).
 fn process_ticks(pid: &str) -> u64 {
     let ticks = || -> Option<u64> {

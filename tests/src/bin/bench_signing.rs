@@ -224,7 +224,7 @@ async fn send(
     Ok(signed)
 }
 
-/// User + system CPU time of a process, from /proc/<pid>/stat.
+/// User + system CPU time of a process, from `/proc/<pid>/stat`.
 fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after_name = stat.rsplit_once(')').context("stat format")?.1;
