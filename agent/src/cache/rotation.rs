@@ -57,3 +57,92 @@ pub async fn keep_svids_fresh(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use sigil_core::clock::{Clock, ManualClock};
+    use sigil_core::id::parse_trust_domain;
+    use sigil_proto::agent::SyncResponse;
+    use sigil_proto::common;
+
+    use super::*;
+    use crate::cache::SignerSettings;
+    use crate::node::fake::FakeServer;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_svid_is_renewed_when_due_and_a_failed_renewal_keeps_the_old_one() {
+        // The fake server signs for the real time; the cache's clock starts there and is moved
+        // by hand.
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let start = clock.unix_now();
+        let server = Arc::new(FakeServer::new());
+        let metrics = Arc::new(Metrics::default());
+        let cache = Arc::new(Cache::new(
+            parse_trust_domain("trust_domain", "example.org").expect("td"),
+            clock.clone(),
+            metrics.clone(),
+            None,
+        ));
+        cache.apply_sync(&SyncResponse {
+            full_snapshot: true,
+            entries: vec![common::Entry {
+                id: "web".into(),
+                spiffe_id: "spiffe://example.org/web".into(),
+                parent_id: "spiffe://example.org/sigil/agent/x".into(),
+                selectors: vec![common::Selector {
+                    r#type: "unix".into(),
+                    value: "uid:1000".into(),
+                }],
+                revision: 1,
+                ..common::Entry::default()
+            }],
+            ..SyncResponse::default()
+        });
+        let signer = Signer::start(
+            server.clone(),
+            cache.clone(),
+            metrics.clone(),
+            SignerSettings {
+                max_batch: 10,
+                window: Duration::from_millis(5),
+            },
+        );
+        let web = cache.entry("web").expect("web");
+        let first = signer.sign(web.clone()).await.expect("signed");
+        let due = first.renew_at - start;
+        assert!(due > 0, "renewal lies ahead");
+
+        let (stop, stopping) = watch::channel(false);
+        let task = tokio::spawn(keep_svids_fresh(
+            cache.clone(),
+            signer.clone(),
+            metrics.clone(),
+            stopping,
+        ));
+        // Not yet due: nothing happens however long the task sleeps.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(server.calls().len(), 1);
+
+        // Due, but the server is away: the old SVID stays, the task retries.
+        server.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        clock.advance(Duration::from_secs(due.unsigned_abs()));
+        cache.bump();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(cache.any_svid("web").expect("kept").chain, first.chain);
+        assert_eq!(metrics.svid_renewals.get(), 0);
+
+        // Back: the next retry renews it.
+        server
+            .down
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(RETRY_AFTER * 2).await;
+        let renewed = cache.current_svid(&web).expect("renewed");
+        assert_ne!(renewed.chain, first.chain);
+        assert_eq!(metrics.svid_renewals.get(), 1);
+
+        stop.send(true).expect("task listening");
+        task.await.expect("task ends");
+    }
+}

@@ -9,13 +9,13 @@ use std::time::Duration;
 use sigil_core::entry::Entry;
 use sigil_core::secret::PrivateKey;
 use sigil_core::x509::{KeyType, certificate_facts, csr_for};
-use sigil_proto::agent::{BatchSignX509SvidRequest, X509SvidRequest};
+use sigil_proto::agent::X509SvidRequest;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Status};
 
 use super::{Cache, CachedSvid, renewal_time};
 use crate::metrics::Metrics;
-use crate::node::ServerLink;
+use crate::node::ServerApi;
 
 /// How batches are formed.
 #[derive(Debug, Clone, Copy)]
@@ -50,13 +50,13 @@ impl std::fmt::Debug for Request {
 impl Signer {
     /// Starts the batching task; it ends when every `Signer` clone is dropped.
     pub fn start(
-        link: Arc<ServerLink>,
+        server: Arc<dyn ServerApi>,
         cache: Arc<Cache>,
         metrics: Arc<Metrics>,
         settings: SignerSettings,
     ) -> Self {
         let (sender, receiver) = mpsc::channel(4096);
-        tokio::spawn(batch_requests(link, cache, metrics, settings, receiver));
+        tokio::spawn(batch_requests(server, cache, metrics, settings, receiver));
         Signer { sender }
     }
 
@@ -74,7 +74,7 @@ impl Signer {
 }
 
 async fn batch_requests(
-    link: Arc<ServerLink>,
+    server: Arc<dyn ServerApi>,
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     settings: SignerSettings,
@@ -90,7 +90,7 @@ async fn batch_requests(
             }
         }
         tokio::spawn(sign_batch(
-            link.clone(),
+            server.clone(),
             cache.clone(),
             metrics.clone(),
             batch,
@@ -99,7 +99,7 @@ async fn batch_requests(
 }
 
 async fn sign_batch(
-    link: Arc<ServerLink>,
+    server: Arc<dyn ServerApi>,
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     batch: Vec<Request>,
@@ -140,12 +140,8 @@ async fn sign_batch(
     if requests.is_empty() {
         return;
     }
-    let response = link
-        .client()
-        .batch_sign_x509_svid(BatchSignX509SvidRequest { requests })
-        .await;
-    let results = match response {
-        Ok(response) => response.into_inner().results,
+    let results = match server.batch_sign_x509(requests).await {
+        Ok(results) => results,
         Err(status) => {
             let status = Status::unavailable(format!(
                 "cannot get an SVID from the server now: {}",
@@ -200,5 +196,148 @@ async fn sign_batch(
 fn answer(waiters: Vec<Reply>, outcome: Result<Arc<CachedSvid>, Status>) {
     for waiter in waiters {
         let _ = waiter.send(outcome.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use sigil_core::clock::{ManualClock, SharedClock};
+    use sigil_core::id::{SpiffeId, parse_trust_domain};
+    use sigil_core::selector::Selector;
+
+    use super::*;
+    use crate::node::fake::FakeServer;
+
+    fn entry(id: &str) -> Arc<Entry> {
+        Arc::new(Entry {
+            id: id.into(),
+            spiffe_id: SpiffeId::new(format!("spiffe://example.org/{id}")).expect("id"),
+            parent_id: SpiffeId::new("spiffe://example.org/sigil/agent/x").expect("parent"),
+            selectors: vec![Selector::new("unix", "uid:1000").expect("selector")],
+            x509_svid_ttl: 0,
+            jwt_svid_ttl: 0,
+            dns_names: Vec::new(),
+            federates_with: Vec::new(),
+            admin: false,
+            downstream: false,
+            hint: String::new(),
+            expires_at: 0,
+            created_at: 0,
+            revision: 1,
+        })
+    }
+
+    fn signer(max_batch: usize) -> (Arc<FakeServer>, Arc<Cache>, Signer) {
+        let server = Arc::new(FakeServer::new());
+        let clock: SharedClock = Arc::new(ManualClock::new(std::time::SystemTime::now()));
+        let metrics = Arc::new(Metrics::default());
+        let cache = Arc::new(Cache::new(
+            parse_trust_domain("trust_domain", "example.org").expect("td"),
+            clock,
+            metrics.clone(),
+            None,
+        ));
+        // The cache keeps SVIDs only of entries it holds.
+        cache.apply_sync(&sigil_proto::agent::SyncResponse {
+            full_snapshot: true,
+            entries: ["web", "db", "a", "b", "c", "d", "one", "two"]
+                .iter()
+                .map(|id| {
+                    let entry = entry(id);
+                    sigil_proto::common::Entry {
+                        id: entry.id.clone(),
+                        spiffe_id: entry.spiffe_id.to_string(),
+                        parent_id: entry.parent_id.to_string(),
+                        selectors: entry.selectors.iter().map(Into::into).collect(),
+                        revision: entry.revision,
+                        ..sigil_proto::common::Entry::default()
+                    }
+                })
+                .collect(),
+            ..Default::default()
+        });
+        let signer = Signer::start(
+            server.clone(),
+            cache.clone(),
+            metrics,
+            SignerSettings {
+                max_batch,
+                window: Duration::from_millis(5),
+            },
+        );
+        (server, cache, signer)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_in_one_window_share_a_call_and_an_entry_shares_one_csr() {
+        let (server, cache, signer) = signer(100);
+        let (web, db, web_again) = tokio::join!(
+            signer.sign(entry("web")),
+            signer.sign(entry("db")),
+            signer.sign(entry("web")),
+        );
+        let (web, db, web_again) = (web.expect("web"), db.expect("db"), web_again.expect("web"));
+        assert_eq!(
+            server.calls(),
+            vec![vec!["db".to_string(), "web".to_string()]]
+        );
+        assert_eq!(web.chain, web_again.chain, "two waiters, one signature");
+        assert_ne!(web.chain, db.chain);
+        assert!(cache.any_svid("web").is_some() && cache.any_svid("db").is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_goes_at_once_and_a_late_request_makes_a_new_call() {
+        let (server, _cache, signer) = signer(2);
+        let (a, b, c) = tokio::join!(
+            signer.sign(entry("a")),
+            signer.sign(entry("b")),
+            signer.sign(entry("c")),
+        );
+        assert!(a.is_ok() && b.is_ok() && c.is_ok());
+        assert_eq!(
+            server.calls(),
+            vec![
+                vec!["a".to_string(), "b".to_string()],
+                vec!["c".to_string()]
+            ]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        signer.sign(entry("d")).await.expect("d");
+        assert_eq!(server.calls().len(), 3, "{:?}", server.calls());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_reaches_its_entry_only_and_an_absent_server_every_waiter() {
+        let (server, cache, signer) = signer(100);
+        server.refused.lock().expect("lock").insert(
+            "db".into(),
+            (Code::PermissionDenied, "not authorized for db".into()),
+        );
+        let (web, db) = tokio::join!(signer.sign(entry("web")), signer.sign(entry("db")));
+        assert!(web.is_ok());
+        let refused = db.expect_err("db is refused");
+        assert_eq!(refused.code(), Code::PermissionDenied);
+        assert_eq!(refused.message(), "not authorized for db");
+        assert!(
+            cache.any_svid("db").is_none(),
+            "nothing stored for a refusal"
+        );
+
+        server.down.store(true, Ordering::SeqCst);
+        let (one, two) = tokio::join!(signer.sign(entry("one")), signer.sign(entry("two")));
+        for outcome in [one, two] {
+            let status = outcome.expect_err("the server is away");
+            assert_eq!(status.code(), Code::Unavailable);
+            assert!(
+                status
+                    .message()
+                    .contains("cannot get an SVID from the server now"),
+                "{}",
+                status.message()
+            );
+        }
     }
 }

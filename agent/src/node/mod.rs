@@ -5,7 +5,10 @@
 //! trust bundle: the bootstrap bundle on first contact, the bundle the server hands out after.
 //! Once attested, the agent presents its own SVID as the TLS client certificate.
 
+mod api;
 mod connect;
+#[cfg(test)]
+pub(crate) mod fake;
 mod link;
 mod store;
 
@@ -16,6 +19,7 @@ use sigil_core::x509::{KeyType, csr_for};
 use sigil_proto::agent::{AttestNodeRequest, RenewAgentSvidRequest};
 use sigil_proto::common;
 
+pub use api::{ServerApi, SyncStream};
 pub use connect::{ServerConnection, connect, connect_insecure, server_channel};
 pub use link::{Bootstrap, LinkSettings, NodeAttestation, ServerLink, keep_agent_svid_fresh};
 pub use store::IdentityStore;

@@ -5,33 +5,32 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use ring::rand::{SecureRandom, SystemRandom};
-use sigil_proto::agent::SyncRequest;
 use tokio::sync::watch;
 
 use crate::cache::Cache;
 use crate::metrics::Metrics;
-use crate::node::ServerLink;
+use crate::node::ServerApi;
 
 const FIRST_RETRY: Duration = Duration::from_millis(250);
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// Follows the server's sync stream until `stopping` turns true.
 pub async fn follow(
-    link: Arc<ServerLink>,
+    server: Arc<dyn ServerApi>,
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     mut stopping: watch::Receiver<bool>,
 ) {
     let mut backoff = FIRST_RETRY;
     loop {
-        match link.client().sync(SyncRequest {}).await {
-            Ok(response) => {
-                let mut stream = response.into_inner();
+        match server.sync().await {
+            Ok(mut stream) => {
                 metrics.sync_connected.set(1);
                 loop {
                     let message = tokio::select! {
-                        message = stream.message() => message,
+                        message = stream.next() => message.transpose(),
                         _ = stopping.wait_for(|stop| *stop) => {
                             metrics.sync_connected.set(0);
                             return;
@@ -42,7 +41,7 @@ pub async fn follow(
                             backoff = FIRST_RETRY;
                             metrics.sync_updates.inc();
                             if let Some(bundle) = cache.apply_sync(&update)
-                                && let Err(e) = link.trust(&bundle).await
+                                && let Err(e) = server.trust(&bundle).await
                             {
                                 tracing::warn!(error = %e, "cannot store the new trust bundle");
                             }
@@ -85,4 +84,70 @@ fn with_jitter(base: Duration) -> Duration {
         0.5
     };
     base + base.mul_f64(fraction / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use sigil_core::clock::ManualClock;
+    use sigil_core::id::parse_trust_domain;
+    use sigil_proto::agent::SyncResponse;
+    use sigil_proto::common;
+
+    use super::*;
+    use crate::node::fake::FakeServer;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_agent_retries_an_absent_server_and_applies_its_snapshot() {
+        let server = Arc::new(FakeServer::new());
+        server.down.store(true, Ordering::SeqCst);
+        server
+            .sync_messages
+            .lock()
+            .expect("lock")
+            .push(SyncResponse {
+                full_snapshot: true,
+                entries: vec![common::Entry {
+                    id: "web".into(),
+                    spiffe_id: "spiffe://example.org/web".into(),
+                    parent_id: "spiffe://example.org/sigil/agent/x".into(),
+                    selectors: vec![common::Selector {
+                        r#type: "unix".into(),
+                        value: "uid:1000".into(),
+                    }],
+                    revision: 1,
+                    ..common::Entry::default()
+                }],
+                ..SyncResponse::default()
+            });
+        let metrics = Arc::new(Metrics::default());
+        let cache = Arc::new(Cache::new(
+            parse_trust_domain("trust_domain", "example.org").expect("td"),
+            Arc::new(ManualClock::new(std::time::SystemTime::now())),
+            metrics.clone(),
+            None,
+        ));
+        let (stop, stopping) = watch::channel(false);
+        let follower = tokio::spawn(follow(
+            server.clone(),
+            cache.clone(),
+            metrics.clone(),
+            stopping,
+        ));
+
+        // Away for ten seconds: nothing arrives, and the agent keeps trying.
+        assert!(!cache.wait_synced(Duration::from_secs(10)).await);
+        assert_eq!(metrics.sync_connected.get(), 0);
+        server.down.store(false, Ordering::SeqCst);
+        // Back: within the longest backoff (30 s plus half of it as jitter) the snapshot is in.
+        assert!(cache.wait_synced(Duration::from_secs(46)).await);
+        assert!(cache.entry("web").is_some());
+        assert_eq!(metrics.sync_connected.get(), 1);
+        assert_eq!(metrics.sync_updates.get(), 1);
+
+        stop.send(true).expect("follower listening");
+        follower.await.expect("follower ends");
+        assert_eq!(metrics.sync_connected.get(), 0);
+    }
 }

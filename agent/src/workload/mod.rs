@@ -9,7 +9,6 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use sigil_core::bundle::TrustBundle;
 use sigil_core::selector::Selector;
-use sigil_proto::agent::SignJwtSvidRequest;
 use sigil_workload_api::source::{Caller, IdentitySource, JwtSvid, X509Svid, X509View};
 use tokio::sync::watch;
 use tonic::Status;
@@ -18,7 +17,7 @@ use crate::attest::k8s::K8sAttestor;
 use crate::attest::unix::UnixAttestor;
 use crate::cache::{Cache, Signer};
 use crate::metrics::{Metrics, ResultLabels};
-use crate::node::ServerLink;
+use crate::node::ServerApi;
 
 /// How long a first request waits for its SVID to be signed before giving up with `Unavailable`.
 const SIGNING_TIMEOUT: Duration = Duration::from_secs(30);
@@ -33,7 +32,7 @@ pub struct AgentSource {
     k8s: Option<K8sAttestor>,
     cache: Arc<Cache>,
     signer: Signer,
-    link: Arc<ServerLink>,
+    server: Arc<dyn ServerApi>,
     metrics: Arc<Metrics>,
 }
 
@@ -44,7 +43,7 @@ impl AgentSource {
         k8s: Option<K8sAttestor>,
         cache: Arc<Cache>,
         signer: Signer,
-        link: Arc<ServerLink>,
+        server: Arc<dyn ServerApi>,
         metrics: Arc<Metrics>,
     ) -> Self {
         AgentSource {
@@ -52,7 +51,7 @@ impl AgentSource {
             k8s,
             cache,
             signer,
-            link,
+            server,
             metrics,
         }
     }
@@ -163,35 +162,29 @@ impl IdentitySource for AgentSource {
                 .collect();
             let mut svids = Vec::with_capacity(entries.len());
             for entry in entries {
-                let token = match self.cache.jwt(&entry.id, audience) {
-                    Some(token) => token,
-                    None => {
-                        let signed =
-                            self.link
-                                .client()
-                                .sign_jwt_svid(SignJwtSvidRequest {
-                                    entry_id: entry.id.clone(),
-                                    audience: audience.to_vec(),
-                                })
-                                .await
-                                .map_err(|status| match status.code() {
+                let token =
+                    match self.cache.jwt(&entry.id, audience) {
+                        Some(token) => token,
+                        None => {
+                            let signed = self.server.sign_jwt(&entry.id, audience).await.map_err(
+                                |status| match status.code() {
                                     tonic::Code::PermissionDenied
                                     | tonic::Code::InvalidArgument => status,
                                     _ => Status::unavailable(format!(
                                         "cannot get a JWT-SVID from the server now: {}",
                                         status.message()
                                     )),
-                                })?
-                                .into_inner();
-                        self.cache.store_jwt(
-                            &entry.id,
-                            audience,
-                            signed.token.clone(),
-                            signed.expires_at,
-                        );
-                        signed.token
-                    }
-                };
+                                },
+                            )?;
+                            self.cache.store_jwt(
+                                &entry.id,
+                                audience,
+                                signed.token.clone(),
+                                signed.expires_at,
+                            );
+                            signed.token
+                        }
+                    };
                 svids.push(JwtSvid {
                     spiffe_id: entry.spiffe_id.to_string(),
                     token,
@@ -216,5 +209,178 @@ impl IdentitySource for AgentSource {
 
     fn now(&self) -> i64 {
         self.cache.clock().unix_now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use sigil_core::clock::ManualClock;
+    use sigil_core::id::parse_trust_domain;
+    use sigil_proto::agent::SyncResponse;
+    use sigil_proto::common;
+    use tonic::Code;
+
+    use super::*;
+    use crate::cache::SignerSettings;
+    use crate::node::fake::FakeServer;
+
+    fn entry(id: &str, uid: &str, revision: u64) -> common::Entry {
+        common::Entry {
+            id: id.into(),
+            spiffe_id: format!("spiffe://example.org/{id}"),
+            parent_id: "spiffe://example.org/sigil/agent/x".into(),
+            selectors: vec![common::Selector {
+                r#type: "unix".into(),
+                value: format!("uid:{uid}"),
+            }],
+            revision,
+            ..common::Entry::default()
+        }
+    }
+
+    fn source() -> (Arc<FakeServer>, Arc<Cache>, AgentSource) {
+        let server = Arc::new(FakeServer::new());
+        let td = parse_trust_domain("trust_domain", "example.org").expect("td");
+        let metrics = Arc::new(Metrics::default());
+        let cache = Arc::new(Cache::new(
+            td.clone(),
+            Arc::new(ManualClock::new(SystemTime::now())),
+            metrics.clone(),
+            Some(TrustBundle::new(td)),
+        ));
+        let signer = Signer::start(
+            server.clone(),
+            cache.clone(),
+            metrics.clone(),
+            SignerSettings {
+                max_batch: 10,
+                window: Duration::from_millis(5),
+            },
+        );
+        let source = AgentSource::new(
+            UnixAttestor::new("/nonexistent/passwd".into(), "/nonexistent/group".into()),
+            None,
+            cache.clone(),
+            signer,
+            server.clone(),
+            metrics,
+        );
+        (server, cache, source)
+    }
+
+    fn uid(value: &str) -> Vec<Selector> {
+        vec![Selector::new("unix", format!("uid:{value}")).expect("selector")]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_before_the_first_sync_waits_then_is_told_to_retry() {
+        let (_server, _cache, source) = source();
+        let refused = source
+            .x509_view(&uid("1000"))
+            .await
+            .expect_err("no entries yet");
+        assert_eq!(refused.code(), Code::Unavailable);
+        assert!(
+            refused.message().contains("has not received its entries"),
+            "{}",
+            refused.message()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn svids_are_signed_once_then_served_from_the_cache_and_a_refused_one_is_left_out() {
+        let (server, cache, source) = source();
+        cache.apply_sync(&SyncResponse {
+            full_snapshot: true,
+            entries: vec![
+                entry("web", "1000", 1),
+                entry("web-debug", "1000", 1),
+                entry("db", "2000", 1),
+            ],
+            ..SyncResponse::default()
+        });
+        server.refused.lock().expect("lock").insert(
+            "web-debug".into(),
+            (Code::PermissionDenied, "not on this node".into()),
+        );
+        let view = source.x509_view(&uid("1000")).await.expect("view");
+        let ids: Vec<&str> = view
+            .svids
+            .iter()
+            .map(|svid| svid.spiffe_id.as_str())
+            .collect();
+        assert_eq!(ids, ["spiffe://example.org/web"]);
+        assert_eq!(
+            server.calls(),
+            vec![vec!["web".to_string(), "web-debug".to_string()]]
+        );
+
+        let again = source.x509_view(&uid("1000")).await.expect("view");
+        assert_eq!(again.svids[0].chain, view.svids[0].chain);
+        assert_eq!(
+            server.calls().len(),
+            2,
+            "only the refused entry is asked for again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_the_server_away_a_changed_entry_keeps_its_valid_svid() {
+        let (server, cache, source) = source();
+        cache.apply_sync(&SyncResponse {
+            full_snapshot: true,
+            entries: vec![entry("web", "1000", 1)],
+            ..SyncResponse::default()
+        });
+        let first = source.x509_view(&uid("1000")).await.expect("view");
+        server.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        cache.apply_sync(&SyncResponse {
+            entries: vec![entry("web", "1000", 2)],
+            ..SyncResponse::default()
+        });
+        let view = source.x509_view(&uid("1000")).await.expect("the old SVID");
+        assert_eq!(view.svids[0].chain, first.svids[0].chain);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jwt_svids_are_reused_per_audience_and_an_absent_server_is_unavailable() {
+        let (server, cache, source) = source();
+        cache.apply_sync(&SyncResponse {
+            full_snapshot: true,
+            entries: vec![entry("web", "1000", 1)],
+            ..SyncResponse::default()
+        });
+        let audience = vec!["db".to_string()];
+        let first = source
+            .jwt_svids(&uid("1000"), &audience, None)
+            .await
+            .expect("jwt");
+        let second = source
+            .jwt_svids(&uid("1000"), &audience, None)
+            .await
+            .expect("jwt");
+        assert_eq!(first, second);
+        assert_eq!(server.jwt_calls.lock().expect("lock").len(), 1);
+        let other = vec!["cache".to_string()];
+        server.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let refused = source
+            .jwt_svids(&uid("1000"), &other, None)
+            .await
+            .expect_err("away");
+        assert_eq!(refused.code(), Code::Unavailable);
+        assert!(
+            refused.message().contains("cannot get a JWT-SVID"),
+            "{}",
+            refused.message()
+        );
+        assert!(
+            source
+                .jwt_svids(&uid("1000"), &audience, Some("spiffe://example.org/other"))
+                .await
+                .expect("none")
+                .is_empty()
+        );
     }
 }

@@ -1,0 +1,160 @@
+//! A fake server for the agent's unit tests: a CA in memory that signs every CSR it is sent (or
+//! refuses the entries it was told to), records each batch, and can be taken away.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use rcgen::{Issuer, KeyPair};
+use sigil_core::bundle::TrustBundle;
+use sigil_core::id::parse_trust_domain;
+use sigil_core::x509::{KeyType, check_csr, leaf_params, root_ca_params};
+use sigil_proto::agent::{SignJwtSvidResponse, SyncResponse, X509SvidRequest, X509SvidResult};
+use sigil_proto::common;
+use tonic::{Code, Status};
+
+use super::{ServerApi, SyncStream};
+use crate::Result;
+
+/// The fake server.
+pub(crate) struct FakeServer {
+    issuer: Issuer<'static, KeyPair>,
+    /// The entry ids of each `BatchSignX509Svid` call, in call order.
+    pub(crate) batches: Mutex<Vec<Vec<String>>>,
+    /// Entries the server refuses, with the status it answers.
+    pub(crate) refused: Mutex<HashMap<String, (Code, String)>>,
+    /// While true every call fails with `Unavailable`.
+    pub(crate) down: AtomicBool,
+    /// What a `Sync` stream sends before it goes quiet.
+    pub(crate) sync_messages: Mutex<Vec<SyncResponse>>,
+    /// The entry ids of each `SignJwtSvid` call, in call order.
+    pub(crate) jwt_calls: Mutex<Vec<String>>,
+}
+
+impl std::fmt::Debug for FakeServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeServer").finish_non_exhaustive()
+    }
+}
+
+impl FakeServer {
+    /// A server for `example.org` with a fresh CA.
+    pub(crate) fn new() -> Self {
+        let trust_domain = parse_trust_domain("trust_domain", "example.org").expect("td");
+        let key = KeyType::EcP256.generate().expect("key");
+        let params = root_ca_params(
+            &trust_domain,
+            SystemTime::now(),
+            Duration::from_secs(86_400),
+        )
+        .expect("ca params");
+        FakeServer {
+            issuer: Issuer::new(params, key),
+            batches: Mutex::default(),
+            refused: Mutex::default(),
+            down: AtomicBool::new(false),
+            sync_messages: Mutex::default(),
+            jwt_calls: Mutex::default(),
+        }
+    }
+
+    /// The entry ids of every call so far, each batch sorted.
+    pub(crate) fn calls(&self) -> Vec<Vec<String>> {
+        let mut calls = self.batches.lock().expect("lock").clone();
+        for call in &mut calls {
+            call.sort();
+        }
+        calls
+    }
+
+    fn sign(&self, request: &X509SvidRequest) -> X509SvidResult {
+        if let Some((code, message)) = self.refused.lock().expect("lock").get(&request.entry_id) {
+            return X509SvidResult {
+                entry_id: request.entry_id.clone(),
+                svid: None,
+                error_code: *code as i32,
+                error_message: message.clone(),
+            };
+        }
+        let csr = check_csr(&request.csr).expect("the agent sends valid CSRs");
+        let id = csr.spiffe_id.expect("the agent names the entry's ID");
+        let now = SystemTime::now();
+        let params = leaf_params(&id, &[], now, now + Duration::from_secs(3600)).expect("params");
+        let certificate = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .expect("signed");
+        X509SvidResult {
+            entry_id: request.entry_id.clone(),
+            svid: Some(common::X509Svid {
+                spiffe_id: id.to_string(),
+                cert_chain: vec![certificate.der().to_vec()],
+                expires_at: 0,
+                serial: String::new(),
+            }),
+            error_code: 0,
+            error_message: String::new(),
+        }
+    }
+
+    fn check_up(&self) -> Result<(), Status> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("connection refused"));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl ServerApi for FakeServer {
+    async fn batch_sign_x509(
+        &self,
+        requests: Vec<X509SvidRequest>,
+    ) -> Result<Vec<X509SvidResult>, Status> {
+        self.check_up()?;
+        self.batches
+            .lock()
+            .expect("lock")
+            .push(requests.iter().map(|r| r.entry_id.clone()).collect());
+        Ok(requests.iter().map(|request| self.sign(request)).collect())
+    }
+
+    async fn sign_jwt(
+        &self,
+        entry_id: &str,
+        _audience: &[String],
+    ) -> Result<SignJwtSvidResponse, Status> {
+        self.check_up()?;
+        if let Some((code, message)) = self.refused.lock().expect("lock").get(entry_id) {
+            return Err(Status::new(*code, message.clone()));
+        }
+        let mut calls = self.jwt_calls.lock().expect("lock");
+        calls.push(entry_id.to_string());
+        let expires_at = sigil_core::clock::unix_seconds(SystemTime::now()) + 300;
+        Ok(SignJwtSvidResponse {
+            spiffe_id: format!("spiffe://example.org/{entry_id}"),
+            token: format!("jwt-{entry_id}-{}", calls.len()),
+            expires_at,
+        })
+    }
+
+    async fn sync(&self) -> Result<SyncStream, Status> {
+        self.check_up()?;
+        let messages: Vec<Result<SyncResponse, Status>> = self
+            .sync_messages
+            .lock()
+            .expect("lock")
+            .iter()
+            .cloned()
+            .map(Ok)
+            .collect();
+        Ok(Box::pin(
+            futures::stream::iter(messages).chain(futures::stream::pending()),
+        ))
+    }
+
+    async fn trust(&self, _bundle: &TrustBundle) -> Result<()> {
+        Ok(())
+    }
+}
