@@ -226,14 +226,10 @@ pub fn peer_tools(test: &str, tools: &[&str]) -> anyhow::Result<bool> {
     if missing.is_empty() {
         return Ok(true);
     }
-    anyhow::ensure!(
-        !crate::in_ci(),
-        "CI=true requires {test} to run, but {} cannot be started",
-        missing.join(", ")
-    );
-    eprintln!(
-        "NOTICE: skipping {test}: {} not installed",
-        missing.join(", ")
-    );
+    crate::skip_unless_ci(
+        test,
+        &format!("{} cannot be started", missing.join(", ")),
+        "install it (Debian: apt-get install openssl curl)",
+    )?;
     Ok(false)
 }

@@ -69,6 +69,19 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
+/// The one decision for every optional peer (Postgres, Envoy, Python packages, openssl, root):
+/// `what` of `test` cannot run because `missing`. Under CI that is an error that says so and how
+/// to fix it (`remedy`); on a developer machine it prints a notice and returns `Ok(())`, and the
+/// caller skips.
+pub fn skip_unless_ci(test: &str, missing: &str, remedy: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !in_ci(),
+        "CI=true requires {test} to run, but {missing}; {remedy}"
+    );
+    eprintln!("NOTICE: skipping {test}: {missing}; {remedy}");
+    Ok(())
+}
+
 /// The uid of this process (what the agent's unix attestor sees), from /proc/self/status.
 pub fn current_uid() -> anyhow::Result<u32> {
     let status = std::fs::read_to_string("/proc/self/status")?;

@@ -58,13 +58,11 @@ pub async fn fresh_database(test: &str) -> anyhow::Result<Option<FreshDatabase>>
 }
 
 fn unavailable(test: &str, url: &str, why: &str) -> anyhow::Result<Option<FreshDatabase>> {
-    anyhow::ensure!(
-        !crate::in_ci(),
-        "Postgres at {url} is unreachable ({why}), and CI=true requires the Postgres tests to run; start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`"
-    );
-    eprintln!(
-        "NOTICE: skipping the Postgres part of {test}: Postgres at {url} is unreachable ({why}); set SIGIL_TEST_POSTGRES or start Postgres to run it"
-    );
+    crate::skip_unless_ci(
+        &format!("the Postgres part of {test}"),
+        &format!("Postgres at {url} is unreachable ({why})"),
+        "start it (`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`) or set SIGIL_TEST_POSTGRES",
+    )?;
     Ok(None)
 }
 

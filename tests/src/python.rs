@@ -59,11 +59,14 @@ pub fn venv(test: &str, name: &str, requirements: &[&str]) -> anyhow::Result<Opt
     };
     match setup() {
         Ok(()) => Ok(Some(python)),
-        Err(e) if !crate::in_ci() => {
-            eprintln!("NOTICE: skipping {test}: cannot set up a virtualenv with {wanted}: {e:#}");
+        Err(e) => {
+            crate::skip_unless_ci(
+                test,
+                &format!("a virtualenv with {wanted} cannot be set up ({e:#})"),
+                "install Python 3 with venv and let it reach PyPI",
+            )?;
             Ok(None)
         }
-        Err(e) => Err(e.context(format!("CI=true requires {test} to run"))),
     }
 }
 
