@@ -6,8 +6,8 @@
 //! subject, audience and expiry it claims, and so on. A broken property is a panic, which
 //! libFuzzer reports as a crash and the corpus replay (`tests/replay.rs`) as a failed test.
 //!
-//! The libFuzzer targets in `fuzz_targets/` are one line each over [`TARGETS`]' functions, so
-//! the same code runs under the fuzzer and as a plain test over `corpus/<target>/`.
+//! The libFuzzer targets in `libfuzzer/fuzz_targets/` are one line each over [`TARGETS`]'
+//! functions, so the same code runs under the fuzzer and as a plain test over `corpus/<target>/`.
 
 mod bundle;
 mod config;

@@ -30,7 +30,7 @@ fn replay(target: &str) {
     let files = corpus_files(target);
     assert!(
         !files.is_empty(),
-        "corpus/{target}/ is empty; run `cargo run --example make-corpus` in fuzz/"
+        "corpus/{target}/ is empty; run `cargo run -p sigil-fuzz --example make-corpus`"
     );
     let failed: Vec<String> = files
         .iter()
@@ -64,7 +64,9 @@ macro_rules! replay_tests {
             let replayed = [$(stringify!($target)),*];
             for (name, _) in TARGETS {
                 assert!(replayed.contains(name), "{name} has no replay test");
-                let target = fuzz_dir().join("fuzz_targets").join(format!("{name}.rs"));
+                let target = fuzz_dir()
+                    .join("libfuzzer/fuzz_targets")
+                    .join(format!("{name}.rs"));
                 assert!(target.is_file(), "{} is missing", target.display());
             }
             assert_eq!(replayed.len(), TARGETS.len(), "a replay test without a target");

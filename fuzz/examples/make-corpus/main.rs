@@ -1,5 +1,5 @@
 //! Writes the seed corpus of every fuzz target into `fuzz/corpus/<target>/`:
-//! `cargo run --example make-corpus` in `fuzz/` (add `-- --force` to rewrite existing seeds).
+//! `cargo run -p sigil-fuzz --example make-corpus` (add `-- --force` to rewrite existing seeds).
 //!
 //! Seeds are a handful of valid and invalid inputs per target. Text seeds are written out below;
 //! certificates and CSRs are made here with rcgen (fresh keys each run, so `--force` changes
