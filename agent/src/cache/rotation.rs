@@ -62,14 +62,9 @@ pub async fn keep_svids_fresh(
 mod tests {
     use std::time::SystemTime;
 
-    use sigil_core::clock::{Clock, ManualClock};
-    use sigil_core::id::parse_trust_domain;
-    use sigil_proto::agent::SyncResponse;
-    use sigil_proto::common;
-
     use super::*;
-    use crate::cache::SignerSettings;
-    use crate::node::fake::FakeServer;
+    use crate::node::fake::{FakeServer, empty_cache, snapshot, sync_entry, test_signer};
+    use sigil_core::clock::{Clock, ManualClock};
 
     #[tokio::test(start_paused = true)]
     async fn an_svid_is_renewed_when_due_and_a_failed_renewal_keeps_the_old_one() {
@@ -79,36 +74,9 @@ mod tests {
         let start = clock.unix_now();
         let server = Arc::new(FakeServer::new());
         let metrics = Arc::new(Metrics::default());
-        let cache = Arc::new(Cache::new(
-            parse_trust_domain("trust_domain", "example.org").expect("td"),
-            clock.clone(),
-            metrics.clone(),
-            None,
-        ));
-        cache.apply_sync(&SyncResponse {
-            full_snapshot: true,
-            entries: vec![common::Entry {
-                id: "web".into(),
-                spiffe_id: "spiffe://example.org/web".into(),
-                parent_id: "spiffe://example.org/sigil/agent/x".into(),
-                selectors: vec![common::Selector {
-                    r#type: "unix".into(),
-                    value: "uid:1000".into(),
-                }],
-                revision: 1,
-                ..common::Entry::default()
-            }],
-            ..SyncResponse::default()
-        });
-        let signer = Signer::start(
-            server.clone(),
-            cache.clone(),
-            metrics.clone(),
-            SignerSettings {
-                max_batch: 10,
-                window: Duration::from_millis(5),
-            },
-        );
+        let cache = empty_cache(clock.clone(), metrics.clone(), None);
+        cache.apply_sync(&snapshot(vec![sync_entry("web", "1000", 1)]));
+        let signer = test_signer(&server, &cache, &metrics);
         let web = cache.entry("web").expect("web");
         let first = signer.sign(web.clone()).await.expect("signed");
         let due = first.renew_at - start;

@@ -204,11 +204,11 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use sigil_core::clock::{ManualClock, SharedClock};
-    use sigil_core::id::{SpiffeId, parse_trust_domain};
+    use sigil_core::id::SpiffeId;
     use sigil_core::selector::Selector;
 
     use super::*;
-    use crate::node::fake::FakeServer;
+    use crate::node::fake::{FakeServer, empty_cache, snapshot, sync_entry};
 
     fn entry(id: &str) -> Arc<Entry> {
         Arc::new(Entry {
@@ -233,31 +233,14 @@ mod tests {
         let server = Arc::new(FakeServer::new());
         let clock: SharedClock = Arc::new(ManualClock::new(std::time::SystemTime::now()));
         let metrics = Arc::new(Metrics::default());
-        let cache = Arc::new(Cache::new(
-            parse_trust_domain("trust_domain", "example.org").expect("td"),
-            clock,
-            metrics.clone(),
-            None,
-        ));
+        let cache = empty_cache(clock, metrics.clone(), None);
         // The cache keeps SVIDs only of entries it holds.
-        cache.apply_sync(&sigil_proto::agent::SyncResponse {
-            full_snapshot: true,
-            entries: ["web", "db", "a", "b", "c", "d", "one", "two"]
+        cache.apply_sync(&snapshot(
+            ["web", "db", "a", "b", "c", "d", "one", "two"]
                 .iter()
-                .map(|id| {
-                    let entry = entry(id);
-                    sigil_proto::common::Entry {
-                        id: entry.id.clone(),
-                        spiffe_id: entry.spiffe_id.to_string(),
-                        parent_id: entry.parent_id.to_string(),
-                        selectors: entry.selectors.iter().map(Into::into).collect(),
-                        revision: entry.revision,
-                        ..sigil_proto::common::Entry::default()
-                    }
-                })
+                .map(|id| sync_entry(id, "1000", 1))
                 .collect(),
-            ..Default::default()
-        });
+        ));
         let signer = Signer::start(
             server.clone(),
             cache.clone(),

@@ -2,6 +2,7 @@
 //! refuses the entries it was told to), records each batch, and can be taken away.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
@@ -9,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use rcgen::{Issuer, KeyPair};
 use sigil_core::bundle::TrustBundle;
+use sigil_core::clock::SharedClock;
 use sigil_core::id::parse_trust_domain;
 use sigil_core::x509::{KeyType, check_csr, leaf_params, root_ca_params};
 use sigil_proto::agent::{SignJwtSvidResponse, SyncResponse, X509SvidRequest, X509SvidResult};
@@ -17,6 +19,8 @@ use tonic::{Code, Status};
 
 use super::{ServerApi, SyncStream};
 use crate::Result;
+use crate::cache::{Cache, Signer, SignerSettings};
+use crate::metrics::Metrics;
 
 /// The fake server.
 pub(crate) struct FakeServer {
@@ -157,4 +161,56 @@ impl ServerApi for FakeServer {
     async fn trust(&self, _bundle: &TrustBundle) -> Result<()> {
         Ok(())
     }
+}
+
+/// An entry as the server sends it: `spiffe://example.org/<id>` for the callers with
+/// `unix:uid:<uid>`, under one agent.
+pub(crate) fn sync_entry(id: &str, uid: &str, revision: u64) -> common::Entry {
+    common::Entry {
+        id: id.into(),
+        spiffe_id: format!("spiffe://example.org/{id}"),
+        parent_id: "spiffe://example.org/sigil/agent/x".into(),
+        selectors: vec![common::Selector {
+            r#type: "unix".into(),
+            value: format!("uid:{uid}"),
+        }],
+        revision,
+        ..common::Entry::default()
+    }
+}
+
+/// The first message of a sync stream: the whole set of `entries`.
+pub(crate) fn snapshot(entries: Vec<common::Entry>) -> SyncResponse {
+    SyncResponse {
+        full_snapshot: true,
+        entries,
+        ..SyncResponse::default()
+    }
+}
+
+/// An empty cache for `example.org` on `clock`.
+pub(crate) fn empty_cache(
+    clock: SharedClock,
+    metrics: Arc<Metrics>,
+    bundle: Option<TrustBundle>,
+) -> Arc<Cache> {
+    let trust_domain = parse_trust_domain("trust_domain", "example.org").expect("td");
+    Arc::new(Cache::new(trust_domain, clock, metrics, bundle))
+}
+
+/// A signer over `server` batching up to 10 requests in a 5 ms window.
+pub(crate) fn test_signer(
+    server: &Arc<FakeServer>,
+    cache: &Arc<Cache>,
+    metrics: &Arc<Metrics>,
+) -> Signer {
+    Signer::start(
+        server.clone(),
+        cache.clone(),
+        metrics.clone(),
+        SignerSettings {
+            max_batch: 10,
+            window: Duration::from_millis(5),
+        },
+    )
 }

@@ -91,12 +91,9 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use sigil_core::clock::ManualClock;
-    use sigil_core::id::parse_trust_domain;
-    use sigil_proto::agent::SyncResponse;
-    use sigil_proto::common;
 
     use super::*;
-    use crate::node::fake::FakeServer;
+    use crate::node::fake::{FakeServer, empty_cache, snapshot, sync_entry};
 
     #[tokio::test(start_paused = true)]
     async fn the_agent_retries_an_absent_server_and_applies_its_snapshot() {
@@ -106,28 +103,13 @@ mod tests {
             .sync_messages
             .lock()
             .expect("lock")
-            .push(SyncResponse {
-                full_snapshot: true,
-                entries: vec![common::Entry {
-                    id: "web".into(),
-                    spiffe_id: "spiffe://example.org/web".into(),
-                    parent_id: "spiffe://example.org/sigil/agent/x".into(),
-                    selectors: vec![common::Selector {
-                        r#type: "unix".into(),
-                        value: "uid:1000".into(),
-                    }],
-                    revision: 1,
-                    ..common::Entry::default()
-                }],
-                ..SyncResponse::default()
-            });
+            .push(snapshot(vec![sync_entry("web", "1000", 1)]));
         let metrics = Arc::new(Metrics::default());
-        let cache = Arc::new(Cache::new(
-            parse_trust_domain("trust_domain", "example.org").expect("td"),
+        let cache = empty_cache(
             Arc::new(ManualClock::new(std::time::SystemTime::now())),
             metrics.clone(),
             None,
-        ));
+        );
         let (stop, stopping) = watch::channel(false);
         let follower = tokio::spawn(follow(
             server.clone(),

@@ -219,46 +219,21 @@ mod tests {
     use sigil_core::clock::ManualClock;
     use sigil_core::id::parse_trust_domain;
     use sigil_proto::agent::SyncResponse;
-    use sigil_proto::common;
     use tonic::Code;
 
     use super::*;
-    use crate::cache::SignerSettings;
-    use crate::node::fake::FakeServer;
-
-    fn entry(id: &str, uid: &str, revision: u64) -> common::Entry {
-        common::Entry {
-            id: id.into(),
-            spiffe_id: format!("spiffe://example.org/{id}"),
-            parent_id: "spiffe://example.org/sigil/agent/x".into(),
-            selectors: vec![common::Selector {
-                r#type: "unix".into(),
-                value: format!("uid:{uid}"),
-            }],
-            revision,
-            ..common::Entry::default()
-        }
-    }
+    use crate::node::fake::{FakeServer, empty_cache, snapshot, sync_entry, test_signer};
 
     fn source() -> (Arc<FakeServer>, Arc<Cache>, AgentSource) {
         let server = Arc::new(FakeServer::new());
         let td = parse_trust_domain("trust_domain", "example.org").expect("td");
         let metrics = Arc::new(Metrics::default());
-        let cache = Arc::new(Cache::new(
-            td.clone(),
+        let cache = empty_cache(
             Arc::new(ManualClock::new(SystemTime::now())),
             metrics.clone(),
             Some(TrustBundle::new(td)),
-        ));
-        let signer = Signer::start(
-            server.clone(),
-            cache.clone(),
-            metrics.clone(),
-            SignerSettings {
-                max_batch: 10,
-                window: Duration::from_millis(5),
-            },
         );
+        let signer = test_signer(&server, &cache, &metrics);
         let source = AgentSource::new(
             UnixAttestor::new("/nonexistent/passwd".into(), "/nonexistent/group".into()),
             None,
@@ -292,15 +267,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn svids_are_signed_once_then_served_from_the_cache_and_a_refused_one_is_left_out() {
         let (server, cache, source) = source();
-        cache.apply_sync(&SyncResponse {
-            full_snapshot: true,
-            entries: vec![
-                entry("web", "1000", 1),
-                entry("web-debug", "1000", 1),
-                entry("db", "2000", 1),
-            ],
-            ..SyncResponse::default()
-        });
+        cache.apply_sync(&snapshot(vec![
+            sync_entry("web", "1000", 1),
+            sync_entry("web-debug", "1000", 1),
+            sync_entry("db", "2000", 1),
+        ]));
         server.refused.lock().expect("lock").insert(
             "web-debug".into(),
             (Code::PermissionDenied, "not on this node".into()),
@@ -329,15 +300,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn with_the_server_away_a_changed_entry_keeps_its_valid_svid() {
         let (server, cache, source) = source();
-        cache.apply_sync(&SyncResponse {
-            full_snapshot: true,
-            entries: vec![entry("web", "1000", 1)],
-            ..SyncResponse::default()
-        });
+        cache.apply_sync(&snapshot(vec![sync_entry("web", "1000", 1)]));
         let first = source.x509_view(&uid("1000")).await.expect("view");
         server.down.store(true, std::sync::atomic::Ordering::SeqCst);
         cache.apply_sync(&SyncResponse {
-            entries: vec![entry("web", "1000", 2)],
+            entries: vec![sync_entry("web", "1000", 2)],
             ..SyncResponse::default()
         });
         let view = source.x509_view(&uid("1000")).await.expect("the old SVID");
@@ -347,11 +314,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn jwt_svids_are_reused_per_audience_and_an_absent_server_is_unavailable() {
         let (server, cache, source) = source();
-        cache.apply_sync(&SyncResponse {
-            full_snapshot: true,
-            entries: vec![entry("web", "1000", 1)],
-            ..SyncResponse::default()
-        });
+        cache.apply_sync(&snapshot(vec![sync_entry("web", "1000", 1)]));
         let audience = vec!["db".to_string()];
         let first = source
             .jwt_svids(&uid("1000"), &audience, None)
