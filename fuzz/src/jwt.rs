@@ -70,7 +70,7 @@ fn keys() -> &'static Keys {
 /// `validate` on an arbitrary token: everything a caller reaches before the signature check
 /// (splitting, base64url, JSON, alg, kid, sub, bundle lookup).
 ///
-/// Holds: see [`assert_consistent`].
+/// Holds: see `assert_consistent` (in this file).
 pub fn jwt_svid(data: &[u8]) {
     let Some(token) = text(data) else { return };
     if let Ok(valid) = validate(token, AUDIENCE, &keys().bundles, NOW) {
@@ -82,7 +82,7 @@ pub fn jwt_svid(data: &[u8]) {
 /// its `kid` names (`k2`: P-384, anything else `k1`: P-256), then `validate`: everything after
 /// the signature check (exp, aud, sub) with the signature out of the way.
 ///
-/// Holds: see [`assert_consistent`].
+/// Holds: see `assert_consistent` (in this file).
 pub fn jwt_claims(data: &[u8]) {
     let Some(input) = text(data) else { return };
     let mut lines = input.splitn(2, '\n');
