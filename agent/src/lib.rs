@@ -6,12 +6,12 @@
 //! - [`node`]: the connection to the server, node attestation, and the agent's own SVID.
 //! - [`sync`]: the entry stream from the server.
 //! - [`cache`]: entries, bundle and workload SVIDs; batch signing and rotation.
-//! - [`attest`]: workload attestors (unix).
+//! - [`attest`]: workload attestors (unix, k8s) behind one trait, and their registry.
 //! - [`workload`]: the agent as the Workload API's identity source.
 //! - [`health`], [`metrics`], [`config`].
 //!
 //! A workload's request flows: Unix socket -> `sigil_workload_api::server` (header, peer
-//! credentials) -> [`workload::AgentSource`] -> [`attest::unix`] (selectors) -> [`cache`]
+//! credentials) -> [`workload::AgentSource`] -> [`attest::WorkloadAttestors`] (selectors) -> [`cache`]
 //! (matching entries, cached SVIDs) -> [`cache::Signer`] (CSR batch) -> the server.
 //!
 //! Errors are one enum, [`Error`].

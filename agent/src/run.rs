@@ -14,8 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::attest::k8s::{K8sAttestor, PodIndex, watch_pods};
-use crate::attest::unix::UnixAttestor;
+use crate::attest::WorkloadAttestors;
 use crate::cache::{Cache, Signer, SignerSettings, keep_svids_fresh};
 use crate::config::{AgentConfig, NodeAttestorKind};
 use crate::health::{Health, router};
@@ -68,11 +67,9 @@ pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Re
         &mut tasks, &link, &cache, &signer, &metrics, &clock, &stopping,
     );
 
-    let attestor = UnixAttestor::new(config.passwd_path.clone(), config.group_path.clone());
-    let k8s = start_k8s_attestor(&config, source, &mut tasks, &stopping).await?;
+    let attestors = WorkloadAttestors::from_config(&config, source, &mut tasks, &stopping).await?;
     let source = Arc::new(AgentSource::new(
-        attestor,
-        k8s,
+        attestors,
         cache.clone(),
         signer,
         link.clone(),
@@ -158,23 +155,6 @@ fn link_settings(config: &AgentConfig, trust_domain: TrustDomain) -> LinkSetting
             }),
         },
     }
-}
-
-/// The Kubernetes workload attestor and its pod watch, if the configuration turns it on.
-async fn start_k8s_attestor(
-    config: &AgentConfig,
-    source: &Path,
-    tasks: &mut JoinSet<()>,
-    stopping: &watch::Receiver<bool>,
-) -> Result<Option<K8sAttestor>> {
-    if !config.kubernetes.workload_attestor {
-        return Ok(None);
-    }
-    let node_name = config.kubernetes.node_name(source)?;
-    let client = config.kubernetes.client().await?;
-    let index = Arc::new(PodIndex::new(node_name));
-    tasks.spawn(watch_pods(client, index.clone(), stopping.clone()));
-    Ok(Some(K8sAttestor::new(index, config.kubernetes.pod_wait.0)))
 }
 
 /// Opens the Workload API socket at `socket_path` and serves the Workload API and SDS on it.

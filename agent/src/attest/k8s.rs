@@ -9,6 +9,7 @@
 //! (a pod that just started) is waited for, up to a bound, then refused with a clear error.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -18,9 +19,13 @@ use kube::Api;
 use kube::runtime::watcher::{self, Event};
 use sigil_core::selector::Selector;
 use sigil_core::untrusted::untrusted;
-use sigil_workload_api::peer::PeerProcess;
+use sigil_workload_api::source::Caller;
 use tokio::sync::watch;
-use tonic::Status;
+use tokio::task::JoinSet;
+
+use super::WorkloadAttestor;
+use crate::config::AgentConfig;
+use crate::{Error, Result};
 
 /// What the agent knows about one container of a pod on its node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,19 +302,39 @@ impl K8sAttestor {
         K8sAttestor { index, pod_wait }
     }
 
+    /// The attestor `config` describes, over a pod index that a watch of this node's pods,
+    /// spawned on `tasks` until `stopping` turns true, keeps current.
+    pub async fn start(
+        config: &AgentConfig,
+        source: &Path,
+        tasks: &mut JoinSet<()>,
+        stopping: &watch::Receiver<bool>,
+    ) -> Result<Self> {
+        let node_name = config.kubernetes.node_name(source)?;
+        let client = config.kubernetes.client().await?;
+        let index = Arc::new(PodIndex::new(node_name));
+        tasks.spawn(watch_pods(client, index.clone(), stopping.clone()));
+        Ok(K8sAttestor::new(index, config.kubernetes.pod_wait.0))
+    }
+}
+
+#[tonic::async_trait]
+impl WorkloadAttestor for K8sAttestor {
     /// The Kubernetes selectors of the process held since the caller connected; empty for a
-    /// process outside any container.
-    pub async fn attest(&self, process: &PeerProcess) -> Result<Vec<Selector>, Status> {
+    /// process outside any container, or a caller whose pid the agent cannot see.
+    async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>> {
+        let Some(process) = &caller.process else {
+            return Ok(Vec::new());
+        };
         let pid = process.pid();
         let cgroup = process.read("cgroup").map_err(|e| {
-            Status::permission_denied(format!(
-                "cannot read the cgroup of process {pid} ({e}); it may have exited"
-            ))
+            Error::caller_refused_by(
+                format!("cannot read the cgroup of process {pid} ({e}); it may have exited"),
+                e,
+            )
         })?;
         // The cgroup read is the connecting process's only if it is still that process.
-        process
-            .verify()
-            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        process.verify().map_err(Error::CallerChanged)?;
         let Some(PodContainer {
             pod_uid,
             container_id: container,
@@ -331,16 +356,16 @@ impl K8sAttestor {
         .await
         .ok()
         .flatten();
-        let info = found.ok_or_else(|| {
-            Status::unavailable(format!(
-                "container {container} of process {pid} is not in any pod on node {} after waiting {:?}; if the pod just started, retry",
-                self.index.node_name, self.pod_wait
-            ))
+        let info = found.ok_or_else(|| Error::PodNotFound {
+            container: container.clone(),
+            pid,
+            node: self.index.node_name.clone(),
+            waited: self.pod_wait,
         })?;
         // The kubelet names the pod's cgroup after its UID; a container ID found under another
         // pod's cgroup is a cgroup tree somebody made up.
         if info.pod_uid != pod_uid {
-            return Err(Status::permission_denied(format!(
+            return Err(Error::caller_refused(format!(
                 "process {pid} is in a cgroup of pod {} but its container {container} belongs to pod {}; refusing to attest it",
                 untrusted(&pod_uid),
                 info.pod_uid

@@ -13,7 +13,9 @@ use std::path::PathBuf;
 
 use sigil_core::selector::Selector;
 use sigil_workload_api::source::Caller;
-use tonic::Status;
+
+use super::WorkloadAttestor;
+use crate::{Error, Result};
 
 /// Reads selectors for callers.
 #[derive(Debug, Clone)]
@@ -28,8 +30,8 @@ impl UnixAttestor {
         UnixAttestor { passwd, group }
     }
 
-    /// The caller's selectors.
-    pub fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, Status> {
+    /// The caller's selectors, sorted.
+    fn selectors(&self, caller: &Caller) -> Result<Vec<Selector>> {
         let mut selectors = vec![
             selector("uid", caller.uid.to_string())?,
             selector("gid", caller.gid.to_string())?,
@@ -46,12 +48,12 @@ impl UnixAttestor {
         if let Some(process) = &caller.process {
             let pid = process.pid();
             let status = process.read("status").map_err(|e| {
-                Status::permission_denied(format!(
+                Error::caller_refused_by(format!(
                     "cannot attest the caller: process {pid} is gone or unreadable ({e}); it may have exited before attestation"
-                ))
+                ), e)
             })?;
             if !owned_by(&status, caller.uid) {
-                return Err(Status::permission_denied(format!(
+                return Err(Error::caller_refused(format!(
                     "cannot attest the caller: process {pid} no longer belongs to uid {}",
                     caller.uid
                 )));
@@ -69,9 +71,7 @@ impl UnixAttestor {
                 }
             }
             // What was read is the connecting process's only if it is still that process.
-            process
-                .verify()
-                .map_err(|e| Status::permission_denied(e.to_string()))?;
+            process.verify().map_err(Error::CallerChanged)?;
         }
         selectors.sort();
         selectors.dedup();
@@ -79,9 +79,16 @@ impl UnixAttestor {
     }
 }
 
-fn selector(kind: &str, value: String) -> Result<Selector, Status> {
+#[tonic::async_trait]
+impl WorkloadAttestor for UnixAttestor {
+    async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>> {
+        self.selectors(caller)
+    }
+}
+
+fn selector(kind: &str, value: String) -> Result<Selector> {
     Selector::new("unix", format!("{kind}:{value}"))
-        .map_err(|e| Status::permission_denied(format!("cannot describe the caller: {e}")))
+        .map_err(|e| Error::caller_refused_by(format!("cannot describe the caller: {e}"), e))
 }
 
 /// The name for `id` in the text of a passwd- or group-format file (`name:x:id:...`).
@@ -126,6 +133,7 @@ mod tests {
 
     use rustix::process::{PidfdFlags, getpid, pidfd_open};
     use sigil_workload_api::peer::PeerProcess;
+    use tonic::Status;
 
     use super::*;
 
@@ -182,7 +190,7 @@ mod tests {
     fn selectors_from_credentials_and_proc() {
         let (dir, attestor) = fake_host();
         let selectors = attestor
-            .attest(&held(dir.path(), 4242, 1000))
+            .selectors(&held(dir.path(), 4242, 1000))
             .expect("attested");
         let texts = texts(&selectors);
         for expected in [
@@ -207,7 +215,7 @@ mod tests {
         let caller = held(dir.path(), 4242, 1000);
         // Another process got pid 4242 after the connection was accepted: another start time.
         std::fs::write(dir.path().join("proc/4242/stat"), stat_line(4242, 200)).expect("stat");
-        let refused = attestor.attest(&caller).expect_err("refused");
+        let refused = Status::from(attestor.selectors(&caller).expect_err("refused"));
         assert_eq!(refused.code(), tonic::Code::PermissionDenied);
         assert!(
             refused.message().contains("the caller changed")
@@ -230,16 +238,21 @@ mod tests {
         drop(child.stdin.take());
         child.wait().expect("wait");
         let gone = attestor
-            .attest(&Caller {
+            .selectors(&Caller {
                 pid: Some(pid),
                 uid: 0,
                 gid: 0,
                 process: Some(Arc::new(process)),
             })
+            .map_err(Status::from)
             .unwrap_err();
         assert_eq!(gone.code(), tonic::Code::PermissionDenied);
         assert!(gone.message().contains("exited"), "{}", gone.message());
-        let reused = attestor.attest(&held(dir.path(), 5000, 1000)).unwrap_err();
+        let reused = Status::from(
+            attestor
+                .selectors(&held(dir.path(), 5000, 1000))
+                .unwrap_err(),
+        );
         assert!(
             reused.message().contains("no longer belongs"),
             "{}",
@@ -251,7 +264,7 @@ mod tests {
     fn unknown_ids_still_get_numeric_selectors() {
         let (_dir, attestor) = fake_host();
         let selectors = attestor
-            .attest(&Caller {
+            .selectors(&Caller {
                 pid: None,
                 uid: 4321,
                 gid: 4321,

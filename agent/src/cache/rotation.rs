@@ -37,9 +37,9 @@ pub async fn keep_svids_fresh(
                 Ok(_) => {
                     metrics.svid_renewals.inc();
                 }
-                Err(status) => {
+                Err(e) => {
                     failed = true;
-                    tracing::warn!(entry = %entry_id, error = %status.message(), "SVID renewal failed; keeping the current SVID and retrying");
+                    tracing::warn!(entry = %entry_id, error = %e, "SVID renewal failed; keeping the current SVID and retrying");
                 }
             }
         }

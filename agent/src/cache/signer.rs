@@ -16,6 +16,7 @@ use tonic::{Code, Status};
 use super::{Cache, CachedSvid, renewal_time};
 use crate::metrics::Metrics;
 use crate::node::ServerApi;
+use crate::{Error, Result};
 
 /// How batches are formed.
 #[derive(Debug, Clone, Copy)]
@@ -26,7 +27,10 @@ pub struct SignerSettings {
     pub window: Duration,
 }
 
-type Reply = oneshot::Sender<Result<Arc<CachedSvid>, Status>>;
+/// Every waiter for an entry gets the same outcome, so a failure is shared.
+type Outcome = Result<Arc<CachedSvid>, Arc<Error>>;
+
+type Reply = oneshot::Sender<Outcome>;
 
 struct Request {
     entry: Arc<Entry>,
@@ -61,15 +65,16 @@ impl Signer {
     }
 
     /// Signs a fresh SVID for `entry` (with a new key) and stores it in the cache.
-    pub async fn sign(&self, entry: Arc<Entry>) -> Result<Arc<CachedSvid>, Status> {
+    pub async fn sign(&self, entry: Arc<Entry>) -> Result<Arc<CachedSvid>> {
         let (reply, answer) = oneshot::channel();
         self.sender
             .send(Request { entry, reply })
             .await
-            .map_err(|_| Status::unavailable("the agent is stopping"))?;
+            .map_err(|_| Error::Stopping)?;
         answer
             .await
-            .map_err(|_| Status::unavailable("the agent is stopping"))?
+            .map_err(|_| Error::Stopping)?
+            .map_err(Error::Shared)
     }
 }
 
@@ -118,14 +123,7 @@ async fn sign_batch(
     for (_, (entry, waiters)) in by_entry {
         let prepared = KeyType::EcP256
             .generate()
-            .map_err(|e| Status::internal(e.to_string()))
-            .and_then(|key| {
-                Ok((
-                    csr_for(&key, Some(&entry.spiffe_id))
-                        .map_err(|e| Status::internal(e.to_string()))?,
-                    key,
-                ))
-            });
+            .and_then(|key| Ok((csr_for(&key, Some(&entry.spiffe_id))?, key)));
         match prepared {
             Ok((csr, key)) => {
                 requests.push(X509SvidRequest {
@@ -134,7 +132,7 @@ async fn sign_batch(
                 });
                 pending.push((entry, key, waiters));
             }
-            Err(status) => answer(waiters, Err(status)),
+            Err(e) => answer(waiters, Err(Arc::new(e.into()))),
         }
     }
     if requests.is_empty() {
@@ -142,13 +140,10 @@ async fn sign_batch(
     }
     let results = match server.batch_sign_x509(requests).await {
         Ok(results) => results,
-        Err(status) => {
-            let status = Status::unavailable(format!(
-                "cannot get an SVID from the server now: {}",
-                status.message()
-            ));
+        Err(e) => {
+            let failure = Arc::new(e.server_away("an SVID"));
             for (_, _, waiters) in pending {
-                answer(waiters, Err(status.clone()));
+                answer(waiters, Err(failure.clone()));
             }
             return;
         }
@@ -175,25 +170,23 @@ async fn sign_batch(
                         cache.store_svid(cached.clone());
                         Ok(Arc::new(cached))
                     }
-                    Some(Err(e)) => Err(Status::internal(format!(
-                        "the server sent an unreadable SVID: {e}"
-                    ))),
-                    None => Err(Status::internal("the server sent an empty chain")),
+                    Some(Err(e)) => Err(Arc::new(Error::UnreadableSvid(e))),
+                    None => Err(Arc::new(Error::EmptyChain)),
                 }
             }
             _ => {
                 tracing::warn!(entry = %entry.id, code = result.error_code, error = %result.error_message, "the server refused an SVID");
-                Err(Status::new(
-                    Code::from(result.error_code),
-                    result.error_message,
-                ))
+                Err(Arc::new(Error::Refused {
+                    call: "BatchSignX509Svid",
+                    status: Status::new(Code::from(result.error_code), result.error_message),
+                }))
             }
         };
         answer(waiters, outcome);
     }
 }
 
-fn answer(waiters: Vec<Reply>, outcome: Result<Arc<CachedSvid>, Status>) {
+fn answer(waiters: Vec<Reply>, outcome: Outcome) {
     for waiter in waiters {
         let _ = waiter.send(outcome.clone());
     }
@@ -204,29 +197,13 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use sigil_core::clock::{ManualClock, SharedClock};
-    use sigil_core::id::SpiffeId;
-    use sigil_core::selector::Selector;
 
     use super::*;
     use crate::node::fake::{FakeServer, empty_cache, snapshot, sync_entry};
 
-    fn entry(id: &str) -> Arc<Entry> {
-        Arc::new(Entry {
-            id: id.into(),
-            spiffe_id: SpiffeId::new(format!("spiffe://example.org/{id}")).expect("id"),
-            parent_id: SpiffeId::new("spiffe://example.org/sigil/agent/x").expect("parent"),
-            selectors: vec![Selector::new("unix", "uid:1000").expect("selector")],
-            x509_svid_ttl: 0,
-            jwt_svid_ttl: 0,
-            dns_names: Vec::new(),
-            federates_with: Vec::new(),
-            admin: false,
-            downstream: false,
-            hint: String::new(),
-            expires_at: 0,
-            created_at: 0,
-            revision: 1,
-        })
+    /// One of the entries `signer` puts in the cache.
+    fn entry(cache: &Cache, id: &str) -> Arc<Entry> {
+        cache.entry(id).expect("a test entry")
     }
 
     fn signer(max_batch: usize) -> (Arc<FakeServer>, Arc<Cache>, Signer) {
@@ -257,9 +234,9 @@ mod tests {
     async fn requests_in_one_window_share_a_call_and_an_entry_shares_one_csr() {
         let (server, cache, signer) = signer(100);
         let (web, db, web_again) = tokio::join!(
-            signer.sign(entry("web")),
-            signer.sign(entry("db")),
-            signer.sign(entry("web")),
+            signer.sign(entry(&cache, "web")),
+            signer.sign(entry(&cache, "db")),
+            signer.sign(entry(&cache, "web")),
         );
         let (web, db, web_again) = (web.expect("web"), db.expect("db"), web_again.expect("web"));
         assert_eq!(
@@ -273,11 +250,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_batch_goes_at_once_and_a_late_request_makes_a_new_call() {
-        let (server, _cache, signer) = signer(2);
+        let (server, cache, signer) = signer(2);
         let (a, b, c) = tokio::join!(
-            signer.sign(entry("a")),
-            signer.sign(entry("b")),
-            signer.sign(entry("c")),
+            signer.sign(entry(&cache, "a")),
+            signer.sign(entry(&cache, "b")),
+            signer.sign(entry(&cache, "c")),
         );
         assert!(a.is_ok() && b.is_ok() && c.is_ok());
         assert_eq!(
@@ -288,7 +265,7 @@ mod tests {
             ]
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-        signer.sign(entry("d")).await.expect("d");
+        signer.sign(entry(&cache, "d")).await.expect("d");
         assert_eq!(server.calls().len(), 3, "{:?}", server.calls());
     }
 
@@ -299,9 +276,12 @@ mod tests {
             "db".into(),
             (Code::PermissionDenied, "not authorized for db".into()),
         );
-        let (web, db) = tokio::join!(signer.sign(entry("web")), signer.sign(entry("db")));
+        let (web, db) = tokio::join!(
+            signer.sign(entry(&cache, "web")),
+            signer.sign(entry(&cache, "db"))
+        );
         assert!(web.is_ok());
-        let refused = db.expect_err("db is refused");
+        let refused = Status::from(db.expect_err("db is refused"));
         assert_eq!(refused.code(), Code::PermissionDenied);
         assert_eq!(refused.message(), "not authorized for db");
         assert!(
@@ -310,9 +290,12 @@ mod tests {
         );
 
         server.down.store(true, Ordering::SeqCst);
-        let (one, two) = tokio::join!(signer.sign(entry("one")), signer.sign(entry("two")));
+        let (one, two) = tokio::join!(
+            signer.sign(entry(&cache, "one")),
+            signer.sign(entry(&cache, "two"))
+        );
         for outcome in [one, two] {
-            let status = outcome.expect_err("the server is away");
+            let status = Status::from(outcome.expect_err("the server is away"));
             assert_eq!(status.code(), Code::Unavailable);
             assert!(
                 status

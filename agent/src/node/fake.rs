@@ -18,9 +18,9 @@ use sigil_proto::common;
 use tonic::{Code, Status};
 
 use super::{ServerApi, SyncStream};
-use crate::Result;
 use crate::cache::{Cache, Signer, SignerSettings};
 use crate::metrics::Metrics;
+use crate::{Error, Result};
 
 /// The fake server.
 pub(crate) struct FakeServer {
@@ -102,9 +102,13 @@ impl FakeServer {
         }
     }
 
-    fn check_up(&self) -> Result<(), Status> {
+    /// Fails `call` as a transport error would while the server is down.
+    fn check_up(&self, call: &'static str) -> Result<()> {
         if self.down.load(Ordering::SeqCst) {
-            return Err(Status::unavailable("connection refused"));
+            return Err(Error::Refused {
+                call,
+                status: Status::unavailable("connection refused"),
+            });
         }
         Ok(())
     }
@@ -112,11 +116,8 @@ impl FakeServer {
 
 #[tonic::async_trait]
 impl ServerApi for FakeServer {
-    async fn batch_sign_x509(
-        &self,
-        requests: Vec<X509SvidRequest>,
-    ) -> Result<Vec<X509SvidResult>, Status> {
-        self.check_up()?;
+    async fn batch_sign_x509(&self, requests: Vec<X509SvidRequest>) -> Result<Vec<X509SvidResult>> {
+        self.check_up("BatchSignX509Svid")?;
         self.batches
             .lock()
             .expect("lock")
@@ -124,14 +125,13 @@ impl ServerApi for FakeServer {
         Ok(requests.iter().map(|request| self.sign(request)).collect())
     }
 
-    async fn sign_jwt(
-        &self,
-        entry_id: &str,
-        _audience: &[String],
-    ) -> Result<SignJwtSvidResponse, Status> {
-        self.check_up()?;
+    async fn sign_jwt(&self, entry_id: &str, _audience: &[String]) -> Result<SignJwtSvidResponse> {
+        self.check_up("SignJwtSvid")?;
         if let Some((code, message)) = self.refused.lock().expect("lock").get(entry_id) {
-            return Err(Status::new(*code, message.clone()));
+            return Err(Error::Refused {
+                call: "SignJwtSvid",
+                status: Status::new(*code, message.clone()),
+            });
         }
         let mut calls = self.jwt_calls.lock().expect("lock");
         calls.push(entry_id.to_string());
@@ -143,9 +143,9 @@ impl ServerApi for FakeServer {
         })
     }
 
-    async fn sync(&self) -> Result<SyncStream, Status> {
-        self.check_up()?;
-        let messages: Vec<Result<SyncResponse, Status>> = self
+    async fn sync(&self) -> Result<SyncStream> {
+        self.check_up("Sync")?;
+        let messages: Vec<Result<SyncResponse>> = self
             .sync_messages
             .lock()
             .expect("lock")

@@ -87,10 +87,7 @@ pub async fn attest_node(
             csr: csr_for(&key, None)?,
         })
         .await
-        .map_err(|status| Error::Refused {
-            call: "AttestNode",
-            status,
-        })?
+        .map_err(Error::refused("AttestNode"))?
         .into_inner();
     let bundle = response
         .bundle
@@ -113,10 +110,7 @@ pub async fn renew(connection: &mut ServerConnection) -> Result<AgentIdentity> {
             csr: csr_for(&key, None)?,
         })
         .await
-        .map_err(|status| Error::Refused {
-            call: "RenewAgentSvid",
-            status,
-        })?
+        .map_err(Error::refused("RenewAgentSvid"))?
         .into_inner();
     identity_from("RenewAgentSvid", key, response.svid)
 }

@@ -50,19 +50,19 @@ pub async fn follow(
                             tracing::info!("the server closed the sync stream; reconnecting");
                             break;
                         }
-                        Err(status) => {
-                            tracing::warn!(error = %status.message(), "the sync stream broke; serving cached SVIDs and reconnecting");
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the sync stream broke; serving cached SVIDs and reconnecting");
                             break;
                         }
                     }
                 }
                 metrics.sync_connected.set(0);
             }
-            Err(status) if status.code() == tonic::Code::PermissionDenied => {
-                tracing::error!(error = %status.message(), "the server refuses this agent (evicted or banned); it keeps serving cached SVIDs until they expire");
+            Err(e) if e.code() == tonic::Code::PermissionDenied => {
+                tracing::error!(error = %e, "the server refuses this agent (evicted or banned); it keeps serving cached SVIDs until they expire");
             }
-            Err(status) => {
-                tracing::warn!(error = %status.message(), retry_in = ?backoff, "cannot reach the server; serving cached SVIDs");
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the server; serving cached SVIDs");
             }
         }
         let wait = with_jitter(backoff);

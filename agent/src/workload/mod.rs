@@ -1,6 +1,9 @@
-//! The agent as the Workload API's identity source: it attests callers with the unix attestor,
-//! matches their selectors against the cached entries, and hands out SVIDs from the cache,
-//! signing what is missing through the batching signer.
+//! The agent as the Workload API's identity source: it attests callers with the enabled workload
+//! attestors, matches their selectors against the cached entries, and hands out SVIDs from the
+//! cache, signing what is missing through the batching signer.
+//!
+//! This is the gRPC edge of the Workload API and SDS: everything below returns [`Error`], and the
+//! [`IdentitySource`] methods turn it into the client's status with `Status::from`, here only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,16 +11,17 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use sigil_core::bundle::TrustBundle;
+use sigil_core::entry::Entry;
 use sigil_core::selector::Selector;
 use sigil_workload_api::source::{Caller, IdentitySource, JwtSvid, X509Svid, X509View};
 use tokio::sync::watch;
-use tonic::Status;
+use tonic::{Code, Status};
 
-use crate::attest::k8s::K8sAttestor;
-use crate::attest::unix::UnixAttestor;
-use crate::cache::{Cache, Signer};
+use crate::attest::WorkloadAttestors;
+use crate::cache::{Cache, CachedSvid, Signer};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::node::ServerApi;
+use crate::{Error, Result};
 
 /// How long a first request waits for its SVID to be signed before giving up with `Unavailable`.
 const SIGNING_TIMEOUT: Duration = Duration::from_secs(30);
@@ -28,8 +32,7 @@ const FIRST_SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// The agent's identity source.
 #[derive(Debug)]
 pub struct AgentSource {
-    attestor: UnixAttestor,
-    k8s: Option<K8sAttestor>,
+    attestors: WorkloadAttestors,
     cache: Arc<Cache>,
     signer: Signer,
     server: Arc<dyn ServerApi>,
@@ -39,16 +42,14 @@ pub struct AgentSource {
 impl AgentSource {
     /// The source over the agent's parts.
     pub fn new(
-        attestor: UnixAttestor,
-        k8s: Option<K8sAttestor>,
+        attestors: WorkloadAttestors,
         cache: Arc<Cache>,
         signer: Signer,
         server: Arc<dyn ServerApi>,
         metrics: Arc<Metrics>,
     ) -> Self {
         AgentSource {
-            attestor,
-            k8s,
+            attestors,
             cache,
             signer,
             server,
@@ -56,95 +57,141 @@ impl AgentSource {
         }
     }
 
+    /// The caller's selectors from every enabled attestor, counted and, when refused, logged.
+    async fn attest_caller(&self, caller: &Caller) -> Result<Vec<Selector>> {
+        let outcome = self.attestors.attest(caller).await;
+        let result = if outcome.is_ok() {
+            "success"
+        } else {
+            "failure"
+        };
+        self.metrics
+            .workload_attestations
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        if let Err(e) = &outcome {
+            tracing::info!(uid = caller.uid, pid = ?caller.pid, error = %e, "workload attestation failed");
+        }
+        outcome
+    }
+
     /// The entries matching `selectors`, once the agent knows its entries at all.
-    async fn matching(
-        &self,
-        selectors: &[Selector],
-    ) -> Result<Vec<Arc<sigil_core::entry::Entry>>, Status> {
+    async fn matching(&self, selectors: &[Selector]) -> Result<Vec<Arc<Entry>>> {
         if !self.cache.wait_synced(FIRST_SYNC_TIMEOUT).await {
-            return Err(Status::unavailable(
-                "the agent has not received its entries from the server yet; retry shortly",
-            ));
+            return Err(Error::NotSynced);
         }
         Ok(self.cache.matching(selectors))
     }
 
-    fn own_bundle(&self) -> Result<Arc<TrustBundle>, Status> {
+    fn own_bundle(&self) -> Result<Arc<TrustBundle>> {
+        self.cache.bundle().ok_or(Error::NoBundle)
+    }
+
+    /// The entry's SVID: the cached one if it is current, else a new one from the server, else
+    /// (the server cannot sign now) a still-valid one from before.
+    async fn svid_for(&self, entry: &Arc<Entry>) -> Result<Arc<CachedSvid>> {
+        if let Some(svid) = self.cache.current_svid(entry) {
+            return Ok(svid);
+        }
+        match tokio::time::timeout(SIGNING_TIMEOUT, self.signer.sign(entry.clone())).await {
+            Ok(Ok(svid)) => Ok(svid),
+            // A still-valid SVID from before (e.g. the entry changed while the server is away)
+            // is better than none.
+            Ok(Err(e)) => self.cache.any_svid(&entry.id).ok_or(e),
+            Err(_) => Err(Error::SigningTimedOut),
+        }
+    }
+
+    /// The caller's X509-SVIDs and bundles.
+    async fn x509_for(&self, selectors: &[Selector]) -> Result<X509View> {
+        let bundle = self.own_bundle()?;
+        let entries = self.matching(selectors).await?;
+        let signed =
+            futures::future::join_all(entries.iter().map(|entry| self.svid_for(entry))).await;
+        let mut svids = Vec::with_capacity(signed.len());
+        for (entry, outcome) in entries.iter().zip(signed) {
+            match outcome {
+                Ok(svid) => svids.push(X509Svid {
+                    spiffe_id: entry.spiffe_id.to_string(),
+                    chain: svid.chain.clone(),
+                    key: svid.key.clone(),
+                    hint: entry.hint.clone(),
+                }),
+                // An identity the server refuses is left out; the workload gets the others.
+                Err(e) if e.code() == Code::PermissionDenied => {
+                    tracing::warn!(entry = %entry.id, error = %e, "the server refused an SVID");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(X509View {
+            svids,
+            bundle,
+            federated: self.cache.federated_bundles(&entries),
+        })
+    }
+
+    /// The entry's JWT-SVID for `audience`, from the cache or the server.
+    async fn jwt_for(&self, entry: &Entry, audience: &[String]) -> Result<String> {
+        if let Some(token) = self.cache.jwt(&entry.id, audience) {
+            return Ok(token);
+        }
+        let signed = self
+            .server
+            .sign_jwt(&entry.id, audience)
+            .await
+            .map_err(|e| match e.code() {
+                // The server's answer about the request itself reaches the workload as it is.
+                Code::PermissionDenied | Code::InvalidArgument => e,
+                _ => e.server_away("a JWT-SVID"),
+            })?;
         self.cache
-            .bundle()
-            .ok_or_else(|| Status::unavailable("the agent has no trust bundle yet; retry shortly"))
+            .store_jwt(&entry.id, audience, signed.token.clone(), signed.expires_at);
+        Ok(signed.token)
+    }
+
+    /// The caller's JWT-SVIDs for `audience`, of every identity or only `spiffe_id`.
+    async fn jwts_for(
+        &self,
+        selectors: &[Selector],
+        audience: &[String],
+        spiffe_id: Option<&str>,
+    ) -> Result<Vec<JwtSvid>> {
+        let entries: Vec<_> = self
+            .matching(selectors)
+            .await?
+            .into_iter()
+            .filter(|entry| spiffe_id.is_none_or(|id| entry.spiffe_id.to_string() == id))
+            .collect();
+        let mut svids = Vec::with_capacity(entries.len());
+        for entry in entries {
+            svids.push(JwtSvid {
+                spiffe_id: entry.spiffe_id.to_string(),
+                token: self.jwt_for(&entry, audience).await?,
+                hint: entry.hint.clone(),
+            });
+        }
+        Ok(svids)
+    }
+
+    fn bundles_for(&self, selectors: &[Selector]) -> Result<Vec<Arc<TrustBundle>>> {
+        let mut bundles = vec![self.own_bundle()?];
+        let entries = self.cache.matching(selectors);
+        bundles.extend(self.cache.federated_bundles(&entries));
+        Ok(bundles)
     }
 }
 
 impl IdentitySource for AgentSource {
     fn attest(&self, caller: Caller) -> BoxFuture<'_, Result<Vec<Selector>, Status>> {
-        async move {
-            let mut outcome = self.attestor.attest(&caller);
-            if let (Ok(selectors), Some(k8s), Some(process)) =
-                (&mut outcome, &self.k8s, &caller.process)
-            {
-                match k8s.attest(process).await {
-                    Ok(more) => {
-                        selectors.extend(more);
-                        selectors.sort();
-                        selectors.dedup();
-                    }
-                    Err(status) => outcome = Err(status),
-                }
-            }
-            let result = if outcome.is_ok() { "success" } else { "failure" };
-            self.metrics.workload_attestations.get_or_create(&ResultLabels { result }).inc();
-            if let Err(status) = &outcome {
-                tracing::info!(uid = caller.uid, pid = ?caller.pid, error = %status.message(), "workload attestation failed");
-            }
-            outcome
-        }
-        .boxed()
+        async move { Ok(self.attest_caller(&caller).await?) }.boxed()
     }
 
     fn x509_view<'a>(
         &'a self,
         selectors: &'a [Selector],
     ) -> BoxFuture<'a, Result<X509View, Status>> {
-        async move {
-            let bundle = self.own_bundle()?;
-            let entries = self.matching(selectors).await?;
-            let fetches = entries.iter().map(|entry| async move {
-                if let Some(svid) = self.cache.current_svid(entry) {
-                    return Ok(svid);
-                }
-                match tokio::time::timeout(SIGNING_TIMEOUT, self.signer.sign(entry.clone())).await {
-                    Ok(Ok(svid)) => Ok(svid),
-                    // A still-valid SVID from before (e.g. the entry changed while the server is
-                    // away) is better than none.
-                    Ok(Err(status)) => self.cache.any_svid(&entry.id).ok_or(status),
-                    Err(_) => Err(Status::unavailable("timed out waiting for the server to sign an SVID")),
-                }
-            });
-            let signed = futures::future::join_all(fetches).await;
-            let mut svids = Vec::with_capacity(signed.len());
-            for (entry, outcome) in entries.iter().zip(signed) {
-                match outcome {
-                    Ok(svid) => svids.push(X509Svid {
-                        spiffe_id: entry.spiffe_id.to_string(),
-                        chain: svid.chain.clone(),
-                        key: svid.key.clone(),
-                        hint: entry.hint.clone(),
-                    }),
-                    // An identity the server refuses is left out; the workload gets the others.
-                    Err(status) if status.code() == tonic::Code::PermissionDenied => {
-                        tracing::warn!(entry = %entry.id, error = %status.message(), "the server refused an SVID");
-                    }
-                    Err(status) => return Err(status),
-                }
-            }
-            Ok(X509View {
-                svids,
-                bundle,
-                federated: self.cache.federated_bundles(&entries),
-            })
-        }
-        .boxed()
+        async move { Ok(self.x509_for(selectors).await?) }.boxed()
     }
 
     fn jwt_svids<'a>(
@@ -153,54 +200,11 @@ impl IdentitySource for AgentSource {
         audience: &'a [String],
         spiffe_id: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Vec<JwtSvid>, Status>> {
-        async move {
-            let entries: Vec<_> = self
-                .matching(selectors)
-                .await?
-                .into_iter()
-                .filter(|entry| spiffe_id.is_none_or(|id| entry.spiffe_id.to_string() == id))
-                .collect();
-            let mut svids = Vec::with_capacity(entries.len());
-            for entry in entries {
-                let token =
-                    match self.cache.jwt(&entry.id, audience) {
-                        Some(token) => token,
-                        None => {
-                            let signed = self.server.sign_jwt(&entry.id, audience).await.map_err(
-                                |status| match status.code() {
-                                    tonic::Code::PermissionDenied
-                                    | tonic::Code::InvalidArgument => status,
-                                    _ => Status::unavailable(format!(
-                                        "cannot get a JWT-SVID from the server now: {}",
-                                        status.message()
-                                    )),
-                                },
-                            )?;
-                            self.cache.store_jwt(
-                                &entry.id,
-                                audience,
-                                signed.token.clone(),
-                                signed.expires_at,
-                            );
-                            signed.token
-                        }
-                    };
-                svids.push(JwtSvid {
-                    spiffe_id: entry.spiffe_id.to_string(),
-                    token,
-                    hint: entry.hint.clone(),
-                });
-            }
-            Ok(svids)
-        }
-        .boxed()
+        async move { Ok(self.jwts_for(selectors, audience, spiffe_id).await?) }.boxed()
     }
 
     fn bundles(&self, selectors: &[Selector]) -> Result<Vec<Arc<TrustBundle>>, Status> {
-        let mut bundles = vec![self.own_bundle()?];
-        let entries = self.cache.matching(selectors);
-        bundles.extend(self.cache.federated_bundles(&entries));
-        Ok(bundles)
+        Ok(self.bundles_for(selectors)?)
     }
 
     fn changes(&self) -> watch::Receiver<u64> {
@@ -222,6 +226,7 @@ mod tests {
     use tonic::Code;
 
     use super::*;
+    use crate::attest::unix::UnixAttestor;
     use crate::node::fake::{FakeServer, empty_cache, snapshot, sync_entry, test_signer};
 
     fn source() -> (Arc<FakeServer>, Arc<Cache>, AgentSource) {
@@ -235,8 +240,10 @@ mod tests {
         );
         let signer = test_signer(&server, &cache, &metrics);
         let source = AgentSource::new(
-            UnixAttestor::new("/nonexistent/passwd".into(), "/nonexistent/group".into()),
-            None,
+            WorkloadAttestors::default().with(UnixAttestor::new(
+                "/nonexistent/passwd".into(),
+                "/nonexistent/group".into(),
+            )),
             cache.clone(),
             signer,
             server.clone(),
