@@ -7,6 +7,7 @@
 //! - [`bundle`]: trust bundles and the SPIFFE bundle JSON format.
 //! - [`x509`]: the X509-SVID profile: CSR checks, leaf and CA certificate parameters, parsing.
 //! - [`tls`]: rustls verifiers that authenticate peers by SPIFFE ID against a bundle.
+//! - [`config`]: the duration type of settings and flags, and the TOML loader every binary uses.
 //! - [`clock`]: the injectable clock that every expiry and rotation decision reads.
 //! - [`health`]: the `/ready` probe behind both `healthcheck` commands.
 //! - [`secret`]: private key bytes that never print and are zeroed when dropped.
@@ -16,6 +17,7 @@
 
 pub mod bundle;
 pub mod clock;
+pub mod config;
 pub mod entry;
 mod error;
 pub mod health;
