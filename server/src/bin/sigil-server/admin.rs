@@ -323,9 +323,14 @@ async fn connect(socket: &Path) -> anyhow::Result<AdminApiClient<Channel>> {
     Ok(sigil_server::api::admin::connect(socket).await?)
 }
 
-/// The server's message for a failed call, without gRPC framing.
-pub(crate) fn refused(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", status.message())
+/// Awaits one admin call: its answer, or the server's message for a refusal without gRPC framing.
+pub(crate) async fn answer<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> anyhow::Result<T> {
+    match call.await {
+        Ok(response) => Ok(response.into_inner()),
+        Err(status) => Err(anyhow::anyhow!("{}", status.message())),
+    }
 }
 
 /// Runs one admin command against the server listening on `socket`.
@@ -362,14 +367,11 @@ async fn run_token(
 ) -> anyhow::Result<()> {
     match command {
         TokenCommand::Generate { spiffe_id, ttl } => {
-            let response = client
-                .create_join_token(CreateJoinTokenRequest {
-                    alias_spiffe_id: spiffe_id.unwrap_or_default(),
-                    ttl: ttl.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
-                })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let response = answer(client.create_join_token(CreateJoinTokenRequest {
+                alias_spiffe_id: spiffe_id.unwrap_or_default(),
+                ttl: ttl.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+            }))
+            .await?;
             output::token(format, &response);
         }
     }
@@ -385,36 +387,22 @@ async fn run_entry(
     match command {
         EntryCommand::Create(fields) => {
             let entry = fields.into_proto(String::new())?;
-            let created = client
-                .create_entry(CreateEntryRequest { entry: Some(entry) })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let created =
+                answer(client.create_entry(CreateEntryRequest { entry: Some(entry) })).await?;
             output::entries(format, &[created]);
         }
         EntryCommand::Update { id, fields } => {
             let entry = fields.into_proto(id)?;
-            let updated = client
-                .update_entry(UpdateEntryRequest { entry: Some(entry) })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let updated =
+                answer(client.update_entry(UpdateEntryRequest { entry: Some(entry) })).await?;
             output::entries(format, &[updated]);
         }
         EntryCommand::Delete { id } => {
-            let deleted = client
-                .delete_entry(EntryId { id })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let deleted = answer(client.delete_entry(EntryId { id })).await?;
             output::entries(format, &[deleted]);
         }
         EntryCommand::Show { id } => {
-            let entry = client
-                .get_entry(EntryId { id })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let entry = answer(client.get_entry(EntryId { id })).await?;
             output::entries(format, &[entry]);
         }
         EntryCommand::List {
@@ -423,15 +411,12 @@ async fn run_entry(
             selectors,
         } => {
             let selectors = selector_flags(&selectors)?;
-            let response = client
-                .list_entries(ListEntriesRequest {
-                    spiffe_id: spiffe_id.unwrap_or_default(),
-                    parent_id: parent_id.unwrap_or_default(),
-                    selectors,
-                })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let response = answer(client.list_entries(ListEntriesRequest {
+                spiffe_id: spiffe_id.unwrap_or_default(),
+                parent_id: parent_id.unwrap_or_default(),
+                selectors,
+            }))
+            .await?;
             output::entries(format, &response.entries);
         }
     }
@@ -446,35 +431,19 @@ async fn run_agent(
 ) -> anyhow::Result<()> {
     match command {
         AgentCommand::List => {
-            let response = client
-                .list_agents(ListAgentsRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let response = answer(client.list_agents(ListAgentsRequest {})).await?;
             output::agents(format, &response.agents);
         }
         AgentCommand::Show { spiffe_id } => {
-            let agent = client
-                .get_agent(AgentId { spiffe_id })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let agent = answer(client.get_agent(AgentId { spiffe_id })).await?;
             output::agents(format, &[agent]);
         }
         AgentCommand::Evict { spiffe_id } => {
-            let agent = client
-                .evict_agent(AgentId { spiffe_id })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let agent = answer(client.evict_agent(AgentId { spiffe_id })).await?;
             output::agents(format, &[agent]);
         }
         AgentCommand::Ban { spiffe_id } => {
-            let agent = client
-                .ban_agent(AgentId { spiffe_id })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let agent = answer(client.ban_agent(AgentId { spiffe_id })).await?;
             output::agents(format, &[agent]);
         }
     }
@@ -492,21 +461,15 @@ async fn run_bundle(
             format: bundle_format,
             trust_domain,
         } => {
-            let bundle = client
-                .get_bundle(GetBundleRequest {
-                    trust_domain: trust_domain.unwrap_or_default(),
-                })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let bundle = answer(client.get_bundle(GetBundleRequest {
+                trust_domain: trust_domain.unwrap_or_default(),
+            }))
+            .await?;
             print!("{}", render_bundle(bundle, bundle_format)?);
         }
         BundleCommand::List => {
-            let bundles = client
-                .list_bundles(ListBundlesRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
+            let bundles = answer(client.list_bundles(ListBundlesRequest {}))
+                .await?
                 .bundles;
             output::bundles(format, &bundles);
         }
@@ -517,22 +480,15 @@ async fn run_bundle(
                 std::fs::read_to_string(&path)
                     .with_context(|| format!("reading {}", path.display()))?
             };
-            let bundle = client
-                .set_bundle(SetBundleRequest {
-                    trust_domain,
-                    spiffe_bundle_json: document,
-                })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let bundle = answer(client.set_bundle(SetBundleRequest {
+                trust_domain,
+                spiffe_bundle_json: document,
+            }))
+            .await?;
             output::bundles(format, &[bundle]);
         }
         BundleCommand::Delete { trust_domain } => {
-            let bundle = client
-                .delete_bundle(TrustDomainName { trust_domain })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let bundle = answer(client.delete_bundle(TrustDomainName { trust_domain })).await?;
             output::bundles(format, &[bundle]);
         }
     }
@@ -551,23 +507,16 @@ async fn run_svid(
             agent_id,
             valid,
         } => {
-            let response = client
-                .list_svids(ListSvidsRequest {
-                    spiffe_id: spiffe_id.unwrap_or_default(),
-                    agent_id: agent_id.unwrap_or_default(),
-                    valid_only: valid,
-                })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let response = answer(client.list_svids(ListSvidsRequest {
+                spiffe_id: spiffe_id.unwrap_or_default(),
+                agent_id: agent_id.unwrap_or_default(),
+                valid_only: valid,
+            }))
+            .await?;
             output::svids(format, &response.svids);
         }
         SvidCommand::Show { serial } => {
-            let svid = client
-                .get_svid(SvidSerial { serial })
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let svid = answer(client.get_svid(SvidSerial { serial })).await?;
             output::svids(format, &[svid]);
         }
     }

@@ -6,7 +6,7 @@ use sigil_proto::admin::admin_api_client::AdminApiClient;
 use sigil_proto::admin::{Authority, AuthorityId, ListAuthoritiesRequest};
 use tonic::transport::Channel;
 
-use crate::admin::refused;
+use crate::admin::answer;
 use crate::output::{self, Format};
 
 #[derive(Debug, Subcommand)]
@@ -40,73 +40,47 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     let authorities = match command {
         CaCommand::Show => {
-            client
-                .list_authorities(ListAuthoritiesRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
+            answer(client.list_authorities(ListAuthoritiesRequest {}))
+                .await?
                 .authorities
         }
         CaCommand::Prepare => {
-            client
-                .prepare_authorities(ListAuthoritiesRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
+            answer(client.prepare_authorities(ListAuthoritiesRequest {}))
+                .await?
                 .authorities
         }
         CaCommand::Activate => {
-            client
-                .activate_authorities(ListAuthoritiesRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
+            answer(client.activate_authorities(ListAuthoritiesRequest {}))
+                .await?
                 .authorities
         }
-        CaCommand::Taint { id } => vec![
-            client
-                .taint_authority(AuthorityId { id })
-                .await
-                .map_err(refused)?
-                .into_inner(),
-        ],
-        CaCommand::Revoke { id } => vec![
-            client
-                .revoke_authority(AuthorityId { id })
-                .await
-                .map_err(refused)?
-                .into_inner(),
-        ],
+        CaCommand::Taint { id } => vec![answer(client.taint_authority(AuthorityId { id })).await?],
+        CaCommand::Revoke { id } => {
+            vec![answer(client.revoke_authority(AuthorityId { id })).await?]
+        }
     };
     print_authorities(format, &authorities);
     Ok(())
 }
 
 fn print_authorities(format: Format, authorities: &[Authority]) {
-    match format {
-        Format::Text => {
-            let blocks: Vec<_> = authorities
-                .iter()
-                .map(|a| {
-                    vec![
-                        ("ID", a.id.clone()),
-                        ("Kind", a.kind.clone()),
-                        ("State", a.state.clone()),
-                        ("Created at", a.created_at.to_string()),
-                        ("Not after", a.not_after.to_string()),
-                    ]
-                })
-                .collect();
-            output::print_blocks(&blocks, "No authorities found");
-        }
-        Format::Json => {
-            output::print_json(&json!({ "authorities": authorities.iter().map(|a| json!({
+    let rows = |a: &Authority| {
+        vec![
+            ("ID", a.id.clone()),
+            ("Kind", a.kind.clone()),
+            ("State", a.state.clone()),
+            ("Created at", a.created_at.to_string()),
+            ("Not after", a.not_after.to_string()),
+        ]
+    };
+    let empty = "No authorities found";
+    output::print_items(format, authorities, "authorities", empty, rows, |a| {
+        json!({
             "id": a.id,
             "kind": a.kind,
             "state": a.state,
             "created_at": a.created_at,
             "not_after": a.not_after,
-        })).collect::<Vec<_>>() }))
-        }
-    }
+        })
+    });
 }

@@ -9,7 +9,7 @@ use sigil_proto::admin::admin_api_client::AdminApiClient;
 use sigil_proto::admin::{FederationRelationship, ListFederationsRequest, TrustDomainName};
 use tonic::transport::Channel;
 
-use crate::admin::refused;
+use crate::admin::answer;
 use crate::output::{self, Format};
 
 #[derive(Debug, Subcommand)]
@@ -88,51 +88,28 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     let name = |trust_domain: String| TrustDomainName { trust_domain };
     let relationships = match command {
-        FederationCommand::Create(args) => vec![
-            client
-                .create_federation(args.into_proto()?)
-                .await
-                .map_err(refused)?
-                .into_inner(),
-        ],
-        FederationCommand::Update(args) => vec![
-            client
-                .update_federation(args.into_proto()?)
-                .await
-                .map_err(refused)?
-                .into_inner(),
-        ],
+        FederationCommand::Create(args) => {
+            vec![answer(client.create_federation(args.into_proto()?)).await?]
+        }
+        FederationCommand::Update(args) => {
+            vec![answer(client.update_federation(args.into_proto()?)).await?]
+        }
         FederationCommand::List => {
-            client
-                .list_federations(ListFederationsRequest {})
-                .await
-                .map_err(refused)?
-                .into_inner()
+            answer(client.list_federations(ListFederationsRequest {}))
+                .await?
                 .relationships
         }
-        FederationCommand::Show { trust_domain } => vec![
-            client
-                .get_federation(name(trust_domain))
-                .await
-                .map_err(refused)?
-                .into_inner(),
-        ],
-        FederationCommand::Delete { trust_domain } => vec![
-            client
-                .delete_federation(name(trust_domain))
-                .await
-                .map_err(refused)?
-                .into_inner(),
-        ],
+        FederationCommand::Show { trust_domain } => {
+            vec![answer(client.get_federation(name(trust_domain))).await?]
+        }
+        FederationCommand::Delete { trust_domain } => {
+            vec![answer(client.delete_federation(name(trust_domain))).await?]
+        }
         FederationCommand::Refresh {
             trust_domain,
             format: bundle_format,
         } => {
-            let bundle = client
-                .refresh_federation(name(trust_domain))
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let bundle = answer(client.refresh_federation(name(trust_domain))).await?;
             print!("{}", crate::admin::render_bundle(bundle, bundle_format)?);
             return Ok(());
         }
@@ -142,28 +119,22 @@ pub(crate) async fn run(
 }
 
 fn print_relationships(format: Format, relationships: &[FederationRelationship]) {
-    match format {
-        Format::Text => {
-            let blocks: Vec<_> = relationships
-                .iter()
-                .map(|r| {
-                    vec![
-                        ("Trust domain", r.trust_domain.clone()),
-                        ("Bundle endpoint", r.bundle_endpoint_url.clone()),
-                        ("Profile", r.profile.clone()),
-                        ("Endpoint SPIFFE ID", r.endpoint_spiffe_id.clone()),
-                        ("Bundle sequence", r.bundle_sequence.to_string()),
-                        ("Last refresh", r.last_refresh_at.to_string()),
-                        ("Last success", r.last_success_at.to_string()),
-                        ("Last error", r.last_error.clone()),
-                        ("Next refresh", r.next_refresh_at.to_string()),
-                    ]
-                })
-                .collect();
-            output::print_blocks(&blocks, "No federation relationships found");
-        }
-        Format::Json => output::print_json(
-            &json!({ "relationships": relationships.iter().map(|r| json!({
+    let rows = |r: &FederationRelationship| {
+        vec![
+            ("Trust domain", r.trust_domain.clone()),
+            ("Bundle endpoint", r.bundle_endpoint_url.clone()),
+            ("Profile", r.profile.clone()),
+            ("Endpoint SPIFFE ID", r.endpoint_spiffe_id.clone()),
+            ("Bundle sequence", r.bundle_sequence.to_string()),
+            ("Last refresh", r.last_refresh_at.to_string()),
+            ("Last success", r.last_success_at.to_string()),
+            ("Last error", r.last_error.clone()),
+            ("Next refresh", r.next_refresh_at.to_string()),
+        ]
+    };
+    let empty = "No federation relationships found";
+    output::print_items(format, relationships, "relationships", empty, rows, |r| {
+        json!({
             "trust_domain": r.trust_domain,
             "bundle_endpoint_url": r.bundle_endpoint_url,
             "profile": r.profile,
@@ -175,7 +146,6 @@ fn print_relationships(format: Format, relationships: &[FederationRelationship])
             "last_success_at": r.last_success_at,
             "last_error": r.last_error,
             "next_refresh_at": r.next_refresh_at,
-        })).collect::<Vec<_>>() }),
-        ),
-    }
+        })
+    });
 }

@@ -21,7 +21,26 @@ pub(crate) enum BundleFormat {
     Spiffe,
 }
 
-pub(crate) fn print_blocks(blocks: &[Vec<(&str, String)>], empty: &str) {
+/// Prints `items` for people (each item a block of the rows `text` gives; `empty` when there is
+/// none) or for scripts (`{ "<key>": [ <json of each item> ] }`).
+pub(crate) fn print_items<T>(
+    format: Format,
+    items: &[T],
+    key: &str,
+    empty: &str,
+    text: impl Fn(&T) -> Vec<(&'static str, String)>,
+    json: impl Fn(&T) -> Value,
+) {
+    match format {
+        Format::Text => print_blocks(&items.iter().map(text).collect::<Vec<_>>(), empty),
+        Format::Json => {
+            let items: Vec<Value> = items.iter().map(json).collect();
+            print_json(&json!({ key: items }));
+        }
+    }
+}
+
+fn print_blocks(blocks: &[Vec<(&str, String)>], empty: &str) {
     if blocks.is_empty() {
         println!("{empty}");
         return;
@@ -36,7 +55,7 @@ pub(crate) fn print_blocks(blocks: &[Vec<(&str, String)>], empty: &str) {
     }
 }
 
-pub(crate) fn print_json(value: &Value) {
+fn print_json(value: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()
@@ -49,10 +68,6 @@ fn ttl(seconds: i64) -> String {
     } else {
         format!("{seconds}s")
     }
-}
-
-fn selector_text(selector: &common::Selector) -> String {
-    format!("{}:{}", selector.r#type, selector.value)
 }
 
 pub(crate) fn token(format: Format, token: &admin::CreateJoinTokenResponse) {
@@ -71,164 +86,172 @@ pub(crate) fn token(format: Format, token: &admin::CreateJoinTokenResponse) {
 }
 
 pub(crate) fn entries(format: Format, entries: &[common::Entry]) {
-    match format {
-        Format::Text => {
-            let blocks: Vec<_> = entries
-                .iter()
-                .map(|entry| {
-                    let mut block = vec![
-                        ("Entry ID", entry.id.clone()),
-                        ("SPIFFE ID", entry.spiffe_id.clone()),
-                        ("Parent ID", entry.parent_id.clone()),
-                        ("Revision", entry.revision.to_string()),
-                        ("X509-SVID TTL", ttl(entry.x509_svid_ttl)),
-                        ("JWT-SVID TTL", ttl(entry.jwt_svid_ttl)),
-                    ];
-                    block.extend(
-                        entry
-                            .selectors
-                            .iter()
-                            .map(|s| ("Selector", selector_text(s))),
-                    );
-                    block.extend(entry.dns_names.iter().map(|d| ("DNS name", d.clone())));
-                    block.extend(
-                        entry
-                            .federates_with
-                            .iter()
-                            .map(|t| ("FederatesWith", t.clone())),
-                    );
-                    if entry.admin {
-                        block.push(("Admin", "true".into()));
-                    }
-                    if entry.downstream {
-                        block.push(("Downstream", "true".into()));
-                    }
-                    if !entry.hint.is_empty() {
-                        block.push(("Hint", entry.hint.clone()));
-                    }
-                    if entry.expires_at != 0 {
-                        block.push(("Expires at", entry.expires_at.to_string()));
-                    }
-                    block
-                })
-                .collect();
-            print_blocks(&blocks, "No entries found");
-        }
-        Format::Json => print_json(&json!({ "entries": entries.iter().map(|entry| json!({
-            "id": entry.id,
-            "spiffe_id": entry.spiffe_id,
-            "parent_id": entry.parent_id,
-            "selectors": entry.selectors.iter().map(|s| json!({"type": s.r#type, "value": s.value})).collect::<Vec<_>>(),
-            "x509_svid_ttl": entry.x509_svid_ttl,
-            "jwt_svid_ttl": entry.jwt_svid_ttl,
-            "dns_names": entry.dns_names,
-            "federates_with": entry.federates_with,
-            "admin": entry.admin,
-            "downstream": entry.downstream,
-            "hint": entry.hint,
-            "expires_at": entry.expires_at,
-            "created_at": entry.created_at,
-            "revision": entry.revision,
-        })).collect::<Vec<_>>() })),
+    print_items(
+        format,
+        entries,
+        "entries",
+        "No entries found",
+        entry_rows,
+        |entry| {
+            json!({
+                "id": entry.id,
+                "spiffe_id": entry.spiffe_id,
+                "parent_id": entry.parent_id,
+                "selectors": selectors_json(&entry.selectors),
+                "x509_svid_ttl": entry.x509_svid_ttl,
+                "jwt_svid_ttl": entry.jwt_svid_ttl,
+                "dns_names": entry.dns_names,
+                "federates_with": entry.federates_with,
+                "admin": entry.admin,
+                "downstream": entry.downstream,
+                "hint": entry.hint,
+                "expires_at": entry.expires_at,
+                "created_at": entry.created_at,
+                "revision": entry.revision,
+            })
+        },
+    );
+}
+
+fn entry_rows(entry: &common::Entry) -> Vec<(&'static str, String)> {
+    let mut rows = vec![
+        ("Entry ID", entry.id.clone()),
+        ("SPIFFE ID", entry.spiffe_id.clone()),
+        ("Parent ID", entry.parent_id.clone()),
+        ("Revision", entry.revision.to_string()),
+        ("X509-SVID TTL", ttl(entry.x509_svid_ttl)),
+        ("JWT-SVID TTL", ttl(entry.jwt_svid_ttl)),
+    ];
+    rows.extend(selector_rows(&entry.selectors));
+    rows.extend(entry.dns_names.iter().map(|d| ("DNS name", d.clone())));
+    rows.extend(
+        entry
+            .federates_with
+            .iter()
+            .map(|t| ("FederatesWith", t.clone())),
+    );
+    if entry.admin {
+        rows.push(("Admin", "true".into()));
     }
+    if entry.downstream {
+        rows.push(("Downstream", "true".into()));
+    }
+    if !entry.hint.is_empty() {
+        rows.push(("Hint", entry.hint.clone()));
+    }
+    if entry.expires_at != 0 {
+        rows.push(("Expires at", entry.expires_at.to_string()));
+    }
+    rows
+}
+
+fn selector_rows(selectors: &[common::Selector]) -> impl Iterator<Item = (&'static str, String)> {
+    selectors
+        .iter()
+        .map(|s| ("Selector", format!("{}:{}", s.r#type, s.value)))
+}
+
+fn selectors_json(selectors: &[common::Selector]) -> Vec<Value> {
+    selectors
+        .iter()
+        .map(|s| json!({"type": s.r#type, "value": s.value}))
+        .collect()
 }
 
 pub(crate) fn agents(format: Format, agents: &[admin::Agent]) {
-    match format {
-        Format::Text => {
-            let blocks: Vec<_> = agents
-                .iter()
-                .map(|agent| {
-                    let mut block = vec![
-                        ("SPIFFE ID", agent.spiffe_id.clone()),
-                        ("Attestor", agent.attestor.clone()),
-                        ("SVID serial", agent.svid_serial.clone()),
-                        ("SVID expires at", agent.svid_expires_at.to_string()),
-                        ("Banned", agent.banned.to_string()),
-                    ];
-                    block.extend(
-                        agent
-                            .selectors
-                            .iter()
-                            .map(|s| ("Selector", selector_text(s))),
-                    );
-                    block
-                })
-                .collect();
-            print_blocks(&blocks, "No attested agents found");
-        }
-        Format::Json => print_json(&json!({ "agents": agents.iter().map(|agent| json!({
-            "spiffe_id": agent.spiffe_id,
-            "attestor": agent.attestor,
-            "selectors": agent.selectors.iter().map(|s| json!({"type": s.r#type, "value": s.value})).collect::<Vec<_>>(),
-            "svid_serial": agent.svid_serial,
-            "svid_expires_at": agent.svid_expires_at,
-            "banned": agent.banned,
-            "created_at": agent.created_at,
-            "updated_at": agent.updated_at,
-        })).collect::<Vec<_>>() })),
-    }
+    let rows = |agent: &admin::Agent| {
+        let mut rows = vec![
+            ("SPIFFE ID", agent.spiffe_id.clone()),
+            ("Attestor", agent.attestor.clone()),
+            ("SVID serial", agent.svid_serial.clone()),
+            ("SVID expires at", agent.svid_expires_at.to_string()),
+            ("Banned", agent.banned.to_string()),
+        ];
+        rows.extend(selector_rows(&agent.selectors));
+        rows
+    };
+    print_items(
+        format,
+        agents,
+        "agents",
+        "No attested agents found",
+        rows,
+        |agent| {
+            json!({
+                "spiffe_id": agent.spiffe_id,
+                "attestor": agent.attestor,
+                "selectors": selectors_json(&agent.selectors),
+                "svid_serial": agent.svid_serial,
+                "svid_expires_at": agent.svid_expires_at,
+                "banned": agent.banned,
+                "created_at": agent.created_at,
+                "updated_at": agent.updated_at,
+            })
+        },
+    );
 }
 
 pub(crate) fn svids(format: Format, svids: &[admin::IssuedSvid]) {
-    match format {
-        Format::Text => {
-            let blocks: Vec<_> = svids
-                .iter()
-                .map(|svid| {
-                    vec![
-                        ("Serial", svid.serial.clone()),
-                        ("Kind", svid.kind.clone()),
-                        ("SPIFFE ID", svid.spiffe_id.clone()),
-                        ("Agent ID", svid.agent_id.clone()),
-                        ("Entry ID", svid.entry_id.clone()),
-                        ("Authority", svid.authority_id.clone()),
-                        ("Not before", svid.not_before.to_string()),
-                        ("Not after", svid.not_after.to_string()),
-                    ]
-                })
-                .collect();
-            print_blocks(&blocks, "No issued SVIDs found");
-        }
-        Format::Json => print_json(&json!({ "svids": svids.iter().map(|svid| json!({
-            "serial": svid.serial,
-            "kind": svid.kind,
-            "spiffe_id": svid.spiffe_id,
-            "agent_id": svid.agent_id,
-            "entry_id": svid.entry_id,
-            "authority_id": svid.authority_id,
-            "not_before": svid.not_before,
-            "not_after": svid.not_after,
-        })).collect::<Vec<_>>() })),
-    }
+    let rows = |svid: &admin::IssuedSvid| {
+        vec![
+            ("Serial", svid.serial.clone()),
+            ("Kind", svid.kind.clone()),
+            ("SPIFFE ID", svid.spiffe_id.clone()),
+            ("Agent ID", svid.agent_id.clone()),
+            ("Entry ID", svid.entry_id.clone()),
+            ("Authority", svid.authority_id.clone()),
+            ("Not before", svid.not_before.to_string()),
+            ("Not after", svid.not_after.to_string()),
+        ]
+    };
+    print_items(
+        format,
+        svids,
+        "svids",
+        "No issued SVIDs found",
+        rows,
+        |svid| {
+            json!({
+                "serial": svid.serial,
+                "kind": svid.kind,
+                "spiffe_id": svid.spiffe_id,
+                "agent_id": svid.agent_id,
+                "entry_id": svid.entry_id,
+                "authority_id": svid.authority_id,
+                "not_before": svid.not_before,
+                "not_after": svid.not_after,
+            })
+        },
+    );
 }
 
 pub(crate) fn bundles(format: Format, bundles: &[common::Bundle]) {
-    match format {
-        Format::Text => {
-            let blocks: Vec<_> = bundles
-                .iter()
-                .map(|bundle| {
-                    vec![
-                        ("Trust domain", bundle.trust_domain.clone()),
-                        ("Sequence", bundle.sequence.to_string()),
-                        (
-                            "X.509 authorities",
-                            bundle.x509_authorities.len().to_string(),
-                        ),
-                        ("JWT authorities", bundle.jwt_authorities.len().to_string()),
-                        ("Refresh hint (s)", bundle.refresh_hint_seconds.to_string()),
-                    ]
-                })
-                .collect();
-            print_blocks(&blocks, "No bundles found");
-        }
-        Format::Json => print_json(&json!({ "bundles": bundles.iter().map(|bundle| json!({
-            "trust_domain": bundle.trust_domain,
-            "sequence": bundle.sequence,
-            "x509_authorities": bundle.x509_authorities.len(),
-            "jwt_authorities": bundle.jwt_authorities.iter().map(|k| k.key_id.clone()).collect::<Vec<_>>(),
-            "refresh_hint_seconds": bundle.refresh_hint_seconds,
-        })).collect::<Vec<_>>() })),
-    }
+    let rows = |bundle: &common::Bundle| {
+        vec![
+            ("Trust domain", bundle.trust_domain.clone()),
+            ("Sequence", bundle.sequence.to_string()),
+            (
+                "X.509 authorities",
+                bundle.x509_authorities.len().to_string(),
+            ),
+            ("JWT authorities", bundle.jwt_authorities.len().to_string()),
+            ("Refresh hint (s)", bundle.refresh_hint_seconds.to_string()),
+        ]
+    };
+    print_items(
+        format,
+        bundles,
+        "bundles",
+        "No bundles found",
+        rows,
+        |bundle| {
+            json!({
+                "trust_domain": bundle.trust_domain,
+                "sequence": bundle.sequence,
+                "x509_authorities": bundle.x509_authorities.len(),
+                "jwt_authorities": bundle.jwt_authorities.iter().map(|k| k.key_id.clone()).collect::<Vec<_>>(),
+                "refresh_hint_seconds": bundle.refresh_hint_seconds,
+            })
+        },
+    );
 }
