@@ -4,7 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// Labels of workload attestation counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,59 +37,59 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("sigil_agent");
-        let workload_attestations = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "workload_attestations",
-            "Workload attestations by result",
-            workload_attestations.clone(),
-        );
-        let svids_cached = Gauge::default();
-        registry.register(
-            "svids_cached",
-            "X509-SVIDs held in the cache",
-            svids_cached.clone(),
-        );
-        let svid_renewals = Counter::default();
-        registry.register(
-            "svid_renewals",
-            "X509-SVIDs renewed before expiry",
-            svid_renewals.clone(),
-        );
-        let svids_signed = Counter::default();
-        registry.register(
-            "svids_signed",
-            "X509-SVIDs obtained from the server",
-            svids_signed.clone(),
-        );
-        let sync_connected = Gauge::default();
-        registry.register(
-            "sync_connected",
-            "1 while the sync stream with the server is up",
-            sync_connected.clone(),
-        );
-        let sync_updates = Counter::default();
-        registry.register(
-            "sync_updates",
-            "Sync messages received from the server",
-            sync_updates.clone(),
-        );
-        let entries = Gauge::default();
-        registry.register(
-            "entries",
-            "Entries the server says this agent may use",
-            entries.clone(),
-        );
         Metrics {
+            workload_attestations: registered(
+                &mut registry,
+                "workload_attestations",
+                "Workload attestations by result",
+                Family::<ResultLabels, Counter>::default(),
+            ),
+            svids_cached: registered(
+                &mut registry,
+                "svids_cached",
+                "X509-SVIDs held in the cache",
+                Gauge::default(),
+            ),
+            svid_renewals: registered(
+                &mut registry,
+                "svid_renewals",
+                "X509-SVIDs renewed before expiry",
+                Counter::default(),
+            ),
+            svids_signed: registered(
+                &mut registry,
+                "svids_signed",
+                "X509-SVIDs obtained from the server",
+                Counter::default(),
+            ),
+            sync_connected: registered(
+                &mut registry,
+                "sync_connected",
+                "1 while the sync stream with the server is up",
+                Gauge::default(),
+            ),
+            sync_updates: registered(
+                &mut registry,
+                "sync_updates",
+                "Sync messages received from the server",
+                Counter::default(),
+            ),
+            entries: registered(
+                &mut registry,
+                "entries",
+                "Entries the server says this agent may use",
+                Gauge::default(),
+            ),
             registry,
-            entries,
-            workload_attestations,
-            svids_cached,
-            svid_renewals,
-            svids_signed,
-            sync_connected,
-            sync_updates,
         }
     }
+}
+
+/// Registers `metric` as `name` and hands it back: the registry keeps a clone, and metrics are
+/// shared handles, so the one returned counts into the registered series.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Metrics {

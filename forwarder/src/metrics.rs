@@ -5,7 +5,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// A listener.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,65 +77,68 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("sigil_forwarder");
-        let connections = Family::<ConnectionLabels, Counter>::default();
-        registry.register(
-            "connections",
-            "Connections handled, by listener and security",
-            connections.clone(),
-        );
-        let active_connections = Family::<ListenerLabels, Gauge>::default();
-        registry.register(
-            "active_connections",
-            "Connections open now",
-            active_connections.clone(),
-        );
-        let bytes = Family::<BytesLabels, Counter>::default();
-        registry.register("bytes", "Bytes forwarded, by direction", bytes.clone());
-        let handshakes = Family::<HandshakeLabels, Counter>::default();
-        registry.register(
-            "handshakes",
-            "TLS handshakes, by result",
-            handshakes.clone(),
-        );
-        let refusals = Family::<RefusalLabels, Counter>::default();
-        registry.register(
-            "refusals",
-            "Refused connections and requests, by reason",
-            refusals.clone(),
-        );
-        let handshake_seconds = Family::<ListenerLabels, Histogram>::new_with_constructor(|| {
-            // 100 µs to about 3 s.
-            Histogram::new(exponential_buckets(0.0001, 2.0, 15))
-        });
-        registry.register(
-            "handshake_seconds",
-            "TLS handshake latency",
-            handshake_seconds.clone(),
-        );
-        let svid_updates = Counter::default();
-        registry.register(
-            "svid_updates",
-            "Workload API updates applied",
-            svid_updates.clone(),
-        );
-        let svid_expiry = Gauge::default();
-        registry.register(
-            "svid_expiry_seconds",
-            "Expiry of the SVID in use, Unix seconds",
-            svid_expiry.clone(),
-        );
         Metrics {
+            connections: registered(
+                &mut registry,
+                "connections",
+                "Connections handled, by listener and security",
+                Family::<ConnectionLabels, Counter>::default(),
+            ),
+            active_connections: registered(
+                &mut registry,
+                "active_connections",
+                "Connections open now",
+                Family::<ListenerLabels, Gauge>::default(),
+            ),
+            bytes: registered(
+                &mut registry,
+                "bytes",
+                "Bytes forwarded, by direction",
+                Family::<BytesLabels, Counter>::default(),
+            ),
+            handshakes: registered(
+                &mut registry,
+                "handshakes",
+                "TLS handshakes, by result",
+                Family::<HandshakeLabels, Counter>::default(),
+            ),
+            refusals: registered(
+                &mut registry,
+                "refusals",
+                "Refused connections and requests, by reason",
+                Family::<RefusalLabels, Counter>::default(),
+            ),
+            handshake_seconds: registered(
+                &mut registry,
+                "handshake_seconds",
+                "TLS handshake latency",
+                // 100 µs to about 3 s.
+                Family::<ListenerLabels, Histogram>::new_with_constructor(|| {
+                    Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+                }),
+            ),
+            svid_updates: registered(
+                &mut registry,
+                "svid_updates",
+                "Workload API updates applied",
+                Counter::default(),
+            ),
+            svid_expiry: registered(
+                &mut registry,
+                "svid_expiry_seconds",
+                "Expiry of the SVID in use, Unix seconds",
+                Gauge::default(),
+            ),
             registry,
-            connections,
-            active_connections,
-            bytes,
-            handshakes,
-            refusals,
-            handshake_seconds,
-            svid_updates,
-            svid_expiry,
         }
     }
+}
+
+/// Registers `metric` as `name` and hands it back: the registry keeps a clone, and metrics are
+/// shared handles, so the one returned counts into the registered series.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Metrics {

@@ -5,7 +5,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// Labels of signed-SVID counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,48 +54,53 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("sigil_server");
-        let svids_signed = Family::<SvidLabels, Counter>::default();
-        registry.register("svids_signed", "SVIDs signed", svids_signed.clone());
-        let signing_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
-        registry.register(
-            "svid_signing_seconds",
-            "Time to check one CSR and sign its X509-SVID",
-            signing_seconds.clone(),
-        );
-        let attestations = Family::<AttestationLabels, Counter>::default();
-        registry.register(
-            "node_attestations",
-            "Node attestations by attestor and result",
-            attestations.clone(),
-        );
-        let agents_connected = Gauge::default();
-        registry.register(
-            "agents_connected",
-            "Agents with an open sync stream",
-            agents_connected.clone(),
-        );
-        let sync_streams = Gauge::default();
-        registry.register(
-            "sync_streams_open",
-            "Open agent sync streams",
-            sync_streams.clone(),
-        );
-        let bundle_refreshes = Family::<BundleRefreshLabels, Counter>::default();
-        registry.register(
-            "federated_bundle_refreshes",
-            "Fetches of federated trust domains' bundles, by result",
-            bundle_refreshes.clone(),
-        );
         Metrics {
+            svids_signed: registered(
+                &mut registry,
+                "svids_signed",
+                "SVIDs signed",
+                Family::<SvidLabels, Counter>::default(),
+            ),
+            signing_seconds: registered(
+                &mut registry,
+                "svid_signing_seconds",
+                "Time to check one CSR and sign its X509-SVID",
+                Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            ),
+            attestations: registered(
+                &mut registry,
+                "node_attestations",
+                "Node attestations by attestor and result",
+                Family::<AttestationLabels, Counter>::default(),
+            ),
+            agents_connected: registered(
+                &mut registry,
+                "agents_connected",
+                "Agents with an open sync stream",
+                Gauge::default(),
+            ),
+            sync_streams: registered(
+                &mut registry,
+                "sync_streams_open",
+                "Open agent sync streams",
+                Gauge::default(),
+            ),
+            bundle_refreshes: registered(
+                &mut registry,
+                "federated_bundle_refreshes",
+                "Fetches of federated trust domains' bundles, by result",
+                Family::<BundleRefreshLabels, Counter>::default(),
+            ),
             registry,
-            bundle_refreshes,
-            svids_signed,
-            signing_seconds,
-            attestations,
-            agents_connected,
-            sync_streams,
         }
     }
+}
+
+/// Registers `metric` as `name` and hands it back: the registry keeps a clone, and metrics are
+/// shared handles, so the one returned counts into the registered series.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Metrics {
