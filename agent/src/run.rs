@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::attest::WorkloadAttestors;
+use crate::attest::{Startup, WorkloadAttestors};
 use crate::cache::{Cache, Signer, SignerSettings, keep_svids_fresh};
 use crate::config::{AgentConfig, NodeAttestorKind};
 use crate::health::{Health, router};
@@ -67,7 +67,13 @@ pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Re
         &mut tasks, &link, &cache, &signer, &metrics, &clock, &stopping,
     );
 
-    let attestors = WorkloadAttestors::from_config(&config, source, &mut tasks, &stopping).await?;
+    let attestors = WorkloadAttestors::from_config(Startup {
+        config: &config,
+        source,
+        tasks: &mut tasks,
+        stopping: &stopping,
+    })
+    .await?;
     let source = Arc::new(AgentSource::new(
         attestors,
         cache.clone(),

@@ -9,7 +9,6 @@
 //! (a pod that just started) is waited for, up to a bound, then refused with a clear error.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -21,10 +20,8 @@ use sigil_core::selector::Selector;
 use sigil_core::untrusted::untrusted;
 use sigil_workload_api::source::Caller;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 
-use super::WorkloadAttestor;
-use crate::config::AgentConfig;
+use super::{Startup, WorkloadAttestor};
 use crate::{Error, Result};
 
 /// What the agent knows about one container of a pod on its node.
@@ -302,19 +299,17 @@ impl K8sAttestor {
         K8sAttestor { index, pod_wait }
     }
 
-    /// The attestor `config` describes, over a pod index that a watch of this node's pods,
-    /// spawned on `tasks` until `stopping` turns true, keeps current.
-    pub async fn start(
-        config: &AgentConfig,
-        source: &Path,
-        tasks: &mut JoinSet<()>,
-        stopping: &watch::Receiver<bool>,
-    ) -> Result<Self> {
-        let node_name = config.kubernetes.node_name(source)?;
-        let client = config.kubernetes.client().await?;
+    /// The attestor the `[kubernetes]` settings describe, over a pod index that a watch of this
+    /// node's pods, spawned on the agent's tasks, keeps current.
+    pub async fn start(startup: &mut Startup<'_>) -> Result<Self> {
+        let settings = &startup.config.kubernetes;
+        let node_name = settings.node_name(startup.source)?;
+        let client = settings.client().await?;
         let index = Arc::new(PodIndex::new(node_name));
-        tasks.spawn(watch_pods(client, index.clone(), stopping.clone()));
-        Ok(K8sAttestor::new(index, config.kubernetes.pod_wait.0))
+        startup
+            .tasks
+            .spawn(watch_pods(client, index.clone(), startup.stopping.clone()));
+        Ok(K8sAttestor::new(index, settings.pod_wait.0))
     }
 }
 

@@ -33,6 +33,21 @@ pub trait WorkloadAttestor: std::fmt::Debug + Send + Sync + 'static {
     async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>>;
 }
 
+/// What an attestor may need to start: the configuration, the file it came from (named in
+/// errors), and where to spawn the background tasks it needs, which end when `stopping` turns
+/// true.
+#[derive(Debug)]
+pub struct Startup<'a> {
+    /// The agent's configuration.
+    pub config: &'a AgentConfig,
+    /// Where the configuration came from.
+    pub source: &'a Path,
+    /// The agent's tasks, stopped and awaited at shutdown.
+    pub tasks: &'a mut JoinSet<()>,
+    /// Turns true when the agent stops.
+    pub stopping: &'a watch::Receiver<bool>,
+}
+
 /// The enabled workload attestors, asked in order.
 #[derive(Debug, Default)]
 pub struct WorkloadAttestors {
@@ -40,22 +55,16 @@ pub struct WorkloadAttestors {
 }
 
 impl WorkloadAttestors {
-    /// The attestors `config` turns on, with the background tasks they need (the pod watch)
-    /// spawned on `tasks` until `stopping` turns true. `source` names the configuration in
-    /// errors.
-    pub async fn from_config(
-        config: &AgentConfig,
-        source: &Path,
-        tasks: &mut JoinSet<()>,
-        stopping: &watch::Receiver<bool>,
-    ) -> Result<Self> {
+    /// The attestors the configuration turns on, with the background tasks they need (the pod
+    /// watch) started.
+    pub async fn from_config(mut startup: Startup<'_>) -> Result<Self> {
+        let config = startup.config;
         let mut attestors = WorkloadAttestors::default().with(unix::UnixAttestor::new(
             config.passwd_path.clone(),
             config.group_path.clone(),
         ));
         if config.kubernetes.workload_attestor {
-            attestors =
-                attestors.with(k8s::K8sAttestor::start(config, source, tasks, stopping).await?);
+            attestors = attestors.with(k8s::K8sAttestor::start(&mut startup).await?);
         }
         Ok(attestors)
     }

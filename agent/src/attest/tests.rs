@@ -3,10 +3,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tonic::{Code, Status};
+use tonic::Code;
 
 use super::*;
 use crate::Error;
+use crate::node::fake::assert_status;
 
 /// Says `selectors` of every caller, or refuses every caller, and counts its calls.
 #[derive(Debug, Default)]
@@ -71,9 +72,8 @@ async fn an_attestor_that_refuses_refuses_the_caller_and_the_next_is_not_asked()
             ..Fake::default()
         })
         .with(next);
-    let refused = Status::from(attestors.attest(&caller()).await.expect_err("refused"));
-    assert_eq!(refused.code(), Code::PermissionDenied);
-    assert_eq!(refused.message(), "process 4242 is gone");
+    let refused = attestors.attest(&caller()).await.expect_err("refused");
+    assert_status(refused, Code::PermissionDenied, &["process 4242 is gone"]);
     assert_eq!(next_calls.load(Ordering::SeqCst), 0);
 }
 

@@ -133,9 +133,10 @@ mod tests {
 
     use rustix::process::{PidfdFlags, getpid, pidfd_open};
     use sigil_workload_api::peer::PeerProcess;
-    use tonic::Status;
+    use tonic::Code;
 
     use super::*;
+    use crate::node::fake::assert_status;
 
     fn stat_line(pid: i32, start_time: u64) -> String {
         format!("{pid} (web) S 1 {pid} {pid} 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {start_time} 0 0\n")
@@ -215,13 +216,10 @@ mod tests {
         let caller = held(dir.path(), 4242, 1000);
         // Another process got pid 4242 after the connection was accepted: another start time.
         std::fs::write(dir.path().join("proc/4242/stat"), stat_line(4242, 200)).expect("stat");
-        let refused = Status::from(attestor.selectors(&caller).expect_err("refused"));
-        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
-        assert!(
-            refused.message().contains("the caller changed")
-                && refused.message().contains("start time changed"),
-            "{}",
-            refused.message()
+        assert_status(
+            attestor.selectors(&caller).expect_err("refused"),
+            Code::PermissionDenied,
+            &["the caller changed", "start time changed"],
         );
     }
 
@@ -244,20 +242,12 @@ mod tests {
                 gid: 0,
                 process: Some(Arc::new(process)),
             })
-            .map_err(Status::from)
-            .unwrap_err();
-        assert_eq!(gone.code(), tonic::Code::PermissionDenied);
-        assert!(gone.message().contains("exited"), "{}", gone.message());
-        let reused = Status::from(
-            attestor
-                .selectors(&held(dir.path(), 5000, 1000))
-                .unwrap_err(),
-        );
-        assert!(
-            reused.message().contains("no longer belongs"),
-            "{}",
-            reused.message()
-        );
+            .expect_err("exited");
+        assert_status(gone, Code::PermissionDenied, &["exited"]);
+        let reused = attestor
+            .selectors(&held(dir.path(), 5000, 1000))
+            .expect_err("another user's");
+        assert_status(reused, Code::PermissionDenied, &["no longer belongs"]);
     }
 
     #[test]

@@ -199,11 +199,18 @@ mod tests {
     use sigil_core::clock::{ManualClock, SharedClock};
 
     use super::*;
-    use crate::node::fake::{FakeServer, empty_cache, snapshot, sync_entry};
+    use crate::node::fake::{FakeServer, assert_status, empty_cache, snapshot, sync_entry};
 
-    /// One of the entries `signer` puts in the cache.
-    fn entry(cache: &Cache, id: &str) -> Arc<Entry> {
-        cache.entry(id).expect("a test entry")
+    /// Asks `signer` for the SVIDs of the cached entries `ids` at once, in that order.
+    async fn sign_together(
+        signer: &Signer,
+        cache: &Cache,
+        ids: &[&str],
+    ) -> Vec<Result<Arc<CachedSvid>>> {
+        let requests = ids
+            .iter()
+            .map(|id| signer.sign(cache.entry(id).expect("a test entry")));
+        futures::future::join_all(requests).await
     }
 
     fn signer(max_batch: usize) -> (Arc<FakeServer>, Arc<Cache>, Signer) {
@@ -233,11 +240,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn requests_in_one_window_share_a_call_and_an_entry_shares_one_csr() {
         let (server, cache, signer) = signer(100);
-        let (web, db, web_again) = tokio::join!(
-            signer.sign(entry(&cache, "web")),
-            signer.sign(entry(&cache, "db")),
-            signer.sign(entry(&cache, "web")),
-        );
+        let signed = sign_together(&signer, &cache, &["web", "db", "web"]).await;
+        let [web, db, web_again] = <[_; 3]>::try_from(signed).expect("three answers");
         let (web, db, web_again) = (web.expect("web"), db.expect("db"), web_again.expect("web"));
         assert_eq!(
             server.calls(),
@@ -251,12 +255,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_batch_goes_at_once_and_a_late_request_makes_a_new_call() {
         let (server, cache, signer) = signer(2);
-        let (a, b, c) = tokio::join!(
-            signer.sign(entry(&cache, "a")),
-            signer.sign(entry(&cache, "b")),
-            signer.sign(entry(&cache, "c")),
-        );
-        assert!(a.is_ok() && b.is_ok() && c.is_ok());
+        let signed = sign_together(&signer, &cache, &["a", "b", "c"]).await;
+        assert!(signed.iter().all(Result::is_ok));
         assert_eq!(
             server.calls(),
             vec![
@@ -265,7 +265,7 @@ mod tests {
             ]
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-        signer.sign(entry(&cache, "d")).await.expect("d");
+        assert!(sign_together(&signer, &cache, &["d"]).await[0].is_ok());
         assert_eq!(server.calls().len(), 3, "{:?}", server.calls());
     }
 
@@ -276,33 +276,25 @@ mod tests {
             "db".into(),
             (Code::PermissionDenied, "not authorized for db".into()),
         );
-        let (web, db) = tokio::join!(
-            signer.sign(entry(&cache, "web")),
-            signer.sign(entry(&cache, "db"))
-        );
+        let [web, db] = <[_; 2]>::try_from(sign_together(&signer, &cache, &["web", "db"]).await)
+            .expect("two answers");
         assert!(web.is_ok());
-        let refused = Status::from(db.expect_err("db is refused"));
-        assert_eq!(refused.code(), Code::PermissionDenied);
-        assert_eq!(refused.message(), "not authorized for db");
+        assert_status(
+            db.expect_err("db is refused"),
+            Code::PermissionDenied,
+            &["not authorized for db"],
+        );
         assert!(
             cache.any_svid("db").is_none(),
             "nothing stored for a refusal"
         );
 
         server.down.store(true, Ordering::SeqCst);
-        let (one, two) = tokio::join!(
-            signer.sign(entry(&cache, "one")),
-            signer.sign(entry(&cache, "two"))
-        );
-        for outcome in [one, two] {
-            let status = Status::from(outcome.expect_err("the server is away"));
-            assert_eq!(status.code(), Code::Unavailable);
-            assert!(
-                status
-                    .message()
-                    .contains("cannot get an SVID from the server now"),
-                "{}",
-                status.message()
+        for outcome in sign_together(&signer, &cache, &["one", "two"]).await {
+            assert_status(
+                outcome.expect_err("the server is away"),
+                Code::Unavailable,
+                &["cannot get an SVID from the server now"],
             );
         }
     }

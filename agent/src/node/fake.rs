@@ -214,3 +214,15 @@ pub(crate) fn test_signer(
         },
     )
 }
+
+/// Asserts that a client would get `code` with a message containing every one of `parts`.
+pub(crate) fn assert_status(refusal: impl Into<Status>, code: Code, parts: &[&str]) {
+    let status = refusal.into();
+    assert_eq!(status.code(), code, "{status:?}");
+    for part in parts {
+        assert!(
+            status.message().contains(part),
+            "{part:?} not in {status:?}"
+        );
+    }
+}
