@@ -1,5 +1,6 @@
-//! What every binary's configuration shares: the duration type of its settings and flags, and the
-//! TOML loader whose errors name the file, the line and column, the key and the reason.
+//! What every binary's configuration shares: the duration type of its settings and flags, the
+//! TOML loader whose errors name the file, the line and column, the key and the reason, and the
+//! required trust domain.
 //!
 //! Each binary keeps its own settings and checks; this module only makes sure a duration reads
 //! the same and a bad file is reported the same everywhere.
@@ -11,6 +12,8 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
+
+use crate::id::{TrustDomain, parse_trust_domain};
 
 /// A duration as a person writes it in a file or a flag: `500ms`, `30s`, `10m`, `24h`, `7d`, or
 /// a combination such as `1h30m`. Zero (`0s`) parses; the settings that must be positive say so
@@ -145,6 +148,30 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     parse_toml(&text, path)
 }
 
+/// The source that errors name when no file was given and only flags and defaults apply.
+pub const FLAGS_SOURCE: &str = "<flags>";
+
+/// The settings of the file at `path`, or the defaults when no file is given, with the source
+/// to name in later errors (the file, or [`FLAGS_SOURCE`]). Flags are merged on top by the caller.
+pub fn load_or_default<T: DeserializeOwned + Default>(
+    path: Option<&Path>,
+) -> Result<(T, PathBuf), ConfigError> {
+    match path {
+        Some(path) => Ok((load_toml(path)?, path.to_path_buf())),
+        None => Ok((T::default(), PathBuf::from(FLAGS_SOURCE))),
+    }
+}
+
+/// The trust domain a server or agent configuration must name (`trust_domain`, or the
+/// `--trust-domain` flag), checked; the error is the reason, for the caller's own error type.
+pub fn required_trust_domain(name: Option<&str>) -> Result<TrustDomain, String> {
+    let name = name.ok_or_else(|| {
+        "trust_domain is required: set it in the file or pass --trust-domain example.org"
+            .to_string()
+    })?;
+    parse_trust_domain("trust_domain", name).map_err(|e| e.to_string())
+}
+
 /// Parses TOML `text` that came from `path` (which only names the file in errors) into `T`.
 pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
     let failed = |error: &toml::de::Error, key: String| ConfigError::Parse {
@@ -176,7 +203,7 @@ fn location(text: &str, offset: usize) -> Location {
 mod tests {
     use super::*;
 
-    #[derive(Debug, Deserialize)]
+    #[derive(Debug, Default, Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Settings {
         #[serde(default)]
@@ -237,7 +264,19 @@ mod tests {
         let err = parse("wait = \n").unwrap_err().to_string();
         assert!(err.starts_with("x.toml: line 1"), "{err}");
 
-        let err = load_toml::<Settings>(Path::new("/nonexistent/x.toml")).unwrap_err();
+        assert!(
+            required_trust_domain(None)
+                .unwrap_err()
+                .contains("trust_domain is required")
+        );
+        assert!(required_trust_domain(Some("Not A Domain")).is_err());
+        assert_eq!(
+            required_trust_domain(Some("example.org"))
+                .expect("valid")
+                .to_string(),
+            "example.org"
+        );
+        let err = load_or_default::<Settings>(Some(Path::new("/nonexistent/x.toml"))).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
         assert!(
             err.to_string()
