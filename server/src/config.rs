@@ -1,38 +1,84 @@
 //! The server's configuration: a TOML file (`sigil-server run --config server.toml`) with flags
-//! for the common settings on top. Unknown keys and bad values stop start-up with the file, the
-//! key and the reason.
+//! for the common settings on top ([`ServerFlags`], merged by [`ServerConfig::load`]). Unknown
+//! keys and bad values stop start-up with the file, the key and the reason.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
-use sigil_core::id::{TrustDomain, parse_trust_domain};
+use serde::Deserialize;
+use sigil_core::config::{ConfigError, HumanDuration, load_or_default, required_trust_domain};
+use sigil_core::id::TrustDomain;
 use sigil_core::x509::KeyType;
 
 use crate::ca::{CaSettings, DiskUpstream, UpstreamAuthority};
 use crate::{Error, Result};
 
-/// A duration written as `30s`, `10m`, `24h` or `7d`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ttl(pub Duration);
-
-impl<'de> Deserialize<'de> for Ttl {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        parse_ttl(&text).map(Ttl).map_err(serde::de::Error::custom)
-    }
-}
-
-/// Parses `30s`, `10m`, `24h`, `7d` (and combinations such as `1h30m`).
+/// Parses a positive duration flag such as `--ttl 30s`, `10m`, `24h`, `7d` (or `1h30m`).
 pub fn parse_ttl(text: &str) -> std::result::Result<Duration, String> {
-    let duration = humantime::parse_duration(text)
-        .map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. 30s, 10m, 24h or 7d"))?;
+    let duration = text.parse::<HumanDuration>()?.0;
     if duration.is_zero() {
         return Err(format!("`{text}` is zero; a lifetime must be positive"));
     }
     Ok(duration)
+}
+
+/// The flags of `sigil-server run` that override the file's settings.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServerFlags {
+    /// The trust domain this server is the CA of, e.g. example.org.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Where the SQLite database, keys and admin socket live.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The agent API address (mTLS).
+    #[arg(long)]
+    pub bind_address: Option<SocketAddr>,
+    /// The /live, /ready and /metrics address.
+    #[arg(long)]
+    pub health_address: Option<SocketAddr>,
+    /// The admin socket path (default <data-dir>/admin.sock).
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
+    /// sqlite://<path> or postgres://user@host/db (also from SIGIL_DATASTORE_URL, e.g. a Secret).
+    #[arg(long, env = "SIGIL_DATASTORE_URL")]
+    pub datastore_url: Option<String>,
+    /// error, warn, info, debug, trace, or a tracing filter.
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+impl ServerFlags {
+    /// Sets every setting a flag was given for.
+    fn merge_into(self, config: &mut ServerConfig) {
+        config.trust_domain = self.trust_domain.or(config.trust_domain.take());
+        config.admin_socket = self.admin_socket.or(config.admin_socket.take());
+        config.datastore.url = self.datastore_url.or(config.datastore.url.take());
+        if let Some(data_dir) = self.data_dir {
+            config.data_dir = data_dir;
+        }
+        config.bind_address = self.bind_address.unwrap_or(config.bind_address);
+        config.health_address = self.health_address.unwrap_or(config.health_address);
+        if let Some(log_level) = self.log_level {
+            config.log_level = log_level;
+        }
+    }
+}
+
+/// An [`Error::Config`] of the file (or `<flags>`) at `source`.
+fn bad_config(source: &Path, reason: impl Into<String>) -> Error {
+    Error::Config {
+        path: source.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        bad_config(e.path(), e.reason())
+    }
 }
 
 /// The `[ca]` section.
@@ -42,17 +88,17 @@ pub struct CaConfig {
     /// `ec-p256` (default) or `ec-p384`.
     pub key_type: KeyType,
     /// Lifetime of each CA certificate. Default 30 days; at least 7 days' worth of 24 h SVIDs.
-    pub ttl: Ttl,
+    pub ttl: HumanDuration,
     /// Where CA and JWT keys live: `disk` (default: `<data_dir>/keys`) or `memory`.
     pub key_manager: KeyManagerKind,
     /// X509-SVID lifetime when an entry sets none. Default 24 h.
-    pub default_x509_svid_ttl: Ttl,
+    pub default_x509_svid_ttl: HumanDuration,
     /// JWT-SVID lifetime when an entry sets none. Default 5 min.
-    pub default_jwt_svid_ttl: Ttl,
+    pub default_jwt_svid_ttl: HumanDuration,
     /// Lifetime of agent SVIDs. Default 24 h.
-    pub agent_svid_ttl: Ttl,
+    pub agent_svid_ttl: HumanDuration,
     /// The bundle's `spiffe_refresh_hint`. Default 5 min.
-    pub bundle_refresh_hint: Ttl,
+    pub bundle_refresh_hint: HumanDuration,
     /// `[ca.upstream]`: an existing CA that signs this one; absent, the CA is its own root.
     pub upstream: Option<UpstreamConfig>,
 }
@@ -75,12 +121,12 @@ impl Default for CaConfig {
     fn default() -> Self {
         CaConfig {
             key_type: KeyType::EcP256,
-            ttl: Ttl(Duration::from_secs(30 * 24 * 3600)),
+            ttl: HumanDuration::from_secs(30 * 24 * 3600),
             key_manager: KeyManagerKind::Disk,
-            default_x509_svid_ttl: Ttl(Duration::from_secs(24 * 3600)),
-            default_jwt_svid_ttl: Ttl(Duration::from_secs(300)),
-            agent_svid_ttl: Ttl(Duration::from_secs(24 * 3600)),
-            bundle_refresh_hint: Ttl(Duration::from_secs(300)),
+            default_x509_svid_ttl: HumanDuration::from_secs(24 * 3600),
+            default_jwt_svid_ttl: HumanDuration::from_secs(300),
+            agent_svid_ttl: HumanDuration::from_secs(24 * 3600),
+            bundle_refresh_hint: HumanDuration::from_secs(300),
             upstream: None,
         }
     }
@@ -109,13 +155,13 @@ pub struct DatastoreConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct JoinTokenConfig {
     /// Lifetime of generated tokens unless `--ttl` says otherwise. Default 10 min.
-    pub default_ttl: Ttl,
+    pub default_ttl: HumanDuration,
 }
 
 impl Default for JoinTokenConfig {
     fn default() -> Self {
         JoinTokenConfig {
-            default_ttl: Ttl(Duration::from_secs(600)),
+            default_ttl: HumanDuration::from_secs(600),
         }
     }
 }
@@ -131,17 +177,17 @@ pub struct AgentApiConfig {
     /// Default 256.
     pub max_handshakes: usize,
     /// How long a client has to finish its TLS handshake. Default 10 s.
-    pub handshake_timeout: Ttl,
+    pub handshake_timeout: HumanDuration,
     /// Of the open connections, how many may come without a client certificate (nodes that are
     /// attesting). Default 1024.
     pub max_unauthenticated_connections: usize,
     /// How long a connection without a client certificate is kept: enough to attest, not enough
     /// to hold a slot for good. Default 60 s.
-    pub unauthenticated_connection_lifetime: Ttl,
+    pub unauthenticated_connection_lifetime: HumanDuration,
     /// HTTP/2 streams one connection may have open at once. Default 64.
     pub max_streams_per_connection: u32,
     /// How long one call may take until its answer starts. Default 60 s.
-    pub request_timeout: Ttl,
+    pub request_timeout: HumanDuration,
 }
 
 impl Default for AgentApiConfig {
@@ -149,11 +195,11 @@ impl Default for AgentApiConfig {
         AgentApiConfig {
             max_connections: 16_384,
             max_handshakes: 256,
-            handshake_timeout: Ttl(Duration::from_secs(10)),
+            handshake_timeout: HumanDuration::from_secs(10),
             max_unauthenticated_connections: 1024,
-            unauthenticated_connection_lifetime: Ttl(Duration::from_secs(60)),
+            unauthenticated_connection_lifetime: HumanDuration::from_secs(60),
             max_streams_per_connection: 64,
-            request_timeout: Ttl(Duration::from_secs(60)),
+            request_timeout: HumanDuration::from_secs(60),
         }
     }
 }
@@ -163,13 +209,13 @@ impl Default for AgentApiConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct IssuanceRecordConfig {
     /// How long a record is kept after its SVID expired. Default 7 days.
-    pub retention: Ttl,
+    pub retention: HumanDuration,
 }
 
 impl Default for IssuanceRecordConfig {
     fn default() -> Self {
         IssuanceRecordConfig {
-            retention: Ttl(Duration::from_secs(7 * 24 * 3600)),
+            retention: HumanDuration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -193,7 +239,7 @@ pub struct ServerConfig {
     /// `text` (default) or `json`.
     pub log_format: LogFormat,
     /// How often the change feed is polled for other servers' writes. Default 1 s.
-    pub change_poll_interval: Ttl,
+    pub change_poll_interval: HumanDuration,
     /// The largest gRPC message accepted, in bytes. Default 4 MiB.
     pub max_message_bytes: usize,
     /// DNS names the server's own certificate carries (the names of the Service agents and
@@ -229,9 +275,9 @@ pub struct FederationConfig {
     /// For `https_web`: the PEM private key, re-read when it changes.
     pub bundle_endpoint_key_file: Option<PathBuf>,
     /// Foreign endpoints are never fetched more often than this. Default 30 s.
-    pub min_refresh: Ttl,
+    pub min_refresh: HumanDuration,
     /// Nor less often than this, whatever their refresh hint says. Default 1 h.
-    pub max_refresh: Ttl,
+    pub max_refresh: HumanDuration,
     /// `[[federation.relationships]]`
     pub relationships: Vec<StaticRelationship>,
 }
@@ -243,8 +289,8 @@ impl Default for FederationConfig {
             bundle_endpoint_profile: "https_spiffe".into(),
             bundle_endpoint_cert_file: None,
             bundle_endpoint_key_file: None,
-            min_refresh: Ttl(Duration::from_secs(30)),
-            max_refresh: Ttl(Duration::from_secs(3600)),
+            min_refresh: HumanDuration::from_secs(30),
+            max_refresh: HumanDuration::from_secs(3600),
             relationships: Vec::new(),
         }
     }
@@ -291,7 +337,7 @@ pub struct KubernetesConfig {
     /// These namespaces never get automatic identities. Default `kube-system`.
     pub namespaces_exclude: Vec<String>,
     /// How long automatic identities are still served from a broken pod watch. Default 5 min.
-    pub max_staleness: Ttl,
+    pub max_staleness: HumanDuration,
     /// Keep the trust bundle in this ConfigMap (agents bootstrap from it), when set.
     pub bundle_configmap: Option<String>,
     /// The namespace of the bundle ConfigMap. Default `sigil`.
@@ -301,7 +347,7 @@ pub struct KubernetesConfig {
     /// The audience of the tokens istio-agent sends. Default `istio-ca`.
     pub istio_ca_audience: String,
     /// The longest certificate the Istio CA API issues; longer requests are clamped. Default 24 h.
-    pub istio_max_validity: Ttl,
+    pub istio_max_validity: HumanDuration,
     /// Keep an `istio-ca-root-cert` ConfigMap (key `root-cert.pem`) with the current bundle in
     /// every namespace, as istiod does for its own CA.
     pub istio_root_cert_configmaps: bool,
@@ -318,12 +364,12 @@ impl Default for KubernetesConfig {
             identity_template: "spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}".into(),
             namespaces_include: Vec::new(),
             namespaces_exclude: vec!["kube-system".into()],
-            max_staleness: Ttl(Duration::from_secs(300)),
+            max_staleness: HumanDuration::from_secs(300),
             bundle_configmap: None,
             bundle_configmap_namespace: "sigil".into(),
             istio_ca: false,
             istio_ca_audience: "istio-ca".into(),
-            istio_max_validity: Ttl(Duration::from_secs(24 * 3600)),
+            istio_max_validity: HumanDuration::from_secs(24 * 3600),
             istio_root_cert_configmaps: false,
         }
     }
@@ -385,7 +431,7 @@ impl Default for ServerConfig {
             admin_socket: None,
             log_level: "info".into(),
             log_format: LogFormat::Text,
-            change_poll_interval: Ttl(Duration::from_secs(1)),
+            change_poll_interval: HumanDuration::from_secs(1),
             max_message_bytes: 4 * 1024 * 1024,
             server_dns_names: Vec::new(),
             ca: CaConfig::default(),
@@ -400,35 +446,27 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    /// Reads a configuration file. Errors name the file, the key (with its line) and the reason.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            reason: format!("cannot read the file: {e}"),
-        })?;
-        Self::from_toml(&text).map_err(|reason| Error::Config {
-            path: path.to_path_buf(),
-            reason,
-        })
+    /// The settings of `file` (or the defaults) with `flags` on top, and the source that later
+    /// errors name: the file, or `<flags>`. [`ServerConfig::validate`] checks the result.
+    pub fn load(file: Option<&Path>, flags: ServerFlags) -> Result<(Self, PathBuf)> {
+        let (mut config, source) = load_or_default::<Self>(file)?;
+        flags.merge_into(&mut config);
+        Ok((config, source))
     }
 
-    /// Parses configuration text.
+    /// Reads a configuration file. Errors name the file, the key (with its line) and the reason.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        Ok(sigil_core::config::load_toml(path)?)
+    }
+
+    /// Parses configuration text; the error names the line, the key and the reason.
     pub fn from_toml(text: &str) -> std::result::Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        sigil_core::config::parse_toml(text, Path::new("")).map_err(|e| e.reason())
     }
 
     /// The validated trust domain.
     pub fn trust_domain(&self, source: &Path) -> Result<TrustDomain> {
-        let name = self.trust_domain.as_deref().ok_or_else(|| Error::Config {
-            path: source.to_path_buf(),
-            reason:
-                "trust_domain is required: set it in the file or pass --trust-domain example.org"
-                    .into(),
-        })?;
-        parse_trust_domain("trust_domain", name).map_err(|e| Error::Config {
-            path: source.to_path_buf(),
-            reason: e.to_string(),
-        })
+        required_trust_domain(self.trust_domain.as_deref()).map_err(|e| bad_config(source, e))
     }
 
     /// The admin socket path.
@@ -448,7 +486,6 @@ impl ServerConfig {
         })
     }
 
-    /// The CA's settings.
     /// The CA's settings, with the upstream CA read from its files (an unusable upstream stops
     /// start-up with the file and the reason).
     pub fn ca_settings(&self, trust_domain: TrustDomain) -> Result<CaSettings> {
@@ -477,15 +514,11 @@ impl ServerConfig {
 
     /// Checks values that parse but make no sense together.
     pub fn validate(&self, source: &Path) -> Result<()> {
-        let bad = |reason: String| Error::Config {
-            path: source.to_path_buf(),
-            reason,
-        };
+        let bad = |reason: String| bad_config(source, reason);
         if self.ca.ttl.0 < self.ca.default_x509_svid_ttl.0.saturating_mul(2) {
             return Err(bad(format!(
                 "ca.ttl ({}) must be at least twice ca.default_x509_svid_ttl ({}), so every SVID can live its full lifetime",
-                humantime::format_duration(self.ca.ttl.0),
-                humantime::format_duration(self.ca.default_x509_svid_ttl.0)
+                self.ca.ttl, self.ca.default_x509_svid_ttl
             )));
         }
         for name in &self.server_dns_names {
@@ -529,11 +562,38 @@ impl ServerConfig {
         {
             return Err(bad(format!(
                 "federation.min_refresh ({}) must be above zero and at most federation.max_refresh ({})",
-                humantime::format_duration(federation.min_refresh.0),
-                humantime::format_duration(federation.max_refresh.0)
+                federation.min_refresh, federation.max_refresh
             )));
         }
+        if let Some((key, _)) = self.durations().into_iter().find(|(_, d)| d.0.is_zero()) {
+            return Err(bad(format!("{key} is zero; a lifetime must be positive")));
+        }
         Ok(())
+    }
+
+    /// Every duration of the file, by key: none may be zero.
+    fn durations(&self) -> [(&'static str, HumanDuration); 15] {
+        let (ca, api, k8s) = (&self.ca, &self.agent_api, &self.kubernetes);
+        [
+            ("ca.ttl", ca.ttl),
+            ("ca.default_x509_svid_ttl", ca.default_x509_svid_ttl),
+            ("ca.default_jwt_svid_ttl", ca.default_jwt_svid_ttl),
+            ("ca.agent_svid_ttl", ca.agent_svid_ttl),
+            ("ca.bundle_refresh_hint", ca.bundle_refresh_hint),
+            ("change_poll_interval", self.change_poll_interval),
+            ("join_token.default_ttl", self.join_token.default_ttl),
+            ("agent_api.handshake_timeout", api.handshake_timeout),
+            (
+                "agent_api.unauthenticated_connection_lifetime",
+                api.unauthenticated_connection_lifetime,
+            ),
+            ("agent_api.request_timeout", api.request_timeout),
+            ("issuance_record.retention", self.issuance_record.retention),
+            ("federation.min_refresh", self.federation.min_refresh),
+            ("federation.max_refresh", self.federation.max_refresh),
+            ("kubernetes.max_staleness", k8s.max_staleness),
+            ("kubernetes.istio_max_validity", k8s.istio_max_validity),
+        ]
     }
 }
 
@@ -565,6 +625,40 @@ mod tests {
             err.to_string().contains("/nonexistent/server.toml"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn flags_override_the_file_and_zero_durations_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, "trust_domain = \"a.test\"\nlog_level = \"debug\"\n").expect("write");
+        let flags = ServerFlags {
+            trust_domain: Some("b.test".into()),
+            datastore_url: Some("postgres://db/sigil".into()),
+            ..ServerFlags::default()
+        };
+        let (config, source) = ServerConfig::load(Some(&path), flags).expect("valid");
+        assert_eq!(source, path);
+        assert_eq!(config.trust_domain.as_deref(), Some("b.test"));
+        assert_eq!(config.log_level, "debug");
+        assert_eq!(config.datastore_url(), "postgres://db/sigil");
+        let (config, source) = ServerConfig::load(None, ServerFlags::default()).expect("defaults");
+        assert_eq!(source, Path::new("<flags>"));
+        assert!(
+            config
+                .trust_domain(&source)
+                .unwrap_err()
+                .to_string()
+                .contains("trust_domain is required")
+        );
+
+        let config =
+            ServerConfig::from_toml("[kubernetes]\nmax_staleness = \"0s\"\n").expect("parses");
+        let err = config
+            .validate(Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kubernetes.max_staleness is zero"), "{err}");
     }
 
     #[test]
