@@ -78,7 +78,7 @@ mod tests {
     use sigil_core::selector::Selector;
 
     use super::*;
-    use crate::datastore::SqlDataStore;
+    use crate::datastore::{EntryStore, SqlDataStore};
 
     #[tokio::test]
     async fn a_stored_reserved_entry_stops_start_up_and_is_named() {

@@ -5,7 +5,7 @@ use sigil_core::entry::EntryInput;
 use sigil_core::id::parse_trust_domain;
 
 use super::*;
-use crate::datastore::{AgentRecord, SqlDataStore};
+use crate::datastore::{AgentRecord, AgentStore, EntryStore, SqlDataStore};
 
 const AGENT: &str = "spiffe://example.org/sigil/agent/join_token/a1";
 const OTHER_AGENT: &str = "spiffe://example.org/sigil/agent/join_token/b2";

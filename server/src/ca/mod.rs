@@ -216,7 +216,7 @@ mod tests {
 
     use super::*;
     use crate::Error;
-    use crate::datastore::{IssuedSvid, SqlDataStore};
+    use crate::datastore::{IssuedSvid, IssuedSvidStore, SqlDataStore};
 
     fn settings() -> CaSettings {
         CaSettings {

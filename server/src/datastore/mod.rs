@@ -1,9 +1,13 @@
 //! The datastore: the source of truth for entries, agents, join tokens, bundles, the CA journal
 //! and the record of issued SVIDs.
 //!
-//! [`DataStore`] is the narrow interface the rest of the server uses; [`SqlDataStore`] implements
-//! it once, for SQLite (the embedded default) and Postgres, through sqlx's Any driver. The same
-//! conformance suite (`server/tests/datastore_conformance.rs`) runs against both.
+//! One narrow trait per concern: [`EntryStore`], [`AgentStore`], [`JoinTokenStore`],
+//! [`BundleStore`] (bundles and federation relationships), [`AuthorityJournal`] (the CA journal),
+//! [`IssuedSvidStore`] (the issuance record) and [`ChangeFeed`]. [`DataStore`] is all of them plus
+//! a health check; the rest of the server is generic over it. [`SqlDataStore`] implements each
+//! trait once, in the `sql/` file of its concern, for SQLite (the embedded default) and Postgres
+//! through sqlx's Any driver. Each trait has its own conformance suite
+//! (`server/tests/datastore/<concern>.rs`), written against the trait and run on both databases.
 //!
 //! Every write to entries, agents or bundles appends an [`Event`] in the same transaction: the
 //! change feed that lets in-memory caches (and, later, other servers sharing the database) follow
@@ -167,7 +171,7 @@ pub struct IssuedSvid {
     pub not_after: i64,
 }
 
-/// Filters for [`DataStore::list_entries`]; empty fields match everything.
+/// Filters for [`EntryStore::list_entries`]; empty fields match everything.
 #[derive(Debug, Clone, Default)]
 pub struct EntryFilter {
     /// Exact SPIFFE ID.
@@ -178,7 +182,7 @@ pub struct EntryFilter {
     pub selectors: Vec<Selector>,
 }
 
-/// Filters for [`DataStore::list_issued_svids`]; empty fields match everything.
+/// Filters for [`IssuedSvidStore::list_issued_svids`]; empty fields match everything.
 #[derive(Debug, Clone, Default)]
 pub struct SvidFilter {
     /// Exact SPIFFE ID.
@@ -214,13 +218,29 @@ pub struct Event {
     pub subject: String,
 }
 
-/// The server's persistent state.
+/// The server's persistent state: every concern's store, plus a health check.
 ///
-/// Writes are transactional: either the row and its change event are written, or neither.
-pub trait DataStore: Send + Sync + 'static {
+/// The rest of the server is generic over `D: DataStore`, so it can call any store's methods;
+/// code holding a concrete [`SqlDataStore`] imports the narrow trait it uses. Writes are
+/// transactional: either the row and its change event are written, or neither.
+pub trait DataStore:
+    EntryStore
+    + AgentStore
+    + JoinTokenStore
+    + BundleStore
+    + AuthorityJournal
+    + IssuedSvidStore
+    + ChangeFeed
+    + Send
+    + Sync
+    + 'static
+{
     /// Checks that the database answers.
     fn ping(&self) -> impl Future<Output = Result<()>> + Send;
+}
 
+/// Registration entries. Each write appends an [`EventKind::Entry`] event.
+pub trait EntryStore {
     /// Stores a new entry; refuses an exact duplicate (same SPIFFE ID, parent and selectors).
     /// Returns it with its revision.
     fn create_entry(&self, entry: &Entry) -> impl Future<Output = Result<Entry>> + Send;
@@ -233,7 +253,10 @@ pub trait DataStore: Send + Sync + 'static {
     /// Entries matching the filter, ordered by id.
     fn list_entries(&self, filter: &EntryFilter)
     -> impl Future<Output = Result<Vec<Entry>>> + Send;
+}
 
+/// Attested agents. Each write appends an [`EventKind::Agent`] event.
+pub trait AgentStore {
     /// Creates or replaces an agent (after attestation). Never lifts a ban: when the stored agent
     /// is banned nothing is written and the call fails with `PermissionDenied`, decided in the same
     /// statement, so a ban racing an attestation always wins.
@@ -266,7 +289,10 @@ pub trait DataStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<AgentRecord>> + Send;
     /// Deletes an agent: it must attest again.
     fn delete_agent(&self, spiffe_id: &str) -> impl Future<Output = Result<AgentRecord>> + Send;
+}
 
+/// Join tokens, stored only as hashes and used at most once.
+pub trait JoinTokenStore {
     /// Stores a new join token (its hash).
     fn create_join_token(&self, token: &JoinToken) -> impl Future<Output = Result<()>> + Send;
     /// Marks a join token used, atomically, so two callers cannot both use it.
@@ -278,7 +304,11 @@ pub trait DataStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Result<JoinToken, TokenRefusal>>> + Send;
     /// Deletes tokens that expired before `before`; returns how many.
     fn prune_join_tokens(&self, before: i64) -> impl Future<Output = Result<u64>> + Send;
+}
 
+/// Trust bundles (own and foreign) and the federation relationships that fetch foreign ones.
+/// Each write appends an [`EventKind::Bundle`] or [`EventKind::Federation`] event.
+pub trait BundleStore {
     /// The bundle of a trust domain.
     fn get_bundle(
         &self,
@@ -311,12 +341,18 @@ pub trait DataStore: Send + Sync + 'static {
         &self,
         trust_domain: &TrustDomain,
     ) -> impl Future<Output = Result<Option<FederationRelationship>>> + Send;
+}
 
+/// The CA journal: every X.509 CA certificate and JWT key, and where it is in its life.
+pub trait AuthorityJournal {
     /// The whole CA journal, oldest first.
     fn list_authorities(&self) -> impl Future<Output = Result<Vec<Authority>>> + Send;
     /// Creates or replaces one authority.
     fn put_authority(&self, authority: &Authority) -> impl Future<Output = Result<()>> + Send;
+}
 
+/// The issuance record: one [`IssuedSvid`] per SVID the server signed.
+pub trait IssuedSvidStore {
     /// Records signed SVIDs, all in one transaction. A serial already recorded is kept as is.
     fn record_issued_svids(&self, svids: &[IssuedSvid]) -> impl Future<Output = Result<()>> + Send;
     /// Issued SVIDs matching the filter, newest first.
@@ -331,7 +367,10 @@ pub trait DataStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<IssuedSvid>>> + Send;
     /// Deletes records of SVIDs that expired before `before`; returns how many.
     fn prune_issued_svids(&self, before: i64) -> impl Future<Output = Result<u64>> + Send;
+}
 
+/// The change feed: the [`Event`]s the other stores append with each write.
+pub trait ChangeFeed {
     /// Up to `limit` change-feed events after `after`, oldest first.
     fn events_after(
         &self,

@@ -1,11 +1,10 @@
 //! Attested agents: the `agents` table, how its rows map to [`AgentRecord`], and the writes,
 //! each in one transaction with its [`EventKind::Agent`] change event.
 
-use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{SqlDataStore, append_event, join_lines, parse_selectors};
-use crate::datastore::{AgentRecord, EventKind};
+use super::{AnyQuery, Columns, SqlDataStore, append_event, fetch_all, fetch_optional, join_lines};
+use crate::datastore::{AgentRecord, AgentStore, EventKind};
 use crate::{Error, Result};
 
 /// The columns of `agents`.
@@ -15,17 +14,25 @@ macro_rules! agent_columns {
     };
 }
 
+/// Selects every agent; a `WHERE` or `ORDER BY` follows.
+macro_rules! select_agents {
+    () => {
+        concat!("SELECT ", agent_columns!(), " FROM agents")
+    };
+}
+
 fn agent_from_row(row: &AnyRow) -> Result<AgentRecord> {
+    let row = Columns::of("agent", row);
     Ok(AgentRecord {
-        spiffe_id: row.try_get("spiffe_id")?,
-        attestor: row.try_get("attestor")?,
-        selectors: parse_selectors(&row.try_get::<String, _>("selectors")?)?,
-        svid_serial: row.try_get("svid_serial")?,
-        previous_svid_serial: row.try_get("previous_svid_serial")?,
-        svid_expires_at: row.try_get("svid_expires_at")?,
-        banned: row.try_get::<i64, _>("banned")? != 0,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
+        spiffe_id: row.text("spiffe_id")?,
+        attestor: row.text("attestor")?,
+        selectors: row.selectors("selectors")?,
+        svid_serial: row.text("svid_serial")?,
+        previous_svid_serial: row.text("previous_svid_serial")?,
+        svid_expires_at: row.int("svid_expires_at")?,
+        banned: row.flag("banned")?,
+        created_at: row.int("created_at")?,
+        updated_at: row.int("updated_at")?,
     })
 }
 
@@ -34,21 +41,21 @@ impl SqlDataStore {
     async fn agent_event<'q>(
         &self,
         spiffe_id: &str,
-        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+        query: AnyQuery<'q>,
         now: i64,
     ) -> Result<AgentRecord> {
         let mut tx = self.pool.begin().await?;
         append_event(&mut tx, EventKind::Agent, spiffe_id, now).await?;
-        let row = query
-            .fetch_optional(&mut *tx)
+        let agent = fetch_optional(&mut *tx, query, agent_from_row)
             .await?
             .ok_or_else(|| Error::NotFound(format!("agent `{spiffe_id}`")))?;
-        let agent = agent_from_row(&row)?;
         tx.commit().await?;
         Ok(agent)
     }
+}
 
-    pub(super) async fn put_agent(&self, agent: &AgentRecord) -> Result<()> {
+impl AgentStore for SqlDataStore {
+    async fn put_agent(&self, agent: &AgentRecord) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         append_event(
             &mut tx,
@@ -82,30 +89,17 @@ impl SqlDataStore {
         Ok(())
     }
 
-    pub(super) async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            agent_columns!(),
-            " FROM agents WHERE spiffe_id = $1"
-        ))
-        .bind(spiffe_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(agent_from_row).transpose()
+    async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>> {
+        let query = sqlx::query(concat!(select_agents!(), " WHERE spiffe_id = $1")).bind(spiffe_id);
+        fetch_optional(&self.pool, query, agent_from_row).await
     }
 
-    pub(super) async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            agent_columns!(),
-            " FROM agents ORDER BY spiffe_id"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(agent_from_row).collect()
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
+        let query = sqlx::query(concat!(select_agents!(), " ORDER BY spiffe_id"));
+        fetch_all(&self.pool, query, agent_from_row).await
     }
 
-    pub(super) async fn set_agent_svid(
+    async fn set_agent_svid(
         &self,
         spiffe_id: &str,
         presented_serial: &str,
@@ -117,15 +111,13 @@ impl SqlDataStore {
         append_event(&mut tx, EventKind::Agent, spiffe_id, now).await?;
         // Compare and swap: only a renewal made with a certificate the row still holds is
         // written, so a renewal racing an eviction and re-attestation (or a ban) changes nothing.
-        let row = sqlx::query(concat!("UPDATE agents SET previous_svid_serial = $2, svid_serial = $3, svid_expires_at = $4, updated_at = $5 WHERE spiffe_id = $1 AND banned = 0 AND $2 <> '' AND (svid_serial = $2 OR previous_svid_serial = $2) RETURNING ", agent_columns!()))
+        let query = sqlx::query(concat!("UPDATE agents SET previous_svid_serial = $2, svid_serial = $3, svid_expires_at = $4, updated_at = $5 WHERE spiffe_id = $1 AND banned = 0 AND $2 <> '' AND (svid_serial = $2 OR previous_svid_serial = $2) RETURNING ", agent_columns!()))
             .bind(spiffe_id)
             .bind(presented_serial)
             .bind(serial)
             .bind(expires_at)
-            .bind(now)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else {
+            .bind(now);
+        let Some(agent) = fetch_optional(&mut *tx, query, agent_from_row).await? else {
             tx.rollback().await?;
             return Err(match self.get_agent(spiffe_id).await? {
                 None => Error::NotFound(format!("agent `{spiffe_id}`")),
@@ -134,12 +126,11 @@ impl SqlDataStore {
                 )),
             });
         };
-        let agent = agent_from_row(&row)?;
         tx.commit().await?;
         Ok(agent)
     }
 
-    pub(super) async fn ban_agent(&self, spiffe_id: &str, now: i64) -> Result<AgentRecord> {
+    async fn ban_agent(&self, spiffe_id: &str, now: i64) -> Result<AgentRecord> {
         let query = sqlx::query(concat!(
             "UPDATE agents SET banned = 1, updated_at = $2 WHERE spiffe_id = $1 RETURNING ",
             agent_columns!()
@@ -149,7 +140,7 @@ impl SqlDataStore {
         self.agent_event(spiffe_id, query, now).await
     }
 
-    pub(super) async fn delete_agent(&self, spiffe_id: &str) -> Result<AgentRecord> {
+    async fn delete_agent(&self, spiffe_id: &str) -> Result<AgentRecord> {
         let now = self.clock.unix_now();
         let query = sqlx::query(concat!(
             "DELETE FROM agents WHERE spiffe_id = $1 RETURNING ",

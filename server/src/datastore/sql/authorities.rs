@@ -3,35 +3,37 @@
 
 use std::str::FromStr;
 
-use sqlx::Row;
+use sqlx::any::AnyRow;
 
-use super::{SqlDataStore, corrupt};
-use crate::datastore::{Authority, AuthorityKind};
+use super::{Columns, SqlDataStore, corrupt, fetch_all};
+use crate::datastore::{Authority, AuthorityJournal, AuthorityKind};
 use crate::{Error, Result};
 
-impl SqlDataStore {
-    pub(super) async fn list_authorities(&self) -> Result<Vec<Authority>> {
-        let rows = sqlx::query("SELECT id, kind, key_ref, public_data, state, not_after, created_at FROM authorities ORDER BY created_at, id")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let kind: String = row.try_get("kind")?;
-                let state: String = row.try_get("state")?;
-                Ok(Authority {
-                    id: row.try_get("id")?,
-                    kind: kind.parse()?,
-                    key_ref: row.try_get("key_ref")?,
-                    public_data: row.try_get("public_data")?,
-                    state: state.parse().map_err(|e| corrupt("authority state", e))?,
-                    not_after: row.try_get("not_after")?,
-                    created_at: row.try_get("created_at")?,
-                })
-            })
-            .collect()
+fn authority_from_row(row: &AnyRow) -> Result<Authority> {
+    let row = Columns::of("authority", row);
+    Ok(Authority {
+        id: row.text("id")?,
+        kind: row.text("kind")?.parse()?,
+        key_ref: row.text("key_ref")?,
+        public_data: row.bytes("public_data")?,
+        state: row
+            .text("state")?
+            .parse()
+            .map_err(|e| corrupt("authority state", e))?,
+        not_after: row.int("not_after")?,
+        created_at: row.int("created_at")?,
+    })
+}
+
+impl AuthorityJournal for SqlDataStore {
+    async fn list_authorities(&self) -> Result<Vec<Authority>> {
+        let query = sqlx::query(
+            "SELECT id, kind, key_ref, public_data, state, not_after, created_at FROM authorities ORDER BY created_at, id",
+        );
+        fetch_all(&self.pool, query, authority_from_row).await
     }
 
-    pub(super) async fn put_authority(&self, authority: &Authority) -> Result<()> {
+    async fn put_authority(&self, authority: &Authority) -> Result<()> {
         sqlx::query("INSERT INTO authorities (id, kind, key_ref, public_data, state, not_after, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET state = $5")
             .bind(&authority.id)
             .bind(authority.kind.as_str())

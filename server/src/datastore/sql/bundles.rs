@@ -3,60 +3,59 @@
 //! transaction with its [`EventKind::Bundle`] or [`EventKind::Federation`] change event.
 
 use sigil_core::bundle::TrustBundle;
-use sigil_core::id::{TrustDomain, parse_spiffe_id, parse_trust_domain};
-use sqlx::Row;
+use sigil_core::id::TrustDomain;
 use sqlx::any::AnyRow;
 
-use super::{SqlDataStore, append_event, corrupt};
+use super::{AnyQuery, Columns, SqlDataStore, append_event, corrupt, fetch_all, fetch_optional};
 use crate::Result;
-use crate::datastore::{EndpointProfile, EventKind, FederationRelationship};
+use crate::datastore::{BundleStore, EndpointProfile, EventKind, FederationRelationship};
 
-macro_rules! federation_columns {
+/// Selects every federation relationship, column by column; a `WHERE` or `ORDER BY` follows.
+macro_rules! select_federations {
     () => {
-        "trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id, created_at, updated_at"
+        "SELECT trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id, created_at, updated_at FROM federation_relationships"
     };
 }
 
+/// Selects the relationship of one trust domain.
+fn select_federation(trust_domain: &TrustDomain) -> AnyQuery<'static> {
+    sqlx::query(concat!(select_federations!(), " WHERE trust_domain = $1"))
+        .bind(trust_domain.as_str().to_string())
+}
+
+fn bundle_from_row(row: &AnyRow) -> Result<TrustBundle> {
+    let row = Columns::of("bundle", row);
+    TrustBundle::from_spiffe_json(row.trust_domain("trust_domain")?, &row.text("document")?)
+        .map_err(|e| corrupt("bundle", e))
+}
+
 fn federation_from_row(row: &AnyRow) -> Result<FederationRelationship> {
-    let name: String = row.try_get("trust_domain")?;
-    let profile: String = row.try_get("profile")?;
-    let endpoint_id: String = row.try_get("endpoint_spiffe_id")?;
-    let profile = match profile.as_str() {
+    let row = Columns::of("federation relationship", row);
+    let profile = match row.text("profile")?.as_str() {
         "https_web" => EndpointProfile::HttpsWeb,
         "https_spiffe" => EndpointProfile::HttpsSpiffe {
-            endpoint_spiffe_id: parse_spiffe_id("endpoint_spiffe_id", &endpoint_id)
-                .map_err(|e| corrupt("federation relationship", e))?,
+            endpoint_spiffe_id: row.spiffe_id("endpoint_spiffe_id")?,
         },
         other => return Err(corrupt("federation profile", other)),
     };
     Ok(FederationRelationship {
-        trust_domain: parse_trust_domain("trust_domain", &name)
-            .map_err(|e| corrupt("federation relationship", e))?,
-        bundle_endpoint_url: row.try_get("bundle_endpoint_url")?,
+        trust_domain: row.trust_domain("trust_domain")?,
+        bundle_endpoint_url: row.text("bundle_endpoint_url")?,
         profile,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
+        created_at: row.int("created_at")?,
+        updated_at: row.int("updated_at")?,
     })
 }
 
-impl SqlDataStore {
-    pub(super) async fn get_bundle(
-        &self,
-        trust_domain: &TrustDomain,
-    ) -> Result<Option<TrustBundle>> {
-        let row = sqlx::query("SELECT document FROM bundles WHERE trust_domain = $1")
-            .bind(trust_domain.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| {
-            let document: String = row.try_get("document")?;
-            TrustBundle::from_spiffe_json(trust_domain.clone(), &document)
-                .map_err(|e| corrupt("bundle", e))
-        })
-        .transpose()
+impl BundleStore for SqlDataStore {
+    async fn get_bundle(&self, trust_domain: &TrustDomain) -> Result<Option<TrustBundle>> {
+        let query =
+            sqlx::query("SELECT trust_domain, document FROM bundles WHERE trust_domain = $1")
+                .bind(trust_domain.as_str());
+        fetch_optional(&self.pool, query, bundle_from_row).await
     }
 
-    pub(super) async fn put_bundle(&self, bundle: &TrustBundle) -> Result<()> {
+    async fn put_bundle(&self, bundle: &TrustBundle) -> Result<()> {
         let document = bundle.to_spiffe_json()?;
         let now = self.clock.unix_now();
         let mut tx = self.pool.begin().await?;
@@ -78,23 +77,12 @@ impl SqlDataStore {
         Ok(())
     }
 
-    pub(super) async fn list_bundles(&self) -> Result<Vec<TrustBundle>> {
-        let rows = sqlx::query("SELECT trust_domain, document FROM bundles ORDER BY trust_domain")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let name: String = row.try_get("trust_domain")?;
-                let trust_domain =
-                    parse_trust_domain("trust_domain", &name).map_err(|e| corrupt("bundle", e))?;
-                let document: String = row.try_get("document")?;
-                TrustBundle::from_spiffe_json(trust_domain, &document)
-                    .map_err(|e| corrupt("bundle", e))
-            })
-            .collect()
+    async fn list_bundles(&self) -> Result<Vec<TrustBundle>> {
+        let query = sqlx::query("SELECT trust_domain, document FROM bundles ORDER BY trust_domain");
+        fetch_all(&self.pool, query, bundle_from_row).await
     }
 
-    pub(super) async fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<bool> {
+    async fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let deleted = sqlx::query("DELETE FROM bundles WHERE trust_domain = $1")
             .bind(trust_domain.as_str())
@@ -110,7 +98,7 @@ impl SqlDataStore {
         Ok(true)
     }
 
-    pub(super) async fn put_federation(&self, relationship: &FederationRelationship) -> Result<()> {
+    async fn put_federation(&self, relationship: &FederationRelationship) -> Result<()> {
         let endpoint_id = match &relationship.profile {
             EndpointProfile::HttpsWeb => String::new(),
             EndpointProfile::HttpsSpiffe { endpoint_spiffe_id } => endpoint_spiffe_id.to_string(),
@@ -136,49 +124,32 @@ impl SqlDataStore {
         Ok(())
     }
 
-    pub(super) async fn get_federation(
+    async fn get_federation(
         &self,
         trust_domain: &TrustDomain,
     ) -> Result<Option<FederationRelationship>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            federation_columns!(),
-            " FROM federation_relationships WHERE trust_domain = $1"
-        ))
-        .bind(trust_domain.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(federation_from_row).transpose()
+        fetch_optional(
+            &self.pool,
+            select_federation(trust_domain),
+            federation_from_row,
+        )
+        .await
     }
 
-    pub(super) async fn list_federations(&self) -> Result<Vec<FederationRelationship>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            federation_columns!(),
-            " FROM federation_relationships ORDER BY trust_domain"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(federation_from_row).collect()
+    async fn list_federations(&self) -> Result<Vec<FederationRelationship>> {
+        let query = sqlx::query(concat!(select_federations!(), " ORDER BY trust_domain"));
+        fetch_all(&self.pool, query, federation_from_row).await
     }
 
-    pub(super) async fn delete_federation(
+    async fn delete_federation(
         &self,
         trust_domain: &TrustDomain,
     ) -> Result<Option<FederationRelationship>> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            federation_columns!(),
-            " FROM federation_relationships WHERE trust_domain = $1"
-        ))
-        .bind(trust_domain.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
+        let query = select_federation(trust_domain);
+        let Some(relationship) = fetch_optional(&mut *tx, query, federation_from_row).await? else {
             return Ok(None);
         };
-        let relationship = federation_from_row(&row)?;
         sqlx::query("DELETE FROM federation_relationships WHERE trust_domain = $1")
             .bind(trust_domain.as_str())
             .execute(&mut *tx)

@@ -2,16 +2,14 @@
 //! each in one transaction with its [`EventKind::Entry`] change event.
 
 use sigil_core::entry::Entry;
-use sigil_core::id::{parse_spiffe_id, parse_trust_domain};
 use sigil_core::selector::all_present;
-use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{
-    SqlDataStore, append_event, corrupt, is_unique_violation, join_lines, parse_selectors,
-    split_lines,
+    AnyQuery, Columns, SqlDataStore, append_event, fetch_all, fetch_optional, is_unique_violation,
+    join_lines,
 };
-use crate::datastore::{EntryFilter, EventKind};
+use crate::datastore::{EntryFilter, EntryStore, EventKind};
 use crate::{Error, Result};
 
 /// The columns of `entries`, in the order [`entry_from_row`] reads them.
@@ -21,38 +19,35 @@ macro_rules! entry_columns {
     };
 }
 
+/// Selects every entry; a `WHERE` or `ORDER BY` follows.
+macro_rules! select_entries {
+    () => {
+        concat!("SELECT ", entry_columns!(), " FROM entries")
+    };
+}
+
 fn entry_from_row(row: &AnyRow) -> Result<Entry> {
-    let text = |name: &str| row.try_get::<String, _>(name);
-    let int = |name: &str| row.try_get::<i64, _>(name);
-    let spiffe_id = text("spiffe_id")?;
-    let parent_id = text("parent_id")?;
+    let row = Columns::of("entry", row);
     Ok(Entry {
-        id: text("id")?,
-        spiffe_id: parse_spiffe_id("spiffe_id", &spiffe_id).map_err(|e| corrupt("entry", e))?,
-        parent_id: parse_spiffe_id("parent_id", &parent_id).map_err(|e| corrupt("entry", e))?,
-        selectors: parse_selectors(&text("selectors")?)?,
-        x509_svid_ttl: int("x509_svid_ttl")?,
-        jwt_svid_ttl: int("jwt_svid_ttl")?,
-        dns_names: split_lines(&text("dns_names")?)
-            .map(str::to_string)
-            .collect(),
-        federates_with: split_lines(&text("federates_with")?)
-            .map(|td| parse_trust_domain("federates_with", td).map_err(|e| corrupt("entry", e)))
-            .collect::<Result<_>>()?,
-        admin: int("admin")? != 0,
-        downstream: int("downstream")? != 0,
-        hint: text("hint")?,
-        expires_at: int("expires_at")?,
-        created_at: int("created_at")?,
-        revision: u64::try_from(int("revision")?).unwrap_or(0),
+        id: row.text("id")?,
+        spiffe_id: row.spiffe_id("spiffe_id")?,
+        parent_id: row.spiffe_id("parent_id")?,
+        selectors: row.selectors("selectors")?,
+        x509_svid_ttl: row.int("x509_svid_ttl")?,
+        jwt_svid_ttl: row.int("jwt_svid_ttl")?,
+        dns_names: row.lines("dns_names")?,
+        federates_with: row.trust_domains("federates_with")?,
+        admin: row.flag("admin")?,
+        downstream: row.flag("downstream")?,
+        hint: row.text("hint")?,
+        expires_at: row.int("expires_at")?,
+        created_at: row.int("created_at")?,
+        revision: row.counter("revision")?,
     })
 }
 
 /// Binds $1..$12: the entry's fields other than its timestamps and revision.
-fn bind_entry_fields<'q>(
-    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
-    entry: &Entry,
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+fn bind_entry_fields<'q>(query: AnyQuery<'q>, entry: &Entry) -> AnyQuery<'q> {
     query
         .bind(entry.id.clone())
         .bind(entry.spiffe_id.to_string())
@@ -69,14 +64,7 @@ fn bind_entry_fields<'q>(
 }
 
 impl SqlDataStore {
-    pub(super) async fn create_entry(&self, entry: &Entry) -> Result<Entry> {
-        self.write_entry(entry, true).await
-    }
-
-    pub(super) async fn update_entry(&self, entry: &Entry) -> Result<Entry> {
-        self.write_entry(entry, false).await
-    }
-
+    /// Inserts (`create`) or updates an entry, with its change event whose id is the revision.
     async fn write_entry(&self, entry: &Entry, create: bool) -> Result<Entry> {
         let now = self.clock.unix_now();
         let mut tx = self.pool.begin().await?;
@@ -115,49 +103,48 @@ impl SqlDataStore {
         stored.revision = u64::try_from(revision).unwrap_or(0);
         Ok(stored)
     }
+}
 
-    pub(super) async fn delete_entry(&self, id: &str) -> Result<Entry> {
+impl EntryStore for SqlDataStore {
+    async fn create_entry(&self, entry: &Entry) -> Result<Entry> {
+        self.write_entry(entry, true).await
+    }
+
+    async fn update_entry(&self, entry: &Entry) -> Result<Entry> {
+        self.write_entry(entry, false).await
+    }
+
+    async fn delete_entry(&self, id: &str) -> Result<Entry> {
         let now = self.clock.unix_now();
         let mut tx = self.pool.begin().await?;
         append_event(&mut tx, EventKind::Entry, id, now).await?;
-        let row = sqlx::query(concat!(
+        let query = sqlx::query(concat!(
             "DELETE FROM entries WHERE id = $1 RETURNING ",
             entry_columns!()
         ))
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("entry `{id}`")))?;
-        let entry = entry_from_row(&row)?;
+        .bind(id);
+        let entry = fetch_optional(&mut *tx, query, entry_from_row)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("entry `{id}`")))?;
         tx.commit().await?;
         Ok(entry)
     }
 
-    pub(super) async fn get_entry(&self, id: &str) -> Result<Option<Entry>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            entry_columns!(),
-            " FROM entries WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(entry_from_row).transpose()
+    async fn get_entry(&self, id: &str) -> Result<Option<Entry>> {
+        let query = sqlx::query(concat!(select_entries!(), " WHERE id = $1")).bind(id);
+        fetch_optional(&self.pool, query, entry_from_row).await
     }
 
-    pub(super) async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>> {
-        let rows = sqlx::query(concat!("SELECT ", entry_columns!(), " FROM entries WHERE ($1 = '' OR spiffe_id = $1) AND ($2 = '' OR parent_id = $2) ORDER BY id"))
-            .bind(filter.spiffe_id.clone().unwrap_or_default())
-            .bind(filter.parent_id.clone().unwrap_or_default())
-            .fetch_all(&self.pool)
-            .await?;
-        let mut entries = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let entry = entry_from_row(row)?;
-            if all_present(&filter.selectors, &entry.selectors) {
-                entries.push(entry);
-            }
-        }
+    async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>> {
+        let query = sqlx::query(concat!(
+            select_entries!(),
+            " WHERE ($1 = '' OR spiffe_id = $1) AND ($2 = '' OR parent_id = $2) ORDER BY id"
+        ))
+        .bind(filter.spiffe_id.clone().unwrap_or_default())
+        .bind(filter.parent_id.clone().unwrap_or_default());
+        let mut entries = fetch_all(&self.pool, query, entry_from_row).await?;
+        // Selector matching is "has all of these", which SQL over a text column cannot say.
+        entries.retain(|entry| all_present(&filter.selectors, &entry.selectors));
         Ok(entries)
     }
 }

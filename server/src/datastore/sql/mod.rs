@@ -4,11 +4,12 @@
 //! `RETURNING`, `ON CONFLICT`), so there is one implementation to reason about. Times are Unix
 //! seconds and booleans are integers, the types both dialects store the same way.
 //!
-//! This file holds the connection and migrations, the helpers every table shares (text columns,
-//! unreadable rows, unique violations, the change event appended with each write) and the
-//! [`DataStore`] impl, which hands each method to the file of its concern: [`entries`],
-//! [`agents`], [`join_tokens`], [`bundles`] (with federation relationships), [`authorities`]
-//! (the CA journal), [`issued_svids`] (the issuance record) and [`events`] (the change feed).
+//! This file holds the connection and migrations, the helpers every table shares (reading a row's
+//! columns, fetching and decoding rows, unique violations, the change event appended with each
+//! write) and [`DataStore::ping`]. Each narrow trait is implemented in the file of its concern:
+//! [`entries`], [`agents`], [`join_tokens`], [`bundles`] (with federation relationships),
+//! [`authorities`] (the CA journal), [`issued_svids`] (the issuance record) and [`events`] (the
+//! change feed).
 
 mod agents;
 mod authorities;
@@ -20,18 +21,13 @@ mod join_tokens;
 
 use std::path::Path;
 
-use sigil_core::bundle::TrustBundle;
 use sigil_core::clock::SharedClock;
-use sigil_core::entry::Entry;
-use sigil_core::id::TrustDomain;
+use sigil_core::id::{SpiffeId, TrustDomain, parse_spiffe_id, parse_trust_domain};
 use sigil_core::selector::Selector;
-use sqlx::any::AnyPoolOptions;
+use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Executor, Row};
 
-use super::{
-    AgentRecord, Authority, DataStore, EntryFilter, Event, EventKind, FederationRelationship,
-    IssuedSvid, JoinToken, SvidFilter, TokenRefusal,
-};
+use super::{DataStore, EventKind};
 use crate::{Error, Result};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -132,6 +128,101 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// A statement and its bound arguments, as every store method builds it.
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+/// Turns one row into a record (an entry, an agent, ...).
+type Decode<T> = fn(&AnyRow) -> Result<T>;
+
+/// Runs `query` and decodes the row it returns, if any.
+async fn fetch_optional<'c, T>(
+    executor: impl Executor<'c, Database = sqlx::Any>,
+    query: AnyQuery<'_>,
+    decode: Decode<T>,
+) -> Result<Option<T>> {
+    let row = query.fetch_optional(executor).await?;
+    row.as_ref().map(decode).transpose()
+}
+
+/// Runs `query` and decodes every row it returns.
+async fn fetch_all<'c, T>(
+    executor: impl Executor<'c, Database = sqlx::Any>,
+    query: AnyQuery<'_>,
+    decode: Decode<T>,
+) -> Result<Vec<T>> {
+    let rows = query.fetch_all(executor).await?;
+    rows.iter().map(decode).collect()
+}
+
+/// Runs a `DELETE` (or `UPDATE`) and returns how many rows it changed.
+async fn count_changed<'c>(
+    executor: impl Executor<'c, Database = sqlx::Any>,
+    query: AnyQuery<'_>,
+) -> Result<u64> {
+    Ok(query.execute(executor).await?.rows_affected())
+}
+
+/// One row being read into a record: typed column getters shared by every table, which store
+/// lists as newline-separated text, booleans and counters as integers, and report a value they
+/// cannot read back as unreadable data of `record`.
+struct Columns<'r> {
+    row: &'r AnyRow,
+    record: &'static str,
+}
+
+impl<'r> Columns<'r> {
+    /// Reads `row` as a stored `record` (the name used in errors).
+    fn of(record: &'static str, row: &'r AnyRow) -> Self {
+        Columns { row, record }
+    }
+
+    fn text(&self, name: &str) -> Result<String> {
+        Ok(self.row.try_get(name)?)
+    }
+
+    fn int(&self, name: &str) -> Result<i64> {
+        Ok(self.row.try_get(name)?)
+    }
+
+    fn bytes(&self, name: &str) -> Result<Vec<u8>> {
+        Ok(self.row.try_get(name)?)
+    }
+
+    /// A boolean stored as 0 or 1.
+    fn flag(&self, name: &str) -> Result<bool> {
+        Ok(self.int(name)? != 0)
+    }
+
+    /// A revision or event id: positive in the database, 0 if it somehow is not.
+    fn counter(&self, name: &str) -> Result<u64> {
+        Ok(u64::try_from(self.int(name)?).unwrap_or(0))
+    }
+
+    fn lines(&self, name: &str) -> Result<Vec<String>> {
+        Ok(split_lines(&self.text(name)?).map(str::to_string).collect())
+    }
+
+    fn selectors(&self, name: &str) -> Result<Vec<Selector>> {
+        split_lines(&self.text(name)?)
+            .map(|line| Selector::parse(line).map_err(|e| corrupt("selector", e)))
+            .collect()
+    }
+
+    fn spiffe_id(&self, name: &'static str) -> Result<SpiffeId> {
+        parse_spiffe_id(name, &self.text(name)?).map_err(|e| corrupt(self.record, e))
+    }
+
+    fn trust_domain(&self, name: &'static str) -> Result<TrustDomain> {
+        parse_trust_domain(name, &self.text(name)?).map_err(|e| corrupt(self.record, e))
+    }
+
+    fn trust_domains(&self, name: &'static str) -> Result<Vec<TrustDomain>> {
+        split_lines(&self.text(name)?)
+            .map(|td| parse_trust_domain(name, td).map_err(|e| corrupt(self.record, e)))
+            .collect()
+    }
+}
+
 fn join_lines<T: ToString>(items: &[T]) -> String {
     items
         .iter()
@@ -146,12 +237,6 @@ fn split_lines(text: &str) -> impl Iterator<Item = &str> {
 
 fn corrupt(what: &str, detail: impl std::fmt::Display) -> Error {
     Error::Datastore(format!("stored {what} is unreadable: {detail}"))
-}
-
-fn parse_selectors(text: &str) -> Result<Vec<Selector>> {
-    split_lines(text)
-        .map(|line| Selector::parse(line).map_err(|e| corrupt("selector", e)))
-        .collect()
 }
 
 fn event_kind(kind: EventKind) -> &'static str {
@@ -185,154 +270,10 @@ async fn append_event(
     Ok(row.try_get::<i64, _>(0)?)
 }
 
-// Inherent methods come before trait methods in method resolution, so each `self.name(..)` below
-// calls the `pub(super)` method of the same name in its concern's file, not itself.
 impl DataStore for SqlDataStore {
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
-    }
-
-    async fn create_entry(&self, entry: &Entry) -> Result<Entry> {
-        self.create_entry(entry).await
-    }
-
-    async fn update_entry(&self, entry: &Entry) -> Result<Entry> {
-        self.update_entry(entry).await
-    }
-
-    async fn delete_entry(&self, id: &str) -> Result<Entry> {
-        self.delete_entry(id).await
-    }
-
-    async fn get_entry(&self, id: &str) -> Result<Option<Entry>> {
-        self.get_entry(id).await
-    }
-
-    async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<Entry>> {
-        self.list_entries(filter).await
-    }
-
-    async fn put_agent(&self, agent: &AgentRecord) -> Result<()> {
-        self.put_agent(agent).await
-    }
-
-    async fn get_agent(&self, spiffe_id: &str) -> Result<Option<AgentRecord>> {
-        self.get_agent(spiffe_id).await
-    }
-
-    async fn list_agents(&self) -> Result<Vec<AgentRecord>> {
-        self.list_agents().await
-    }
-
-    async fn set_agent_svid(
-        &self,
-        spiffe_id: &str,
-        presented_serial: &str,
-        serial: &str,
-        expires_at: i64,
-        now: i64,
-    ) -> Result<AgentRecord> {
-        self.set_agent_svid(spiffe_id, presented_serial, serial, expires_at, now)
-            .await
-    }
-
-    async fn ban_agent(&self, spiffe_id: &str, now: i64) -> Result<AgentRecord> {
-        self.ban_agent(spiffe_id, now).await
-    }
-
-    async fn delete_agent(&self, spiffe_id: &str) -> Result<AgentRecord> {
-        self.delete_agent(spiffe_id).await
-    }
-
-    async fn create_join_token(&self, token: &JoinToken) -> Result<()> {
-        self.create_join_token(token).await
-    }
-
-    async fn use_join_token(
-        &self,
-        token_hash: &str,
-        now: i64,
-    ) -> Result<Result<JoinToken, TokenRefusal>> {
-        self.use_join_token(token_hash, now).await
-    }
-
-    async fn prune_join_tokens(&self, before: i64) -> Result<u64> {
-        self.prune_join_tokens(before).await
-    }
-
-    async fn get_bundle(&self, trust_domain: &TrustDomain) -> Result<Option<TrustBundle>> {
-        self.get_bundle(trust_domain).await
-    }
-
-    async fn put_bundle(&self, bundle: &TrustBundle) -> Result<()> {
-        self.put_bundle(bundle).await
-    }
-
-    async fn list_bundles(&self) -> Result<Vec<TrustBundle>> {
-        self.list_bundles().await
-    }
-
-    async fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<bool> {
-        self.delete_bundle(trust_domain).await
-    }
-
-    async fn put_federation(&self, relationship: &FederationRelationship) -> Result<()> {
-        self.put_federation(relationship).await
-    }
-
-    async fn get_federation(
-        &self,
-        trust_domain: &TrustDomain,
-    ) -> Result<Option<FederationRelationship>> {
-        self.get_federation(trust_domain).await
-    }
-
-    async fn list_federations(&self) -> Result<Vec<FederationRelationship>> {
-        self.list_federations().await
-    }
-
-    async fn delete_federation(
-        &self,
-        trust_domain: &TrustDomain,
-    ) -> Result<Option<FederationRelationship>> {
-        self.delete_federation(trust_domain).await
-    }
-
-    async fn list_authorities(&self) -> Result<Vec<Authority>> {
-        self.list_authorities().await
-    }
-
-    async fn put_authority(&self, authority: &Authority) -> Result<()> {
-        self.put_authority(authority).await
-    }
-
-    async fn record_issued_svids(&self, svids: &[IssuedSvid]) -> Result<()> {
-        self.record_issued_svids(svids).await
-    }
-
-    async fn list_issued_svids(&self, filter: &SvidFilter) -> Result<Vec<IssuedSvid>> {
-        self.list_issued_svids(filter).await
-    }
-
-    async fn get_issued_svid(&self, serial: &str) -> Result<Option<IssuedSvid>> {
-        self.get_issued_svid(serial).await
-    }
-
-    async fn prune_issued_svids(&self, before: i64) -> Result<u64> {
-        self.prune_issued_svids(before).await
-    }
-
-    async fn events_after(&self, after: u64, limit: u32) -> Result<Vec<Event>> {
-        self.events_after(after, limit).await
-    }
-
-    async fn latest_event_id(&self) -> Result<u64> {
-        self.latest_event_id().await
-    }
-
-    async fn prune_events(&self, before: i64) -> Result<u64> {
-        self.prune_events(before).await
     }
 }
 
