@@ -32,9 +32,15 @@ pub enum Error {
     /// The datastore failed; the write, if any, did not happen.
     #[error("datastore: {0}")]
     Datastore(String),
-    /// The CA or a key could not be created, loaded or used.
-    #[error("CA: {0}")]
-    Ca(String),
+    /// The CA, a key or the server's TLS could not be created, loaded or used.
+    #[error("CA: {}", with_cause(context, source.as_deref()))]
+    Ca {
+        /// What Sigil was doing, or what is wrong.
+        context: String,
+        /// The underlying error, when there is one (a certificate library's or TLS's).
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// A file or socket operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -53,6 +59,25 @@ pub enum Error {
 }
 
 impl Error {
+    /// An [`Error::Ca`] without an underlying error.
+    pub fn ca(context: impl Into<String>) -> Self {
+        Error::Ca {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// An [`Error::Ca`] caused by `source`.
+    pub fn ca_caused(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Ca {
+            context: context.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
     /// An [`Error::Io`] with context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
@@ -71,7 +96,7 @@ impl Error {
             Error::NotFound(_) => tonic::Status::not_found(message),
             Error::AlreadyExists(_) => tonic::Status::already_exists(message),
             Error::Unavailable(_) => tonic::Status::unavailable(message),
-            Error::Datastore(_) | Error::Ca(_) | Error::Io { .. } | Error::Integrity(_) => {
+            Error::Datastore(_) | Error::Ca { .. } | Error::Io { .. } | Error::Integrity(_) => {
                 tonic::Status::internal(message)
             }
         }
@@ -87,6 +112,15 @@ impl From<Error> for tonic::Status {
 impl From<sqlx::Error> for Error {
     fn from(error: sqlx::Error) -> Self {
         Error::Datastore(error.to_string())
+    }
+}
+
+/// `context: cause`, or `context` alone: the cause stays a typed `source` for callers and for
+/// `{:?}`, and is in the message too because the message is what a gRPC client and a log line see.
+fn with_cause(context: &str, cause: Option<&(dyn std::error::Error + Send + Sync)>) -> String {
+    match cause {
+        Some(cause) => format!("{context}: {cause}"),
+        None => context.to_string(),
     }
 }
 

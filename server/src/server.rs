@@ -19,11 +19,11 @@ use tokio::task::JoinSet;
 use crate::api::ServerState;
 use crate::api::tls::ServerTls;
 use crate::attest::{JoinTokenAttestor, NodeAttestor, PsatAttestor};
-use crate::authz::Authorizations;
 use crate::ca::{Ca, DiskKeyManager, IssuanceRecorder, Issuer, KeyManager, MemoryKeyManager};
 use crate::config::{KeyManagerKind, ServerConfig};
 use crate::datastore::{DataStore, SqlDataStore};
 use crate::federation::{Federation, RefreshBounds, RelationshipInput, check_foreign_bundle};
+use crate::feed::Feed;
 use crate::k8s::{self, AutoIdentitySettings, PodIdentities};
 use crate::metrics::Metrics;
 use crate::{Error, Result};
@@ -68,13 +68,16 @@ pub async fn start(
     } else {
         None
     };
-    let mut authz =
-        Authorizations::load(trust_domain.clone(), clock.clone(), datastore.as_ref()).await?;
     let pod_identities = pod_identities(&config, &trust_domain, kube_client.as_ref());
-    if let Some(pods) = &pod_identities {
-        authz = authz.with_pod_identities(pods.clone());
-    }
-    let authz = Arc::new(authz);
+    let feed = Arc::new(
+        Feed::load(
+            trust_domain.clone(),
+            clock.clone(),
+            pod_identities.clone(),
+            datastore.as_ref(),
+        )
+        .await?,
+    );
     let (recorder, recorder_task) = IssuanceRecorder::start(datastore.clone());
     let (stop, stopped) = watch::channel(false);
     let attestors = node_attestors(
@@ -94,13 +97,15 @@ pub async fn start(
         },
         clock.clone(),
         metrics.clone(),
-        authz.clone(),
+        feed.clone(),
     ));
     load_static_relationships(&config, source, &trust_domain, datastore.as_ref(), &clock).await?;
     let state = Arc::new(ServerState {
         datastore: datastore.clone(),
         ca: ca.clone(),
-        authz,
+        authz: feed.authz().clone(),
+        bundles: feed.bundles().clone(),
+        feed,
         issuer: Issuer::new(ca.clone(), recorder, metrics.clone()),
         metrics,
         federation: federation.clone(),
@@ -246,7 +251,7 @@ fn spawn_background_tasks<D: DataStore>(
         ));
         tasks.spawn(tasks::follow_pods(
             pods,
-            state.authz.clone(),
+            state.feed.clone(),
             stopped.clone(),
         ));
     }
@@ -255,14 +260,14 @@ fn spawn_background_tasks<D: DataStore>(
             client.clone(),
             kubernetes.bundle_configmap_namespace.clone(),
             name.clone(),
-            state.authz.clone(),
+            state.bundles.clone(),
             stopped.clone(),
         ));
     }
     if let Some(client) = kube_client.filter(|_| kubernetes.istio_root_cert_configmaps) {
         tasks.spawn(k8s::publish_istio_root_certs(
             client.clone(),
-            state.authz.clone(),
+            state.bundles.clone(),
             stopped.clone(),
         ));
     }

@@ -46,11 +46,8 @@ impl<D: DataStore> AdminService<D> {
     /// After a journal change: agents see the new bundle and tainted set on their sync streams
     /// before the call returns.
     async fn after_ca_change(&self) -> Result<()> {
-        self.state
-            .authz
-            .catch_up(self.state.datastore.as_ref())
-            .await?;
-        self.state.authz.bump();
+        self.state.catch_up().await?;
+        self.state.feed.bump();
         self.state.ca_changed.notify_one();
         Ok(())
     }
@@ -75,7 +72,7 @@ fn new_entry_id() -> Result<String> {
     let mut bytes = [0u8; 16];
     SystemRandom::new()
         .fill(&mut bytes)
-        .map_err(|_| Error::Ca("the system random source failed".into()))?;
+        .map_err(|_| Error::ca("the system random source failed"))?;
     Ok(hex::encode(bytes))
 }
 
@@ -132,10 +129,7 @@ impl<D: DataStore> AdminService<D> {
                 created_at: now,
             })
             .await?;
-        self.state
-            .authz
-            .catch_up(self.state.datastore.as_ref())
-            .await?;
+        self.state.catch_up().await?;
         Ok(CreateJoinTokenResponse {
             token,
             expires_at: now + ttl,
@@ -170,10 +164,7 @@ impl<D: DataStore> AdminService<D> {
             checked.created_at = existing.created_at;
             self.state.datastore.update_entry(&checked).await?
         };
-        self.state
-            .authz
-            .catch_up(self.state.datastore.as_ref())
-            .await?;
+        self.state.catch_up().await?;
         Ok(entry_to_proto(&stored))
     }
 }
@@ -214,10 +205,7 @@ impl<D: DataStore> AdminApi for AdminService<D> {
         let id = request.into_inner().id;
         required("id", &id)?;
         let deleted = self.state.datastore.delete_entry(&id).await?;
-        self.state
-            .authz
-            .catch_up(self.state.datastore.as_ref())
-            .await?;
+        self.state.catch_up().await?;
         Ok(Response::new(entry_to_proto(&deleted)))
     }
 
@@ -280,10 +268,7 @@ impl<D: DataStore> AdminApi for AdminService<D> {
     async fn evict_agent(&self, request: Request<AgentId>) -> Result<Response<Agent>, Status> {
         let id = request.into_inner().spiffe_id;
         let agent = self.state.datastore.delete_agent(&id).await?;
-        self.state
-            .authz
-            .catch_up(self.state.datastore.as_ref())
-            .await?;
+        self.state.catch_up().await?;
         tracing::info!(agent = %id, "agent evicted; it must attest again");
         Ok(Response::new(agent_to_proto(&agent)))
     }
@@ -295,10 +280,7 @@ impl<D: DataStore> AdminApi for AdminService<D> {
             .datastore
             .ban_agent(&id, self.state.clock.unix_now())
             .await?;
-        self.state
-            .authz
-            .catch_up(self.state.datastore.as_ref())
-            .await?;
+        self.state.catch_up().await?;
         tracing::info!(agent = %id, "agent banned");
         Ok(Response::new(agent_to_proto(&agent)))
     }

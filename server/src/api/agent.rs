@@ -96,7 +96,7 @@ async fn caller_agent<T, D: DataStore>(
     {
         // A renewal just written (here or by another server) may not have reached the cache yet.
         state
-            .authz
+            .feed
             .catch_up_on_miss(state.datastore.as_ref())
             .await?;
         state
@@ -117,7 +117,7 @@ impl<D: DataStore> AgentService<D> {
         csr: &[u8],
     ) -> Result<crate::ca::SignedX509Svid> {
         if !is_agent_id(agent_id, self.state.ca.trust_domain()) {
-            return Err(Error::Ca(format!(
+            return Err(Error::ca(format!(
                 "{agent_id} is not an agent ID; an attestor must name agents under /sigil/agent/"
             )));
         }
@@ -172,10 +172,7 @@ impl<D: DataStore> AgentService<D> {
                 updated_at: now,
             })
             .await?;
-        self.state
-            .authz
-            .catch_up(self.state.datastore.as_ref())
-            .await?;
+        self.state.catch_up().await?;
         tracing::info!(agent = %agent_id, attestor = attestor.name(), "node attested");
         Ok(AttestNodeResponse {
             svid: Some(svid_to_proto(agent_id, &svid)),
@@ -269,10 +266,7 @@ impl<D: DataStore> AgentApi for AgentService<D> {
             .set_agent_svid(&agent_id, &caller.serial, &svid.serial, svid.not_after, now)
             .await?;
         // The agent reconnects with the new certificate at once; let the cache know it first.
-        self.state
-            .authz
-            .catch_up(self.state.datastore.as_ref())
-            .await?;
+        self.state.catch_up().await?;
         Ok(Response::new(RenewAgentSvidResponse {
             svid: Some(svid_to_proto(agent_id, &svid)),
         }))
@@ -374,7 +368,7 @@ async fn stream_changes<D: DataStore>(
     sender: mpsc::Sender<Result<SyncResponse, Status>>,
 ) {
     let agent_id = caller.id.as_str();
-    let mut changes = state.authz.subscribe();
+    let mut changes = state.feed.subscribe();
     let mut stopping = state.stopping.clone();
     let mut sent: HashMap<String, u64> = HashMap::new();
     let mut bundle_sequence = None;
@@ -409,12 +403,12 @@ async fn stream_changes<D: DataStore>(
                 .collect();
             message.removed_entry_ids.sort();
         }
-        let bundle = state.authz.bundle().unwrap_or_else(|| state.ca.bundle());
+        let bundle = state.bundles.own().unwrap_or_else(|| state.ca.bundle());
         if bundle_sequence != Some(bundle.sequence) {
             bundle_sequence = Some(bundle.sequence);
             message.bundle = Some(sigil_proto::common::Bundle::from(bundle.as_ref()));
         }
-        let federated = state.authz.federated_bundles();
+        let federated = state.bundles.federated();
         if federated_sent.as_ref() != Some(&federated) {
             message.federated_bundles_set = true;
             message.federated_bundles = federated

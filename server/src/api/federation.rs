@@ -49,7 +49,7 @@ pub(super) async fn set_bundle<D: DataStore>(
     )?;
     let bundle = checked_bundle(state, &td, document).await?;
     state.datastore.put_bundle(&bundle).await?;
-    state.authz.catch_up(state.datastore.as_ref()).await?;
+    state.catch_up().await?;
     Ok(bundle)
 }
 
@@ -70,7 +70,7 @@ pub(super) async fn delete_bundle<D: DataStore>(
         .await?
         .ok_or_else(|| Error::NotFound(format!("the bundle of {td}")))?;
     state.datastore.delete_bundle(&td).await?;
-    state.authz.catch_up(state.datastore.as_ref()).await?;
+    state.catch_up().await?;
     Ok(bundle)
 }
 
@@ -123,7 +123,7 @@ pub(super) async fn put_relationship<D: DataStore>(
         state.datastore.put_bundle(bundle).await?;
     }
     state.datastore.put_federation(&relationship).await?;
-    state.authz.catch_up(state.datastore.as_ref()).await?;
+    state.catch_up().await?;
     state.federation.relationships_changed();
     to_message(state, &relationship).await
 }
@@ -183,7 +183,7 @@ pub(super) async fn refresh<D: DataStore>(
         .federation
         .refresh(state.datastore.as_ref(), &relationship)
         .await?;
-    state.authz.catch_up(state.datastore.as_ref()).await?;
+    state.catch_up().await?;
     Ok(common::Bundle::from(&bundle))
 }
 

@@ -29,8 +29,11 @@ use sigil_core::clock::SharedClock;
 
 use crate::attest::NodeAttestor;
 use crate::authz::Authorizations;
+use crate::bundles::TrustBundles;
 use crate::ca::{Ca, Issuer};
+use crate::datastore::DataStore;
 use crate::federation::Federation;
+use crate::feed::Feed;
 use crate::metrics::Metrics;
 
 /// What every API handler shares.
@@ -39,8 +42,12 @@ pub struct ServerState<D> {
     pub datastore: Arc<D>,
     /// The CA.
     pub ca: Arc<Ca>,
-    /// Who may obtain what.
+    /// Who may obtain what (kept current by `feed`).
     pub authz: Arc<Authorizations>,
+    /// The own and federated trust bundles as stored (kept current by `feed`).
+    pub bundles: Arc<TrustBundles>,
+    /// Follows the change feed into `authz` and `bundles`; sync streams wait on it.
+    pub feed: Arc<Feed>,
     /// Signs, records and counts every SVID the server hands out.
     pub issuer: Issuer,
     /// Prometheus series.
@@ -70,5 +77,13 @@ impl<D> std::fmt::Debug for ServerState<D> {
             .field("ca", &self.ca)
             .field("attestors", &self.attestors.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
+    }
+}
+
+impl<D: DataStore> ServerState<D> {
+    /// Applies the change feed, so a write this server just made is visible to every request
+    /// (and every sync stream is woken) before the write's caller gets its answer.
+    pub async fn catch_up(&self) -> crate::Result<()> {
+        self.feed.catch_up(self.datastore.as_ref()).await
     }
 }

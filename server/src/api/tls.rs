@@ -78,13 +78,7 @@ impl ServerTls {
     /// The same identity for the bundle endpoint: HTTP/1.1 and no client certificate asked for.
     pub fn bundle_endpoint_config(&self) -> Result<Arc<rustls::ServerConfig>> {
         let current = self.config.load_full();
-        let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::Ca(format!("TLS for the bundle endpoint: {e}")))?
-            .with_no_client_auth()
-            .with_cert_resolver(current.cert_resolver.clone());
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        crate::federation::endpoint::endpoint_config(current.cert_resolver.clone())
     }
 
     /// Accepts TCP connections on `listener`, completes TLS handshakes off the accept loop, and
@@ -115,17 +109,9 @@ impl ServerTls {
                 },
                 _ = stopped.wait_for(|stop| *stop) => return,
             };
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = stopped.wait_for(|stop| *stop) => return,
-            };
-            let (socket, peer) = match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting an agent API connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            let Some((socket, peer)) = accept_next(&listener, &mut stopped, "agent API").await
+            else {
+                return;
             };
             let Ok(connection) = connections.clone().try_acquire_owned() else {
                 // One line per interval, not per connection: a flood must not become a log flood.
@@ -258,12 +244,12 @@ fn build<D: DataStore>(state: &ServerState<D>) -> Result<(rustls::ServerConfig, 
     for der in &bundle.x509_authorities {
         roots
             .add(CertificateDer::from(der.clone()))
-            .map_err(|e| Error::Ca(format!("a bundle certificate is not a usable root: {e}")))?;
+            .map_err(|e| Error::ca_caused("a bundle certificate is not a usable root", e))?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()
-        .map_err(|e| Error::Ca(format!("cannot build the client verifier: {e}")))?;
+        .map_err(|e| Error::ca_caused("cannot build the client verifier", e))?;
     let chain: Vec<CertificateDer<'static>> = svid
         .chain
         .iter()
@@ -273,10 +259,33 @@ fn build<D: DataStore>(state: &ServerState<D>) -> Result<(rustls::ServerConfig, 
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(KeyPair::serialize_der(&key)));
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Ca(format!("TLS configuration: {e}")))?
+        .map_err(|e| Error::ca_caused("TLS configuration", e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key_der)
-        .map_err(|e| Error::Ca(format!("TLS configuration: {e}")))?;
+        .map_err(|e| Error::ca_caused("TLS configuration", e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok((config, svid.not_after, bundle.sequence, svid.authority_id))
+}
+
+/// The next connection on `listener`, or `None` once `stopped` turns true. A failed accept (out
+/// of file descriptors, a connection reset before it was accepted) is logged and retried after a
+/// pause, so one bad moment does not end the listener.
+pub(crate) async fn accept_next(
+    listener: &TcpListener,
+    stopped: &mut watch::Receiver<bool>,
+    listener_name: &str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopped.wait_for(|stop| *stop) => return None,
+        };
+        match accepted {
+            Ok(accepted) => return Some(accepted),
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a {listener_name} connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }

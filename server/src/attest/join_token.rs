@@ -29,7 +29,7 @@ pub fn generate_join_token() -> Result<String> {
     let mut bytes = [0u8; 16];
     SystemRandom::new()
         .fill(&mut bytes)
-        .map_err(|_| Error::Ca("the system random source failed".into()))?;
+        .map_err(|_| Error::ca("the system random source failed"))?;
     Ok(hex::encode(bytes))
 }
 

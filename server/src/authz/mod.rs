@@ -1,39 +1,26 @@
 //! The authorized-identity cache: which agent may obtain which SPIFFE IDs.
 //!
-//! The datastore is the source of truth; this cache mirrors the entries and agents it holds and
-//! follows the change feed, so no signing request waits on the database. An agent may obtain the
-//! entries parented to its own ID, and those parented to a node alias whose selectors its node
-//! selectors include. A node alias is an entry parented to the server's own ID.
-//!
-//! Every change bumps a revision on a watch channel; sync streams wake on it and send each agent
-//! the difference between what it holds and what it may now use.
+//! The datastore is the source of truth; this cache mirrors the entries and agents it holds, so no
+//! signing request waits on the database. [`crate::feed::Feed`] keeps it current from the change
+//! feed. An agent may obtain the entries parented to its own ID, and those parented to a node
+//! alias whose selectors its node selectors include. A node alias is an entry parented to the
+//! server's own ID.
 
 pub mod reserved;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
-use sigil_core::bundle::TrustBundle;
 use sigil_core::clock::SharedClock;
 use sigil_core::entry::Entry;
-use sigil_core::id::{TrustDomain, parse_trust_domain, server_id};
+use sigil_core::id::{TrustDomain, server_id};
 use sigil_core::selector::{Selector, all_present};
 use sigil_core::untrusted::untrusted;
-use tokio::sync::{Mutex, watch};
 
 use crate::attest::agent_node_name;
-use crate::datastore::{AgentRecord, DataStore, EntryFilter, EventKind};
+use crate::datastore::{AgentRecord, DataStore, EntryFilter};
 use crate::k8s::{AUTO_ENTRY_PREFIX, PodIdentities};
 use crate::{Error, Result};
-
-/// How many change events are read per datastore round trip.
-const EVENT_PAGE: u32 = 1000;
-
-/// Events at most this far behind the newest one seen are re-read on every catch-up: on Postgres a
-/// transaction that took a lower id can commit after a higher id was already read, and re-reading
-/// the recent past is how such a late event is still applied. Applying an event twice is harmless
-/// (it reloads the row).
-const LATE_EVENT_WINDOW: u64 = 256;
 
 #[derive(Debug, Clone)]
 struct AgentState {
@@ -66,17 +53,6 @@ struct State {
     /// Node-alias entry ids by the alias's SPIFFE ID.
     aliases: HashMap<String, BTreeSet<String>>,
     agents: HashMap<String, AgentState>,
-    bundle: Option<Arc<TrustBundle>>,
-    /// Bundles of foreign trust domains (federation), by trust domain name.
-    federated: BTreeMap<String, Arc<TrustBundle>>,
-}
-
-/// Where the cache stands in the change feed.
-#[derive(Debug, Default)]
-struct FeedPosition {
-    newest: u64,
-    /// Ids already applied within the late-event window.
-    recent: BTreeSet<u64>,
 }
 
 /// The in-memory view of who may obtain what.
@@ -86,39 +62,19 @@ pub struct Authorizations {
     server_id: String,
     clock: SharedClock,
     state: RwLock<State>,
-    position: Mutex<FeedPosition>,
-    /// Counts changes; sync streams wake on it.
-    revision: watch::Sender<u64>,
     /// Automatic Kubernetes identities, when enabled.
     pods: Option<Arc<PodIdentities>>,
-    /// When a caller last made the cache catch up on a miss ([`Authorizations::catch_up_on_miss`]).
-    last_miss_catch_up: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
-/// How often a cache miss may make the cache read the change feed at most: refused certificates
-/// cost any caller nothing, so they must not cost the datastore a query each.
-const MISS_CATCH_UP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
-
 impl Authorizations {
-    /// Loads every entry and agent and the own bundle from `datastore`.
+    /// Loads every entry and agent from `datastore`; `pods`, when given, adds automatic
+    /// Kubernetes identities.
     pub async fn load<D: DataStore>(
         trust_domain: TrustDomain,
         clock: SharedClock,
+        pods: Option<Arc<PodIdentities>>,
         datastore: &D,
     ) -> Result<Self> {
-        // Read the feed position first: anything written after it is applied by the next catch-up.
-        let newest = datastore.latest_event_id().await?;
-        let window_start = newest.saturating_sub(LATE_EVENT_WINDOW);
-        let recent = datastore
-            .events_after(
-                window_start,
-                u32::try_from(LATE_EVENT_WINDOW).unwrap_or(u32::MAX),
-            )
-            .await?
-            .into_iter()
-            .map(|event| event.id)
-            .filter(|id| *id <= newest)
-            .collect();
         let mut state = State::default();
         let server_id = server_id(&trust_domain).to_string();
         for entry in datastore.list_entries(&EntryFilter::default()).await? {
@@ -129,142 +85,37 @@ impl Authorizations {
                 .agents
                 .insert(agent.spiffe_id.clone(), AgentState::from_record(agent));
         }
-        for bundle in datastore.list_bundles().await? {
-            if bundle.trust_domain == trust_domain {
-                state.bundle = Some(Arc::new(bundle));
-            } else {
-                state
-                    .federated
-                    .insert(bundle.trust_domain.to_string(), Arc::new(bundle));
-            }
-        }
-        let (revision, _) = watch::channel(newest);
         Ok(Authorizations {
             trust_domain,
             server_id,
             clock,
             state: RwLock::new(state),
-            position: Mutex::new(FeedPosition { newest, recent }),
-            revision,
-            pods: None,
-            last_miss_catch_up: std::sync::Mutex::new(None),
+            pods,
         })
     }
 
-    /// Adds automatic Kubernetes identities to what agents may obtain.
-    pub fn with_pod_identities(mut self, pods: Arc<PodIdentities>) -> Self {
-        self.pods = Some(pods);
-        self
+    /// Replaces the entry `id` with what the datastore now holds (`None`: it was deleted).
+    pub fn apply_entry(&self, id: &str, stored: Option<Entry>) {
+        let mut state = self.write();
+        state.remove_entry(id);
+        if let Some(entry) = stored {
+            state.insert_entry(&self.server_id, Arc::new(entry));
+        }
     }
 
-    /// Wakes every sync stream to recompute what its agent may use (after a change outside the
-    /// datastore, such as pod churn).
-    pub fn bump(&self) {
-        self.revision.send_modify(|r| *r += 1);
-    }
-
-    /// Applies every change-feed event not yet applied. Called after the server's own writes (so
-    /// they are visible at once) and periodically (to see other servers' writes).
-    pub async fn catch_up<D: DataStore>(&self, datastore: &D) -> Result<()> {
-        let mut position = self.position.lock().await;
-        let mut applied_any = false;
-        let mut after = position.newest.saturating_sub(LATE_EVENT_WINDOW);
-        loop {
-            let events = datastore.events_after(after, EVENT_PAGE).await?;
-            let Some(last) = events.last() else { break };
-            after = last.id;
-            let page_len = events.len();
-            for event in events {
-                if event.id <= position.newest.saturating_sub(LATE_EVENT_WINDOW)
-                    || position.recent.contains(&event.id)
-                {
-                    continue;
-                }
-                self.apply(datastore, event.kind, &event.subject).await?;
-                position.recent.insert(event.id);
-                position.newest = position.newest.max(event.id);
-                applied_any = true;
+    /// Replaces the agent `spiffe_id` with what the datastore now holds (`None`: it was evicted).
+    pub fn apply_agent(&self, spiffe_id: &str, stored: Option<AgentRecord>) {
+        let mut state = self.write();
+        match stored {
+            Some(agent) => {
+                state
+                    .agents
+                    .insert(agent.spiffe_id.clone(), AgentState::from_record(agent));
             }
-            if page_len < EVENT_PAGE as usize {
-                break;
+            None => {
+                state.agents.remove(spiffe_id);
             }
         }
-        let floor = position.newest.saturating_sub(LATE_EVENT_WINDOW);
-        position.recent = position.recent.split_off(&floor);
-        if applied_any {
-            self.bump();
-        }
-        Ok(())
-    }
-
-    /// Like [`Authorizations::catch_up`], for a request the cache refused that a write not yet
-    /// applied (another server's renewal, say) might allow: at most once per
-    /// `MISS_CATCH_UP_INTERVAL`; returns whether it caught up.
-    pub async fn catch_up_on_miss<D: DataStore>(&self, datastore: &D) -> Result<bool> {
-        {
-            let mut last = self
-                .last_miss_catch_up
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if last.is_some_and(|at| at.elapsed() < MISS_CATCH_UP_INTERVAL) {
-                return Ok(false);
-            }
-            *last = Some(std::time::Instant::now());
-        }
-        self.catch_up(datastore).await?;
-        Ok(true)
-    }
-
-    async fn apply<D: DataStore>(
-        &self,
-        datastore: &D,
-        kind: EventKind,
-        subject: &str,
-    ) -> Result<()> {
-        match kind {
-            EventKind::Entry => {
-                let entry = datastore.get_entry(subject).await?;
-                let mut state = self.write();
-                state.remove_entry(subject);
-                if let Some(entry) = entry {
-                    state.insert_entry(&self.server_id, Arc::new(entry));
-                }
-            }
-            EventKind::Agent => {
-                let agent = datastore.get_agent(subject).await?;
-                let mut state = self.write();
-                match agent {
-                    Some(agent) => {
-                        state
-                            .agents
-                            .insert(agent.spiffe_id.clone(), AgentState::from_record(agent));
-                    }
-                    None => {
-                        state.agents.remove(subject);
-                    }
-                }
-            }
-            EventKind::Bundle if subject == self.trust_domain.as_str() => {
-                let bundle = datastore.get_bundle(&self.trust_domain).await?;
-                self.write().bundle = bundle.map(Arc::new);
-            }
-            EventKind::Bundle => {
-                let trust_domain = parse_trust_domain("trust_domain", subject).map_err(|e| {
-                    Error::Datastore(format!("a bundle event names {subject}: {e}"))
-                })?;
-                let bundle = datastore.get_bundle(&trust_domain).await?;
-                let mut state = self.write();
-                match bundle {
-                    Some(bundle) => state
-                        .federated
-                        .insert(subject.to_string(), Arc::new(bundle)),
-                    None => state.federated.remove(subject),
-                };
-            }
-            // Relationships concern the refresher, not who may obtain what.
-            EventKind::Federation => {}
-        }
-        Ok(())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -279,21 +130,6 @@ impl Authorizations {
         self.state
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// A receiver that changes whenever the cache does.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.revision.subscribe()
-    }
-
-    /// The own trust bundle as last seen in the datastore.
-    pub fn bundle(&self) -> Option<Arc<TrustBundle>> {
-        self.read().bundle.clone()
-    }
-
-    /// The bundles of foreign trust domains, by trust domain name.
-    pub fn federated_bundles(&self) -> Vec<Arc<TrustBundle>> {
-        self.read().federated.values().cloned().collect()
     }
 
     /// Whether an agent may call the server: it must be attested and not banned.

@@ -6,13 +6,15 @@ use sigil_core::id::parse_trust_domain;
 
 use super::*;
 use crate::datastore::{AgentRecord, AgentStore, EntryStore, SqlDataStore};
+use crate::feed::Feed;
 
 const AGENT: &str = "spiffe://example.org/sigil/agent/join_token/a1";
 const OTHER_AGENT: &str = "spiffe://example.org/sigil/agent/join_token/b2";
 
 struct Fixture {
     datastore: SqlDataStore,
-    authz: Authorizations,
+    feed: Feed,
+    authz: Arc<Authorizations>,
     clock: Arc<ManualClock>,
     _dir: tempfile::TempDir,
 }
@@ -43,12 +45,13 @@ async fn fixture() -> Fixture {
             .expect("agent");
     }
     let td = parse_trust_domain("trust_domain", "example.org").expect("td");
-    let authz = Authorizations::load(td, clock.clone(), &datastore)
+    let feed = Feed::load(td, clock.clone(), None, &datastore)
         .await
         .expect("load");
     Fixture {
         datastore,
-        authz,
+        authz: feed.authz().clone(),
+        feed,
         clock,
         _dir: dir,
     }
@@ -118,8 +121,8 @@ async fn agents_get_their_own_and_their_aliases_entries_only() {
         0,
     )
     .await;
-    let changes = f.authz.subscribe();
-    f.authz.catch_up(&f.datastore).await.expect("catch up");
+    let changes = f.feed.subscribe();
+    f.feed.catch_up(&f.datastore).await.expect("catch up");
     assert!(
         changes.has_changed().expect("open"),
         "a change wakes subscribers"
@@ -167,7 +170,7 @@ async fn deletes_bans_evictions_and_expiry_take_effect() {
         f.clock.unix_now() + 60,
     )
     .await;
-    f.authz.catch_up(&f.datastore).await.expect("catch up");
+    f.feed.catch_up(&f.datastore).await.expect("catch up");
     assert_eq!(ids(&f.authz.entries_for_agent(AGENT)), ["direct", "short"]);
 
     f.clock.advance(Duration::from_secs(61));
@@ -178,12 +181,12 @@ async fn deletes_bans_evictions_and_expiry_take_effect() {
     );
 
     f.datastore.delete_entry("direct").await.expect("deleted");
-    f.authz.catch_up(&f.datastore).await.expect("catch up");
+    f.feed.catch_up(&f.datastore).await.expect("catch up");
     assert!(f.authz.entries_for_agent(AGENT).is_empty());
 
     f.datastore.ban_agent(OTHER_AGENT, 0).await.expect("banned");
     f.datastore.delete_agent(AGENT).await.expect("evicted");
-    f.authz.catch_up(&f.datastore).await.expect("catch up");
+    f.feed.catch_up(&f.datastore).await.expect("catch up");
     assert!(
         f.authz
             .check_agent(OTHER_AGENT)
@@ -204,7 +207,7 @@ async fn deletes_bans_evictions_and_expiry_take_effect() {
 async fn a_second_cache_on_the_same_database_follows_the_first_ones_writes() {
     let f = fixture().await;
     let td = parse_trust_domain("trust_domain", "example.org").expect("td");
-    let other_server = Authorizations::load(td, f.clock.clone(), &f.datastore)
+    let other_server = Feed::load(td, f.clock.clone(), None, &f.datastore)
         .await
         .expect("load");
     add_entry(
@@ -217,7 +220,10 @@ async fn a_second_cache_on_the_same_database_follows_the_first_ones_writes() {
     )
     .await;
     other_server.catch_up(&f.datastore).await.expect("catch up");
-    assert_eq!(ids(&other_server.entries_for_agent(AGENT)), ["direct"]);
+    assert_eq!(
+        ids(&other_server.authz().entries_for_agent(AGENT)),
+        ["direct"]
+    );
     // Catching up again applies nothing twice and changes nothing.
     let mut changes = other_server.subscribe();
     changes.mark_unchanged();

@@ -24,10 +24,10 @@ pub(super) fn load_x509(
     };
     let issuer =
         Issuer::from_ca_cert_der(&authority.public_data.as_slice().into(), key).map_err(|e| {
-            Error::Ca(format!(
-                "stored CA certificate {} is unreadable: {e}",
-                authority.id
-            ))
+            Error::ca_caused(
+                format!("stored CA certificate {} is unreadable", authority.id),
+                e,
+            )
         })?;
     Ok(Some(X509Authority {
         id: authority.id.clone(),
@@ -64,8 +64,8 @@ pub(super) async fn create_x509<D: DataStore>(
             let left = upstream.not_after() - unix_seconds(now);
             let ttl = Duration::from_secs(u64::try_from(left).unwrap_or(0)).min(settings.ca_ttl);
             if ttl.is_zero() {
-                return Err(Error::Ca(
-                    "the upstream CA certificate has expired; renew it".into(),
+                return Err(Error::ca(
+                    "the upstream CA certificate has expired; renew it",
                 ));
             }
             let params = root_ca_params(&settings.trust_domain, now, ttl)?;
@@ -76,7 +76,7 @@ pub(super) async fn create_x509<D: DataStore>(
             let params = root_ca_params(&settings.trust_domain, now, settings.ca_ttl)?;
             let der = params
                 .self_signed(&key)
-                .map_err(|e| Error::Ca(format!("cannot self-sign the CA certificate: {e}")))?
+                .map_err(|e| Error::ca_caused("cannot self-sign the CA certificate", e))?
                 .der()
                 .to_vec();
             (params, der)
@@ -143,7 +143,7 @@ fn unique_key_ref(keys: &dyn KeyManager, base: String) -> Result<String> {
             return Ok(candidate);
         }
     }
-    Err(Error::Ca(format!(
+    Err(Error::ca(format!(
         "cannot find a free key name near `{base}`"
     )))
 }

@@ -233,7 +233,7 @@ impl Ca {
                 AuthorityKind::X509 => {
                     let Some(loaded) = load_x509(authority, &self.settings, self.keys.as_ref())?
                     else {
-                        return Err(Error::Ca(format!(
+                        return Err(Error::ca(format!(
                             "the key of prepared CA {} is missing; prepare again",
                             authority.id
                         )));
@@ -242,7 +242,7 @@ impl Ca {
                 }
                 AuthorityKind::Jwt => {
                     let Some(loaded) = load_jwt(authority, self.keys.as_ref())? else {
-                        return Err(Error::Ca(format!(
+                        return Err(Error::ca(format!(
                             "the key of prepared JWT key {} is missing; prepare again",
                             authority.id
                         )));

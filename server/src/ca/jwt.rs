@@ -52,7 +52,7 @@ impl JwtKey {
         let rng = SystemRandom::new();
         let signing =
             EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &key.serialize_der(), &rng)
-                .map_err(|e| Error::Ca(format!("JWT key `{key_id}` is not a P-256 key: {e}")))?;
+                .map_err(|e| Error::ca(format!("JWT key `{key_id}` is not a P-256 key: {e}")))?;
         Ok(JwtKey {
             key_id,
             not_after,
@@ -92,7 +92,7 @@ impl JwtKey {
         let signature = self
             .signing
             .sign(&self.rng, signing_input.as_bytes())
-            .map_err(|_| Error::Ca("JWT signing failed".into()))?;
+            .map_err(|_| Error::ca("JWT signing failed"))?;
         Ok(format!(
             "{signing_input}.{}",
             URL_SAFE_NO_PAD.encode(signature.as_ref())
@@ -101,8 +101,7 @@ impl JwtKey {
 }
 
 fn base64_json(value: &impl Serialize) -> Result<String> {
-    let json =
-        serde_json::to_vec(value).map_err(|e| Error::Ca(format!("cannot encode JWT: {e}")))?;
+    let json = serde_json::to_vec(value).map_err(|e| Error::ca_caused("cannot encode JWT", e))?;
     Ok(URL_SAFE_NO_PAD.encode(json))
 }
 

@@ -47,7 +47,7 @@ impl DiskKeyManager {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return Err(Error::Ca(format!("key id `{id}` is not a safe file name")));
+            return Err(Error::ca(format!("key id `{id}` is not a safe file name")));
         }
         Ok(self.dir.join(format!("{id}.p8")))
     }
@@ -82,8 +82,9 @@ impl KeyManager for DiskKeyManager {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(format!("reading key {}", path.display()), e)),
         };
-        let key = KeyPair::try_from(der.as_slice())
-            .map_err(|e| Error::Ca(format!("key file {} is unreadable: {e}", path.display())))?;
+        let key = KeyPair::try_from(der.as_slice()).map_err(|e| {
+            Error::ca_caused(format!("key file {} is unreadable", path.display()), e)
+        })?;
         Ok(Some(key))
     }
 }
@@ -99,7 +100,7 @@ impl KeyManager for MemoryKeyManager {
         let key = key_type.generate()?;
         self.keys
             .lock()
-            .map_err(|_| Error::Ca("key store lock poisoned".into()))?
+            .map_err(|_| Error::ca("key store lock poisoned"))?
             .insert(id.to_string(), key.serialize_der());
         Ok(key)
     }
@@ -108,11 +109,11 @@ impl KeyManager for MemoryKeyManager {
         let keys = self
             .keys
             .lock()
-            .map_err(|_| Error::Ca("key store lock poisoned".into()))?;
+            .map_err(|_| Error::ca("key store lock poisoned"))?;
         keys.get(id)
             .map(|der| {
                 KeyPair::try_from(der.as_slice())
-                    .map_err(|e| Error::Ca(format!("stored key `{id}` is unreadable: {e}")))
+                    .map_err(|e| Error::ca_caused(format!("stored key `{id}` is unreadable"), e))
             })
             .transpose()
     }

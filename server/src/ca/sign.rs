@@ -90,7 +90,7 @@ impl Ca {
         ttl: Duration,
     ) -> Result<SignedX509Svid> {
         if !is_reserved(spiffe_id, &self.settings.trust_domain) {
-            return Err(Error::Ca(format!(
+            return Err(Error::ca(format!(
                 "{spiffe_id} is not the ID of a Sigil component; sign workloads with sign_x509_svid"
             )));
         }
@@ -115,7 +115,9 @@ impl Ca {
         let params = leaf_params(spiffe_id, dns_names, now, not_after)?;
         let certificate = params
             .signed_by(public_key, &authority.issuer)
-            .map_err(|e| Error::Ca(format!("signing an X509-SVID for {spiffe_id} failed: {e}")))?;
+            .map_err(|e| {
+                Error::ca_caused(format!("signing an X509-SVID for {spiffe_id} failed"), e)
+            })?;
         Ok(SignedX509Svid {
             serial: params
                 .serial_number

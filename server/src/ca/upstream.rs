@@ -136,7 +136,7 @@ impl UpstreamAuthority for DiskUpstream {
             .clone()
             .signed_by(key, &self.issuer)
             .map(|certificate| certificate.der().to_vec())
-            .map_err(|e| Error::Ca(format!("the upstream CA cannot sign Sigil's CA: {e}")))
+            .map_err(|e| Error::ca_caused("the upstream CA cannot sign Sigil's CA", e))
     }
 
     fn chain(&self) -> &[Vec<u8>] {

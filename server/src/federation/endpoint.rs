@@ -71,16 +71,24 @@ impl FileCertificate {
             key_file,
             loaded: Mutex::new((key, stamps.0, stamps.1)),
         });
-        let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::Ca(format!("TLS for the bundle endpoint: {e}")))?
-            .with_no_client_auth()
-            .with_cert_resolver(source);
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(FileCertificate {
-            config: Arc::new(config),
+            config: endpoint_config(source)?,
         }))
     }
+}
+
+/// The bundle endpoint's TLS: HTTP/1.1, no client certificate asked for, the certificate from
+/// `certificates` (files, or the server's own SVID).
+pub(crate) fn endpoint_config(
+    certificates: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Result<Arc<rustls::ServerConfig>> {
+    let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::ca_caused("TLS for the bundle endpoint", e))?
+        .with_no_client_auth()
+        .with_cert_resolver(certificates);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 impl CertificateFiles {
@@ -150,17 +158,10 @@ pub async fn serve(
     mut stopping: watch::Receiver<bool>,
 ) {
     loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = stopping.wait_for(|stop| *stop) => return,
-        };
-        let (socket, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "accepting a bundle endpoint connection failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let Some((socket, peer)) =
+            crate::api::tls::accept_next(&listener, &mut stopping, "bundle endpoint").await
+        else {
+            return;
         };
         let acceptor = match tls.config() {
             Ok(config) => TlsAcceptor::from(config),

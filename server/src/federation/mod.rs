@@ -23,8 +23,8 @@ use sigil_core::clock::SharedClock;
 use sigil_core::id::{TrustDomain, check_not_reserved, parse_spiffe_id, parse_trust_domain};
 use tokio::sync::{Notify, watch};
 
-use crate::authz::Authorizations;
 use crate::datastore::{DataStore, EndpointProfile, FederationRelationship};
+use crate::feed::Feed;
 use crate::metrics::{BundleRefreshLabels, Metrics};
 use crate::{Error, Result};
 
@@ -188,7 +188,7 @@ pub struct Federation {
     metrics: Arc<Metrics>,
     /// Told at once about a new bundle, so agents get it without waiting for the change-feed
     /// poll.
-    authz: Arc<Authorizations>,
+    feed: Arc<Feed>,
     statuses: Mutex<BTreeMap<String, RefreshStatus>>,
     /// Relationships changed, or a refresh was asked for: look again now.
     wake: Notify,
@@ -201,14 +201,14 @@ impl Federation {
         bounds: RefreshBounds,
         clock: SharedClock,
         metrics: Arc<Metrics>,
-        authz: Arc<Authorizations>,
+        feed: Arc<Feed>,
     ) -> Self {
         Federation {
             own,
             bounds,
             clock,
             metrics,
-            authz,
+            feed,
             statuses: Mutex::default(),
             wake: Notify::new(),
         }
@@ -254,7 +254,7 @@ impl Federation {
                 let changed = stored.as_ref() != Some(&fresh);
                 if changed {
                     datastore.put_bundle(&fresh).await?;
-                    self.authz.catch_up(datastore).await?;
+                    self.feed.catch_up(datastore).await?;
                     tracing::info!(trust_domain = %td, sequence = fresh.sequence, "stored a new federated bundle");
                 }
                 let next = now + self.interval(fresh.refresh_hint_seconds);

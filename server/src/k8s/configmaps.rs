@@ -16,7 +16,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 
-use crate::authz::Authorizations;
+use crate::bundles::TrustBundles;
 
 /// The ConfigMap istio-agent mounts to find the mesh's root certificate (key `root-cert.pem`).
 pub const ISTIO_ROOT_CERT_CONFIGMAP: &str = "istio-ca-root-cert";
@@ -55,15 +55,15 @@ pub async fn publish_bundle(
     client: kube::Client,
     namespace: String,
     name: String,
-    authz: Arc<Authorizations>,
+    bundles: Arc<TrustBundles>,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let mut changes = authz.subscribe();
+    let mut changes = bundles.subscribe();
     let mut published = None;
     let mut backoff = FIRST_RETRY;
     loop {
         changes.borrow_and_update();
-        if let Some(current) = authz.bundle().filter(|b| published != Some(b.sequence)) {
+        if let Some(current) = bundles.own().filter(|b| published != Some(b.sequence)) {
             let outcome = match current.to_spiffe_json() {
                 Ok(document) => apply(
                     &client,
@@ -104,7 +104,7 @@ pub async fn publish_bundle(
 /// changes, so sidecars in a new namespace find their root and a CA rotation reaches all of them.
 pub async fn publish_istio_root_certs(
     client: kube::Client,
-    authz: Arc<Authorizations>,
+    bundles: Arc<TrustBundles>,
     mut stopping: watch::Receiver<bool>,
 ) {
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -113,14 +113,14 @@ pub async fn publish_istio_root_certs(
         watcher::Config::default(),
     ));
     futures::pin_mut!(events);
-    let mut changes = authz.subscribe();
+    let mut changes = bundles.subscribe();
     // Each live namespace, with the bundle sequence its ConfigMap holds (None: not written yet).
     let mut written: BTreeMap<String, Option<u64>> = BTreeMap::new();
     let mut backoff = FIRST_RETRY;
     loop {
         changes.borrow_and_update();
         let mut failed = false;
-        if let Some(bundle) = authz.bundle() {
+        if let Some(bundle) = bundles.own() {
             let pem = bundle.to_pem();
             for (namespace, sequence) in written.iter_mut() {
                 if *sequence == Some(bundle.sequence) {

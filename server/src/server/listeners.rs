@@ -179,9 +179,9 @@ pub(super) async fn serve_bundle_endpoint<D: DataStore>(
         }
         _ => EndpointTls::Spiffe(server_tls.clone()),
     };
-    let authz = state.authz.clone();
+    let bundles = state.bundles.clone();
     let ca = state.ca.clone();
-    let bundle = Arc::new(move || authz.bundle().unwrap_or_else(|| ca.bundle()));
+    let bundle = Arc::new(move || bundles.own().unwrap_or_else(|| ca.bundle()));
     tasks.spawn(endpoint::serve(listener, tls, bundle, stopped.clone()));
     tracing::info!(address = %bound, profile = %config.federation.bundle_endpoint_profile, "bundle endpoint listening");
     Ok(Some(bound))

@@ -9,8 +9,8 @@ use tokio::sync::watch;
 use crate::Error;
 use crate::api::ServerState;
 use crate::api::tls::ServerTls;
-use crate::authz::Authorizations;
 use crate::datastore::DataStore;
+use crate::feed::Feed;
 use crate::k8s::PodIdentities;
 
 /// How often the CA checks whether an authority is due for rotation and the server SVID for
@@ -31,7 +31,7 @@ pub(super) async fn follow_changes<D: DataStore>(
             () = tokio::time::sleep(interval) => {}
             _ = stopped.wait_for(|stop| *stop) => return,
         }
-        if let Err(e) = state.authz.catch_up(state.datastore.as_ref()).await {
+        if let Err(e) = state.catch_up().await {
             tracing::warn!(error = %e, "cannot read the change feed; serving from the cache and retrying");
         }
     }
@@ -40,7 +40,7 @@ pub(super) async fn follow_changes<D: DataStore>(
 /// Wakes the sync streams whenever the pods behind automatic identities change.
 pub(super) async fn follow_pods(
     pods: Arc<PodIdentities>,
-    authz: Arc<Authorizations>,
+    feed: Arc<Feed>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut changes = pods.subscribe();
@@ -49,7 +49,7 @@ pub(super) async fn follow_pods(
             changed = changes.changed() => if changed.is_err() { return },
             _ = stopped.wait_for(|stop| *stop) => return,
         }
-        authz.bump();
+        feed.bump();
     }
 }
 
@@ -70,11 +70,11 @@ pub(super) async fn maintain_ca<D: DataStore>(
         let tainted = state.ca.tainted();
         match state.ca.rotate_if_due(state.datastore.as_ref()).await {
             Ok(changed) if changed || state.ca.tainted() != tainted => {
-                if let Err(e) = state.authz.catch_up(state.datastore.as_ref()).await {
+                if let Err(e) = state.catch_up().await {
                     tracing::warn!(error = %e, "cannot read the change feed after a bundle change");
                 }
                 // Sync streams resend the tainted set (another server may have changed it).
-                state.authz.bump();
+                state.feed.bump();
             }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "CA rotation check failed; retrying"),
