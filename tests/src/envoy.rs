@@ -95,6 +95,12 @@ static_resources:
     )
 }
 
+/// What the Envoy started with `config` has logged so far (its log sits beside the config, see
+/// [`Envoy::start`]); empty when there is none.
+pub fn log(config: &Path) -> String {
+    std::fs::read_to_string(config.with_extension("log")).unwrap_or_default()
+}
+
 /// An Envoy started from `binary` with `config`, ready once its admin `/ready` says LIVE.
 pub struct Envoy {
     child: std::process::Child,
@@ -102,7 +108,8 @@ pub struct Envoy {
 }
 
 impl Envoy {
-    /// Starts Envoy and waits until its admin `/ready` says LIVE (at most 60 s).
+    /// Starts Envoy, logging to `config` with the extension `.log`, and waits until its admin
+    /// `/ready` says LIVE (at most 60 s).
     pub async fn start(binary: &Path, config: &Path, admin: u16) -> anyhow::Result<Self> {
         let child = Command::new(binary)
             .arg("--config-path")
@@ -120,14 +127,14 @@ impl Envoy {
                 envoy.child.try_wait()?.is_none(),
                 "Envoy {} exited; its log:\n{}",
                 binary.display(),
-                std::fs::read_to_string(config.with_extension("log")).unwrap_or_default()
+                log(config)
             );
             ensure!(
                 Instant::now() < deadline,
                 "Envoy {} did not become ready (admin /ready: {:?}); its log:\n{}",
                 binary.display(),
                 envoy.admin_get("/ready"),
-                std::fs::read_to_string(config.with_extension("log")).unwrap_or_default()
+                log(config)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

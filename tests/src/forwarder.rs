@@ -1,6 +1,6 @@
-//! A real `sigil-agent forward` process for tests, and the SVID files a test's own clients use.
+//! A real `sigil-agent forward` process for tests and benchmarks, and [`Forward`], the builder
+//! of its command line: a test says only what differs (listener, identity, mode, rules, flags).
 
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,29 +23,23 @@ impl ForwarderProcess {
     /// Starts `sigil-agent forward <args>` against `agent`'s socket, with a health address of its
     /// own, and waits until it says it is running (it holds its SVID and listens).
     pub fn start(agent: &AgentProcess, args: &[&str]) -> anyhow::Result<Self> {
-        let health = format!("127.0.0.1:{}", crate::free_port()?);
-        let logs = Arc::default();
-        let child = spawn_until(
-            Self::command(agent, &health, args)?,
-            "sigil-agent forward is running",
-            &logs,
-        )?;
-        Ok(ForwarderProcess {
-            child: Some(child),
-            health,
-            logs,
-        })
+        Self::spawn(agent, args, "sigil-agent forward is running")
     }
 
     /// Starts the forwarder but waits only for its health endpoint, not for its SVID.
     pub fn start_unready(agent: &AgentProcess, args: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn(agent, args, "waiting for the first X509-SVID")
+    }
+
+    /// Starts the forwarder and waits until it has logged `ready_line`.
+    fn spawn(
+        agent: &AgentProcess,
+        args: &[&str],
+        ready_line: &'static str,
+    ) -> anyhow::Result<Self> {
         let health = format!("127.0.0.1:{}", crate::free_port()?);
         let logs = Arc::default();
-        let child = spawn_until(
-            Self::command(agent, &health, args)?,
-            "waiting for the first X509-SVID",
-            &logs,
-        )?;
+        let child = spawn_until(Self::command(agent, &health, args)?, ready_line, &logs)?;
         Ok(ForwarderProcess {
             child: Some(child),
             health,
@@ -86,6 +80,12 @@ impl ForwarderProcess {
     /// Everything the forwarder logged so far.
     pub fn logs(&self) -> String {
         self.logs.snapshot()
+    }
+
+    /// `result`, with the forwarder's log added to an error, so a failed test shows what the
+    /// forwarder saw.
+    pub fn with_log<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        result.map_err(|e| e.context(format!("forwarder log:\n{}", self.logs())))
     }
 
     /// Waits until the forwarder has logged `needle` `count` times in all (at most `timeout`).
@@ -166,70 +166,102 @@ impl Drop for ForwarderProcess {
     }
 }
 
-/// The certificate and key files of one SVID, as `sigil-agent api fetch x509 --write` wrote them.
+/// The command line of one `sigil-agent forward` listener, built up flag by flag.
+///
+/// ```no_run
+/// # fn example(agent: &sigil_tests::AgentProcess) -> anyhow::Result<()> {
+/// use sigil_tests::forwarder::Forward;
+/// let forwarder = Forward::inbound(15443, 8080)
+///     .spiffe_id("spiffe://example.org/forwarder")
+///     .mode("strict")
+///     .allow("spiffe://example.org/ns/prod/*")
+///     .start(agent)?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
-pub struct SvidFiles {
-    /// The chain, PEM.
-    pub cert: PathBuf,
-    /// The PKCS#8 key, PEM.
-    pub key: PathBuf,
-    /// The trust bundle, PEM.
-    pub bundle: PathBuf,
+pub struct Forward {
+    spiffe_id: Option<String>,
+    args: Vec<String>,
 }
 
-/// Writes every SVID of this process into `dir` with the real CLI, and returns the files of the
-/// one for `spiffe_id` (found by reading each certificate's URI SAN).
-pub fn fetch_svid(agent: &AgentProcess, dir: &Path, spiffe_id: &str) -> anyhow::Result<SvidFiles> {
-    agent.cli(&[
-        "api",
-        "fetch",
-        "x509",
-        "--write",
-        dir.to_str().context("utf-8 path")?,
-    ])?;
-    for index in 0.. {
-        let cert = dir.join(format!("svid.{index}.pem"));
-        let Ok(pem) = std::fs::read_to_string(&cert) else {
-            break;
-        };
-        let der = crate::pem_certificates(&pem)?;
-        let leaf = der.first().context("an empty chain")?;
-        let (_, parsed) = x509_parser::parse_x509_certificate(leaf)?;
-        let uri = parsed
-            .subject_alternative_name()?
-            .into_iter()
-            .flat_map(|san| san.value.general_names.iter())
-            .find_map(|name| match name {
-                x509_parser::extensions::GeneralName::URI(uri) => Some(uri.to_string()),
-                _ => None,
-            });
-        if uri.as_deref() == Some(spiffe_id) {
-            return Ok(SvidFiles {
-                cert,
-                key: dir.join(format!("svid.{index}.key")),
-                bundle: dir.join(format!("bundle.{index}.pem")),
-            });
+impl Forward {
+    /// An inbound listener on `127.0.0.1:listen` that forwards to the application on
+    /// `127.0.0.1:target`.
+    pub fn inbound(listen: u16, target: u16) -> Self {
+        Forward::listener("--inbound", listen, "--target", &loopback(target))
+    }
+
+    /// An outbound listener on `127.0.0.1:listen` that calls `upstream` (`host:port`) over mTLS;
+    /// say which peer it expects with [`Forward::expect_id`] or an `--expect-pattern`.
+    pub fn outbound(listen: u16, upstream: &str) -> Self {
+        Forward::listener("--outbound", listen, "--upstream", upstream)
+    }
+
+    fn listener(kind: &str, listen: u16, peer_flag: &str, peer: &str) -> Self {
+        Forward {
+            spiffe_id: None,
+            args: vec![kind.into(), loopback(listen), peer_flag.into(), peer.into()],
         }
     }
-    anyhow::bail!("no SVID for {spiffe_id} in {}", dir.display())
+
+    /// The SVID the forwarder holds (`--spiffe-id`); without one it takes the only SVID it is
+    /// given.
+    pub fn spiffe_id(mut self, spiffe_id: &str) -> Self {
+        self.spiffe_id = Some(spiffe_id.into());
+        self
+    }
+
+    /// `--mode strict|permissive|disable`.
+    pub fn mode(self, mode: &str) -> Self {
+        self.args(&["--mode", mode])
+    }
+
+    /// `--allow <pattern>`: a peer the inbound listener admits.
+    pub fn allow(self, pattern: &str) -> Self {
+        self.args(&["--allow", pattern])
+    }
+
+    /// `--expect-id <id>`: the one upstream identity the outbound listener accepts.
+    pub fn expect_id(self, spiffe_id: &str) -> Self {
+        self.args(&["--expect-id", spiffe_id])
+    }
+
+    /// `--http`: the inbound listener speaks HTTP to the application (XFCC, rules).
+    pub fn http(self) -> Self {
+        self.args(&["--http"])
+    }
+
+    /// Any other flags, in this order.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|arg| arg.to_string()));
+        self
+    }
+
+    /// Starts the forwarder against `agent` and waits until it holds its SVID and listens.
+    pub fn start(&self, agent: &AgentProcess) -> anyhow::Result<ForwarderProcess> {
+        ForwarderProcess::start(agent, &self.str_args())
+    }
+
+    /// Starts the forwarder against `agent` and waits only for its health endpoint.
+    pub fn start_unready(&self, agent: &AgentProcess) -> anyhow::Result<ForwarderProcess> {
+        ForwarderProcess::start_unready(agent, &self.str_args())
+    }
+
+    /// The arguments after `sigil-agent forward`: `--spiffe-id` first when set, then the
+    /// listener and every flag in the order given.
+    fn str_args(&self) -> Vec<&str> {
+        let identity = self
+            .spiffe_id
+            .as_deref()
+            .into_iter()
+            .flat_map(|id| ["--spiffe-id", id]);
+        identity
+            .chain(self.args.iter().map(String::as_str))
+            .collect()
+    }
 }
 
-/// True when every one of `tools` (e.g. `openssl`, `curl`) runs. On a developer machine without
-/// one, prints a notice and answers false so `test` can skip; under `CI=true` that is an error.
-pub fn peer_tools(test: &str, tools: &[&str]) -> anyhow::Result<bool> {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        // Only whether it starts matters: `openssl --version` exits 1, but openssl is there.
-        .filter(|tool| Command::new(tool).arg("--version").output().is_err())
-        .collect();
-    if missing.is_empty() {
-        return Ok(true);
-    }
-    crate::skip_unless_ci(
-        test,
-        &format!("{} cannot be started", missing.join(", ")),
-        "install it (Debian: apt-get install openssl curl)",
-    )?;
-    Ok(false)
+/// `127.0.0.1:<port>`.
+pub fn loopback(port: u16) -> String {
+    format!("127.0.0.1:{port}")
 }

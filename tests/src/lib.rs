@@ -6,6 +6,8 @@
 //! Python skip with a printed notice on a laptop without them, and fail under `CI=true`.
 
 mod agent;
+pub mod bench;
+pub mod echo;
 pub mod envoy;
 pub mod federation;
 pub mod forwarder;
@@ -14,12 +16,19 @@ mod node;
 pub mod postgres;
 pub mod python;
 mod server;
+pub mod svid;
+pub mod tools;
 
 pub use agent::AgentProcess;
-pub use node::{NODE_ALIAS, Node};
+pub use node::{NODE_ALIAS, Node, this_uid_selector};
 pub use server::ServerProcess;
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// How long a test waits on anything (a peer's answer, a log line) before it calls it a hang:
+/// reaching it means something is stuck, not slow.
+pub const PATIENCE: Duration = Duration::from_secs(60);
 
 /// The directory holding the workspace's built binaries (`target/<profile>`), found from the
 /// running test executable (`target/<profile>/deps/<test>`), or `SIGIL_BIN_DIR`.

@@ -32,6 +32,19 @@ impl Node {
         Self::start_with("", register)
     }
 
+    /// Starts a node whose entries all select this process (`unix:uid:<its uid>`), so the test
+    /// itself, and every process it starts, gets their SVIDs: one entry per (SPIFFE ID, extra
+    /// `entry create` flags).
+    pub fn for_this_uid(entries: &[(&str, &[&str])]) -> anyhow::Result<Self> {
+        let selector = this_uid_selector()?;
+        Self::start(|server| {
+            for (spiffe_id, extra) in entries {
+                Self::entry(server, spiffe_id, &selector, extra)?;
+            }
+            Ok(())
+        })
+    }
+
     /// Like [`Node::start`], with `server_config` appended to the server's configuration.
     pub fn start_with(
         server_config: &str,
@@ -77,4 +90,10 @@ impl Node {
         server.cli(&args)?;
         Ok(())
     }
+}
+
+/// The selector of this process's uid, `unix:uid:<uid>`: what the agent's unix attestor sees
+/// for the test and for every process it starts.
+pub fn this_uid_selector() -> anyhow::Result<String> {
+    Ok(format!("unix:uid:{}", crate::current_uid()?))
 }

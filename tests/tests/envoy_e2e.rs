@@ -4,48 +4,25 @@
 //! certificate of another CA it does not. Two Envoys with different identities do mTLS with each
 //! other, and a rotation reaches Envoy without a restart or a dropped connection.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
-use rcgen::{CertificateParams, KeyPair};
-use sigil_tests::envoy::{Envoy, client_bootstrap, server_bootstrap};
+use anyhow::ensure;
+use sigil_tests::envoy::{Envoy, client_bootstrap, log, server_bootstrap};
+use sigil_tests::svid::{fetch_svid, foreign_svid};
+use sigil_tests::tools::openssl_client;
 use sigil_tests::{Node, free_port, python};
 
 /// Sends one HTTP request through `openssl s_client` with the given client certificate; returns
 /// what came back.
-fn https_through_openssl(port: u16, cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<String> {
-    let mut child = Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-            "-quiet",
-            "-verify_return_error",
-            "-CAfile",
-        ])
-        .arg(ca)
-        .arg("-cert")
-        .arg(cert)
-        .arg("-key")
-        .arg(key)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(b"GET / HTTP/1.1\r\nHost: sigil\r\nConnection: close\r\n\r\n")?;
-    let output = child.wait_with_output()?;
-    Ok(format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    ))
+async fn https_through_openssl(
+    port: u16,
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+) -> anyhow::Result<String> {
+    let request = b"GET / HTTP/1.1\r\nHost: sigil\r\nConnection: close\r\n\r\n";
+    openssl_client(port, cert, key, ca, request).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,71 +31,27 @@ async fn envoy_takes_its_certificate_and_bundle_over_sds() -> anyhow::Result<()>
     else {
         return Ok(());
     };
-    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
-    let node =
-        Node::start(|server| Node::entry(server, "spiffe://example.org/envoy", &selector, &[]))?;
+    let envoy_id = "spiffe://example.org/envoy";
+    let node = Node::for_this_uid(&[(envoy_id, &[])])?;
     let (dir, agent, bundle) = (&node.dir, &node.agent, &node.bundle);
     let (admin, listener) = (free_port()?, free_port()?);
     let config = dir.path().join("envoy.yaml");
     std::fs::write(&config, server_bootstrap(&agent.socket, admin, listener))?;
-    let mut envoy = Command::new(envoy)
-        .args(["--config-path"])
-        .arg(&config)
-        .args(["--disable-hot-restart", "--log-level", "info"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
     let result = async {
         // Envoy reports LIVE on /ready once its listener has the SDS secrets.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let ready = Command::new("curl")
-                .args(["-s", &format!("http://127.0.0.1:{admin}/ready")])
-                .output()
-                .ok()
-                .map(|o| String::from_utf8_lossy(&o.stdout).contains("LIVE"));
-            if ready == Some(true) {
-                break;
-            }
-            ensure!(envoy.try_wait()?.is_none(), "Envoy exited");
-            ensure!(Instant::now() < deadline, "Envoy did not become ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let _envoy = Envoy::start(&envoy, &config, admin).await?;
 
         // A workload with a Sigil SVID gets through.
-        let svid = dir.path().join("svid");
-        agent.cli(&[
-            "api",
-            "fetch",
-            "x509",
-            "--write",
-            svid.to_str().context("path")?,
-        ])?;
-        let answer = https_through_openssl(
-            listener,
-            &svid.join("svid.0.pem"),
-            &svid.join("svid.0.key"),
-            bundle,
-        )?;
+        let svid = fetch_svid(agent, &dir.path().join("svid"), envoy_id)?;
+        let answer = https_through_openssl(listener, &svid.cert, &svid.key, bundle).await?;
         ensure!(
             answer.contains("hello over sigil mtls"),
             "with a Sigil SVID: {answer}"
         );
 
         // A certificate from another CA is refused.
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.subject_alt_names = vec![rcgen::SanType::URI(
-            "spiffe://example.org/intruder".try_into()?,
-        )];
-        let foreign = params.self_signed(&key)?;
-        let (cert, key_path) = (
-            dir.path().join("foreign.pem"),
-            dir.path().join("foreign.key"),
-        );
-        std::fs::write(&cert, foreign.pem())?;
-        std::fs::write(&key_path, key.serialize_pem())?;
-        let refused = https_through_openssl(listener, &cert, &key_path, bundle)?;
+        let foreign = foreign_svid(dir.path(), "spiffe://example.org/intruder")?;
+        let refused = https_through_openssl(listener, &foreign.cert, &foreign.key, bundle).await?;
         ensure!(
             !refused.contains("hello over sigil mtls"),
             "a foreign certificate got through: {refused}"
@@ -126,12 +59,10 @@ async fn envoy_takes_its_certificate_and_bundle_over_sds() -> anyhow::Result<()>
         Ok(())
     }
     .await;
-    let _ = envoy.kill();
-    let output = envoy.wait_with_output()?;
     result.map_err(|e| {
         e.context(format!(
             "Envoy's log:\n{}\nagent log:\n{}",
-            String::from_utf8_lossy(&output.stderr),
+            log(&config),
             agent.logs()
         ))
     })
@@ -213,8 +144,8 @@ async fn two_envoys_do_mtls_and_rotate_without_a_restart() -> anyhow::Result<()>
     let first = get_on(&mut connection).await.map_err(|e| {
         e.context(format!(
             "A:\n{}\nB:\n{}\nagent:\n{}",
-            std::fs::read_to_string(config_a.with_extension("log")).unwrap_or_default(),
-            std::fs::read_to_string(config_b.with_extension("log")).unwrap_or_default(),
+            log(&config_a),
+            log(&config_b),
             agent.logs()
         ))
     })?;
@@ -239,9 +170,9 @@ async fn two_envoys_do_mtls_and_rotate_without_a_restart() -> anyhow::Result<()>
     );
 
     // The connection opened before the rotation still works, and new ones use the new certificate.
-    let again = get_on(&mut connection).await.map_err(|e| {
-        e.context(std::fs::read_to_string(config_b.with_extension("log")).unwrap_or_default())
-    })?;
+    let again = get_on(&mut connection)
+        .await
+        .map_err(|e| e.context(log(&config_b)))?;
     ensure!(
         again.contains("200"),
         "the in-flight connection after rotation: {again}"
@@ -261,16 +192,9 @@ async fn envoy_takes_its_secrets_over_delta_sds_and_follows_rotations() -> anyho
     else {
         return Ok(());
     };
-    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
     // 6 s SVIDs: renewed about every 3 s.
-    let node = Node::start(|server| {
-        Node::entry(
-            server,
-            "spiffe://example.org/envoy",
-            &selector,
-            &["--x509-svid-ttl", "6s"],
-        )
-    })?;
+    let envoy_id = "spiffe://example.org/envoy";
+    let node = Node::for_this_uid(&[(envoy_id, &["--x509-svid-ttl", "6s"])])?;
     let (admin, listener) = (free_port()?, free_port()?);
     let config = node.dir.path().join("envoy-delta.yaml");
     // The same Istio-style bootstrap, with Envoy's incremental xDS for its secrets.
@@ -283,20 +207,8 @@ async fn envoy_takes_its_secrets_over_delta_sds_and_follows_rotations() -> anyho
     std::fs::write(&config, bootstrap)?;
     let envoy = Envoy::start(&binary, &config, admin).await?;
 
-    let svid = node.dir.path().join("svid");
-    node.agent.cli(&[
-        "api",
-        "fetch",
-        "x509",
-        "--write",
-        svid.to_str().context("path")?,
-    ])?;
-    let answer = https_through_openssl(
-        listener,
-        &svid.join("svid.0.pem"),
-        &svid.join("svid.0.key"),
-        &node.bundle,
-    )?;
+    let svid = fetch_svid(&node.agent, &node.dir.path().join("svid"), envoy_id)?;
+    let answer = https_through_openssl(listener, &svid.cert, &svid.key, &node.bundle).await?;
     ensure!(
         answer.contains("hello over sigil mtls"),
         "with a Sigil SVID over delta SDS: {answer}"

@@ -10,31 +10,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use sigil_tests::echo::byte_echo_server;
 use sigil_tests::federation::{Domain, federate};
-use sigil_tests::forwarder::{ForwarderProcess, peer_tools};
+use sigil_tests::forwarder::{Forward, loopback};
+use sigil_tests::tools::peer_tools;
 use sigil_tests::{free_port, pem_certificates};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ROTATIONS: usize = 3;
-
-/// An echo server on loopback: the application behind a.test's inbound forwarder.
-async fn echo_server() -> anyhow::Result<u16> {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
-    let port = listener.local_addr()?.port();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buffer = [0u8; 1024];
-                while let Ok(read) = socket.read(&mut buffer).await {
-                    if read == 0 || socket.write_all(&buffer[..read]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    Ok(port)
-}
 
 /// One request through the outbound forwarder: a fresh connection (so a fresh mTLS handshake
 /// between the forwarders), a ping, its echo.
@@ -131,32 +114,16 @@ async fn rotate_under_load(upstream: bool) -> anyhow::Result<()> {
     federate(&a, &b, "b.test")?;
     federate(&b, &a, "a.test")?;
 
-    let backend = echo_server().await?;
+    // The application behind a.test's inbound forwarder.
+    let backend = byte_echo_server().await?;
     let (inbound, outbound) = (free_port()?, free_port()?);
-    let _serving = ForwarderProcess::start(
-        &a.agent,
-        &[
-            "--inbound",
-            &format!("127.0.0.1:{inbound}"),
-            "--target",
-            &format!("127.0.0.1:{backend}"),
-            "--mode",
-            "strict",
-            "--allow",
-            "spiffe://b.test/db",
-        ],
-    )?;
-    let _calling = ForwarderProcess::start(
-        &b.agent,
-        &[
-            "--outbound",
-            &format!("127.0.0.1:{outbound}"),
-            "--upstream",
-            &format!("127.0.0.1:{inbound}"),
-            "--expect-id",
-            "spiffe://a.test/web",
-        ],
-    )?;
+    let _serving = Forward::inbound(inbound, backend)
+        .mode("strict")
+        .allow("spiffe://b.test/db")
+        .start(&a.agent)?;
+    let _calling = Forward::outbound(outbound, &loopback(inbound))
+        .expect_id("spiffe://a.test/web")
+        .start(&b.agent)?;
     one_call(outbound).await.context("the first call")?;
 
     // Steady load: one connection after another until the rotations are done.

@@ -8,170 +8,39 @@
 //! SIGTERM, `/ready`, and rotation under steady load.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use sigil_tests::envoy::{sds_cluster, sds_secret};
-use sigil_tests::forwarder::{ForwarderProcess, SvidFiles, fetch_svid, peer_tools};
-use sigil_tests::{Node, free_port};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use sigil_tests::echo::{exchange, http_echo_server, line_echo_server, plaintext_line};
+use sigil_tests::envoy::{Envoy, sds_cluster, sds_secret};
+use sigil_tests::forwarder::{Forward, ForwarderProcess, loopback};
+use sigil_tests::svid::{SvidFiles, fetch_svid, foreign_svid};
+use sigil_tests::tools::{curl, openssl_server, peer_tools};
+use sigil_tests::{Node, PATIENCE, free_port};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const FORWARDER: &str = "spiffe://example.org/forwarder";
 const CLIENT: &str = "spiffe://example.org/ns/prod/web";
 const LEGACY: &str = "spiffe://example.org/ns/prod/legacy";
 const STRANGER: &str = "spiffe://example.org/ns/dev/web";
-/// Generous bound for anything the test waits on; reaching it means a hang, not slowness.
-const PATIENCE: Duration = Duration::from_secs(60);
 
 /// A server and an agent with entries for this process's uid: the forwarder's identity (with
 /// `localhost` as a DNS SAN so curl can check it) and the callers' identities.
 fn node(ids: &[&str], extra: &[&str]) -> anyhow::Result<Node> {
-    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
-    Node::start(|server| {
-        let mut forwarder_flags = vec!["--dns", "localhost"];
-        forwarder_flags.extend_from_slice(extra);
-        Node::entry(server, FORWARDER, &selector, &forwarder_flags)?;
-        for id in ids {
-            Node::entry(server, id, &selector, extra)?;
-        }
-        Ok(())
-    })
+    let mut forwarder_flags = vec!["--dns", "localhost"];
+    forwarder_flags.extend_from_slice(extra);
+    let mut entries = vec![(FORWARDER, forwarder_flags.as_slice())];
+    entries.extend(ids.iter().map(|id| (*id, extra)));
+    Node::for_this_uid(&entries)
 }
 
-/// A line echo server: answers each line with the same line until the client closes or sends
-/// `quit`. Returns its port.
-async fn echo_server() -> anyhow::Result<u16> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut lines = BufReader::new(read).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if line == "quit"
-                        || write
-                            .write_all(format!("{line}\n").as_bytes())
-                            .await
-                            .is_err()
-                    {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    Ok(port)
-}
-
-/// An HTTP application that answers with what it received: method, path and the
-/// `x-forwarded-client-cert` headers (how many, and their values).
-async fn http_echo_server() -> anyhow::Result<u16> {
-    use axum::http::{HeaderMap, Method, Uri};
-    async fn echo(method: Method, uri: Uri, headers: HeaderMap) -> String {
-        let xfcc: Vec<&str> = headers
-            .get_all("x-forwarded-client-cert")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        format!(
-            "{method} {} xfcc#{} xfcc={}\n",
-            uri.path(),
-            xfcc.len(),
-            xfcc.join("|")
-        )
-    }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let app = axum::Router::new().fallback(echo);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(port)
-}
-
-/// Sends `hello` then `quit` through `openssl s_client` with `cert`/`key`, verifying the server
-/// against `ca`; returns stdout and stderr together.
+/// Sends `hello over sigil` then `quit` through `openssl s_client` with `cert`/`key`, verifying
+/// the server against `ca`; returns stdout and stderr together.
 async fn openssl_client(port: u16, cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<String> {
-    let mut child = tokio::process::Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-            "-quiet",
-            "-verify_return_error",
-            "-CAfile",
-        ])
-        .arg(ca)
-        .arg("-cert")
-        .arg(cert)
-        .arg("-key")
-        .arg(key)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("running openssl (is it installed?)")?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    // The write may fail when the forwarder refused the handshake: that is an answer too.
-    let _ = stdin.write_all(b"hello over sigil\nquit\n").await;
-    let output = tokio::time::timeout(PATIENCE, child.wait_with_output())
-        .await
-        .context("openssl s_client hung")??;
-    drop(stdin);
-    Ok(format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    ))
-}
-
-/// One line over a plain TCP connection: `Some(answer)`, or `None` when the connection was closed
-/// without an answer.
-async fn plaintext_line(port: u16, line: &str) -> anyhow::Result<Option<String>> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-    exchange(&mut stream, line).await
-}
-
-async fn exchange(stream: &mut TcpStream, line: &str) -> anyhow::Result<Option<String>> {
-    // A refused connection may be reset while we write; the read below tells the outcome.
-    let _ = stream.write_all(format!("{line}\n").as_bytes()).await;
-    let mut answer = Vec::new();
-    loop {
-        let mut byte = [0u8; 1];
-        match tokio::time::timeout(PATIENCE, stream.read(&mut byte)).await? {
-            Ok(0) | Err(_) => break,
-            Ok(_) if byte[0] == b'\n' => return Ok(Some(String::from_utf8(answer)?)),
-            Ok(_) => answer.push(byte[0]),
-        }
-    }
-    Ok(if answer.is_empty() {
-        None
-    } else {
-        Some(String::from_utf8(answer)?)
-    })
-}
-
-/// A self-signed certificate with a SPIFFE ID of our trust domain: a CA nobody trusts.
-fn foreign_svid(dir: &Path) -> anyhow::Result<SvidFiles> {
-    let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params.subject_alt_names = vec![rcgen::SanType::URI(CLIENT.try_into()?)];
-    let cert = params.self_signed(&key)?;
-    let files = SvidFiles {
-        cert: dir.join("foreign.pem"),
-        key: dir.join("foreign.key"),
-        bundle: dir.join("foreign-bundle.pem"),
-    };
-    std::fs::write(&files.cert, cert.pem())?;
-    std::fs::write(&files.key, key.serialize_pem())?;
-    std::fs::write(&files.bundle, cert.pem())?;
-    Ok(files)
+    sigil_tests::tools::openssl_client(port, cert, key, ca, b"hello over sigil\nquit\n").await
 }
 
 /// Blocks on a log wait off the async runtime.
@@ -188,25 +57,14 @@ async fn strict_inbound_admits_allowed_svids_and_refuses_the_rest() -> anyhow::R
         return Ok(());
     }
     let node = node(&[CLIENT, LEGACY, STRANGER], &[])?;
-    let target = echo_server().await?;
+    let target = line_echo_server().await?;
     let port = free_port()?;
-    let forwarder = ForwarderProcess::start(
-        &node.agent,
-        &[
-            "--spiffe-id",
-            FORWARDER,
-            "--inbound",
-            &format!("127.0.0.1:{port}"),
-            "--target",
-            &format!("127.0.0.1:{target}"),
-            "--mode",
-            "strict",
-            "--allow",
-            "spiffe://example.org/ns/prod/*",
-            "--deny",
-            LEGACY,
-        ],
-    )?;
+    let forwarder = Forward::inbound(port, target)
+        .spiffe_id(FORWARDER)
+        .mode("strict")
+        .allow("spiffe://example.org/ns/prod/*")
+        .args(&["--deny", LEGACY])
+        .start(&node.agent)?;
     let result = async {
         let dir = node.dir.path().join("svids");
         let client = fetch_svid(&node.agent, &dir, CLIENT)?;
@@ -250,7 +108,7 @@ async fn strict_inbound_admits_allowed_svids_and_refuses_the_rest() -> anyhow::R
         );
 
         // A certificate from a CA outside the bundle.
-        let foreign = foreign_svid(node.dir.path())?;
+        let foreign = foreign_svid(node.dir.path(), CLIENT)?;
         let answer = openssl_client(port, &foreign.cert, &foreign.key, &client.bundle).await?;
         ensure!(
             !answer.contains("hello over sigil"),
@@ -305,7 +163,7 @@ async fn strict_inbound_admits_allowed_svids_and_refuses_the_rest() -> anyhow::R
         Ok(())
     }
     .await;
-    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+    forwarder.with_log(result)
 }
 
 /// The server's own CA, read from its data directory (the key whose public key is the bundle's),
@@ -382,19 +240,11 @@ async fn expired_svids_and_svids_with_two_ids_are_refused_even_from_the_real_ca(
         return Ok(());
     }
     let node = node(&[], &[])?;
-    let target = echo_server().await?;
+    let target = line_echo_server().await?;
     let port = free_port()?;
-    let forwarder = ForwarderProcess::start(
-        &node.agent,
-        &[
-            "--spiffe-id",
-            FORWARDER,
-            "--inbound",
-            &format!("127.0.0.1:{port}"),
-            "--target",
-            &format!("127.0.0.1:{target}"),
-        ],
-    )?;
+    let forwarder = Forward::inbound(port, target)
+        .spiffe_id(FORWARDER)
+        .start(&node.agent)?;
     let result = async {
         let issuer = server_ca(&node)?;
         let dir = node.dir.path();
@@ -445,7 +295,7 @@ async fn expired_svids_and_svids_with_two_ids_are_refused_even_from_the_real_ca(
         Ok(())
     }
     .await;
-    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+    forwarder.with_log(result)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -457,7 +307,7 @@ async fn per_port_modes_from_a_toml_file_strict_and_permissive() -> anyhow::Resu
         return Ok(());
     }
     let node = node(&[CLIENT], &[])?;
-    let target = echo_server().await?;
+    let target = line_echo_server().await?;
     let (strict, permissive) = (free_port()?, free_port()?);
     let config = node.dir.path().join("forward.toml");
     std::fs::write(
@@ -511,42 +361,7 @@ allow = ["{CLIENT}"]
         Ok(())
     }
     .await;
-    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
-}
-
-/// One request with curl: (status line "CODE HTTP-VERSION", body).
-async fn curl(
-    url: &str,
-    svid: Option<&SvidFiles>,
-    extra: &[&str],
-) -> anyhow::Result<(String, String)> {
-    let mut command = tokio::process::Command::new("curl");
-    command.args([
-        "-sS",
-        "--max-time",
-        "30",
-        "-w",
-        "\n%{http_code} %{http_version}",
-    ]);
-    if let Some(svid) = svid {
-        command.arg("--cacert").arg(&svid.bundle);
-        command.arg("--cert").arg(&svid.cert);
-        command.arg("--key").arg(&svid.key);
-    }
-    let output = command
-        .args(extra)
-        .arg(url)
-        .kill_on_drop(true)
-        .output()
-        .await?;
-    ensure!(
-        output.status.success(),
-        "curl {url} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout)?;
-    let (body, status) = text.rsplit_once('\n').context("no status from curl")?;
-    Ok((status.to_string(), body.to_string()))
+    forwarder.with_log(result)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -560,26 +375,19 @@ async fn http_mode_sets_xfcc_and_answers_rules_with_200_and_403() -> anyhow::Res
     let node = node(&[CLIENT, STRANGER], &[])?;
     let app = http_echo_server().await?;
     let port = free_port()?;
-    let forwarder = ForwarderProcess::start(
-        &node.agent,
-        &[
-            "--spiffe-id",
-            FORWARDER,
-            "--inbound",
-            &format!("127.0.0.1:{port}"),
-            "--target",
-            &format!("127.0.0.1:{app}"),
-            "--mode",
-            "permissive",
-            "--http",
+    let forwarder = Forward::inbound(port, app)
+        .spiffe_id(FORWARDER)
+        .mode("permissive")
+        .http()
+        .args(&[
             "--http-deny",
             "* * /admin",
             "--http-allow",
             &format!("{CLIENT} GET,HEAD /api"),
             "--http-allow",
             "* GET /public",
-        ],
-    )?;
+        ])
+        .start(&node.agent)?;
     let result = async {
         let dir = node.dir.path().join("svids");
         let client = fetch_svid(&node.agent, &dir, CLIENT)?;
@@ -672,48 +480,7 @@ async fn http_mode_sets_xfcc_and_answers_rules_with_200_and_403() -> anyhow::Res
         Ok(())
     }
     .await;
-    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
-}
-
-/// `openssl s_server -rev` (answers each line reversed) with `svid`, requiring a client
-/// certificate from the bundle. Ready once it prints ACCEPT.
-async fn openssl_server(port: u16, svid: &SvidFiles) -> anyhow::Result<tokio::process::Child> {
-    let mut child = tokio::process::Command::new("openssl")
-        .args([
-            "s_server",
-            "-accept",
-            &port.to_string(),
-            "-rev",
-            "-Verify",
-            "1",
-            "-verify_return_error",
-        ])
-        .arg("-cert")
-        .arg(&svid.cert)
-        .arg("-key")
-        .arg(&svid.key)
-        .arg("-CAfile")
-        .arg(&svid.bundle)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("running openssl s_server")?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    loop {
-        let line = tokio::time::timeout(PATIENCE, lines.next_line())
-            .await
-            .context("openssl s_server did not start")??
-            .context("openssl s_server exited")?;
-        if line.contains("ACCEPT") {
-            break;
-        }
-    }
-    // Keep draining its stdout so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(child)
+    forwarder.with_log(result)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -730,32 +497,14 @@ async fn outbound_checks_the_upstream_id_and_refuses_a_mismatch() -> anyhow::Res
     let upstream = free_port()?;
     let _s_server = openssl_server(upstream, &server).await?;
     let (good, wrong) = (free_port()?, free_port()?);
-    let forwarder = ForwarderProcess::start(
-        &node.agent,
-        &[
-            "--spiffe-id",
-            CLIENT,
-            "--outbound",
-            &format!("127.0.0.1:{good}"),
-            "--upstream",
-            &format!("localhost:{upstream}"),
-            "--expect-id",
-            upstream_id,
-        ],
-    )?;
-    let mismatched = ForwarderProcess::start(
-        &node.agent,
-        &[
-            "--spiffe-id",
-            CLIENT,
-            "--outbound",
-            &format!("127.0.0.1:{wrong}"),
-            "--upstream",
-            &format!("127.0.0.1:{upstream}"),
-            "--expect-pattern",
-            "spiffe://example.org/ns/*/sa/db",
-        ],
-    )?;
+    let forwarder = Forward::outbound(good, &format!("localhost:{upstream}"))
+        .spiffe_id(CLIENT)
+        .expect_id(upstream_id)
+        .start(&node.agent)?;
+    let mismatched = Forward::outbound(wrong, &loopback(upstream))
+        .spiffe_id(CLIENT)
+        .args(&["--expect-pattern", "spiffe://example.org/ns/*/sa/db"])
+        .start(&node.agent)?;
     let result = async {
         ensure!(
             plaintext_line(good, "hello upstream").await?.as_deref() == Some("maertspu olleh"),
@@ -799,24 +548,15 @@ async fn slowloris_and_connections_over_the_limit_are_dropped_and_counted() -> a
         return Ok(());
     }
     let node = node(&[CLIENT], &[])?;
-    let target = echo_server().await?;
+    let target = line_echo_server().await?;
     let (slow_port, capped_port) = (free_port()?, free_port()?);
     // Two forwarders, so connections of one check never hold the other's permits.
-    let forwarder = |port: u16, limit: &'static [&'static str]| {
-        let listen = format!("127.0.0.1:{port}");
-        let target = format!("127.0.0.1:{target}");
-        let mut args = vec![
-            "--spiffe-id",
-            FORWARDER,
-            "--inbound",
-            &listen,
-            "--target",
-            &target,
-            "--mode",
-            "permissive",
-        ];
-        args.extend_from_slice(limit);
-        ForwarderProcess::start(&node.agent, &args)
+    let forwarder = |port: u16, limit: &[&str]| {
+        Forward::inbound(port, target)
+            .spiffe_id(FORWARDER)
+            .mode("permissive")
+            .args(limit)
+            .start(&node.agent)
     };
     let slow_forwarder = forwarder(slow_port, &["--handshake-timeout", "1s"])?;
     let capped = forwarder(capped_port, &["--max-connections", "3"])?;
@@ -896,23 +636,13 @@ async fn slowloris_and_connections_over_the_limit_are_dropped_and_counted() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_open_connections_before_exiting() -> anyhow::Result<()> {
     let node = node(&[], &[])?;
-    let target = echo_server().await?;
+    let target = line_echo_server().await?;
     let port = free_port()?;
-    let mut forwarder = ForwarderProcess::start(
-        &node.agent,
-        &[
-            "--spiffe-id",
-            FORWARDER,
-            "--inbound",
-            &format!("127.0.0.1:{port}"),
-            "--target",
-            &format!("127.0.0.1:{target}"),
-            "--mode",
-            "disable",
-            "--drain-timeout",
-            "60s",
-        ],
-    )?;
+    let mut forwarder = Forward::inbound(port, target)
+        .spiffe_id(FORWARDER)
+        .mode("disable")
+        .args(&["--drain-timeout", "60s"])
+        .start(&node.agent)?;
     let result = async {
         let mut open = TcpStream::connect(("127.0.0.1", port)).await?;
         ensure!(
@@ -938,7 +668,7 @@ async fn sigterm_drains_open_connections_before_exiting() -> anyhow::Result<()> 
         Ok(())
     }
     .await;
-    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+    forwarder.with_log(result)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -946,22 +676,12 @@ async fn sigterm_closes_idle_http_keep_alive_connections() -> anyhow::Result<()>
     let node = node(&[], &[])?;
     let app = http_echo_server().await?;
     let port = free_port()?;
-    let mut forwarder = ForwarderProcess::start(
-        &node.agent,
-        &[
-            "--spiffe-id",
-            FORWARDER,
-            "--inbound",
-            &format!("127.0.0.1:{port}"),
-            "--target",
-            &format!("127.0.0.1:{app}"),
-            "--mode",
-            "permissive",
-            "--http",
-            "--drain-timeout",
-            "120s",
-        ],
-    )?;
+    let mut forwarder = Forward::inbound(port, app)
+        .spiffe_id(FORWARDER)
+        .mode("permissive")
+        .http()
+        .args(&["--drain-timeout", "120s"])
+        .start(&node.agent)?;
     let result = async {
         // One request on a kept-alive HTTP/1.1 connection, which then sits idle.
         let mut connection = TcpStream::connect(("127.0.0.1", port)).await?;
@@ -987,26 +707,18 @@ async fn sigterm_closes_idle_http_keep_alive_connections() -> anyhow::Result<()>
         Ok(())
     }
     .await;
-    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+    forwarder.with_log(result)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ready_only_once_the_first_svid_is_held() -> anyhow::Result<()> {
     let later = "spiffe://example.org/later";
     let node = node(&[], &[])?;
-    let target = echo_server().await?;
+    let target = line_echo_server().await?;
     let port = free_port()?;
-    let forwarder = ForwarderProcess::start_unready(
-        &node.agent,
-        &[
-            "--spiffe-id",
-            later,
-            "--inbound",
-            &format!("127.0.0.1:{port}"),
-            "--target",
-            &format!("127.0.0.1:{target}"),
-        ],
-    )?;
+    let forwarder = Forward::inbound(port, target)
+        .spiffe_id(later)
+        .start_unready(&node.agent)?;
     let result = async {
         let (status, body) = forwarder.health_get("/ready")?;
         ensure!(status == 503, "not ready without an SVID: {status} {body}");
@@ -1021,7 +733,7 @@ async fn ready_only_once_the_first_svid_is_held() -> anyhow::Result<()> {
         Ok(())
     }
     .await;
-    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+    forwarder.with_log(result)
 }
 
 #[test]
@@ -1104,34 +816,16 @@ async fn rotation_under_steady_load_loses_no_connection() -> anyhow::Result<()> 
     // 6 s SVIDs: each forwarder gets a new one about every 3 s.
     let caller = "spiffe://example.org/caller";
     let node = node(&[caller], &["--x509-svid-ttl", "6s"])?;
-    let target = echo_server().await?;
+    let target = line_echo_server().await?;
     let (inbound_port, outbound_port) = (free_port()?, free_port()?);
-    let inbound = ForwarderProcess::start(
-        &node.agent,
-        &[
-            "--spiffe-id",
-            FORWARDER,
-            "--inbound",
-            &format!("127.0.0.1:{inbound_port}"),
-            "--target",
-            &format!("127.0.0.1:{target}"),
-            "--allow",
-            caller,
-        ],
-    )?;
-    let outbound = ForwarderProcess::start(
-        &node.agent,
-        &[
-            "--spiffe-id",
-            caller,
-            "--outbound",
-            &format!("127.0.0.1:{outbound_port}"),
-            "--upstream",
-            &format!("127.0.0.1:{inbound_port}"),
-            "--expect-id",
-            FORWARDER,
-        ],
-    )?;
+    let inbound = Forward::inbound(inbound_port, target)
+        .spiffe_id(FORWARDER)
+        .allow(caller)
+        .start(&node.agent)?;
+    let outbound = Forward::outbound(outbound_port, &loopback(inbound_port))
+        .spiffe_id(caller)
+        .expect_id(FORWARDER)
+        .start(&node.agent)?;
     let result = async {
         let ok = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -1327,33 +1021,15 @@ async fn envoy_with_sds_identity_calls_the_inbound_and_serves_the_outbound() -> 
     let app = http_echo_server().await?;
     let (inbound_port, outbound_port) = (free_port()?, free_port()?);
     let (admin, client, server) = (free_port()?, free_port()?, free_port()?);
-    let inbound = ForwarderProcess::start(
-        &node.agent,
-        &[
-            "--spiffe-id",
-            FORWARDER,
-            "--inbound",
-            &format!("127.0.0.1:{inbound_port}"),
-            "--target",
-            &format!("127.0.0.1:{app}"),
-            "--http",
-            "--allow",
-            envoy_id,
-        ],
-    )?;
-    let outbound = ForwarderProcess::start(
-        &node.agent,
-        &[
-            "--spiffe-id",
-            FORWARDER,
-            "--outbound",
-            &format!("127.0.0.1:{outbound_port}"),
-            "--upstream",
-            &format!("127.0.0.1:{server}"),
-            "--expect-id",
-            envoy_id,
-        ],
-    )?;
+    let inbound = Forward::inbound(inbound_port, app)
+        .spiffe_id(FORWARDER)
+        .http()
+        .allow(envoy_id)
+        .start(&node.agent)?;
+    let outbound = Forward::outbound(outbound_port, &loopback(server))
+        .spiffe_id(FORWARDER)
+        .expect_id(envoy_id)
+        .start(&node.agent)?;
     let config = node.dir.path().join("envoy.yaml");
     std::fs::write(
         &config,
@@ -1366,32 +1042,10 @@ async fn envoy_with_sds_identity_calls_the_inbound_and_serves_the_outbound() -> 
             server,
         ),
     )?;
-    let mut envoy = tokio::process::Command::new(envoy_binary)
-        .arg("--config-path")
-        .arg(&config)
-        .args(["--disable-hot-restart", "--log-level", "warn"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
     let result = async {
-        // Envoy says LIVE on its admin /ready once its listeners and clusters have their SDS
-        // secrets; there is no other signal to wait on, so ask until it does.
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            let live = curl(&format!("http://127.0.0.1:{admin}/ready"), None, &[])
-                .await
-                .is_ok_and(|(_, body)| body.contains("LIVE"));
-            if live {
-                break;
-            }
-            ensure!(envoy.try_wait()?.is_none(), "Envoy exited");
-            ensure!(
-                tokio::time::Instant::now() < deadline,
-                "Envoy did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Ready once its admin /ready says LIVE: its listeners and clusters have their SDS
+        // secrets.
+        let _envoy = Envoy::start(&envoy_binary, &config, admin).await?;
         // Envoy -> mTLS -> inbound forwarder -> application: the application sees Envoy's ID.
         let (status, body) =
             curl(&format!("http://127.0.0.1:{client}/api/items"), None, &[]).await?;
@@ -1412,12 +1066,10 @@ async fn envoy_with_sds_identity_calls_the_inbound_and_serves_the_outbound() -> 
         Ok(())
     }
     .await;
-    let _ = envoy.start_kill();
-    let envoy_log = envoy.wait_with_output().await?;
     result.map_err(|e| {
         e.context(format!(
             "Envoy log:\n{}\ninbound log:\n{}\noutbound log:\n{}\nagent log:\n{}",
-            String::from_utf8_lossy(&envoy_log.stderr),
+            sigil_tests::envoy::log(&config),
             inbound.logs(),
             outbound.logs(),
             node.agent.logs()

@@ -7,10 +7,11 @@
 //! over HTTP/1.1 and HTTP/2; the application records every request target it receives, so the
 //! test sees both what was refused and what reached it.
 
-use std::sync::{Arc, Mutex};
-
 use anyhow::{Context, ensure};
-use sigil_tests::forwarder::{ForwarderProcess, SvidFiles, fetch_svid, peer_tools};
+use sigil_tests::echo::recording_http_server;
+use sigil_tests::forwarder::Forward;
+use sigil_tests::svid::{SvidFiles, fetch_svid};
+use sigil_tests::tools::{curl, peer_tools};
 use sigil_tests::{Node, free_port};
 
 const FORWARDER: &str = "spiffe://example.org/forwarder";
@@ -57,33 +58,6 @@ const ALLOWED: [(&str, &str, &str); 5] = [
     ("GET", "/api/caf%c3%a9", "/api/caf%C3%A9"),
 ];
 
-/// An HTTP application that records the request target of every request it receives and
-/// answers with it.
-async fn recording_app() -> anyhow::Result<(u16, Arc<Mutex<Vec<String>>>)> {
-    use axum::http::{Method, Uri};
-    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let record = seen.clone();
-    let app = axum::Router::new().fallback(move |method: Method, uri: Uri| {
-        let record = record.clone();
-        async move {
-            let target = uri
-                .path_and_query()
-                .map_or("", |pq| pq.as_str())
-                .to_string();
-            if let Ok(mut seen) = record.lock() {
-                seen.push(target.clone());
-            }
-            format!("{method} {target}")
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok((port, seen))
-}
-
 /// One request with curl to `base` (scheme, host and port) with the raw `target`: (status code,
 /// body).
 async fn request(
@@ -93,28 +67,11 @@ async fn request(
     target: &str,
     extra: &[&str],
 ) -> anyhow::Result<(u16, String)> {
-    let mut command = tokio::process::Command::new("curl");
-    command.args(["-sS", "--max-time", "30", "-w", "\n%{http_code}"]);
-    if let Some(svid) = svid {
-        command.arg("--cacert").arg(&svid.bundle);
-        command.arg("--cert").arg(&svid.cert);
-        command.arg("--key").arg(&svid.key);
-    }
-    let output = command
-        .args(["-X", method, "--request-target", target])
-        .args(extra)
-        .arg(format!("{base}/"))
-        .kill_on_drop(true)
-        .output()
-        .await?;
-    ensure!(
-        output.status.success(),
-        "curl {method} {target} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout)?;
-    let (body, status) = text.rsplit_once('\n').context("no status from curl")?;
-    Ok((status.parse()?, body.to_string()))
+    let mut args = vec!["-X", method, "--request-target", target];
+    args.extend_from_slice(extra);
+    let (status, body) = curl(&format!("{base}/"), svid, &args).await?;
+    let code = status.split_whitespace().next().context("no status code")?;
+    Ok((code.parse()?, body))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -126,28 +83,15 @@ async fn every_path_and_method_spelling_is_refused_and_the_normal_form_is_forwar
     )? {
         return Ok(());
     }
-    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
-    let node = Node::start(|server| {
-        Node::entry(server, FORWARDER, &selector, &["--dns", "localhost"])?;
-        Node::entry(server, CLIENT, &selector, &[])
-    })?;
-    let (app, seen) = recording_app().await?;
+    let node = Node::for_this_uid(&[(FORWARDER, &["--dns", "localhost"]), (CLIENT, &[])])?;
+    let (app, seen) = recording_http_server().await?;
     let port = free_port()?;
-    let listen = format!("127.0.0.1:{port}");
-    let target = format!("127.0.0.1:{app}");
-    let mut args = vec![
-        "--spiffe-id",
-        FORWARDER,
-        "--inbound",
-        &listen,
-        "--target",
-        &target,
-        "--http",
-        "--max-path-length",
-        "1024",
-    ];
-    args.extend_from_slice(&RULES);
-    let forwarder = ForwarderProcess::start(&node.agent, &args)?;
+    let forwarder = Forward::inbound(port, app)
+        .spiffe_id(FORWARDER)
+        .http()
+        .args(&["--max-path-length", "1024"])
+        .args(&RULES)
+        .start(&node.agent)?;
     let result = async {
         let client = fetch_svid(&node.agent, &node.dir.path().join("svids"), CLIENT)?;
         let resolve = format!("localhost:{port}:127.0.0.1");
@@ -211,7 +155,7 @@ async fn every_path_and_method_spelling_is_refused_and_the_normal_form_is_forwar
         Ok(())
     }
     .await;
-    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+    forwarder.with_log(result)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -223,28 +167,15 @@ async fn a_permissive_listener_with_rules_warns_and_kept_escaped_slashes_stay_es
     )? {
         return Ok(());
     }
-    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
-    let node = Node::start(|server| Node::entry(server, FORWARDER, &selector, &[]))?;
-    let (app, seen) = recording_app().await?;
+    let node = Node::for_this_uid(&[(FORWARDER, &[])])?;
+    let (app, seen) = recording_http_server().await?;
     let port = free_port()?;
-    let forwarder = ForwarderProcess::start(
-        &node.agent,
-        &[
-            "--inbound",
-            &format!("127.0.0.1:{port}"),
-            "--target",
-            &format!("127.0.0.1:{app}"),
-            "--mode",
-            "permissive",
-            "--allow",
-            CLIENT,
-            "--http",
-            "--escaped-slashes",
-            "keep",
-            "--http-deny",
-            "* * /admin",
-        ],
-    )?;
+    let forwarder = Forward::inbound(port, app)
+        .mode("permissive")
+        .allow(CLIENT)
+        .http()
+        .args(&["--escaped-slashes", "keep", "--http-deny", "* * /admin"])
+        .start(&node.agent)?;
     let result = async {
         let logs = forwarder.logs();
         ensure!(
@@ -265,5 +196,5 @@ async fn a_permissive_listener_with_rules_warns_and_kept_escaped_slashes_stay_es
         Ok(())
     }
     .await;
-    result.map_err(|e| e.context(format!("forwarder log:\n{}", forwarder.logs())))
+    forwarder.with_log(result)
 }

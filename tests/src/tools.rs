@@ -1,0 +1,152 @@
+//! Peers nobody here wrote, run as processes with SVID files: `openssl s_client` and
+//! `s_server`, and `curl`; and the check that they are installed at all.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, ensure};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use crate::PATIENCE;
+use crate::svid::SvidFiles;
+
+/// True when every one of `tools` (e.g. `openssl`, `curl`) runs. On a developer machine without
+/// one, prints a notice and answers false so `test` can skip; under `CI=true` that is an error.
+pub fn peer_tools(test: &str, tools: &[&str]) -> anyhow::Result<bool> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        // Only whether it starts matters: `openssl --version` exits 1, but openssl is there.
+        .filter(|tool| Command::new(tool).arg("--version").output().is_err())
+        .collect();
+    if missing.is_empty() {
+        return Ok(true);
+    }
+    crate::skip_unless_ci(
+        test,
+        &format!("{} cannot be started", missing.join(", ")),
+        "install it (Debian: apt-get install openssl curl)",
+    )?;
+    Ok(false)
+}
+
+/// Sends `input` through `openssl s_client` to `127.0.0.1:port` with `cert`/`key`, verifying the
+/// server against `ca`; returns stdout and stderr together once it exits (the server closes).
+pub async fn openssl_client(
+    port: u16,
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+    input: &[u8],
+) -> anyhow::Result<String> {
+    let mut child = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-quiet",
+            "-verify_return_error",
+            "-CAfile",
+        ])
+        .arg(ca)
+        .arg("-cert")
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("running openssl (is it installed?)")?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    // The write may fail when the peer refused the handshake: that is an answer too.
+    let _ = stdin.write_all(input).await;
+    let output = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .context("openssl s_client hung")??;
+    drop(stdin);
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    ))
+}
+
+/// `openssl s_server -rev` (answers each line reversed) with `svid`, requiring a client
+/// certificate from the bundle. Ready once it prints ACCEPT.
+pub async fn openssl_server(port: u16, svid: &SvidFiles) -> anyhow::Result<tokio::process::Child> {
+    let mut child = tokio::process::Command::new("openssl")
+        .args([
+            "s_server",
+            "-accept",
+            &port.to_string(),
+            "-rev",
+            "-Verify",
+            "1",
+            "-verify_return_error",
+        ])
+        .arg("-cert")
+        .arg(&svid.cert)
+        .arg("-key")
+        .arg(&svid.key)
+        .arg("-CAfile")
+        .arg(&svid.bundle)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("running openssl s_server")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        let line = tokio::time::timeout(PATIENCE, lines.next_line())
+            .await
+            .context("openssl s_server did not start")??
+            .context("openssl s_server exited")?;
+        if line.contains("ACCEPT") {
+            break;
+        }
+    }
+    // Keep draining its stdout so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(child)
+}
+
+/// One request with curl, presenting `svid` (and trusting its bundle) when given, with `extra`
+/// flags before the URL: (status "CODE HTTP-VERSION", e.g. `200 1.1`, and the body).
+pub async fn curl(
+    url: &str,
+    svid: Option<&SvidFiles>,
+    extra: &[&str],
+) -> anyhow::Result<(String, String)> {
+    let mut command = tokio::process::Command::new("curl");
+    command.args([
+        "-sS",
+        "--max-time",
+        "30",
+        "-w",
+        "\n%{http_code} %{http_version}",
+    ]);
+    if let Some(svid) = svid {
+        command.arg("--cacert").arg(&svid.bundle);
+        command.arg("--cert").arg(&svid.cert);
+        command.arg("--key").arg(&svid.key);
+    }
+    let output = command
+        .args(extra)
+        .arg(url)
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    ensure!(
+        output.status.success(),
+        "curl {} {url} failed: {}",
+        extra.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout)?;
+    let (body, status) = text.rsplit_once('\n').context("no status from curl")?;
+    Ok((status.to_string(), body.to_string()))
+}
