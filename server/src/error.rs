@@ -30,8 +30,15 @@ pub enum Error {
     #[error("already exists: {0}")]
     AlreadyExists(String),
     /// The datastore failed; the write, if any, did not happen.
-    #[error("datastore: {0}")]
-    Datastore(String),
+    #[error("datastore: {}", with_cause(context, source.as_deref()))]
+    Datastore {
+        /// What Sigil was doing, or what is wrong with the stored data (empty for a failed query,
+        /// whose error says it all).
+        context: String,
+        /// The database driver's error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     /// The CA, a key or the server's TLS could not be created, loaded or used.
     #[error("CA: {}", with_cause(context, source.as_deref()))]
     Ca {
@@ -78,6 +85,25 @@ impl Error {
         }
     }
 
+    /// An [`Error::Datastore`] without an underlying error.
+    pub fn datastore(context: impl Into<String>) -> Self {
+        Error::Datastore {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// An [`Error::Datastore`] caused by `source`.
+    pub fn datastore_caused(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Datastore {
+            context: context.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
     /// An [`Error::Io`] with context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
@@ -96,7 +122,7 @@ impl Error {
             Error::NotFound(_) => tonic::Status::not_found(message),
             Error::AlreadyExists(_) => tonic::Status::already_exists(message),
             Error::Unavailable(_) => tonic::Status::unavailable(message),
-            Error::Datastore(_) | Error::Ca { .. } | Error::Io { .. } | Error::Integrity(_) => {
+            Error::Datastore { .. } | Error::Ca { .. } | Error::Io { .. } | Error::Integrity(_) => {
                 tonic::Status::internal(message)
             }
         }
@@ -111,7 +137,7 @@ impl From<Error> for tonic::Status {
 
 impl From<sqlx::Error> for Error {
     fn from(error: sqlx::Error) -> Self {
-        Error::Datastore(error.to_string())
+        Error::datastore_caused("", error)
     }
 }
 
@@ -119,6 +145,7 @@ impl From<sqlx::Error> for Error {
 /// `{:?}`, and is in the message too because the message is what a gRPC client and a log line see.
 fn with_cause(context: &str, cause: Option<&(dyn std::error::Error + Send + Sync)>) -> String {
     match cause {
+        Some(cause) if context.is_empty() => cause.to_string(),
         Some(cause) => format!("{context}: {cause}"),
         None => context.to_string(),
     }

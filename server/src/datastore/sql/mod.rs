@@ -66,7 +66,7 @@ impl SqlDataStore {
                 })
                 .connect(&url)
                 .await
-                .map_err(|e| Error::Datastore(format!("cannot open SQLite database {url}: {e}")))?;
+                .map_err(|e| Error::datastore_caused(format!("cannot open SQLite database {url}"), e))?;
             (pool, &SQLITE_MIGRATIONS)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = AnyPoolOptions::new()
@@ -74,11 +74,14 @@ impl SqlDataStore {
                 .connect(url)
                 .await
                 .map_err(|e| {
-                    Error::Datastore(format!("cannot connect to Postgres ({}): {e}", redact(url)))
+                    Error::datastore_caused(
+                        format!("cannot connect to Postgres ({})", redact(url)),
+                        e,
+                    )
                 })?;
             (pool, &POSTGRES_MIGRATIONS)
         } else {
-            return Err(Error::Datastore(format!(
+            return Err(Error::datastore(format!(
                 "unsupported datastore URL `{}`; use sqlite://<path> or postgres://...",
                 redact(url)
             )));
@@ -86,7 +89,7 @@ impl SqlDataStore {
         migrator
             .run(&pool)
             .await
-            .map_err(|e| Error::Datastore(format!("cannot apply migrations: {e}")))?;
+            .map_err(|e| Error::datastore_caused("cannot apply migrations", e))?;
         Ok(SqlDataStore { pool, clock })
     }
 
@@ -236,7 +239,7 @@ fn split_lines(text: &str) -> impl Iterator<Item = &str> {
 }
 
 fn corrupt(what: &str, detail: impl std::fmt::Display) -> Error {
-    Error::Datastore(format!("stored {what} is unreadable: {detail}"))
+    Error::datastore(format!("stored {what} is unreadable: {detail}"))
 }
 
 fn event_kind(kind: EventKind) -> &'static str {
