@@ -80,16 +80,21 @@ pub enum Error {
     /// One signing failure handed to every request that waited for the same entry.
     #[error(transparent)]
     Shared(Arc<Error>),
-    /// A workload cannot be attested: it cannot be described, or what /proc says about it
-    /// contradicts what it connected as.
+    /// A workload cannot be attested: what /proc says about it contradicts what it connected as.
+    #[error("{0}")]
+    CallerRefused(String),
+    /// A workload cannot be attested: its /proc entry cannot be read (it has probably exited).
     #[error("{reason}")]
-    CallerRefused {
-        /// Why, as the workload is told.
+    CallerUnreadable {
+        /// Which process and what could not be read, as the workload is told.
         reason: String,
-        /// The error underneath, if any.
+        /// The failed read.
         #[source]
-        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+        source: sigil_workload_api::Error,
     },
+    /// A workload cannot be attested: something about it makes no valid selector.
+    #[error("cannot describe the caller: {0}")]
+    CallerUndescribable(#[source] sigil_core::Error),
     /// The process that connected is no longer the one on the other end: it exited, its pid was
     /// reused, or it executed another program. What was read about it cannot be trusted.
     #[error("{0}")]
@@ -133,25 +138,6 @@ impl Error {
         }
     }
 
-    /// An [`Error::CallerRefused`] with nothing underneath.
-    pub fn caller_refused(reason: impl Into<String>) -> Self {
-        Error::CallerRefused {
-            reason: reason.into(),
-            source: None,
-        }
-    }
-
-    /// An [`Error::CallerRefused`] because of `source`.
-    pub fn caller_refused_by(
-        reason: impl Into<String>,
-        source: impl std::error::Error + Send + Sync + 'static,
-    ) -> Self {
-        Error::CallerRefused {
-            reason: reason.into(),
-            source: Some(Box::new(source)),
-        }
-    }
-
     /// Wraps the status of a failed server `call` as [`Error::Refused`].
     pub(crate) fn refused(call: &'static str) -> impl Fn(Status) -> Self {
         move |status| Error::Refused { call, status }
@@ -170,7 +156,10 @@ impl Error {
         match self {
             Error::Refused { status, .. } => status.code(),
             Error::Shared(error) => error.code(),
-            Error::CallerRefused { .. } | Error::CallerChanged(_) => Code::PermissionDenied,
+            Error::CallerRefused(_)
+            | Error::CallerUnreadable { .. }
+            | Error::CallerUndescribable(_)
+            | Error::CallerChanged(_) => Code::PermissionDenied,
             Error::ServerUnavailable { .. }
             | Error::NotSynced
             | Error::NoBundle

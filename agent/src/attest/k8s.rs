@@ -322,12 +322,14 @@ impl WorkloadAttestor for K8sAttestor {
             return Ok(Vec::new());
         };
         let pid = process.pid();
-        let cgroup = process.read("cgroup").map_err(|e| {
-            Error::caller_refused_by(
-                format!("cannot read the cgroup of process {pid} ({e}); it may have exited"),
-                e,
-            )
-        })?;
+        let cgroup = process
+            .read("cgroup")
+            .map_err(|source| Error::CallerUnreadable {
+                reason: format!(
+                    "cannot read the cgroup of process {pid} ({source}); it may have exited"
+                ),
+                source,
+            })?;
         // The cgroup read is the connecting process's only if it is still that process.
         process.verify().map_err(Error::CallerChanged)?;
         let Some(PodContainer {
@@ -360,7 +362,7 @@ impl WorkloadAttestor for K8sAttestor {
         // The kubelet names the pod's cgroup after its UID; a container ID found under another
         // pod's cgroup is a cgroup tree somebody made up.
         if info.pod_uid != pod_uid {
-            return Err(Error::caller_refused(format!(
+            return Err(Error::CallerRefused(format!(
                 "process {pid} is in a cgroup of pod {} but its container {container} belongs to pod {}; refusing to attest it",
                 untrusted(&pod_uid),
                 info.pod_uid

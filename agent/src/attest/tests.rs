@@ -22,7 +22,7 @@ impl WorkloadAttestor for Fake {
     async fn attest(&self, _caller: &Caller) -> Result<Vec<Selector>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if let Some(reason) = self.refuse {
-            return Err(Error::caller_refused(reason));
+            return Err(Error::CallerRefused(reason.to_string()));
         }
         Ok(self
             .selectors

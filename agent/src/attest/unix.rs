@@ -47,13 +47,16 @@ impl UnixAttestor {
         }
         if let Some(process) = &caller.process {
             let pid = process.pid();
-            let status = process.read("status").map_err(|e| {
-                Error::caller_refused_by(format!(
-                    "cannot attest the caller: process {pid} is gone or unreadable ({e}); it may have exited before attestation"
-                ), e)
-            })?;
+            let status = process
+                .read("status")
+                .map_err(|source| Error::CallerUnreadable {
+                    reason: format!(
+                        "cannot attest the caller: process {pid} is gone or unreadable ({source}); it may have exited before attestation"
+                    ),
+                    source,
+                })?;
             if !owned_by(&status, caller.uid) {
-                return Err(Error::caller_refused(format!(
+                return Err(Error::CallerRefused(format!(
                     "cannot attest the caller: process {pid} no longer belongs to uid {}",
                     caller.uid
                 )));
@@ -87,8 +90,7 @@ impl WorkloadAttestor for UnixAttestor {
 }
 
 fn selector(kind: &str, value: String) -> Result<Selector> {
-    Selector::new("unix", format!("{kind}:{value}"))
-        .map_err(|e| Error::caller_refused_by(format!("cannot describe the caller: {e}"), e))
+    Selector::new("unix", format!("{kind}:{value}")).map_err(Error::CallerUndescribable)
 }
 
 /// The name for `id` in the text of a passwd- or group-format file (`name:x:id:...`).
