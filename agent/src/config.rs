@@ -1,13 +1,13 @@
 //! The agent's configuration: a TOML file (`sigil-agent run --config agent.toml`) with flags for
-//! the common settings on top. Unknown keys and bad values stop start-up with the file, the key and
-//! the reason.
+//! the common settings on top ([`AgentFlags`], merged by [`AgentConfig::load`]). Unknown keys and
+//! bad values stop start-up with the file, the key and the reason.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
-use sigil_core::id::{TrustDomain, parse_trust_domain};
+use serde::Deserialize;
+use sigil_core::config::{ConfigError, HumanDuration, load_or_default, required_trust_domain};
+use sigil_core::id::TrustDomain;
 
 use crate::{Error, Result};
 
@@ -81,7 +81,7 @@ pub struct AgentConfig {
     /// How many CSRs go into one signing request at most.
     pub max_batch: usize,
     /// How long the first signing request of a batch waits for others. Default 5 ms.
-    pub batch_window: Millis,
+    pub batch_window: HumanDuration,
     /// How the node is attested: `join_token` (default) or `k8s_psat`.
     pub node_attestor: NodeAttestorKind,
     /// `[kubernetes]`: the k8s workload attestor and PSAT node attestation.
@@ -158,7 +158,7 @@ pub struct KubernetesConfig {
     /// A kubeconfig to reach the API server; default: in-cluster configuration, then `KUBECONFIG`.
     pub kubeconfig: Option<PathBuf>,
     /// How long an attestation waits for a pod the watch has not delivered yet. Default 5 s.
-    pub pod_wait: Millis,
+    pub pod_wait: HumanDuration,
     /// The cluster name the server's PSAT attestor knows this cluster by.
     pub cluster: String,
     /// The projected ServiceAccount token for PSAT attestation.
@@ -171,7 +171,7 @@ impl Default for KubernetesConfig {
             workload_attestor: false,
             node_name: None,
             kubeconfig: None,
-            pod_wait: Millis(Duration::from_secs(5)),
+            pod_wait: HumanDuration::from_secs(5),
             cluster: String::new(),
             token_path: PathBuf::from("/var/run/secrets/tokens/sigil-agent"),
         }
@@ -185,9 +185,11 @@ impl KubernetesConfig {
             .clone()
             .or_else(|| std::env::var("NODE_NAME").ok())
             .filter(|n| !n.is_empty())
-            .ok_or_else(|| Error::Config {
-                path: source.to_path_buf(),
-                reason: "kubernetes.node_name is required (or the NODE_NAME environment variable, from the downward API)".into(),
+            .ok_or_else(|| {
+                bad_config(
+                    source,
+                    "kubernetes.node_name is required (or the NODE_NAME environment variable, from the downward API)",
+                )
             })
     }
 
@@ -218,18 +220,70 @@ impl KubernetesConfig {
     }
 }
 
-/// A duration in milliseconds, written `5ms`, `1s`, ...
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Millis(pub Duration);
+/// The flags of `sigil-agent run` that override the file's settings.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AgentFlags {
+    /// The server's trust domain, e.g. example.org.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// The server's agent API, host:port.
+    #[arg(long)]
+    pub server_address: Option<String>,
+    /// Where the agent keeps its key, SVID and bundle.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The Workload API socket.
+    #[arg(long)]
+    pub socket_path: Option<PathBuf>,
+    /// The PEM bundle to trust the server with on first contact.
+    #[arg(long)]
+    pub trust_bundle_path: Option<PathBuf>,
+    /// Trust whatever server answers on first contact (development only).
+    #[arg(long)]
+    pub insecure_bootstrap: bool,
+    /// A one-time join token from `sigil-server token generate`.
+    #[arg(long, env = "SIGIL_JOIN_TOKEN")]
+    pub join_token: Option<String>,
+    /// The /live, /ready and /metrics address.
+    #[arg(long)]
+    pub health_address: Option<SocketAddr>,
+    /// error, warn, info, debug, trace, or a tracing filter.
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
 
-impl<'de> Deserialize<'de> for Millis {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text).map(Millis).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "`{text}` is not a duration ({e}); write e.g. 5ms or 1s"
-            ))
-        })
+impl AgentFlags {
+    /// Sets every setting a flag was given for.
+    fn merge_into(self, config: &mut AgentConfig) {
+        config.trust_domain = self.trust_domain.or(config.trust_domain.take());
+        config.socket_path = self.socket_path.or(config.socket_path.take());
+        config.trust_bundle_path = self.trust_bundle_path.or(config.trust_bundle_path.take());
+        config.join_token = self.join_token.or(config.join_token.take());
+        config.insecure_bootstrap |= self.insecure_bootstrap;
+        config.health_address = self.health_address.unwrap_or(config.health_address);
+        if let Some(server_address) = self.server_address {
+            config.server_address = server_address;
+        }
+        if let Some(data_dir) = self.data_dir {
+            config.data_dir = data_dir;
+        }
+        if let Some(log_level) = self.log_level {
+            config.log_level = log_level;
+        }
+    }
+}
+
+/// An [`Error::Config`] of the file (or `<flags>`) at `source`.
+fn bad_config(source: &Path, reason: impl Into<String>) -> Error {
+    Error::Config {
+        path: source.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        bad_config(e.path(), e.reason())
     }
 }
 
@@ -249,7 +303,7 @@ impl Default for AgentConfig {
             passwd_path: PathBuf::from("/etc/passwd"),
             group_path: PathBuf::from("/etc/group"),
             max_batch: 100,
-            batch_window: Millis(Duration::from_millis(5)),
+            batch_window: HumanDuration::from_millis(5),
             node_attestor: NodeAttestorKind::JoinToken,
             kubernetes: KubernetesConfig::default(),
             sds: SdsConfig::default(),
@@ -259,16 +313,17 @@ impl Default for AgentConfig {
 }
 
 impl AgentConfig {
+    /// The settings of `file` (or the defaults) with `flags` on top, and the source that later
+    /// errors name: the file, or `<flags>`. [`AgentConfig::validate`] checks the result.
+    pub fn load(file: Option<&Path>, flags: AgentFlags) -> Result<(Self, PathBuf)> {
+        let (mut config, source) = load_or_default::<Self>(file)?;
+        flags.merge_into(&mut config);
+        Ok((config, source))
+    }
+
     /// Reads a configuration file; errors name the file, the key (with its line) and the reason.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            reason: format!("cannot read the file: {e}"),
-        })?;
-        toml::from_str(&text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
+        Ok(sigil_core::config::load_toml(path)?)
     }
 
     /// The Workload API socket: `socket_path`, else [`default_socket`] of the `data_dir`.
@@ -280,24 +335,12 @@ impl AgentConfig {
 
     /// The validated trust domain.
     pub fn trust_domain(&self, source: &Path) -> Result<TrustDomain> {
-        let name = self.trust_domain.as_deref().ok_or_else(|| Error::Config {
-            path: source.to_path_buf(),
-            reason:
-                "trust_domain is required: set it in the file or pass --trust-domain example.org"
-                    .into(),
-        })?;
-        parse_trust_domain("trust_domain", name).map_err(|e| Error::Config {
-            path: source.to_path_buf(),
-            reason: e.to_string(),
-        })
+        required_trust_domain(self.trust_domain.as_deref()).map_err(|e| bad_config(source, e))
     }
 
     /// Checks values that parse but cannot work.
     pub fn validate(&self, source: &Path) -> Result<()> {
-        let bad = |reason: &str| Error::Config {
-            path: source.to_path_buf(),
-            reason: reason.to_string(),
-        };
+        let bad = |reason: &str| bad_config(source, reason);
         if self.max_batch == 0 || self.max_batch > 1000 {
             return Err(bad(
                 "max_batch must be between 1 and 1000 (the server's limit)",
@@ -371,6 +414,31 @@ mod tests {
                 .to_string()
                 .contains("trust_domain is required")
         );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "trust_domain = \"a.test\"\nbatch_window = \"0s\"\n").expect("write");
+        let flags = AgentFlags {
+            trust_domain: Some("b.test".into()),
+            insecure_bootstrap: true,
+            log_level: Some("debug".into()),
+            ..AgentFlags::default()
+        };
+        let (config, source) = AgentConfig::load(Some(&path), flags).expect("valid");
+        assert_eq!(source, path);
+        assert_eq!(config.trust_domain.as_deref(), Some("b.test"));
+        assert!(config.insecure_bootstrap);
+        assert_eq!(config.log_level, "debug");
+        assert!(
+            config.batch_window.0.is_zero(),
+            "a zero window means no batching"
+        );
+        let (config, source) = AgentConfig::load(None, AgentFlags::default()).expect("defaults");
+        assert_eq!(source, Path::new("<flags>"));
+        assert_eq!(config.server_address, "127.0.0.1:8081");
     }
 
     #[test]

@@ -40,12 +40,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
+use sigil_core::config::{ConfigError, FLAGS_SOURCE};
 use sigil_core::id::SpiffeId;
 
-mod file;
-mod flags;
+mod convert;
+mod spec;
 
-pub use flags::Flags;
+pub use spec::{Flags, ForwarderSpec, HttpRuleSpec, InboundSpec, LimitsSpec, OutboundSpec};
 
 use crate::path::EscapedSlashes;
 use crate::policy::{HttpRule, IdPattern, PeerPolicy};
@@ -160,7 +161,7 @@ impl Default for Limits {
 }
 
 /// Everything the forwarder needs to start.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ForwarderConfig {
     /// The Workload API socket path.
     pub socket: PathBuf,
@@ -177,200 +178,105 @@ pub struct ForwarderConfig {
     pub outbound: Vec<Outbound>,
 }
 
-/// The source name in errors about flags.
-const FLAGS: &str = "<flags>";
-
-#[allow(clippy::too_many_arguments)]
-fn inbound(
-    source: &str,
-    key: &str,
-    name: Option<String>,
-    listen: SocketAddr,
-    target: &str,
-    mode: Mode,
-    allow: Vec<IdPattern>,
-    deny: Vec<IdPattern>,
-    http: bool,
-    http_rules: Vec<HttpRule>,
-    escaped_slashes: Option<EscapedSlashes>,
-) -> Result<Inbound> {
-    let target_key = if source == FLAGS {
-        "--target".to_string()
-    } else {
-        format!("{key}.target")
-    };
-    host_port(source, &target_key, target)?;
-    if !http_rules.is_empty() && !http {
-        return Err(Error::config(
-            source,
-            if source == FLAGS {
-                "--http-allow".to_string()
-            } else {
-                format!("{key}.http_rules")
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        match e {
+            ConfigError::Read { path, source } => Error::ReadConfig { path, source },
+            parse @ ConfigError::Parse { .. } => Error::ParseConfig {
+                path: parse.path().to_path_buf(),
+                reason: parse.reason(),
             },
-            "HTTP rules need HTTP mode (--http, or `http = true`)",
-        ));
+        }
     }
-    if escaped_slashes.is_some() && !http {
-        return Err(Error::config(
-            source,
-            if source == FLAGS {
-                "--escaped-slashes".to_string()
-            } else {
-                format!("{key}.escaped_slashes")
-            },
-            "escaped_slashes applies to request paths, so it needs HTTP mode (--http, or `http = true`)",
-        ));
-    }
-    if mode == Mode::Disable && !(allow.is_empty() && deny.is_empty()) {
-        return Err(Error::config(
-            source,
-            if source == FLAGS {
-                "--allow".to_string()
-            } else {
-                format!("{key}.allow")
-            },
-            "allow and deny rules check mTLS peers, and mode `disable` has none; use strict or permissive, or drop the rules",
-        ));
-    }
-    Ok(Inbound {
-        name: name.unwrap_or_else(|| format!("inbound-{}", listen.port())),
-        listen,
-        target: target.to_string(),
-        mode,
-        policy: PeerPolicy { allow, deny },
-        http,
-        http_rules,
-        escaped_slashes: escaped_slashes.unwrap_or_default(),
-    })
 }
 
-fn outbound(
-    source: &str,
-    key: &str,
-    name: Option<String>,
-    listen: SocketAddr,
-    upstream: &str,
-    expect: Vec<IdPattern>,
-) -> Result<Outbound> {
-    let (listen_key, upstream_key, expect_key) = if source == FLAGS {
-        (
-            "--outbound".to_string(),
-            "--upstream".to_string(),
-            "--expect-id".to_string(),
-        )
-    } else {
-        (
-            format!("{key}.listen"),
-            format!("{key}.upstream"),
-            format!("{key}.expect"),
-        )
-    };
-    if !listen.ip().is_loopback() {
-        return Err(Error::config(
-            source,
-            listen_key,
-            format!(
-                "{listen} is not a loopback address; an outbound listener takes plaintext and must listen on 127.0.0.1 or ::1"
-            ),
-        ));
-    }
-    host_port(source, &upstream_key, upstream)?;
-    if expect.is_empty() {
-        return Err(Error::config(
-            source,
-            expect_key,
-            "an outbound listener must say which identity the upstream presents: --expect-id, --expect-trust-domain or --expect-pattern (`expect = [...]` in a file)",
-        ));
-    }
-    Ok(Outbound {
-        name: name.unwrap_or_else(|| format!("outbound-{}", listen.port())),
-        listen,
-        upstream: upstream.to_string(),
-        expect,
-    })
+/// Where a value came from, to name it in an error as the user wrote it: the flag
+/// (`--connect-timeout`) or the file and the dotted key (`limits.connect_timeout`).
+#[derive(Debug, Clone, Copy)]
+enum Origin<'a> {
+    /// Flags: a value is named by its flag.
+    Flags,
+    /// A file: a value is named by its key under `table` (`inbound[0]`; empty at the top level).
+    File {
+        /// The file, as errors show it.
+        name: &'a str,
+        /// The table the values are in.
+        table: &'a str,
+    },
 }
 
-fn patterns(source: &str, key: &str, texts: &[String]) -> Result<Vec<IdPattern>> {
-    texts
-        .iter()
-        .enumerate()
-        .map(|(i, text)| {
-            let key = if source == FLAGS {
-                key.to_string()
-            } else {
-                format!("{key}[{i}]")
-            };
-            IdPattern::parse(&key, text).map_err(|e| Error::config(source, key.clone(), e))
+impl<'a> Origin<'a> {
+    /// The same origin, for the values of `table` in a file.
+    fn table(self, table: &'a str) -> Origin<'a> {
+        match self {
+            Origin::Flags => Origin::Flags,
+            Origin::File { name, .. } => Origin::File { name, table },
+        }
+    }
+
+    /// The key of `field` in a file, or `flag`.
+    fn named(self, field: &str, flag: &str) -> String {
+        match self {
+            Origin::Flags => flag.to_string(),
+            Origin::File { table: "", .. } => field.to_string(),
+            Origin::File { table, .. } => format!("{table}.{field}"),
+        }
+    }
+
+    /// The key of `field` in a file, or its flag: `--` and the field with dashes.
+    fn key(self, field: &str) -> String {
+        self.named(field, &format!("--{}", field.replace('_', "-")))
+    }
+
+    /// An [`Error::Config`] about `key`.
+    fn error(self, key: String, reason: impl std::fmt::Display) -> Error {
+        let source = match self {
+            Origin::Flags => FLAGS_SOURCE,
+            Origin::File { name, .. } => name,
+        };
+        Error::config(source, key, reason)
+    }
+
+    /// The patterns of a list: keyed `field[i]` in a file, `flag` for flags (each a repeat).
+    fn patterns(self, field: &str, flag: &str, texts: &[String]) -> Result<Vec<IdPattern>> {
+        let list = self.named(field, flag);
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let key = match self {
+                    Origin::Flags => list.clone(),
+                    Origin::File { .. } => format!("{list}[{i}]"),
+                };
+                IdPattern::parse(&key, text).map_err(|e| self.error(key.clone(), e))
+            })
+            .collect()
+    }
+
+    /// An `IP:port` to listen on or serve at.
+    fn socket_addr(self, key: String, text: &str) -> Result<SocketAddr> {
+        text.parse().map_err(|_| {
+            self.error(
+                key,
+                format!(
+                    "`{text}` is not an IP address and port, e.g. 0.0.0.0:15443 or 127.0.0.1:9000"
+                ),
+            )
         })
-        .collect()
-}
-
-fn socket_addr(source: &str, key: &str, text: &str) -> Result<SocketAddr> {
-    text.parse().map_err(|_| {
-        Error::config(
-            source,
-            key,
-            format!("`{text}` is not an IP address and port, e.g. 0.0.0.0:15443 or 127.0.0.1:9000"),
-        )
-    })
-}
-
-fn host_port(source: &str, key: &str, text: &str) -> Result<()> {
-    let valid = text.rsplit_once(':').is_some_and(|(host, port)| {
-        !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0)
-    });
-    if valid {
-        Ok(())
-    } else {
-        Err(Error::config(
-            source,
-            key,
-            format!("`{text}` is not HOST:PORT, e.g. 127.0.0.1:8080 or db.internal:5432"),
-        ))
     }
-}
 
-fn duration(source: &str, key: &str, text: &str) -> Result<Duration> {
-    let value = humantime::parse_duration(text).map_err(|e| {
-        Error::config(
-            source,
-            key,
-            format!("`{text}` is not a duration ({e}); write e.g. 500ms, 10s or 1h"),
-        )
-    })?;
-    if value.is_zero() {
-        return Err(Error::config(
-            source,
-            key,
-            "a timeout of zero would refuse everything; give a positive duration",
-        ));
+    /// A `host:port` to connect to.
+    fn host_port(self, key: String, text: &str) -> Result<()> {
+        let valid = text.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0)
+        });
+        if valid {
+            Ok(())
+        } else {
+            Err(self.error(
+                key,
+                format!("`{text}` is not HOST:PORT, e.g. 127.0.0.1:8080 or db.internal:5432"),
+            ))
+        }
     }
-    Ok(value)
-}
-
-fn max_connections(source: &str, key: &str, value: usize) -> Result<usize> {
-    // The semaphore behind the limit holds at most u32::MAX >> 3 permits per acquire.
-    if value == 0 || value > 1_000_000 {
-        return Err(Error::config(
-            source,
-            key,
-            format!("{value} is out of range; give between 1 and 1000000"),
-        ));
-    }
-    Ok(value)
-}
-
-/// The most `max_path_length` may be: the http crate refuses longer request targets anyway.
-const MAX_PATH_LENGTH: usize = 65_534;
-
-fn max_path_length(source: &str, key: &str, value: usize) -> Result<usize> {
-    if value == 0 || value > MAX_PATH_LENGTH {
-        return Err(Error::config(
-            source,
-            key,
-            format!("{value} is out of range; give between 1 and {MAX_PATH_LENGTH} bytes"),
-        ));
-    }
-    Ok(value)
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use sigil_agent::config::AgentConfig;
+use sigil_agent::config::{AgentConfig, AgentFlags};
 use sigil_core::clock::SystemClock;
 use tracing_subscriber::EnvFilter;
 
@@ -50,33 +50,8 @@ struct RunArgs {
     /// The TOML configuration file; flags below override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// The server's trust domain, e.g. example.org.
-    #[arg(long)]
-    trust_domain: Option<String>,
-    /// The server's agent API, host:port.
-    #[arg(long)]
-    server_address: Option<String>,
-    /// Where the agent keeps its key, SVID and bundle.
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// The Workload API socket.
-    #[arg(long)]
-    socket_path: Option<PathBuf>,
-    /// The PEM bundle to trust the server with on first contact.
-    #[arg(long)]
-    trust_bundle_path: Option<PathBuf>,
-    /// Trust whatever server answers on first contact (development only).
-    #[arg(long)]
-    insecure_bootstrap: bool,
-    /// A one-time join token from `sigil-server token generate`.
-    #[arg(long, env = "SIGIL_JOIN_TOKEN")]
-    join_token: Option<String>,
-    /// The /live, /ready and /metrics address.
-    #[arg(long)]
-    health_address: Option<SocketAddr>,
-    /// error, warn, info, debug, trace, or a tracing filter.
-    #[arg(long)]
-    log_level: Option<String>,
+    #[command(flatten)]
+    flags: AgentFlags,
 }
 
 fn main() -> ExitCode {
@@ -117,48 +92,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (mut config, source) = match &args.config {
-        Some(path) => (AgentConfig::from_file(path)?, path.clone()),
-        None => (AgentConfig::default(), PathBuf::from("<flags>")),
-    };
-    if let Some(value) = args.trust_domain {
-        config.trust_domain = Some(value);
-    }
-    if let Some(value) = args.server_address {
-        config.server_address = value;
-    }
-    if let Some(value) = args.data_dir {
-        config.data_dir = value;
-    }
-    if let Some(value) = args.socket_path {
-        config.socket_path = Some(value);
-    }
-    if let Some(value) = args.trust_bundle_path {
-        config.trust_bundle_path = Some(value);
-    }
-    if args.insecure_bootstrap {
-        config.insecure_bootstrap = true;
-    }
-    if let Some(value) = args.join_token {
-        config.join_token = Some(value);
-    }
-    if let Some(value) = args.health_address {
-        config.health_address = value;
-    }
-    if let Some(value) = args.log_level {
-        config.log_level = value;
-    }
-    let filter = EnvFilter::try_new(&config.log_level).with_context(|| {
-        format!(
-            "log_level `{}` is not a level or tracing filter",
-            config.log_level
-        )
-    })?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    let (config, source) = AgentConfig::load(args.config.as_deref(), args.flags)?;
+    init_logging("log_level", &config.log_level)?;
     let agent = sigil_agent::run::start(config, &source, Arc::new(SystemClock)).await?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -168,5 +103,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopping");
     agent.shutdown().await;
+    Ok(())
+}
+
+/// Logs to stderr at `level` (a level or a tracing filter), which came from the setting `name`.
+fn init_logging(name: &str, level: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(level)
+        .with_context(|| format!("{name} `{level}` is not a level or tracing filter"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
     Ok(())
 }
