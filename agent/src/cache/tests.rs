@@ -1,50 +1,31 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use sigil_core::clock::ManualClock;
-use sigil_core::id::parse_trust_domain;
 use sigil_core::x509::BACKDATE;
 
 use super::*;
+use crate::node::fake::{empty_cache, snapshot, unix_entry};
 
 const NOW: i64 = 1_800_000_000;
 
-fn cache() -> (Arc<ManualClock>, Cache) {
+fn cache() -> (Arc<ManualClock>, Arc<Cache>) {
     let clock = Arc::new(ManualClock::new(
         UNIX_EPOCH + Duration::from_secs(NOW.unsigned_abs()),
     ));
-    let cache = Cache::new(
-        parse_trust_domain("trust_domain", "example.org").expect("td"),
-        clock.clone(),
-        Arc::new(Metrics::default()),
-        None,
-    );
+    let cache = empty_cache(clock.clone(), Arc::new(Metrics::default()), None);
     (clock, cache)
 }
 
-fn entry(id: &str, selectors: &[&str], revision: u64, expires_at: i64) -> common::Entry {
-    common::Entry {
-        id: id.into(),
-        spiffe_id: format!("spiffe://example.org/{id}"),
-        parent_id: "spiffe://example.org/sigil/agent/x".into(),
-        selectors: selectors
-            .iter()
-            .map(|value| common::Selector {
-                r#type: "unix".into(),
-                value: (*value).into(),
-            })
-            .collect(),
-        revision,
-        expires_at,
-        ..common::Entry::default()
-    }
-}
-
-fn snapshot(entries: Vec<common::Entry>) -> SyncResponse {
-    SyncResponse {
-        full_snapshot: true,
-        entries,
-        ..SyncResponse::default()
-    }
+/// A cache with the entries `web` (uid 1000) and `db` (uid 2000), and an SVID for `web` from
+/// `ca1` due for renewal at `NOW + 50`.
+fn cache_with_web_and_db() -> (Arc<ManualClock>, Arc<Cache>) {
+    let (clock, cache) = cache();
+    cache.apply_sync(&snapshot(vec![
+        unix_entry("web", &["uid:1000"], 1, 0),
+        unix_entry("db", &["uid:2000"], 1, 0),
+    ]));
+    cache.store_svid(svid("web", 1, NOW + 50, "ca1"));
+    (clock, cache)
 }
 
 fn svid(entry_id: &str, revision: u64, renew_at: i64, authority_id: &str) -> CachedSvid {
@@ -77,9 +58,9 @@ fn a_workload_gets_the_entries_whose_selectors_it_all_has() {
     let (_clock, cache) = cache();
     assert!(!cache.is_synced());
     cache.apply_sync(&snapshot(vec![
-        entry("web", &["uid:1000"], 1, 0),
-        entry("web-admin", &["uid:1000", "gid:50"], 1, 0),
-        entry("db", &["uid:2000"], 1, 0),
+        unix_entry("web", &["uid:1000"], 1, 0),
+        unix_entry("web-admin", &["uid:1000", "gid:50"], 1, 0),
+        unix_entry("db", &["uid:2000"], 1, 0),
     ]));
     assert!(cache.is_synced());
     assert_eq!(ids(&cache.matching(&unix(&["uid:1000"]))), ["web"]);
@@ -93,17 +74,12 @@ fn a_workload_gets_the_entries_whose_selectors_it_all_has() {
 
 #[test]
 fn a_changed_entry_needs_a_new_svid_and_a_removed_one_takes_its_svid_along() {
-    let (_clock, cache) = cache();
-    cache.apply_sync(&snapshot(vec![
-        entry("web", &["uid:1000"], 1, 0),
-        entry("db", &["uid:2000"], 1, 0),
-    ]));
-    cache.store_svid(svid("web", 1, NOW + 50, "ca1"));
+    let (_clock, cache) = cache_with_web_and_db();
     let web = cache.entry("web").expect("web");
     assert!(cache.current_svid(&web).is_some());
 
     cache.apply_sync(&SyncResponse {
-        entries: vec![entry("web", &["uid:1000"], 2, 0)],
+        entries: vec![unix_entry("web", &["uid:1000"], 2, 0)],
         ..SyncResponse::default()
     });
     let changed = cache.entry("web").expect("web");
@@ -129,14 +105,19 @@ fn a_changed_entry_needs_a_new_svid_and_a_removed_one_takes_its_svid_along() {
     );
 
     // A new snapshot replaces the whole set.
-    cache.apply_sync(&snapshot(vec![entry("cache", &["uid:3000"], 3, 0)]));
+    cache.apply_sync(&snapshot(vec![unix_entry("cache", &["uid:3000"], 3, 0)]));
     assert!(cache.entry("db").is_none() && cache.entry("cache").is_some());
 }
 
 #[test]
 fn expired_entries_and_svids_are_not_handed_out() {
     let (clock, cache) = cache();
-    cache.apply_sync(&snapshot(vec![entry("web", &["uid:1000"], 1, NOW + 10)]));
+    cache.apply_sync(&snapshot(vec![unix_entry(
+        "web",
+        &["uid:1000"],
+        1,
+        NOW + 10,
+    )]));
     cache.store_svid(svid("web", 1, NOW + 50, "ca1"));
     assert_eq!(ids(&cache.matching(&unix(&["uid:1000"]))), ["web"]);
     clock.advance(Duration::from_secs(10));
@@ -149,12 +130,7 @@ fn expired_entries_and_svids_are_not_handed_out() {
 
 #[test]
 fn renewals_come_at_renew_at_and_at_once_for_a_tainted_ca_but_not_within_a_second() {
-    let (_clock, cache) = cache();
-    cache.apply_sync(&snapshot(vec![
-        entry("web", &["uid:1000"], 1, 0),
-        entry("db", &["uid:2000"], 1, 0),
-    ]));
-    cache.store_svid(svid("web", 1, NOW + 50, "ca1"));
+    let (_clock, cache) = cache_with_web_and_db();
     cache.store_svid(svid("db", 1, NOW + 60, "ca2"));
     assert_eq!(cache.renewals(NOW), (Vec::new(), Some(NOW + 50)));
     assert_eq!(
@@ -187,7 +163,7 @@ fn renewal_comes_at_half_life_less_up_to_a_tenth() {
 #[test]
 fn a_jwt_svid_is_reused_for_the_same_audience_until_half_its_life() {
     let (clock, cache) = cache();
-    cache.apply_sync(&snapshot(vec![entry("web", &["uid:1000"], 1, 0)]));
+    cache.apply_sync(&snapshot(vec![unix_entry("web", &["uid:1000"], 1, 0)]));
     let audience = ["b".to_string(), "a".to_string()];
     cache.store_jwt("web", &audience, "token".into(), NOW + 100);
     let reordered = ["a".to_string(), "b".to_string()];
@@ -202,7 +178,7 @@ fn a_jwt_svid_is_reused_for_the_same_audience_until_half_its_life() {
     // A changed entry drops its JWT-SVIDs.
     cache.store_jwt("web", &audience, "token2".into(), NOW + 200);
     cache.apply_sync(&SyncResponse {
-        entries: vec![entry("web", &["uid:1000"], 2, 0)],
+        entries: vec![unix_entry("web", &["uid:1000"], 2, 0)],
         ..SyncResponse::default()
     });
     assert!(cache.jwt("web", &audience).is_none());

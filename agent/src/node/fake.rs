@@ -166,15 +166,31 @@ impl ServerApi for FakeServer {
 /// An entry as the server sends it: `spiffe://example.org/<id>` for the callers with
 /// `unix:uid:<uid>`, under one agent.
 pub(crate) fn sync_entry(id: &str, uid: &str, revision: u64) -> common::Entry {
+    unix_entry(id, &[&format!("uid:{uid}")], revision, 0)
+}
+
+/// An entry as the server sends it: `spiffe://example.org/<id>` for the callers with all the
+/// `unix` selectors `values` (e.g. `uid:1000`), under one agent, expiring at `expires_at` (0:
+/// never).
+pub(crate) fn unix_entry(
+    id: &str,
+    values: &[&str],
+    revision: u64,
+    expires_at: i64,
+) -> common::Entry {
     common::Entry {
         id: id.into(),
         spiffe_id: format!("spiffe://example.org/{id}"),
         parent_id: "spiffe://example.org/sigil/agent/x".into(),
-        selectors: vec![common::Selector {
-            r#type: "unix".into(),
-            value: format!("uid:{uid}"),
-        }],
+        selectors: values
+            .iter()
+            .map(|value| common::Selector {
+                r#type: "unix".into(),
+                value: (*value).into(),
+            })
+            .collect(),
         revision,
+        expires_at,
         ..common::Entry::default()
     }
 }
