@@ -11,6 +11,8 @@
 //! - [`clock`]: the injectable clock that every expiry and rotation decision reads.
 //! - [`health`]: the `/ready` probe behind both `healthcheck` commands.
 //! - [`secret`]: private key bytes that never print and are zeroed when dropped.
+//! - [`fs`]: owner-only files written whole (keys, SVIDs).
+//! - [`sync`]: locks that go on serving after a panic elsewhere.
 //! - [`untrusted`]: outside strings truncated and escaped before a log line or a status shows them.
 //!
 //! Errors are one enum, [`Error`], whose messages name the field that was wrong.
@@ -20,10 +22,12 @@ pub mod clock;
 pub mod config;
 pub mod entry;
 mod error;
+pub mod fs;
 pub mod health;
 pub mod id;
 pub mod secret;
 pub mod selector;
+pub mod sync;
 pub mod tls;
 pub mod untrusted;
 pub mod x509;

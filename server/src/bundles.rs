@@ -7,10 +7,11 @@
 //! none of them waits on the database.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, RwLock};
 
 use sigil_core::bundle::TrustBundle;
 use sigil_core::id::{TrustDomain, parse_trust_domain};
+use sigil_core::sync::RwLockExt;
 use tokio::sync::watch;
 
 use crate::datastore::DataStore;
@@ -58,7 +59,7 @@ impl TrustBundles {
             .map_err(|e| Error::Integrity(format!("a bundle event names {subject}: {e}")))?;
         let bundle = datastore.get_bundle(&trust_domain).await?.map(Arc::new);
         {
-            let mut stored = self.write();
+            let mut stored = self.stored.write_unpoisoned();
             if trust_domain == self.trust_domain {
                 stored.own = bundle;
             } else {
@@ -74,26 +75,21 @@ impl TrustBundles {
 
     /// The own trust bundle as last stored (none before the CA first published one).
     pub fn own(&self) -> Option<Arc<TrustBundle>> {
-        self.read().own.clone()
+        self.stored.read_unpoisoned().own.clone()
     }
 
     /// The bundles of foreign trust domains, by trust domain name.
     pub fn federated(&self) -> Vec<Arc<TrustBundle>> {
-        self.read().federated.values().cloned().collect()
+        self.stored
+            .read_unpoisoned()
+            .federated
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// A receiver that changes whenever a bundle does.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
-    }
-
-    // A panic while holding the lock leaves whole bundles in place, never half of one, so a
-    // poisoned lock is used as is.
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Stored> {
-        self.stored.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Stored> {
-        self.stored.write().unwrap_or_else(PoisonError::into_inner)
     }
 }

@@ -12,11 +12,12 @@
 //! difference between what it holds and what it may now use.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sigil_core::clock::SharedClock;
 use sigil_core::id::TrustDomain;
+use sigil_core::sync::MutexExt;
 use tokio::sync::{Mutex, watch};
 
 use crate::Result;
@@ -150,10 +151,7 @@ impl Feed {
     /// returns whether it caught up.
     pub async fn catch_up_on_miss<D: DataStore>(&self, datastore: &D) -> Result<bool> {
         {
-            let mut last = self
-                .last_miss_catch_up
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut last = self.last_miss_catch_up.lock_unpoisoned();
             if last.is_some_and(|at| at.elapsed() < MISS_CATCH_UP_INTERVAL) {
                 return Ok(false);
             }

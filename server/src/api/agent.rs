@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use sigil_core::bundle::TrustBundle;
 use sigil_core::id::is_agent_id;
+use sigil_core::sync::MutexExt;
 use sigil_core::untrusted::untrusted;
 use sigil_core::x509::{certificate_facts, check_csr};
 use sigil_proto::agent::agent_api_server::AgentApi;
@@ -457,10 +458,7 @@ struct StreamCounts(std::sync::Mutex<HashMap<String, usize>>);
 impl StreamCounts {
     /// Returns true when this is the agent's first open stream.
     fn open(&self, agent_id: &str) -> bool {
-        let mut guard = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.0.lock_unpoisoned();
         let count = guard.entry(agent_id.to_string()).or_insert(0);
         *count += 1;
         *count == 1
@@ -468,10 +466,7 @@ impl StreamCounts {
 
     /// Returns true when this was the agent's last open stream.
     fn close(&self, agent_id: &str) -> bool {
-        let mut guard = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self.0.lock_unpoisoned();
         match guard.get_mut(agent_id) {
             Some(count) if *count > 1 => {
                 *count -= 1;

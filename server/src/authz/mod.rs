@@ -15,6 +15,7 @@ use sigil_core::clock::SharedClock;
 use sigil_core::entry::Entry;
 use sigil_core::id::{TrustDomain, server_id};
 use sigil_core::selector::{Selector, all_present};
+use sigil_core::sync::RwLockExt;
 use sigil_core::untrusted::untrusted;
 
 use crate::attest::agent_node_name;
@@ -96,7 +97,7 @@ impl Authorizations {
 
     /// Replaces the entry `id` with what the datastore now holds (`None`: it was deleted).
     pub fn apply_entry(&self, id: &str, stored: Option<Entry>) {
-        let mut state = self.write();
+        let mut state = self.state.write_unpoisoned();
         state.remove_entry(id);
         if let Some(entry) = stored {
             state.insert_entry(&self.server_id, Arc::new(entry));
@@ -105,7 +106,7 @@ impl Authorizations {
 
     /// Replaces the agent `spiffe_id` with what the datastore now holds (`None`: it was evicted).
     pub fn apply_agent(&self, spiffe_id: &str, stored: Option<AgentRecord>) {
-        let mut state = self.write();
+        let mut state = self.state.write_unpoisoned();
         match stored {
             Some(agent) => {
                 state
@@ -118,23 +119,9 @@ impl Authorizations {
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        // A panic while holding the lock cannot leave the maps half-updated in a way that matters
-        // more than stopping service would, so a poisoned lock is used as is.
-        self.state
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.state
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// Whether an agent may call the server: it must be attested and not banned.
     pub fn check_agent(&self, agent_id: &str) -> Result<()> {
-        match self.read().agents.get(agent_id) {
+        match self.state.read_unpoisoned().agents.get(agent_id) {
             Some(agent) if agent.banned => Err(Error::PermissionDenied(format!(
                 "agent {agent_id} is banned; an operator must evict it before it can attest again"
             ))),
@@ -150,7 +137,7 @@ impl Authorizations {
     /// generation, minted outside the renewal path, or held from before an eviction is refused.
     pub fn check_agent_serial(&self, agent_id: &str, serial: &str) -> Result<()> {
         self.check_agent(agent_id)?;
-        match self.read().agents.get(agent_id) {
+        match self.state.read_unpoisoned().agents.get(agent_id) {
             Some(agent) if agent.holds(serial) => Ok(()),
             _ => Err(Error::PermissionDenied(format!(
                 "the client certificate (serial {}) is not the current SVID of agent {agent_id}: it was replaced by renewal or by a new attestation; restart the agent to attest again",
@@ -161,7 +148,7 @@ impl Authorizations {
 
     /// Every unexpired entry `agent_id` may use, ordered by id.
     pub fn entries_for_agent(&self, agent_id: &str) -> Vec<Arc<Entry>> {
-        let state = self.read();
+        let state = self.state.read_unpoisoned();
         let now = self.clock.unix_now();
         let Some(agent) = state.agents.get(agent_id) else {
             return Vec::new();
@@ -201,7 +188,7 @@ impl Authorizations {
     /// The entry `entry_id` if `agent_id` may obtain it; otherwise why not.
     pub fn authorize(&self, agent_id: &str, entry_id: &str) -> Result<Arc<Entry>> {
         self.check_agent(agent_id)?;
-        let state = self.read();
+        let state = self.state.read_unpoisoned();
         let now = self.clock.unix_now();
         let denied = || {
             Error::PermissionDenied(format!(

@@ -6,9 +6,7 @@
 //! the datastore or the logs; the journal holds only the key's id.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -57,20 +55,7 @@ impl KeyManager for DiskKeyManager {
     fn generate(&self, id: &str, key_type: KeyType) -> Result<KeyPair> {
         let key = key_type.generate()?;
         let path = self.path(id)?;
-        // Write to a temporary name and rename, so a crash never leaves a half-written key
-        // under the real name.
-        let tmp = path.with_extension("p8.tmp");
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| Error::io(format!("writing key {}", tmp.display()), e))?;
-        file.write_all(&key.serialize_der())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| Error::io(format!("writing key {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, &path)
+        sigil_core::fs::write_private(&path, &key.serialize_der())
             .map_err(|e| Error::io(format!("storing key {}", path.display()), e))?;
         Ok(key)
     }

@@ -16,6 +16,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sigil_core::bundle::TrustBundle;
+use sigil_core::sync::MutexExt;
 use sigil_core::tls::crypto_provider;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -95,10 +96,7 @@ impl CertificateFiles {
     /// The current key, re-read first if a file changed. A file that fails to read keeps the
     /// last good key in service (and says so in the log).
     fn current(&self) -> Arc<CertifiedKey> {
-        let mut loaded = self
-            .loaded
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut loaded = self.loaded.lock_unpoisoned();
         let stamps = (modified(&self.cert_file), modified(&self.key_file));
         if stamps != (loaded.1, loaded.2) {
             match read_certified_key(&self.cert_file, &self.key_file) {

@@ -21,6 +21,7 @@ use std::time::Duration;
 use sigil_core::bundle::TrustBundle;
 use sigil_core::clock::SharedClock;
 use sigil_core::id::{TrustDomain, check_not_reserved, parse_spiffe_id, parse_trust_domain};
+use sigil_core::sync::MutexExt;
 use tokio::sync::{Notify, watch};
 
 use crate::datastore::{DataStore, EndpointProfile, FederationRelationship};
@@ -220,9 +221,7 @@ impl Federation {
     }
 
     fn statuses(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, RefreshStatus>> {
-        self.statuses
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.statuses.lock_unpoisoned()
     }
 
     /// What the refresher knows about `trust_domain`'s relationship.

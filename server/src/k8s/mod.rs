@@ -21,6 +21,7 @@ use kube::runtime::watcher::{self, Event};
 use sigil_core::entry::Entry;
 use sigil_core::id::{SpiffeId, TrustDomain, parse_member_id};
 use sigil_core::selector::Selector;
+use sigil_core::sync::{MutexExt, RwLockExt};
 use tokio::sync::watch;
 
 use crate::{Error, Result};
@@ -104,10 +105,7 @@ impl PodIdentities {
     }
 
     fn fresh(&self) -> Result<()> {
-        let broken = *self
-            .broken_since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let broken = *self.broken_since.lock_unpoisoned();
         match broken {
             Some(since) if since.elapsed() > self.settings.max_staleness => {
                 Err(Error::Unavailable(format!(
@@ -122,10 +120,7 @@ impl PodIdentities {
     /// The automatic entries of the agent `agent_id` on `node`.
     pub fn entries_for(&self, agent_id: &SpiffeId, node: &str) -> Result<Vec<Entry>> {
         self.fresh()?;
-        let view = self
-            .view
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let view = self.view.read_unpoisoned();
         let Some(accounts) = view.by_node.get(node) else {
             return Ok(Vec::new());
         };
@@ -148,10 +143,7 @@ impl PodIdentities {
             .strip_prefix(AUTO_ENTRY_PREFIX)
             .and_then(|rest| rest.split_once(':'))
             .ok_or_else(denied)?;
-        let view = self
-            .view
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let view = self.view.read_unpoisoned();
         let present = view.by_node.get(node).is_some_and(|accounts| {
             accounts.contains_key(&(namespace.to_string(), account.to_string()))
         });
@@ -234,10 +226,7 @@ impl PodIdentities {
     }
 
     fn apply(&self, pod: &Pod) {
-        let mut view = self
-            .view
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut view = self.view.write_unpoisoned();
         if let Some(uid) = &pod.metadata.uid {
             Self::remove(&mut view, uid);
         }
@@ -248,13 +237,7 @@ impl PodIdentities {
 
     fn delete(&self, pod: &Pod) {
         if let Some(uid) = &pod.metadata.uid {
-            Self::remove(
-                &mut self
-                    .view
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-                uid,
-            );
+            Self::remove(&mut self.view.write_unpoisoned(), uid);
         }
     }
 
@@ -265,17 +248,11 @@ impl PodIdentities {
                 Self::add(&mut fresh, uid, placement);
             }
         }
-        *self
-            .view
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        *self.view.write_unpoisoned() = fresh;
     }
 
     fn set_broken(&self, broken: bool) {
-        let mut since = self
-            .broken_since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut since = self.broken_since.lock_unpoisoned();
         match (broken, *since) {
             (true, None) => *since = Some(Instant::now()),
             (false, Some(_)) => *since = None,
