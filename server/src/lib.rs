@@ -5,7 +5,8 @@
 //! the folders follow the concepts:
 //!
 //! - [`config`]: the TOML configuration.
-//! - [`datastore`]: the one [`datastore::DataStore`] trait and its SQLite/Postgres implementation.
+//! - [`datastore`]: one trait per concern under the [`datastore::DataStore`] umbrella, and their
+//!   SQLite/Postgres implementation.
 //! - [`ca`]: keys, the X.509 CA, JWT keys, the bundle, the issuance record.
 //! - [`attest`]: node attestors (join tokens, Kubernetes PSAT).
 //! - [`k8s`]: the pod watch behind automatic ServiceAccount identities, and the bundle ConfigMap.
