@@ -10,6 +10,7 @@
 //! - [`config`]: the duration type of settings and flags, and the TOML loader every binary uses.
 //! - [`clock`]: the injectable clock that every expiry and rotation decision reads.
 //! - [`health`]: the `/ready` probe behind both `healthcheck` commands.
+//! - [`metrics`]: registering Prometheus series and rendering them for `/metrics`.
 //! - [`secret`]: private key bytes that never print and are zeroed when dropped.
 //! - [`fs`]: owner-only files written whole (keys, SVIDs).
 //! - [`sync`]: locks that go on serving after a panic elsewhere.
@@ -25,6 +26,7 @@ mod error;
 pub mod fs;
 pub mod health;
 pub mod id;
+pub mod metrics;
 pub mod secret;
 pub mod selector;
 pub mod sync;

@@ -5,7 +5,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Metric, Registry};
+use prometheus_client::registry::Registry;
+use sigil_core::metrics::registered;
 
 /// A listener.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -134,13 +135,6 @@ impl Default for Metrics {
     }
 }
 
-/// Registers `metric` as `name` and hands it back: the registry keeps a clone, and metrics are
-/// shared handles, so the one returned counts into the registered series.
-fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
-    registry.register(name, help, metric.clone());
-    metric
-}
-
 impl Metrics {
     /// Counts a refusal.
     pub fn refuse(&self, listener: &str, reason: &'static str) {
@@ -171,9 +165,6 @@ impl Metrics {
 
     /// The Prometheus text exposition of every series.
     pub fn encode(&self) -> String {
-        let mut text = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
-        text
+        sigil_core::metrics::encode(&self.registry)
     }
 }
