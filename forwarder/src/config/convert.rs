@@ -222,14 +222,7 @@ impl LimitsSpec {
 impl InboundSpec {
     /// The inbound listener; `default_mode` is a file's top-level `mode`.
     fn to_inbound(&self, origin: Origin<'_>, default_mode: Option<Mode>) -> Result<Inbound> {
-        let listen_key = origin.named("listen", "--inbound");
-        let listen = required(
-            origin,
-            listen_key.clone(),
-            &self.listen,
-            "an inbound listener needs an address to listen on",
-        )?;
-        let listen = origin.socket_addr(listen_key, listen)?;
+        let listen = origin.listen_addr("--inbound", &self.listen)?;
         let target = required(
             origin,
             origin.key("target"),
@@ -312,13 +305,7 @@ impl OutboundSpec {
     /// The outbound listener.
     fn to_outbound(&self, origin: Origin<'_>) -> Result<Outbound> {
         let listen_key = origin.named("listen", "--outbound");
-        let listen = required(
-            origin,
-            listen_key.clone(),
-            &self.listen,
-            "an outbound listener needs a loopback address to listen on",
-        )?;
-        let listen = origin.socket_addr(listen_key.clone(), listen)?;
+        let listen = origin.listen_addr("--outbound", &self.listen)?;
         if !listen.ip().is_loopback() {
             return Err(origin.error(
                 listen_key,

@@ -265,6 +265,15 @@ impl<'a> Origin<'a> {
         })
     }
 
+    /// The address of a listener: `listen` in a file, `flag` (`--inbound`, `--outbound`).
+    fn listen_addr(self, flag: &str, text: &Option<String>) -> Result<SocketAddr> {
+        let key = self.named("listen", flag);
+        match text {
+            Some(text) => self.socket_addr(key, text),
+            None => Err(self.error(key, "a listener needs an address to listen on, IP:port")),
+        }
+    }
+
     /// A `host:port` to connect to.
     fn host_port(self, key: String, text: &str) -> Result<()> {
         let valid = text.rsplit_once(':').is_some_and(|(host, port)| {

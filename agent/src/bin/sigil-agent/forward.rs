@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Args;
 use sigil_forwarder::Forwarder;
 use sigil_forwarder::config::{Flags, ForwarderConfig};
@@ -30,17 +29,12 @@ pub(crate) struct ForwardArgs {
 pub(crate) async fn run(args: ForwardArgs) -> anyhow::Result<()> {
     crate::init_logging("--log-level", &args.log_level)?;
     let config = ForwarderConfig::load(args.config.as_deref(), &args.flags)?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
+    let mut terminate = crate::sigterm()?;
     let forwarder = tokio::select! {
         started = Forwarder::start(config) => started?,
-        _ = tokio::signal::ctrl_c() => return Ok(()),
-        _ = terminate.recv() => return Ok(()),
+        _ = crate::stop_requested(&mut terminate) => return Ok(()),
     };
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
-        _ = terminate.recv() => {}
-    }
+    crate::stop_requested(&mut terminate).await?;
     tracing::info!("stopping: draining connections");
     forwarder.drain().await;
     Ok(())

@@ -17,6 +17,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sigil_agent::config::{AgentConfig, AgentFlags};
 use sigil_core::clock::SystemClock;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 /// The Sigil agent: attests workloads on this node and serves their SPIFFE identities.
@@ -95,12 +96,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (config, source) = AgentConfig::load(args.config.as_deref(), args.flags)?;
     init_logging("log_level", &config.log_level)?;
     let agent = sigil_agent::run::start(config, &source, Arc::new(SystemClock)).await?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
-        _ = terminate.recv() => {}
-    }
+    stop_requested(&mut sigterm()?).await?;
     tracing::info!("stopping");
     agent.shutdown().await;
     Ok(())
@@ -115,5 +111,19 @@ fn init_logging(name: &str, level: &str) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    Ok(())
+}
+
+/// SIGTERM as a stream, installed before start-up so that one arriving meanwhile is not lost.
+fn sigterm() -> anyhow::Result<Signal> {
+    signal(SignalKind::terminate()).context("installing the SIGTERM handler")
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn stop_requested(terminate: &mut Signal) -> anyhow::Result<()> {
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
+        _ = terminate.recv() => {}
+    }
     Ok(())
 }
