@@ -6,14 +6,73 @@
 
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
 
 use crate::id::SpiffeId;
 use crate::x509::certificate_facts;
 use crate::{Error, Result};
+
+/// The crates [`handshake_signatures!`](crate::handshake_signatures) names, so that its callers
+/// need not depend on them under the same names.
+#[doc(hidden)]
+pub mod macro_support {
+    pub use rustls;
+    pub use rustls_pki_types;
+}
+
+/// Implements the three handshake-signature methods of a rustls certificate verifier
+/// (`ServerCertVerifier` or `ClientCertVerifier`): TLS 1.2 and 1.3 signatures checked, and schemes
+/// offered, with the `WebPkiSupportedAlgorithms` in the field `$algorithms` of `self`.
+///
+/// Every Sigil verifier checks the chain its own way but the handshake signature the same way,
+/// and rustls' traits ask for these methods one by one; this is written once here. Use it inside
+/// the `impl` block: `sigil_core::handshake_signatures!(algorithms);` (or `0` for a tuple struct).
+#[macro_export]
+macro_rules! handshake_signatures {
+    ($algorithms:tt) => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &$crate::tls::macro_support::rustls_pki_types::CertificateDer<'_>,
+            dss: &$crate::tls::macro_support::rustls::DigitallySignedStruct,
+        ) -> ::std::result::Result<
+            $crate::tls::macro_support::rustls::client::danger::HandshakeSignatureValid,
+            $crate::tls::macro_support::rustls::Error,
+        > {
+            $crate::tls::macro_support::rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.$algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &$crate::tls::macro_support::rustls_pki_types::CertificateDer<'_>,
+            dss: &$crate::tls::macro_support::rustls::DigitallySignedStruct,
+        ) -> ::std::result::Result<
+            $crate::tls::macro_support::rustls::client::danger::HandshakeSignatureValid,
+            $crate::tls::macro_support::rustls::Error,
+        > {
+            $crate::tls::macro_support::rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.$algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(
+            &self,
+        ) -> ::std::vec::Vec<$crate::tls::macro_support::rustls::SignatureScheme> {
+            self.$algorithms.supported_schemes()
+        }
+    };
+}
 
 /// The crypto provider every Sigil TLS endpoint uses.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
@@ -91,25 +150,5 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
+    crate::handshake_signatures!(algorithms);
 }

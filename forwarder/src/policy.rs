@@ -192,13 +192,19 @@ impl PeerPolicy {
         }
         Err(format!(
             "no allow rule matches (allow {})",
-            self.allow
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
+            join_patterns(&self.allow, ", ")
         ))
     }
+}
+
+/// `patterns` written out one after the other with `separator` between them, for a refusal's
+/// message.
+pub(crate) fn join_patterns(patterns: &[IdPattern], separator: &str) -> String {
+    patterns
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(separator)
 }
 
 /// Whether an HTTP rule lets a request through or stops it.
