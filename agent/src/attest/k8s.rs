@@ -21,7 +21,7 @@ use sigil_core::untrusted::untrusted;
 use sigil_workload_api::source::Caller;
 use tokio::sync::watch;
 
-use super::{Startup, WorkloadAttestor};
+use super::{Startup, WorkloadAttestor, read_proc};
 use crate::{Error, Result};
 
 /// What the agent knows about one container of a pod on its node.
@@ -322,14 +322,9 @@ impl WorkloadAttestor for K8sAttestor {
             return Ok(Vec::new());
         };
         let pid = process.pid();
-        let cgroup = process
-            .read("cgroup")
-            .map_err(|source| Error::CallerUnreadable {
-                reason: format!(
-                    "cannot read the cgroup of process {pid} ({source}); it may have exited"
-                ),
-                source,
-            })?;
+        let cgroup = read_proc(process, "cgroup", |e| {
+            format!("cannot read the cgroup of process {pid} ({e}); it may have exited")
+        })?;
         // The cgroup read is the connecting process's only if it is still that process.
         process.verify().map_err(Error::CallerChanged)?;
         let Some(PodContainer {

@@ -17,12 +17,13 @@ pub mod unix;
 use std::path::Path;
 
 use sigil_core::selector::Selector;
+use sigil_workload_api::peer::PeerProcess;
 use sigil_workload_api::source::Caller;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::Result;
 use crate::config::AgentConfig;
+use crate::{Error, Result};
 
 /// Describes a caller of the Workload API with selectors.
 #[tonic::async_trait]
@@ -86,6 +87,22 @@ impl WorkloadAttestors {
         selectors.dedup();
         Ok(selectors)
     }
+}
+
+/// The file `name` of the caller's /proc entry, read through the process held since it
+/// connected; a failed read (it has probably exited) refuses the caller with the message
+/// `refusal` makes of the read's error.
+fn read_proc(
+    process: &PeerProcess,
+    name: &str,
+    refusal: impl FnOnce(&sigil_workload_api::Error) -> String,
+) -> Result<String> {
+    process
+        .read(name)
+        .map_err(|source| Error::CallerUnreadable {
+            reason: refusal(&source),
+            source,
+        })
 }
 
 #[cfg(test)]

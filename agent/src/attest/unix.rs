@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use sigil_core::selector::Selector;
 use sigil_workload_api::source::Caller;
 
-use super::WorkloadAttestor;
+use super::{WorkloadAttestor, read_proc};
 use crate::{Error, Result};
 
 /// Reads selectors for callers.
@@ -47,14 +47,11 @@ impl UnixAttestor {
         }
         if let Some(process) = &caller.process {
             let pid = process.pid();
-            let status = process
-                .read("status")
-                .map_err(|source| Error::CallerUnreadable {
-                    reason: format!(
-                        "cannot attest the caller: process {pid} is gone or unreadable ({source}); it may have exited before attestation"
-                    ),
-                    source,
-                })?;
+            let status = read_proc(process, "status", |e| {
+                format!(
+                    "cannot attest the caller: process {pid} is gone or unreadable ({e}); it may have exited before attestation"
+                )
+            })?;
             if !owned_by(&status, caller.uid) {
                 return Err(Error::CallerRefused(format!(
                     "cannot attest the caller: process {pid} no longer belongs to uid {}",
