@@ -5,6 +5,8 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
+
 use crate::ServerProcess;
 use crate::server::{Logs, spawn_until, terminate};
 
@@ -146,6 +148,14 @@ impl AgentProcess {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop()?;
         self.spawn(None)
+    }
+
+    /// Writes every X509-SVID of this process, its key, its bundle and the federated bundles into
+    /// `dir` with the real CLI (`sigil-agent api fetch x509 --write <dir>`).
+    pub fn write_svids(&self, dir: &std::path::Path) -> anyhow::Result<()> {
+        let dir = dir.to_str().context("a non-UTF-8 path")?;
+        self.cli(&["api", "fetch", "x509", "--write", dir])?;
+        Ok(())
     }
 
     /// Runs `sigil-agent` with `args` against this agent's socket; fails with stderr on failure.

@@ -141,31 +141,10 @@ impl Envoy {
         Ok(envoy)
     }
 
-    /// The body of a GET on the admin interface (empty if it does not answer). Plain HTTP/1.1
-    /// over a socket, so a benchmark can poll it every millisecond.
+    /// The body of a GET on the admin interface (empty if it does not answer), see
+    /// [`admin_get`].
     pub fn admin_get(&self, path: &str) -> String {
-        let fetch = || -> std::io::Result<String> {
-            let mut connection = std::net::TcpStream::connect(("127.0.0.1", self.admin))?;
-            connection.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )?;
-            let mut response = Vec::new();
-            connection.read_to_end(&mut response)?;
-            let response = String::from_utf8_lossy(&response);
-            let Some((head, body)) = response.split_once("\r\n\r\n") else {
-                return Ok(String::new());
-            };
-            let chunked = head
-                .to_ascii_lowercase()
-                .contains("transfer-encoding: chunked");
-            Ok(if chunked {
-                dechunk(body)
-            } else {
-                body.to_string()
-            })
-        };
-        fetch().unwrap_or_default()
+        admin_get(self.admin, path)
     }
 
     /// The serial numbers of the certificate chains Envoy serves (from admin `/certs`).
@@ -187,6 +166,33 @@ impl Drop for Envoy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The body of a GET of `path` on the Envoy admin interface on port `admin` (empty if it does not
+/// answer). Plain HTTP/1.1 over a socket, so a benchmark can poll it every millisecond.
+pub fn admin_get(admin: u16, path: &str) -> String {
+    let fetch = || -> std::io::Result<String> {
+        let mut connection = std::net::TcpStream::connect(("127.0.0.1", admin))?;
+        connection.set_read_timeout(Some(Duration::from_secs(5)))?;
+        connection.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        )?;
+        let mut response = Vec::new();
+        connection.read_to_end(&mut response)?;
+        let response = String::from_utf8_lossy(&response);
+        let Some((head, body)) = response.split_once("\r\n\r\n") else {
+            return Ok(String::new());
+        };
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        Ok(if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        })
+    };
+    fetch().unwrap_or_default()
 }
 
 /// A plaintext HTTP listener on `listener` that forwards over mTLS to `upstream`, presenting the

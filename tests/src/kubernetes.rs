@@ -346,16 +346,32 @@ fn node_matches(pod: &Value, selector: Option<&str>) -> bool {
     }
 }
 
+/// `Some(resourceVersion)` (0 when absent) when the query asks for a watch.
+fn watch_since(query: &HashMap<String, String>) -> Option<u64> {
+    if !query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        return None;
+    }
+    let since = query.get("resourceVersion").and_then(|v| v.parse().ok());
+    Some(since.unwrap_or(0))
+}
+
+/// A list response of `kind` (`PodList`, ...) at `resource_version`.
+fn list(kind: &str, resource_version: u64, items: Vec<Value>) -> Response {
+    axum::Json(json!({
+        "apiVersion": "v1",
+        "kind": kind,
+        "metadata": {"resourceVersion": resource_version.to_string()},
+        "items": items,
+    }))
+    .into_response()
+}
+
 async fn pods(
     State(shared): State<Shared>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     let selector = query.get("fieldSelector").map(String::as_str);
-    if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
-        let since: u64 = query
-            .get("resourceVersion")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+    if let Some(since) = watch_since(&query) {
         return watch_events(&shared, "Pod", since, selector.map(str::to_string));
     }
     let inner = lock(&shared);
@@ -365,35 +381,19 @@ async fn pods(
         .filter(|p| node_matches(p, selector))
         .cloned()
         .collect();
-    axum::Json(json!({
-        "apiVersion": "v1",
-        "kind": "PodList",
-        "metadata": {"resourceVersion": inner.resource_version.to_string()},
-        "items": items,
-    }))
-    .into_response()
+    list("PodList", inner.resource_version, items)
 }
 
 async fn namespaces(
     State(shared): State<Shared>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
-        let since: u64 = query
-            .get("resourceVersion")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+    if let Some(since) = watch_since(&query) {
         return watch_events(&shared, "Namespace", since, None);
     }
     let inner = lock(&shared);
     let items: Vec<Value> = inner.namespaces.values().cloned().collect();
-    axum::Json(json!({
-        "apiVersion": "v1",
-        "kind": "NamespaceList",
-        "metadata": {"resourceVersion": inner.resource_version.to_string()},
-        "items": items,
-    }))
-    .into_response()
+    list("NamespaceList", inner.resource_version, items)
 }
 
 /// A watch of one kind of object: the events after `since`, then live ones, one JSON event per
@@ -448,43 +448,42 @@ fn watch_events(shared: &Shared, kind: &str, since: u64, selector: Option<String
         .unwrap_or_else(|_| status(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "body"))
 }
 
-async fn pod(
-    State(shared): State<Shared>,
-    UrlPath((namespace, name)): UrlPath<(String, String)>,
-) -> Response {
-    match lock(&shared).pods.get(&(namespace.clone(), name.clone())) {
-        Some(pod) => axum::Json(pod.clone()).into_response(),
+/// The object as JSON, or the API server's 404 for a `kind` object called `name`.
+fn found_or_not_found(object: Option<&Value>, kind: &str, name: &str) -> Response {
+    match object {
+        Some(object) => axum::Json(object.clone()).into_response(),
         None => status(
             StatusCode::NOT_FOUND,
             "NotFound",
-            &format!("pods \"{name}\" not found"),
+            &format!("{kind} \"{name}\" not found"),
         ),
     }
 }
 
+async fn pod(
+    State(shared): State<Shared>,
+    UrlPath((namespace, name)): UrlPath<(String, String)>,
+) -> Response {
+    found_or_not_found(
+        lock(&shared).pods.get(&(namespace.clone(), name.clone())),
+        "pods",
+        &name,
+    )
+}
+
 async fn node(State(shared): State<Shared>, UrlPath(name): UrlPath<String>) -> Response {
-    match lock(&shared).nodes.get(&name) {
-        Some(node) => axum::Json(node.clone()).into_response(),
-        None => status(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            &format!("nodes \"{name}\" not found"),
-        ),
-    }
+    found_or_not_found(lock(&shared).nodes.get(&name), "nodes", &name)
 }
 
 async fn get_configmap(
     State(shared): State<Shared>,
     UrlPath((namespace, name)): UrlPath<(String, String)>,
 ) -> Response {
-    match lock(&shared).configmaps.get(&(namespace, name.clone())) {
-        Some(cm) => axum::Json(cm.clone()).into_response(),
-        None => status(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            &format!("configmaps \"{name}\" not found"),
-        ),
-    }
+    found_or_not_found(
+        lock(&shared).configmaps.get(&(namespace, name.clone())),
+        "configmaps",
+        &name,
+    )
 }
 
 async fn put_configmap(

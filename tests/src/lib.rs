@@ -21,7 +21,7 @@ pub mod tools;
 
 pub use agent::AgentProcess;
 pub use node::{NODE_ALIAS, Node, this_uid_selector};
-pub use server::ServerProcess;
+pub use server::{ServerProcess, entry_create};
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -76,18 +76,7 @@ impl Node {
         selector: &str,
         extra: &[&str],
     ) -> anyhow::Result<()> {
-        let mut args = vec![
-            "entry",
-            "create",
-            "--spiffe-id",
-            spiffe_id,
-            "--parent-id",
-            NODE_ALIAS,
-            "--selector",
-            selector,
-        ];
-        args.extend_from_slice(extra);
-        server.cli(&args)?;
+        server.cli(&crate::entry_create(spiffe_id, NODE_ALIAS, selector, extra))?;
         Ok(())
     }
 }

@@ -171,20 +171,10 @@ impl ServerProcess {
 
     /// Stops the server with SIGTERM (a clean stop) and waits for it.
     pub fn stop(&mut self) -> anyhow::Result<()> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill -TERM failed");
-        let exit = child.wait()?;
-        anyhow::ensure!(
-            exit.success(),
-            "sigil-server exited with {exit}; log:\n{}",
-            self.logs()
-        );
-        Ok(())
+        match self.child.take() {
+            Some(mut child) => terminate(&mut child, &self.logs),
+            None => Ok(()),
+        }
     }
 
     /// Starts a server that [`ServerProcess::stop`] stopped, on the same directory and ports.
@@ -209,6 +199,19 @@ impl ServerProcess {
             String::from_utf8_lossy(&output.stderr)
         );
         Ok(String::from_utf8(output.stdout)?)
+    }
+
+    /// Creates an entry with the CLI (the arguments of [`entry_create`]) and returns its id.
+    pub fn create_entry(
+        &self,
+        spiffe_id: &str,
+        parent_id: &str,
+        selector: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<String> {
+        let created = self.cli_json(&entry_create(spiffe_id, parent_id, selector, extra))?;
+        let id = created["entries"][0]["id"].as_str();
+        Ok(id.context("no entry id in the CLI's answer")?.to_string())
     }
 
     /// Runs a CLI command that must fail; returns its stderr.
@@ -236,6 +239,28 @@ impl ServerProcess {
             .args(args)
             .output()?)
     }
+}
+
+/// The arguments of `sigil-server entry create` for `spiffe_id` under `parent_id` with one
+/// `selector`, then `extra` flags (`--dns`, `--x509-svid-ttl`, ...).
+pub fn entry_create<'a>(
+    spiffe_id: &'a str,
+    parent_id: &'a str,
+    selector: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "entry",
+        "create",
+        "--spiffe-id",
+        spiffe_id,
+        "--parent-id",
+        parent_id,
+        "--selector",
+        selector,
+    ];
+    args.extend_from_slice(extra);
+    args
 }
 
 /// Starts `command` and waits until a line of its stderr contains `ready_line`: the process says

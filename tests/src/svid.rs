@@ -21,13 +21,7 @@ pub struct SvidFiles {
 /// Writes every SVID of this process into `dir` with the real CLI, and returns the files of the
 /// one for `spiffe_id` (found by reading each certificate's URI SAN).
 pub fn fetch_svid(agent: &AgentProcess, dir: &Path, spiffe_id: &str) -> anyhow::Result<SvidFiles> {
-    agent.cli(&[
-        "api",
-        "fetch",
-        "x509",
-        "--write",
-        dir.to_str().context("utf-8 path")?,
-    ])?;
+    agent.write_svids(dir)?;
     for index in 0.. {
         let cert = dir.join(format!("svid.{index}.pem"));
         let Ok(pem) = std::fs::read_to_string(&cert) else {

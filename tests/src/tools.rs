@@ -150,3 +150,71 @@ pub async fn curl(
     let (body, status) = text.rsplit_once('\n').context("no status from curl")?;
     Ok((status.to_string(), body.to_string()))
 }
+
+/// An operator CA made by `openssl req`: `name.pem` and `name.key` (P-256) in `dir`, valid 30
+/// days; `ca` says whether it may sign certificates.
+pub fn openssl_ca(dir: &Path, name: &str, ca: bool) -> anyhow::Result<()> {
+    let constraints = if ca {
+        "basicConstraints=critical,CA:TRUE"
+    } else {
+        "basicConstraints=critical,CA:FALSE"
+    };
+    let output = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args(["-days", "30", "-subj", &format!("/O=Operator/CN={name}")])
+        .args([
+            "-addext",
+            constraints,
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        ])
+        .arg("-keyout")
+        .arg(dir.join(format!("{name}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{name}.pem")))
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// `openssl verify <extra> -CAfile <trusted> [-untrusted <intermediates>] <cert>`: fails with
+/// openssl's words unless it says the certificate is OK.
+pub fn openssl_verify(
+    trusted: &Path,
+    intermediates: Option<&Path>,
+    cert: &Path,
+    extra: &[&str],
+) -> anyhow::Result<()> {
+    let mut command = Command::new("openssl");
+    command
+        .arg("verify")
+        .args(extra)
+        .arg("-CAfile")
+        .arg(trusted);
+    if let Some(intermediates) = intermediates {
+        command.arg("-untrusted").arg(intermediates);
+    }
+    let output = command
+        .arg(cert)
+        .output()
+        .context("running openssl verify")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success() && stdout.contains(": OK"),
+        "openssl verify: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}

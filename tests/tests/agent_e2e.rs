@@ -11,7 +11,7 @@ use anyhow::{Context, ensure};
 use futures::StreamExt;
 use sigil_proto::workload::X509svidRequest;
 use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use sigil_tests::{AgentProcess, Node, ServerProcess, python};
+use sigil_tests::{AgentProcess, NODE_ALIAS, Node, ServerProcess, entry_create, python};
 use spiffe::WorkloadApiClient;
 use tokio::io::AsyncBufReadExt;
 
@@ -69,13 +69,7 @@ async fn workloads_fetch_their_identity_with_the_spiffe_crate_and_the_cli() -> a
 
     // The CLI writes the SVID, key (0600) and bundle; openssl verifies the chain.
     let out = node.dir.path().join("svid");
-    node.agent.cli(&[
-        "api",
-        "fetch",
-        "x509",
-        "--write",
-        out.to_str().context("utf-8 path")?,
-    ])?;
+    node.agent.write_svids(&out)?;
     let key_mode = std::fs::metadata(out.join("svid.0.key"))?
         .permissions()
         .mode()
@@ -175,21 +169,9 @@ async fn new_and_removed_entries_reach_a_waiting_workload() -> anyhow::Result<()
     for n in 0..5 {
         let spiffe_id = format!("spiffe://example.org/extra/{n}");
         let started = Instant::now();
-        let created = node.server.cli_json(&[
-            "entry",
-            "create",
-            "--spiffe-id",
-            &spiffe_id,
-            "--parent-id",
-            "spiffe://example.org/node",
-            "--selector",
-            &selector,
-        ])?;
         ids.push(
-            created["entries"][0]["id"]
-                .as_str()
-                .context("id")?
-                .to_string(),
+            node.server
+                .create_entry(&spiffe_id, NODE_ALIAS, &selector, &[])?,
         );
         let update = tokio::time::timeout(Duration::from_secs(10), updates.next())
             .await?
@@ -316,16 +298,12 @@ async fn restarts_keep_workloads_served() -> anyhow::Result<()> {
     node.server.restart_stopped()?;
     // Once back, the agent resyncs: a new entry reaches the waiting workload.
     let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
-    node.server.cli(&[
-        "entry",
-        "create",
-        "--spiffe-id",
+    node.server.cli(&entry_create(
         "spiffe://example.org/after-restart",
-        "--parent-id",
-        "spiffe://example.org/node",
-        "--selector",
+        NODE_ALIAS,
         &selector,
-    ])?;
+        &[],
+    ))?;
     let context_stream = client.stream_x509_contexts().await?;
     tokio::pin!(context_stream);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -447,19 +425,7 @@ fn now_unix() -> i64 {
 }
 
 fn openssl_verify(bundle: &Path, chain: &Path) -> anyhow::Result<()> {
-    let output = std::process::Command::new("openssl")
-        .args(["verify", "-purpose", "sslclient", "-CAfile"])
-        .arg(bundle)
-        .arg(chain)
-        .output()
-        .context("running openssl verify")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    ensure!(
-        output.status.success() && stdout.contains(": OK"),
-        "openssl verify: {stdout} {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
+    sigil_tests::tools::openssl_verify(bundle, None, chain, &["-purpose", "sslclient"])
 }
 
 fn reqwest_metrics(address: &str) -> anyhow::Result<String> {
@@ -508,16 +474,12 @@ async fn the_agent_renews_its_own_svid_at_half_life() -> anyhow::Result<()> {
     ])?;
     let token = token["token"].as_str().context("token")?.to_string();
     let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
-    server.cli(&[
-        "entry",
-        "create",
-        "--spiffe-id",
+    server.cli(&entry_create(
         "spiffe://example.org/renewing",
-        "--parent-id",
-        "spiffe://example.org/node",
-        "--selector",
+        NODE_ALIAS,
         &selector,
-    ])?;
+        &[],
+    ))?;
     let bundle = dir.path().join("bundle.pem");
     std::fs::write(&bundle, server.cli(&["bundle", "show"])?)?;
     let agent = AgentProcess::start(&dir.path().join("agent"), &server, &bundle, Some(&token))?;

@@ -358,13 +358,7 @@ async fn bad_relationships_and_bundles_are_refused() -> anyhow::Result<()> {
 }
 
 async fn write_files(agent: &AgentProcess, dir: &Path, peer: &str) -> anyhow::Result<()> {
-    agent.cli(&[
-        "api",
-        "fetch",
-        "x509",
-        "--write",
-        dir.to_str().context("utf-8 path")?,
-    ])?;
+    agent.write_svids(dir)?;
     ensure!(
         dir.join(format!("federated.{peer}.pem")).exists(),
         "no federated bundle of {peer} in {}",

@@ -13,7 +13,7 @@ use anyhow::{Context, ensure};
 use sigil_tests::echo::byte_echo_server;
 use sigil_tests::federation::{Domain, federate};
 use sigil_tests::forwarder::{Forward, loopback};
-use sigil_tests::tools::peer_tools;
+use sigil_tests::tools::{openssl_ca, openssl_verify, peer_tools};
 use sigil_tests::{free_port, pem_certificates};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -32,13 +32,7 @@ async fn one_call(port: u16) -> anyhow::Result<()> {
 
 /// The roots `domain`'s workload holds for `peer` (from `api fetch x509 --write`).
 fn peer_roots(domain: &Domain, dir: &std::path::Path, peer: &str) -> anyhow::Result<Vec<Vec<u8>>> {
-    domain.agent.cli(&[
-        "api",
-        "fetch",
-        "x509",
-        "--write",
-        dir.to_str().context("utf-8 path")?,
-    ])?;
+    domain.agent.write_svids(dir)?;
     pem_certificates(&std::fs::read_to_string(
         dir.join(format!("federated.{peer}.pem")),
     )?)
@@ -66,41 +60,13 @@ async fn the_same_with_an_upstream_ca_ends_at_the_operators_root() -> anyhow::Re
     rotate_under_load(true).await
 }
 
-/// An operator root made by openssl in `dir` (`root.pem`, `root.key`).
-fn operator_root(dir: &std::path::Path) -> anyhow::Result<()> {
-    let output = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ])
-        .args(["-days", "30", "-subj", "/O=Operator/CN=Operator Root"])
-        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
-        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-        .arg("-keyout")
-        .arg(dir.join("root.key"))
-        .arg("-out")
-        .arg(dir.join("root.pem"))
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "openssl req: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
 /// The scenario of this file; with `upstream`, a.test's CA is an intermediate of an operator
 /// root, so its bundle (the root) never changes, and the chains its workload receives must end
 /// at that root for `openssl verify`.
 async fn rotate_under_load(upstream: bool) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let upstream_config = if upstream {
-        operator_root(dir.path())?;
+        openssl_ca(dir.path(), "root", true)?;
         format!(
             "[ca.upstream]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
             dir.path().join("root.pem").display(),
@@ -219,26 +185,9 @@ async fn rotate_under_load(upstream: bool) -> anyhow::Result<()> {
             "b.test trusts the operator root"
         );
         let a_files = dir.path().join("a-files");
-        a.agent.cli(&[
-            "api",
-            "fetch",
-            "x509",
-            "--write",
-            a_files.to_str().context("utf-8 path")?,
-        ])?;
-        let verified = std::process::Command::new("openssl")
-            .arg("verify")
-            .arg("-CAfile")
-            .arg(dir.path().join("root.pem"))
-            .arg("-untrusted")
-            .arg(a_files.join("svid.0.pem"))
-            .arg(a_files.join("svid.0.pem"))
-            .output()?;
-        ensure!(
-            verified.status.success(),
-            "openssl verify: {}",
-            String::from_utf8_lossy(&verified.stderr)
-        );
+        a.agent.write_svids(&a_files)?;
+        let chain = a_files.join("svid.0.pem");
+        openssl_verify(&dir.path().join("root.pem"), Some(&chain), &chain, &[])?;
     }
     Ok(())
 }

@@ -16,7 +16,8 @@ use sigil_core::x509::{KeyType, leaf_params};
 use sigil_proto::agent::{
     AttestNodeRequest, BatchSignX509SvidRequest, SyncRequest, X509SvidRequest,
 };
-use sigil_tests::{NODE_ALIAS, Node, ServerProcess, pem_certificates};
+use sigil_tests::bench::procfs::rss_kib;
+use sigil_tests::{NODE_ALIAS, Node, ServerProcess, entry_create, pem_certificates};
 use tokio::io::AsyncReadExt;
 
 const RESERVED: [&str; 3] = [
@@ -36,35 +37,13 @@ fn reserved_ids_cannot_be_registered_by_any_path() -> anyhow::Result<()> {
         "server_dns_names = [\"sigil-server.sigil.svc\"]\n",
     )?;
     for id in RESERVED {
-        let err = server.cli_error(&[
-            "entry",
-            "create",
-            "--spiffe-id",
-            id,
-            "--parent-id",
-            NODE_ALIAS,
-            "--selector",
-            "unix:uid:0",
-        ])?;
+        let err = server.cli_error(&entry_create(id, NODE_ALIAS, "unix:uid:0", &[]))?;
         assert!(err.contains("reserved namespace"), "{id}: {err}");
         let err = server.cli_error(&["token", "generate", "--spiffe-id", id])?;
         assert!(err.contains("reserved namespace"), "{id}: {err}");
     }
     // Updating a harmless entry into the namespace is refused the same way.
-    let created = server.cli_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        "spiffe://example.org/web",
-        "--parent-id",
-        NODE_ALIAS,
-        "--selector",
-        "unix:uid:0",
-    ])?;
-    let id = created["entries"][0]["id"]
-        .as_str()
-        .context("entry id")?
-        .to_string();
+    let id = server.create_entry("spiffe://example.org/web", NODE_ALIAS, "unix:uid:0", &[])?;
     let err = server.cli_error(&[
         "entry",
         "update",
@@ -92,18 +71,12 @@ fn reserved_ids_cannot_be_registered_by_any_path() -> anyhow::Result<()> {
 
     // The server's own DNS names (what istio-agent checks it by) are reserved the same way.
     for name in ["sigil-server.sigil.svc", "*.sigil.svc"] {
-        let err = server.cli_error(&[
-            "entry",
-            "create",
-            "--spiffe-id",
+        let err = server.cli_error(&entry_create(
             "spiffe://example.org/dns",
-            "--parent-id",
             NODE_ALIAS,
-            "--selector",
             "unix:uid:0",
-            "--dns",
-            name,
-        ])?;
+            &["--dns", name],
+        ))?;
         assert!(err.contains("server_dns_names"), "{name}: {err}");
     }
 
@@ -121,20 +94,7 @@ fn reserved_ids_cannot_be_registered_by_any_path() -> anyhow::Result<()> {
 fn a_stored_reserved_entry_stops_start_up_with_the_row_named() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut server = ServerProcess::start(&dir.path().join("server"), None, "")?;
-    let created = server.cli_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
-        "spiffe://example.org/web",
-        "--parent-id",
-        NODE_ALIAS,
-        "--selector",
-        "unix:uid:0",
-    ])?;
-    let id = created["entries"][0]["id"]
-        .as_str()
-        .context("entry id")?
-        .to_string();
+    let id = server.create_entry("spiffe://example.org/web", NODE_ALIAS, "unix:uid:0", &[])?;
     server.stop()?;
     let database = server.data_dir.join("datastore.sqlite3");
     let runtime = tokio::runtime::Runtime::new()?;
@@ -290,7 +250,7 @@ async fn attestor_names_cannot_grow_metrics_logs_or_statuses() -> anyhow::Result
         })
         .await;
     assert!(warm.is_err());
-    let before = resident_kib(pid)?;
+    let before = rss_kib(pid)?;
     let log_before = server.logs().len();
     for round in 0..100 {
         let name = format!("{round:03}{}", "x".repeat(1024 * 1024 - 3));
@@ -309,7 +269,7 @@ async fn attestor_names_cannot_grow_metrics_logs_or_statuses() -> anyhow::Result
             status.message().len()
         );
     }
-    let grown_kib = resident_kib(pid)?.saturating_sub(before);
+    let grown_kib = rss_kib(pid)?.saturating_sub(before);
     let metrics = http_get(&server.health, "/metrics")?;
     let log_grown = server.logs().len() - log_before;
     println!(
@@ -426,17 +386,6 @@ async fn agent_api_bounds_handshakes_and_connections() -> anyhow::Result<()> {
         "an unauthenticated connection was kept past its lifetime"
     );
     Ok(())
-}
-
-/// VmRSS of `pid` in KiB.
-fn resident_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS line")
 }
 
 /// The body of a plain HTTP GET.

@@ -12,7 +12,7 @@ use sigil_core::x509::{KeyType, check_leaf_profile, csr_for};
 use sigil_proto::agent::{
     BatchSignX509SvidRequest, SignJwtSvidRequest, SyncRequest, X509SvidRequest,
 };
-use sigil_tests::{ServerProcess, pem_certificates, postgres};
+use sigil_tests::{ServerProcess, entry_create, pem_certificates, postgres};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,75 +54,43 @@ async fn exercise(mut server: ServerProcess, scratch: &std::path::Path) -> anyho
         .as_str()
         .context("agent id")?
         .to_string();
-    let web = server.cli_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
+    let web_id = server.create_entry(
         "spiffe://example.org/web",
-        "--parent-id",
         "spiffe://example.org/node/one",
-        "--selector",
         "unix:uid:1000",
-        "--dns",
-        "web.example.org",
-        "--x509-svid-ttl",
-        "1h",
-    ])?;
-    let web_id = web["entries"][0]["id"]
-        .as_str()
-        .context("entry id")?
-        .to_string();
-    let elsewhere = server.cli_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
+        &["--dns", "web.example.org", "--x509-svid-ttl", "1h"],
+    )?;
+    let elsewhere_id = server.create_entry(
         "spiffe://example.org/db",
-        "--parent-id",
         "spiffe://example.org/node/two",
-        "--selector",
         "unix:uid:1001",
-    ])?;
-    let elsewhere_id = elsewhere["entries"][0]["id"]
-        .as_str()
-        .context("entry id")?
-        .to_string();
+        &[],
+    )?;
 
     // Bad entries are refused with a message naming the field, and nothing is written.
-    let err = server.cli_error(&[
-        "entry",
-        "create",
-        "--spiffe-id",
+    let err = server.cli_error(&entry_create(
         "spiffe://other.org/x",
-        "--parent-id",
         "spiffe://example.org/node/one",
-        "--selector",
         "unix:uid:1",
-    ])?;
+        &[],
+    ))?;
     ensure!(
         err.contains("spiffe_id") && err.contains("other.org"),
         "{err}"
     );
-    let err = server.cli_error(&[
-        "entry",
-        "create",
-        "--spiffe-id",
+    let err = server.cli_error(&entry_create(
         "spiffe://example.org/web",
-        "--parent-id",
         "spiffe://example.org/node/one",
-        "--selector",
         "unix:uid:1000",
-    ])?;
+        &[],
+    ))?;
     ensure!(err.contains("already exists"), "{err}");
-    let err = server.cli_error(&[
-        "entry",
-        "create",
-        "--spiffe-id",
+    let err = server.cli_error(&entry_create(
         "spiffe://example.org/x",
-        "--parent-id",
         "spiffe://example.org/node/one",
-        "--selector",
         "Unix:uid:1",
-    ])?;
+        &[],
+    ))?;
     ensure!(err.contains("selector"), "{err}");
     ensure!(entry_count(&server)? == 3, "alias + 2 entries");
 
@@ -187,16 +155,12 @@ async fn exercise(mut server: ServerProcess, scratch: &std::path::Path) -> anyho
     );
     ensure!(snapshot.bundle.is_some(), "the snapshot carries the bundle");
     let created_at = Instant::now();
-    let api = server.cli_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
+    let api = server.cli_json(&entry_create(
         "spiffe://example.org/api",
-        "--parent-id",
         &expected_agent,
-        "--selector",
         "unix:uid:2000",
-    ])?;
+        &[],
+    ))?;
     let change = tokio::time::timeout(Duration::from_secs(10), stream.message())
         .await??
         .context("stream ended")?;
@@ -474,19 +438,7 @@ fn check_svid(
         &leaf_path,
         sigil_core::bundle::pem_block("CERTIFICATE", &workload.chain[0]),
     )?;
-    let output = std::process::Command::new("openssl")
-        .args(["verify", "-purpose", "sslclient", "-CAfile"])
-        .arg(bundle_path)
-        .arg(&leaf_path)
-        .output()
-        .context("running openssl verify")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    ensure!(
-        output.status.success() && stdout.contains(": OK"),
-        "openssl verify: {stdout} {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
+    sigil_tests::tools::openssl_verify(bundle_path, None, &leaf_path, &["-purpose", "sslclient"])
 }
 
 fn hex_serial(der: &[u8]) -> anyhow::Result<String> {

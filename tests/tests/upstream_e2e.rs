@@ -4,48 +4,10 @@
 //! certificate, or that is not a CA, stops start-up with the reason.
 
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{Context, ensure};
+use sigil_tests::tools::{openssl_ca, openssl_verify};
 use sigil_tests::{Node, ServerProcess, pem_certificates};
-
-/// An operator CA made by openssl: `name.pem` and `name.key` in `dir`; `ca` says whether it may
-/// sign certificates.
-fn openssl_ca(dir: &Path, name: &str, ca: bool) -> anyhow::Result<()> {
-    let constraints = if ca {
-        "basicConstraints=critical,CA:TRUE"
-    } else {
-        "basicConstraints=critical,CA:FALSE"
-    };
-    let output = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-        ])
-        .args(["-days", "30", "-subj", &format!("/O=Operator/CN={name}")])
-        .args([
-            "-addext",
-            constraints,
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-        ])
-        .arg("-keyout")
-        .arg(dir.join(format!("{name}.key")))
-        .arg("-out")
-        .arg(dir.join(format!("{name}.pem")))
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "openssl req: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
 
 fn upstream_config(dir: &Path, cert: &str, key: &str) -> String {
     format!(
@@ -71,13 +33,7 @@ async fn svids_chain_to_the_operators_root() -> anyhow::Result<()> {
     );
 
     let out = node.dir.path().join("svid");
-    node.agent.cli(&[
-        "api",
-        "fetch",
-        "x509",
-        "--write",
-        out.to_str().context("utf-8 path")?,
-    ])?;
+    node.agent.write_svids(&out)?;
     let chain = pem_certificates(&std::fs::read_to_string(out.join("svid.0.pem"))?)?;
     ensure!(
         chain.len() == 2,
@@ -88,20 +44,8 @@ async fn svids_chain_to_the_operators_root() -> anyhow::Result<()> {
         sigil_core::x509::certificate_facts(&chain[1])?.is_ca,
         "the second certificate is Sigil's CA"
     );
-    let verified = Command::new("openssl")
-        .arg("verify")
-        .arg("-CAfile")
-        .arg(ca_dir.path().join("root.pem"))
-        .arg("-untrusted")
-        .arg(out.join("svid.0.pem"))
-        .arg(out.join("svid.0.pem"))
-        .output()?;
-    ensure!(
-        verified.status.success(),
-        "openssl verify: {}{}",
-        String::from_utf8_lossy(&verified.stdout),
-        String::from_utf8_lossy(&verified.stderr)
-    );
+    let chain = out.join("svid.0.pem");
+    openssl_verify(&ca_dir.path().join("root.pem"), Some(&chain), &chain, &[])?;
     Ok(())
 }
 

@@ -2,10 +2,8 @@
 //! nodes) in front of the in-process backend: `sigil-agent forward`, stunnel, HAProxy and Envoy
 //! with their configurations, the SVID files they share, and their versions.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use anyhow::Context;
 
@@ -501,17 +499,7 @@ fn envoy_inbound(
 
 /// Envoy's counters of negotiated TLS versions, ciphers and groups on its inbound listener.
 pub fn envoy_tls_stats(admin: u16) -> String {
-    let fetch = || -> std::io::Result<String> {
-        let mut connection = std::net::TcpStream::connect(("127.0.0.1", admin))?;
-        connection.set_read_timeout(Some(Duration::from_secs(5)))?;
-        connection.write_all(
-            b"GET /stats?filter=ssl HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
-        )?;
-        let mut response = String::new();
-        connection.read_to_string(&mut response)?;
-        Ok(response)
-    };
-    let response = fetch().unwrap_or_default();
+    let response = crate::envoy::admin_get(admin, "/stats?filter=ssl");
     response
         .lines()
         .filter(|line| {

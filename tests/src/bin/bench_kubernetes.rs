@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use clap::Parser;
+use sigil_tests::bench::procfs::{cpu_time, rss_kib};
+use sigil_tests::bench::report::percentile;
 use sigil_tests::kubernetes::{FakeKubernetes, FakeToken};
 use sigil_tests::{AgentProcess, ServerProcess};
 use sigil_workload_api::client::WorkloadClient;
@@ -29,33 +31,6 @@ struct Args {
     /// Seconds of idle watch to measure the agent's CPU over.
     #[arg(long, default_value_t = 5)]
     idle_seconds: u64,
-}
-
-fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
-        + fields.get(12).context("stime")?.parse::<u64>()?;
-    Ok(Duration::from_millis(ticks * 10))
-}
-
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmRSS")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 #[tokio::main]
@@ -166,9 +141,9 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let rss = rss_kib(agent_pid)?;
-    let before = process_cpu(agent_pid)?;
+    let before = cpu_time(agent_pid)?;
     tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
-    let idle = process_cpu(agent_pid)?.saturating_sub(before);
+    let idle = cpu_time(agent_pid)?.saturating_sub(before);
     println!(
         "agent with the watch of {} pods: {} KiB resident; {:.1} millicores while idle ({:?} CPU over {} s)",
         args.pods + 1,
@@ -178,7 +153,7 @@ async fn main() -> anyhow::Result<()> {
         args.idle_seconds
     );
 
-    let before = process_cpu(agent_pid)?;
+    let before = cpu_time(agent_pid)?;
     for round in 0..5 {
         for n in 0..args.pods {
             let name = format!("churn-{round}-{n}");
@@ -200,7 +175,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // Let the agent drain the events before reading its CPU time.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let churn = process_cpu(agent_pid)?.saturating_sub(before);
+    let churn = cpu_time(agent_pid)?.saturating_sub(before);
     println!(
         "agent CPU for {} pod events (adds and deletes): {:?} ({:.1} us per event)",
         10 * args.pods,

@@ -136,20 +136,13 @@ async fn api_rate(
     let trust_domain = parse_trust_domain("trust_domain", &server.trust_domain)?;
     let mut anonymous = connect(&server.agent_api, &trust_domain, &roots, None).await?;
     let (agent, _) = attest_with_join_token(&mut anonymous, &token).await?;
-    let entry = server.cli_json(&[
-        "entry",
-        "create",
-        "--spiffe-id",
+    let agent_id = agent.spiffe_id.to_string();
+    let entry_id = server.create_entry(
         "spiffe://example.org/bench",
-        "--parent-id",
-        &agent.spiffe_id.to_string(),
-        "--selector",
+        &agent_id,
         "unix:uid:1000",
-    ])?;
-    let entry_id = entry["entries"][0]["id"]
-        .as_str()
-        .context("entry id")?
-        .to_string();
+        &[],
+    )?;
     let connection = connect(&server.agent_api, &trust_domain, &roots, Some(&agent)).await?;
 
     let batch: Arc<Vec<X509SvidRequest>> = Arc::new(

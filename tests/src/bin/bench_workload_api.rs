@@ -15,7 +15,9 @@ use anyhow::{Context, ensure};
 use clap::Parser;
 use sigil_proto::admin::CreateEntryRequest;
 use sigil_proto::common;
-use sigil_tests::{AgentProcess, ServerProcess};
+use sigil_tests::bench::procfs::rss_kib;
+use sigil_tests::bench::report::percentile;
+use sigil_tests::{NODE_ALIAS, Node};
 use sigil_workload_api::client::WorkloadClient;
 
 #[derive(Debug, Parser)]
@@ -36,7 +38,7 @@ fn entry(spiffe_id: String, selector: &str) -> CreateEntryRequest {
     CreateEntryRequest {
         entry: Some(common::Entry {
             spiffe_id,
-            parent_id: "spiffe://example.org/node".into(),
+            parent_id: NODE_ALIAS.into(),
             selectors: vec![common::Selector {
                 r#type: "unix".into(),
                 value: selector.into(),
@@ -46,41 +48,13 @@ fn entry(spiffe_id: String, selector: &str) -> CreateEntryRequest {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
-
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS")
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let dir = tempfile::tempdir()?;
-    let server = ServerProcess::start(&dir.path().join("server"), None, "")?;
-    let token = server.cli_json(&[
-        "token",
-        "generate",
-        "--spiffe-id",
-        "spiffe://example.org/node",
-    ])?;
-    let token = token["token"].as_str().context("token")?.to_string();
     let uid_selector = format!("uid:{}", sigil_tests::current_uid()?);
-    let mut admin = sigil_server::api::admin::connect(&server.socket).await?;
-    admin
-        .create_entry(entry("spiffe://example.org/bench".into(), &uid_selector))
-        .await?;
-    let bundle = dir.path().join("bundle.pem");
-    std::fs::write(&bundle, server.cli(&["bundle", "show"])?)?;
-    let agent = AgentProcess::start(&dir.path().join("agent"), &server, &bundle, Some(&token))?;
+    let node = Node::for_this_uid(&[("spiffe://example.org/bench", &[])])?;
+    let agent = &node.agent;
+    let mut admin = sigil_server::api::admin::connect(&node.server.socket).await?;
 
     // The first fetch signs the SVID; every later stream is served from the cache.
     let started = Instant::now();
