@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use super::{Startup, WorkloadAttestor, read_proc};
 use crate::{Error, Result};
+use sigil_core::sync::RwLockExt;
 
 /// What the agent knows about one container of a pod on its node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,11 +56,7 @@ impl PodIndex {
     }
 
     fn lookup(&self, container_id: &str) -> Option<ContainerInfo> {
-        self.containers
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(container_id)
-            .cloned()
+        self.containers.read_unpoisoned().get(container_id).cloned()
     }
 
     fn replace(&self, pods: &[Pod]) {
@@ -67,19 +64,13 @@ impl PodIndex {
         for pod in pods {
             fresh.extend(containers_of(pod));
         }
-        *self
-            .containers
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+        *self.containers.write_unpoisoned() = fresh;
         self.changes.send_modify(|n| *n += 1);
     }
 
     fn apply(&self, pod: &Pod) {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
-        let mut containers = self
-            .containers
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut containers = self.containers.write_unpoisoned();
         containers.retain(|_, info| info.pod_uid != uid);
         containers.extend(containers_of(pod));
         drop(containers);
@@ -89,8 +80,7 @@ impl PodIndex {
     fn delete(&self, pod: &Pod) {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         self.containers
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .write_unpoisoned()
             .retain(|_, info| info.pod_uid != uid);
         self.changes.send_modify(|n| *n += 1);
     }

@@ -26,6 +26,7 @@ use sigil_proto::common;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+use sigil_core::sync::RwLockExt;
 
 pub use rotation::keep_svids_fresh;
 pub use signer::{Signer, SignerSettings};
@@ -117,15 +118,11 @@ impl Cache {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        self.state
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state.read_unpoisoned()
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.state
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state.write_unpoisoned()
     }
 
     fn bump(&self) {

@@ -2,9 +2,7 @@
 //! (PKCS#8, mode 0600), its SVID chain and the last trust bundle the server sent, in the data
 //! directory (mode 0700).
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::KeyPair;
@@ -117,16 +115,6 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(format!("storing {}", path.display()), e))
+    sigil_core::fs::write_private(path, bytes)
+        .map_err(|e| Error::io(format!("storing {}", path.display()), e))
 }
