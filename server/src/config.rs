@@ -39,11 +39,15 @@ pub struct ServerFlags {
     /// The /live, /ready and /metrics address.
     #[arg(long)]
     pub health_address: Option<SocketAddr>,
-    /// The admin socket path (default <data-dir>/admin.sock).
-    #[arg(long)]
+    /// The admin socket path (default `<data-dir>/admin.sock`).
+    #[arg(long, help = "The admin socket path (default <data-dir>/admin.sock)")]
     pub admin_socket: Option<PathBuf>,
-    /// sqlite://<path> or postgres://user@host/db (also from SIGIL_DATASTORE_URL, e.g. a Secret).
-    #[arg(long, env = "SIGIL_DATASTORE_URL")]
+    /// `sqlite://<path>` or `postgres://user@host/db` (also from `SIGIL_DATASTORE_URL`).
+    #[arg(
+        long,
+        env = "SIGIL_DATASTORE_URL",
+        help = "sqlite://<path> or postgres://user@host/db (also from SIGIL_DATASTORE_URL, e.g. a Secret)"
+    )]
     pub datastore_url: Option<String>,
     /// error, warn, info, debug, trace, or a tracing filter.
     #[arg(long)]
