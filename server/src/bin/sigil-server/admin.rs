@@ -17,7 +17,7 @@ use sigil_proto::admin::{
     SvidSerial, TrustDomainName, UpdateEntryRequest,
 };
 use sigil_proto::common;
-use sigil_server::config::{LogFormat, ServerConfig, parse_ttl};
+use sigil_server::config::{LogFormat, ServerConfig, ServerFlags, parse_ttl};
 use tonic::transport::Channel;
 use tracing_subscriber::EnvFilter;
 
@@ -30,55 +30,12 @@ pub(crate) struct RunArgs {
     /// The TOML configuration file; flags below override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// The trust domain this server is the CA of, e.g. example.org.
-    #[arg(long)]
-    trust_domain: Option<String>,
-    /// Where the SQLite database, keys and admin socket live.
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// The agent API address (mTLS).
-    #[arg(long)]
-    bind_address: Option<SocketAddr>,
-    /// The /live, /ready and /metrics address.
-    #[arg(long)]
-    health_address: Option<SocketAddr>,
-    /// The admin socket path (default <data-dir>/admin.sock).
-    #[arg(long)]
-    admin_socket: Option<PathBuf>,
-    /// sqlite://<path> or postgres://user@host/db (also from SIGIL_DATASTORE_URL, e.g. a Secret).
-    #[arg(long, env = "SIGIL_DATASTORE_URL")]
-    datastore_url: Option<String>,
-    /// error, warn, info, debug, trace, or a tracing filter.
-    #[arg(long)]
-    log_level: Option<String>,
+    #[command(flatten)]
+    flags: ServerFlags,
 }
 
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (mut config, source) = match &args.config {
-        Some(path) => (ServerConfig::from_file(path)?, path.clone()),
-        None => (ServerConfig::default(), PathBuf::from("<flags>")),
-    };
-    if let Some(value) = args.trust_domain {
-        config.trust_domain = Some(value);
-    }
-    if let Some(value) = args.data_dir {
-        config.data_dir = value;
-    }
-    if let Some(value) = args.bind_address {
-        config.bind_address = value;
-    }
-    if let Some(value) = args.health_address {
-        config.health_address = value;
-    }
-    if let Some(value) = args.admin_socket {
-        config.admin_socket = Some(value);
-    }
-    if let Some(value) = args.datastore_url {
-        config.datastore.url = Some(value);
-    }
-    if let Some(value) = args.log_level {
-        config.log_level = value;
-    }
+    let (config, source) = ServerConfig::load(args.config.as_deref(), args.flags)?;
     let filter = EnvFilter::try_new(&config.log_level).with_context(|| {
         format!(
             "log_level `{}` is not a level or tracing filter",
