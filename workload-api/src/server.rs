@@ -224,6 +224,30 @@ fn no_identity() -> Status {
     )
 }
 
+impl<S: IdentitySource> WorkloadApi<S> {
+    /// The stream of both bundle calls: the trust bundles `caller` may see, as `render` answers
+    /// them, sent again whenever they change.
+    async fn follow_bundles<T>(
+        &self,
+        caller: Caller,
+        render: fn(&[Arc<TrustBundle>]) -> Result<T, Status>,
+    ) -> Result<Response<ResponseStream<T>>, Status>
+    where
+        T: PartialEq + Clone + Send + Sync + 'static,
+    {
+        let selectors: Arc<Vec<Selector>> = Arc::new(self.source.attest(caller).await?);
+        let stream = follow(
+            self.source.clone(),
+            self.stopping.clone(),
+            move |source: &S| {
+                let selectors = selectors.clone();
+                Box::pin(async move { render(&source.bundles(&selectors)?) })
+            },
+        );
+        Ok(Response::new(stream))
+    }
+}
+
 #[tonic::async_trait]
 impl<S: IdentitySource> SpiffeWorkloadApi for WorkloadApi<S> {
     type FetchX509SVIDStream = ResponseStream<X509svidResponse>;
@@ -262,17 +286,8 @@ impl<S: IdentitySource> SpiffeWorkloadApi for WorkloadApi<S> {
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let caller = caller(&request)?;
-        let selectors: Arc<Vec<Selector>> = Arc::new(self.source.attest(caller).await?);
-        let stream = follow(
-            self.source.clone(),
-            self.stopping.clone(),
-            move |source: &S| {
-                let selectors = selectors.clone();
-                Box::pin(async move { Ok(x509_bundles(&source.bundles(&selectors)?)) })
-            },
-        );
-        Ok(Response::new(stream))
+        self.follow_bundles(caller(&request)?, |bundles| Ok(x509_bundles(bundles)))
+            .await
     }
 
     async fn fetch_jwtsvid(
@@ -313,17 +328,7 @@ impl<S: IdentitySource> SpiffeWorkloadApi for WorkloadApi<S> {
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let caller = caller(&request)?;
-        let selectors: Arc<Vec<Selector>> = Arc::new(self.source.attest(caller).await?);
-        let stream = follow(
-            self.source.clone(),
-            self.stopping.clone(),
-            move |source: &S| {
-                let selectors = selectors.clone();
-                Box::pin(async move { jwt_bundles(&source.bundles(&selectors)?) })
-            },
-        );
-        Ok(Response::new(stream))
+        self.follow_bundles(caller(&request)?, jwt_bundles).await
     }
 
     async fn validate_jwtsvid(
