@@ -28,14 +28,11 @@ use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::fs::{AtFlags, Mode, OFlags, openat, readlinkat, statat};
 use rustix::process::{Pid, PidfdFlags, pidfd_open};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::source::Caller;
 use crate::{Error, Result};
@@ -236,67 +233,6 @@ impl Peer {
     /// The caller, or the reason it cannot be attested.
     pub(crate) fn caller(&self) -> std::result::Result<Caller, Arc<str>> {
         self.0.clone()
-    }
-}
-
-/// An accepted connection that carries its [`Peer`] as tonic's connect info.
-#[derive(Debug)]
-pub(crate) struct Held<S> {
-    inner: S,
-    peer: Peer,
-}
-
-impl<S> Held<S> {
-    pub(crate) fn new(inner: S, peer: Peer) -> Self {
-        Held { inner, peer }
-    }
-}
-
-impl<S> tonic::transport::server::Connected for Held<S> {
-    type ConnectInfo = Peer;
-
-    fn connect_info(&self) -> Peer {
-        self.peer.clone()
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Held<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 

@@ -24,7 +24,7 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
 use crate::authority::AuthorityRewrite;
-use crate::peer::{Held, Peer};
+use crate::peer::Peer;
 pub use crate::socket::bind_socket;
 use crate::source::{Caller, IdentitySource, X509View};
 use crate::{Error, HEADER, Result, jwt};
@@ -83,7 +83,7 @@ pub async fn serve<S: IdentitySource>(
             // The process is held at accept, before the caller can do anything else.
             UnixListenerStream::new(listener).map_ok(move |stream| {
                 let peer = Peer::accept(&stream, &proc_root);
-                Held::new(AuthorityRewrite::new(stream, limits), peer)
+                AuthorityRewrite::new(stream, peer, limits)
             }),
             async move {
                 let _ = stopping.wait_for(|stop| *stop).await;

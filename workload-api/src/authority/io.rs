@@ -23,20 +23,23 @@ fn goaway_frame(last_stream_id: u32, code: Http2Code, reason: &str) -> BytesMut 
 }
 
 /// A connection whose incoming HTTP/2 requests get `:authority: localhost`, and that is refused
-/// with a GOAWAY when its client breaks a rule or a bound.
+/// with a GOAWAY when its client breaks a rule or a bound. It carries `info` (the server: the
+/// [`Peer`](crate::peer::Peer) held at accept) as tonic's connect info, so that one wrapper, not
+/// two, sits between the socket and the HTTP/2 server.
 ///
 /// On a refusal the HTTP/2 server is handed what came before the offending frame and then the end
 /// of its input; it flushes its queued frames and shuts the connection down, and the GOAWAY goes
 /// out at that shutdown, after the server's last whole frame.
-pub(crate) struct AuthorityRewrite<S> {
+pub(crate) struct AuthorityRewrite<S, I> {
     inner: S,
+    info: I,
     rewriter: HeaderRewriter,
     ready: BytesMut,
     /// The GOAWAY still to be written, once the connection is refused.
     goaway: Option<BytesMut>,
 }
 
-impl<S> std::fmt::Debug for AuthorityRewrite<S> {
+impl<S, I> std::fmt::Debug for AuthorityRewrite<S, I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthorityRewrite")
             .field("rewriter", &self.rewriter)
@@ -44,11 +47,12 @@ impl<S> std::fmt::Debug for AuthorityRewrite<S> {
     }
 }
 
-impl<S> AuthorityRewrite<S> {
-    /// Wraps a freshly accepted connection.
-    pub(crate) fn new(inner: S, limits: HeaderLimits) -> Self {
+impl<S, I> AuthorityRewrite<S, I> {
+    /// Wraps a freshly accepted connection, whose connect info is `info`.
+    pub(crate) fn new(inner: S, info: I, limits: HeaderLimits) -> Self {
         AuthorityRewrite {
             inner,
+            info,
             rewriter: HeaderRewriter::new(limits),
             ready: BytesMut::new(),
             goaway: None,
@@ -56,7 +60,7 @@ impl<S> AuthorityRewrite<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<S> {
+impl<S: AsyncRead + Unpin, I: Unpin> AsyncRead for AuthorityRewrite<S, I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -98,7 +102,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityRewrite<S> {
+impl<S: AsyncWrite + Unpin, I: Unpin> AsyncWrite for AuthorityRewrite<S, I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -137,10 +141,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityRewrite<S> {
     }
 }
 
-impl tonic::transport::server::Connected for AuthorityRewrite<tokio::net::UnixStream> {
-    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+impl<S, I> tonic::transport::server::Connected for AuthorityRewrite<S, I>
+where
+    I: Clone + Send + Sync + 'static,
+{
+    type ConnectInfo = I;
 
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+    fn connect_info(&self) -> I {
+        self.info.clone()
     }
 }

@@ -301,7 +301,7 @@ fn random_frames_never_panic() {
 #[tokio::test]
 async fn a_refused_connection_gets_a_goaway_after_the_servers_frames() {
     let (mut client, socket) = tokio::io::duplex(256 * 1024);
-    let mut connection = AuthorityRewrite::new(socket, HeaderLimits::default());
+    let mut connection = AuthorityRewrite::new(socket, (), HeaderLimits::default());
     client.write_all(&bomb()).await.expect("sent");
     // The server side reads the preface, then the end of its input.
     let mut seen = Vec::new();
