@@ -31,40 +31,23 @@ pub mod macro_support {
 /// the `impl` block: `sigil_core::handshake_signatures!(algorithms);` (or `0` for a tuple struct).
 #[macro_export]
 macro_rules! handshake_signatures {
+    // One version's check: the trait method and the rustls function share the name.
+    (@check $algorithms:tt, $check:ident) => {
+        fn $check(
+            &self,
+            message: &[u8],
+            cert: &$crate::tls::macro_support::rustls_pki_types::CertificateDer<'_>,
+            dss: &$crate::tls::macro_support::rustls::DigitallySignedStruct,
+        ) -> ::std::result::Result<
+            $crate::tls::macro_support::rustls::client::danger::HandshakeSignatureValid,
+            $crate::tls::macro_support::rustls::Error,
+        > {
+            $crate::tls::macro_support::rustls::crypto::$check(message, cert, dss, &self.$algorithms)
+        }
+    };
     ($algorithms:tt) => {
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &$crate::tls::macro_support::rustls_pki_types::CertificateDer<'_>,
-            dss: &$crate::tls::macro_support::rustls::DigitallySignedStruct,
-        ) -> ::std::result::Result<
-            $crate::tls::macro_support::rustls::client::danger::HandshakeSignatureValid,
-            $crate::tls::macro_support::rustls::Error,
-        > {
-            $crate::tls::macro_support::rustls::crypto::verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &self.$algorithms,
-            )
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &$crate::tls::macro_support::rustls_pki_types::CertificateDer<'_>,
-            dss: &$crate::tls::macro_support::rustls::DigitallySignedStruct,
-        ) -> ::std::result::Result<
-            $crate::tls::macro_support::rustls::client::danger::HandshakeSignatureValid,
-            $crate::tls::macro_support::rustls::Error,
-        > {
-            $crate::tls::macro_support::rustls::crypto::verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &self.$algorithms,
-            )
-        }
+        $crate::handshake_signatures!(@check $algorithms, verify_tls12_signature);
+        $crate::handshake_signatures!(@check $algorithms, verify_tls13_signature);
 
         fn supported_verify_schemes(
             &self,
