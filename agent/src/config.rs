@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use sigil_core::config::{ConfigError, HumanDuration, load_or_default, required_trust_domain};
+use sigil_core::config::{HumanDuration, load_or_default, required_trust_domain};
 use sigil_core::id::TrustDomain;
 
 use crate::{Error, Result};
@@ -186,7 +186,7 @@ impl KubernetesConfig {
             .or_else(|| std::env::var("NODE_NAME").ok())
             .filter(|n| !n.is_empty())
             .ok_or_else(|| {
-                bad_config(
+                Error::config(
                     source,
                     "kubernetes.node_name is required (or the NODE_NAME environment variable, from the downward API)",
                 )
@@ -273,20 +273,6 @@ impl AgentFlags {
     }
 }
 
-/// An [`Error::Config`] of the file (or `<flags>`) at `source`.
-fn bad_config(source: &Path, reason: impl Into<String>) -> Error {
-    Error::Config {
-        path: source.to_path_buf(),
-        reason: reason.into(),
-    }
-}
-
-impl From<ConfigError> for Error {
-    fn from(e: ConfigError) -> Self {
-        bad_config(e.path(), e.reason())
-    }
-}
-
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
@@ -335,12 +321,12 @@ impl AgentConfig {
 
     /// The validated trust domain.
     pub fn trust_domain(&self, source: &Path) -> Result<TrustDomain> {
-        required_trust_domain(self.trust_domain.as_deref()).map_err(|e| bad_config(source, e))
+        required_trust_domain(self.trust_domain.as_deref()).map_err(|e| Error::config(source, e))
     }
 
     /// Checks values that parse but cannot work.
     pub fn validate(&self, source: &Path) -> Result<()> {
-        let bad = |reason: &str| bad_config(source, reason);
+        let bad = |reason: &str| Error::config(source, reason);
         if self.max_batch == 0 || self.max_batch > 1000 {
             return Err(bad(
                 "max_batch must be between 1 and 1000 (the server's limit)",

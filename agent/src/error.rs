@@ -1,4 +1,3 @@
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,13 +11,8 @@ use tonic::{Code, Status};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The configuration file or a flag is wrong; start-up stops.
-    #[error("configuration {}: {reason}", path.display())]
-    Config {
-        /// The file (or `<flags>`) the bad value came from.
-        path: PathBuf,
-        /// The key and what is wrong with it.
-        reason: String,
-    },
+    #[error("configuration {0}")]
+    Config(#[from] sigil_core::config::ConfigError),
     /// A domain check failed (bad SPIFFE ID, certificate, bundle), or a key or CSR could not be
     /// made.
     #[error(transparent)]
@@ -130,6 +124,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// An [`Error::Config`]: the value from the file (or `<flags>`) at `path` is wrong.
+    pub fn config(path: &std::path::Path, reason: impl Into<String>) -> Self {
+        Error::Config(sigil_core::config::ConfigError::invalid(path, reason))
+    }
+
     /// An [`Error::Io`] with context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
@@ -167,7 +166,7 @@ impl Error {
             | Error::Stopping
             | Error::PodNotFound { .. }
             | Error::Connect { .. } => Code::Unavailable,
-            Error::Config { .. }
+            Error::Config(_)
             | Error::Invalid(_)
             | Error::BadAnswer { .. }
             | Error::UnreadableSvid(_)

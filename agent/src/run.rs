@@ -206,18 +206,11 @@ async fn serve_health(
     let health_address = health_listener
         .local_addr()
         .map_err(|e| Error::io("reading the health address", e))?;
-    let mut health_stop = stopping.clone();
-    let routes = router(health);
-    tasks.spawn(async move {
-        let result = axum::serve(health_listener, routes)
-            .with_graceful_shutdown(async move {
-                let _ = health_stop.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "the health endpoint stopped");
-        }
-    });
+    tasks.spawn(sigil_core::health::serve(
+        health_listener,
+        router(health),
+        stopping.clone(),
+    ));
     Ok(health_address)
 }
 

@@ -92,6 +92,15 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// A value that parsed but is wrong: a trust domain that is not one, a file a setting names
+    /// that holds no certificate, settings that contradict each other.
+    #[error("{}: {reason}", path.display())]
+    Invalid {
+        /// The file (or [`FLAGS_SOURCE`]) the value came from.
+        path: PathBuf,
+        /// The key and what is wrong with it.
+        reason: String,
+    },
 }
 
 /// A place in a file, both counted from 1.
@@ -104,10 +113,20 @@ pub struct Location {
 }
 
 impl ConfigError {
+    /// An [`ConfigError::Invalid`] value of the file (or [`FLAGS_SOURCE`]) at `path`.
+    pub fn invalid(path: &Path, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+
     /// The file the error is about.
     pub fn path(&self) -> &Path {
         match self {
-            ConfigError::Read { path, .. } | ConfigError::Parse { path, .. } => path,
+            ConfigError::Read { path, .. }
+            | ConfigError::Parse { path, .. }
+            | ConfigError::Invalid { path, .. } => path,
         }
     }
 
@@ -121,6 +140,7 @@ impl ConfigError {
                 message,
                 ..
             } => describe(*location, key, message),
+            ConfigError::Invalid { reason, .. } => reason.clone(),
         }
     }
 }

@@ -1,9 +1,29 @@
-//! The probe behind `sigil-server healthcheck` and `sigil-agent healthcheck`: an HTTP GET of
-//! `/ready` on a health address, answering whether it returned 200.
+//! The health endpoint every Sigil process serves (`/live`, `/ready`, `/metrics`), and the probe
+//! behind `sigil-server healthcheck` and `sigil-agent healthcheck`: an HTTP GET of `/ready` on a
+//! health address, answering whether it returned 200.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// Serves `routes` on `listener` until `stop` turns true. A failure is logged, not returned: the
+/// health endpoint is a side door, and the process it reports on goes on without it.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    routes: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    let served = axum::serve(listener, routes)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "the health endpoint stopped");
+    }
+}
 
 /// Asks `address` for `/ready`; `Ok` with the body on 200, otherwise an error saying why.
 pub fn probe_ready(address: SocketAddr, timeout: Duration) -> Result<String, String> {

@@ -27,7 +27,8 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
-    /// The configuration file is not valid TOML or does not have the expected shape.
+    /// The configuration file is not valid TOML, does not have the expected shape, or holds a
+    /// value that is wrong.
     #[error("{}: {reason}", path.display())]
     ParseConfig {
         /// The file.

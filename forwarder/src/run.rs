@@ -112,7 +112,7 @@ async fn serve_health(
     address: SocketAddr,
     store: Arc<IdentityStore>,
     metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>> {
     let listener = TcpListener::bind(address)
         .await
@@ -126,16 +126,7 @@ async fn serve_health(
         metrics,
         std::sync::Arc::new(sigil_core::clock::SystemClock),
     );
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(e) = served {
-            tracing::error!("the health endpoint stopped: {e}");
-        }
-    });
+    let task = tokio::spawn(sigil_core::health::serve(listener, router, stop));
     tracing::info!(%address, "health endpoint: /live, /ready, /metrics");
     Ok(task)
 }

@@ -9,7 +9,6 @@ use sigil_core::id::{SpiffeId, parse_spiffe_id};
 use sigil_forwarder::config::ForwarderConfig;
 use sigil_forwarder::policy::{IdPattern, Segment};
 use sigil_server::config::ServerConfig;
-use sigil_server::federation::RelationshipInput;
 
 use crate::{example_org, text};
 
@@ -33,12 +32,7 @@ pub fn server_config(data: &[u8]) {
         return;
     };
     for relationship in &config.federation.relationships {
-        let input = RelationshipInput {
-            trust_domain: relationship.trust_domain.clone(),
-            bundle_endpoint_url: relationship.bundle_endpoint_url.clone(),
-            profile: relationship.profile.clone(),
-            endpoint_spiffe_id: relationship.endpoint_spiffe_id.clone(),
-        };
+        let input = relationship.input();
         let _ = input.validate(&own, 0);
     }
 }

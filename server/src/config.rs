@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
-use sigil_core::config::{ConfigError, HumanDuration, load_or_default, required_trust_domain};
+use sigil_core::config::{HumanDuration, load_or_default, required_trust_domain};
 use sigil_core::id::TrustDomain;
 use sigil_core::x509::KeyType;
 
@@ -17,20 +17,6 @@ use crate::{Error, Result};
 mod flags;
 
 pub use flags::{ServerFlags, parse_ttl};
-
-/// An [`Error::Config`] of the file (or `<flags>`) at `source`.
-fn bad_config(source: &Path, reason: impl Into<String>) -> Error {
-    Error::Config {
-        path: source.to_path_buf(),
-        reason: reason.into(),
-    }
-}
-
-impl From<ConfigError> for Error {
-    fn from(e: ConfigError) -> Self {
-        bad_config(e.path(), e.reason())
-    }
-}
 
 /// The `[ca]` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -266,6 +252,18 @@ pub struct StaticRelationship {
     pub trust_bundle_path: Option<PathBuf>,
 }
 
+impl StaticRelationship {
+    /// The relationship as the admin API takes it, so the file's is checked the same way.
+    pub fn input(&self) -> crate::federation::RelationshipInput {
+        crate::federation::RelationshipInput {
+            trust_domain: self.trust_domain.clone(),
+            bundle_endpoint_url: self.bundle_endpoint_url.clone(),
+            profile: self.profile.clone(),
+            endpoint_spiffe_id: self.endpoint_spiffe_id.clone(),
+        }
+    }
+}
+
 /// The `[kubernetes]` section: PSAT node attestation, automatic ServiceAccount identities and the
 /// bundle ConfigMap. Each part is off until configured.
 #[derive(Debug, Clone, Deserialize)]
@@ -417,7 +415,7 @@ impl ServerConfig {
 
     /// The validated trust domain.
     pub fn trust_domain(&self, source: &Path) -> Result<TrustDomain> {
-        required_trust_domain(self.trust_domain.as_deref()).map_err(|e| bad_config(source, e))
+        required_trust_domain(self.trust_domain.as_deref()).map_err(|e| Error::config(source, e))
     }
 
     /// The admin socket path.
@@ -465,7 +463,7 @@ impl ServerConfig {
 
     /// Checks values that parse but make no sense together.
     pub fn validate(&self, source: &Path) -> Result<()> {
-        let bad = |reason: String| bad_config(source, reason);
+        let bad = |reason: String| Error::config(source, reason);
         if self.ca.ttl.0 < self.ca.default_x509_svid_ttl.0.saturating_mul(2) {
             return Err(bad(format!(
                 "ca.ttl ({}) must be at least twice ca.default_x509_svid_ttl ({}), so every SVID can live its full lifetime",

@@ -1,5 +1,3 @@
-use std::path::PathBuf;
-
 /// Everything that can go wrong in the Sigil server.
 ///
 /// Each message says what was wrong and, where the user can act, what to do. [`Error::status`]
@@ -7,13 +5,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The configuration file or a flag is wrong; start-up stops.
-    #[error("configuration {}: {reason}", path.display())]
-    Config {
-        /// The file (or `<flags>`) the bad value came from.
-        path: PathBuf,
-        /// The key and what is wrong with it.
-        reason: String,
-    },
+    #[error("configuration {0}")]
+    Config(#[from] sigil_core::config::ConfigError),
     /// A request field or input failed a domain check.
     #[error(transparent)]
     Invalid(#[from] sigil_core::Error),
@@ -66,6 +59,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// An [`Error::Config`]: the value from the file (or `<flags>`) at `path` is wrong.
+    pub fn config(path: &std::path::Path, reason: impl Into<String>) -> Self {
+        Error::Config(sigil_core::config::ConfigError::invalid(path, reason))
+    }
+
     /// An [`Error::Ca`] without an underlying error.
     pub fn ca(context: impl Into<String>) -> Self {
         Error::Ca {
@@ -116,7 +114,7 @@ impl Error {
     pub fn status(&self) -> tonic::Status {
         let message = self.to_string();
         match self {
-            Error::Invalid(_) | Error::Config { .. } => tonic::Status::invalid_argument(message),
+            Error::Invalid(_) | Error::Config(_) => tonic::Status::invalid_argument(message),
             Error::PermissionDenied(_) => tonic::Status::permission_denied(message),
             Error::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             Error::NotFound(_) => tonic::Status::not_found(message),

@@ -22,7 +22,7 @@ use crate::attest::{JoinTokenAttestor, NodeAttestor, PsatAttestor};
 use crate::ca::{Ca, DiskKeyManager, IssuanceRecorder, Issuer, KeyManager, MemoryKeyManager};
 use crate::config::{KeyManagerKind, ServerConfig};
 use crate::datastore::{DataStore, SqlDataStore};
-use crate::federation::{Federation, RefreshBounds, RelationshipInput, check_foreign_bundle};
+use crate::federation::{Federation, RefreshBounds, check_foreign_bundle};
 use crate::feed::Feed;
 use crate::k8s::{self, AutoIdentitySettings, PodIdentities};
 use crate::metrics::Metrics;
@@ -293,18 +293,10 @@ async fn load_static_relationships<D: DataStore>(
     datastore: &D,
     clock: &SharedClock,
 ) -> Result<()> {
-    let bad = |reason: String| Error::Config {
-        path: source.to_path_buf(),
-        reason,
-    };
+    let bad = |reason: String| Error::config(source, reason);
     let now = clock.unix_now();
     for configured in &config.federation.relationships {
-        let input = RelationshipInput {
-            trust_domain: configured.trust_domain.clone(),
-            bundle_endpoint_url: configured.bundle_endpoint_url.clone(),
-            profile: configured.profile.clone(),
-            endpoint_spiffe_id: configured.endpoint_spiffe_id.clone(),
-        };
+        let input = configured.input();
         let mut relationship = input
             .validate(own, now)
             .map_err(|e| bad(format!("federation.relationships: {e}")))?;

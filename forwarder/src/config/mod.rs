@@ -182,9 +182,9 @@ impl From<ConfigError> for Error {
     fn from(e: ConfigError) -> Self {
         match e {
             ConfigError::Read { path, source } => Error::ReadConfig { path, source },
-            parse @ ConfigError::Parse { .. } => Error::ParseConfig {
-                path: parse.path().to_path_buf(),
-                reason: parse.reason(),
+            other => Error::ParseConfig {
+                path: other.path().to_path_buf(),
+                reason: other.reason(),
             },
         }
     }

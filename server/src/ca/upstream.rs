@@ -41,10 +41,7 @@ pub struct DiskUpstream {
 }
 
 fn read_certificates(path: &Path) -> Result<Vec<Vec<u8>>> {
-    let bad = |reason: String| Error::Config {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let bad = |reason: String| Error::config(path, reason);
     let certificates: Vec<Vec<u8>> = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
         .map_err(|e| bad(format!("cannot read PEM certificates: {e}")))?
@@ -52,7 +49,7 @@ fn read_certificates(path: &Path) -> Result<Vec<Vec<u8>>> {
         .map(|c| c.to_vec())
         .collect();
     if certificates.is_empty() {
-        return Err(bad("holds no PEM certificate".into()));
+        return Err(bad("holds no PEM certificate".to_string()));
     }
     Ok(certificates)
 }
@@ -71,20 +68,17 @@ impl DiskUpstream {
     /// is not a CA, or a non-root certificate without `bundle_file` stops start-up with the
     /// reason.
     pub fn load(cert_file: &Path, key_file: &Path, bundle_file: Option<&Path>) -> Result<Self> {
-        let bad = |path: &Path, reason: String| Error::Config {
-            path: path.to_path_buf(),
-            reason,
-        };
         let mut certificates = read_certificates(cert_file)?;
         let own = certificates.remove(0);
-        let key_pem = std::fs::read_to_string(key_file)
-            .map_err(|e| bad(key_file, format!("cannot read the upstream CA key: {e}")))?;
+        let key_pem = std::fs::read_to_string(key_file).map_err(|e| {
+            Error::config(key_file, format!("cannot read the upstream CA key: {e}"))
+        })?;
         let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| bad(key_file, format!("not a usable PEM private key: {e}")))?;
+            .map_err(|e| Error::config(key_file, format!("not a usable PEM private key: {e}")))?;
         let cert = parse(&own)
-            .ok_or_else(|| bad(cert_file, "the first certificate is unreadable".into()))?;
+            .ok_or_else(|| Error::config(cert_file, "the first certificate is unreadable"))?;
         if cert.public_key().raw != key.subject_public_key_info().as_slice() {
-            return Err(bad(
+            return Err(Error::config(
                 key_file,
                 format!(
                     "this key does not belong to the certificate in {}",
@@ -93,12 +87,11 @@ impl DiskUpstream {
             ));
         }
         let facts = sigil_core::x509::certificate_facts(&own)
-            .map_err(|e| bad(cert_file, format!("unreadable certificate: {e}")))?;
+            .map_err(|e| Error::config(cert_file, format!("unreadable certificate: {e}")))?;
         if !facts.is_ca {
-            return Err(bad(
+            return Err(Error::config(
                 cert_file,
-                "the upstream certificate is not a CA (basicConstraints CA:TRUE is required)"
-                    .into(),
+                "the upstream certificate is not a CA (basicConstraints CA:TRUE is required)",
             ));
         }
         let subject = cert.subject().as_raw().to_vec();
@@ -106,9 +99,9 @@ impl DiskUpstream {
             Some(path) => read_certificates(path)?,
             None if is_self_issued(&own) => vec![own.clone()],
             None => {
-                return Err(bad(
+                return Err(Error::config(
                     cert_file,
-                    "the upstream certificate is not a root: name the root(s) to trust in upstream.bundle_file".into(),
+                    "the upstream certificate is not a root: name the root(s) to trust in upstream.bundle_file",
                 ));
             }
         };
@@ -119,7 +112,7 @@ impl DiskUpstream {
             .filter(|der| !anchors.contains(der))
             .collect();
         let issuer = Issuer::from_ca_cert_der(&own.as_slice().into(), key)
-            .map_err(|e| bad(cert_file, format!("cannot sign with this CA: {e}")))?;
+            .map_err(|e| Error::config(cert_file, format!("cannot sign with this CA: {e}")))?;
         Ok(DiskUpstream {
             issuer,
             subject,

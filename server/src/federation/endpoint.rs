@@ -127,20 +127,16 @@ fn read_certified_key(
     cert_file: &std::path::Path,
     key_file: &std::path::Path,
 ) -> Result<Arc<CertifiedKey>> {
-    let config_error = |path: &std::path::Path, reason: String| Error::Config {
-        path: path.to_path_buf(),
-        reason,
-    };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
         .and_then(|certs| certs.collect())
-        .map_err(|e| config_error(cert_file, format!("cannot read PEM certificates: {e}")))?;
+        .map_err(|e| Error::config(cert_file, format!("cannot read PEM certificates: {e}")))?;
     if chain.is_empty() {
-        return Err(config_error(cert_file, "holds no certificate".to_string()));
+        return Err(Error::config(cert_file, "holds no certificate".to_string()));
     }
     let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|e| config_error(key_file, format!("cannot read a PEM private key: {e}")))?;
+        .map_err(|e| Error::config(key_file, format!("cannot read a PEM private key: {e}")))?;
     let certified = CertifiedKey::from_der(chain, key, &crypto_provider()).map_err(|e| {
-        config_error(
+        Error::config(
             key_file,
             format!("the key does not go with {}: {e}", cert_file.display()),
         )

@@ -2,6 +2,7 @@
 //! the health endpoint and the federation bundle endpoint, each served by a task that ends when
 //! the server stops.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -66,29 +67,21 @@ pub(super) async fn serve_agent_api<D: DataStore>(
         ))
         .max_decoding_message_size(config.max_message_bytes)
     });
-    let mut agent_stop = stopped.clone();
     let agent_api_limits = config.agent_api.clone();
-    tasks.spawn(async move {
-        // tonic leaves hyper's HTTP/2 stream and reset limits off unless told: every node can
-        // reach this port, so each is set.
-        let result = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .max_concurrent_streams(Some(agent_api_limits.max_streams_per_connection))
-            .http2_max_local_error_reset_streams(Some(1024))
-            .http2_max_pending_accept_reset_streams(Some(20))
-            .http2_max_header_list_size(Some(16 * 1024))
-            .timeout(agent_api_limits.request_timeout.0)
-            .add_service(agent_service)
-            .add_optional_service(istio_service)
-            .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {
-                let _ = agent_stop.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "the agent API stopped");
-        }
-    });
+    // tonic leaves hyper's HTTP/2 stream and reset limits off unless told: every node can reach
+    // this port, so each is set.
+    let serving = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(agent_api_limits.max_streams_per_connection))
+        .http2_max_local_error_reset_streams(Some(1024))
+        .http2_max_pending_accept_reset_streams(Some(20))
+        .http2_max_header_list_size(Some(16 * 1024))
+        .timeout(agent_api_limits.request_timeout.0)
+        .add_service(agent_service)
+        .add_optional_service(istio_service)
+        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), until_stopped(stopped));
+    tasks.spawn(logged("the agent API", serving));
     Ok(agent_api_address)
 }
 
@@ -105,18 +98,13 @@ pub(super) async fn serve_admin_api<D: DataStore>(
     let admin_service = AdminApiServer::new(AdminService::new(state.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(usize::MAX);
-    let mut admin_stop = stopped.clone();
-    tasks.spawn(async move {
-        let result = tonic::transport::Server::builder()
-            .add_service(admin_service)
-            .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), async move {
-                let _ = admin_stop.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "the admin API stopped");
-        }
-    });
+    let serving = tonic::transport::Server::builder()
+        .add_service(admin_service)
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(admin_listener),
+            until_stopped(stopped),
+        );
+    tasks.spawn(logged("the admin API", serving));
     Ok(admin_socket)
 }
 
@@ -137,18 +125,11 @@ pub(super) async fn serve_health<D: DataStore>(
             )
         })?;
     let health_address = local_address(&health_listener)?;
-    let mut health_stop = stopped.clone();
-    let router = health::router(state.clone());
-    tasks.spawn(async move {
-        let result = axum::serve(health_listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = health_stop.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "the health endpoint stopped");
-        }
-    });
+    tasks.spawn(sigil_core::health::serve(
+        health_listener,
+        health::router(state.clone()),
+        stopped.clone(),
+    ));
     Ok(health_address)
 }
 
@@ -187,6 +168,24 @@ pub(super) async fn serve_bundle_endpoint<D: DataStore>(
     Ok(Some(bound))
 }
 
+/// Resolves once `stopped` turns true (or its sender is gone): a listener's shutdown signal.
+fn until_stopped(stopped: &watch::Receiver<bool>) -> impl Future<Output = ()> + use<> {
+    let mut stopped = stopped.clone();
+    async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Runs a gRPC server to its end, logging why when it fails: `what` names it in the log.
+async fn logged(
+    what: &'static str,
+    serving: impl Future<Output = std::result::Result<(), tonic::transport::Error>>,
+) {
+    if let Err(e) = serving.await {
+        tracing::error!(error = %e, "{what} stopped");
+    }
+}
+
 /// The address `listener` is bound to (the port the OS chose for port 0).
 fn local_address(listener: &TcpListener) -> Result<SocketAddr> {
     listener
@@ -222,9 +221,11 @@ async fn bind_admin_socket(path: &Path) -> Result<UnixListener> {
         }
         None => PathBuf::from("."),
     };
-    let name = path.file_name().ok_or_else(|| Error::Config {
-        path: path.to_path_buf(),
-        reason: "admin_socket must name a socket file, e.g. /run/sigil/admin.sock".into(),
+    let name = path.file_name().ok_or_else(|| {
+        Error::config(
+            path,
+            "admin_socket must name a socket file, e.g. /run/sigil/admin.sock",
+        )
     })?;
     match std::fs::symlink_metadata(path) {
         Ok(found) if found.file_type().is_socket() => {

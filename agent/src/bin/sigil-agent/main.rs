@@ -55,34 +55,20 @@ struct RunArgs {
     flags: AgentFlags,
 }
 
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+    let outcome = match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Api(command) => api::run(command).await,
+        Command::Forward(args) => forward::run(*args).await,
+        // A one-shot command with nothing else to do, so the probe blocks.
+        Command::Healthcheck { health_address } => {
+            sigil_core::health::probe_ready(health_address, Duration::from_secs(5))
+                .map(|body| println!("{body}"))
+                .map_err(anyhow::Error::msg)
         }
     };
-    let outcome = runtime.block_on(async move {
-        match cli.command {
-            Command::Run(args) => run(args).await,
-            Command::Api(command) => api::run(command).await,
-            Command::Forward(args) => forward::run(*args).await,
-            Command::Healthcheck { health_address } => {
-                let body = tokio::task::spawn_blocking(move || {
-                    sigil_core::health::probe_ready(health_address, Duration::from_secs(5))
-                })
-                .await?
-                .map_err(|why| anyhow::anyhow!(why))?;
-                println!("{body}");
-                Ok(())
-            }
-        }
-    });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -75,13 +75,10 @@ pub(crate) struct HealthcheckArgs {
     health_address: SocketAddr,
 }
 
-pub(crate) async fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<()> {
-    let address = args.health_address;
-    let body = tokio::task::spawn_blocking(move || {
-        sigil_core::health::probe_ready(address, Duration::from_secs(5))
-    })
-    .await?
-    .map_err(|why| anyhow::anyhow!(why))?;
+/// A one-shot command with nothing else to do, so the probe blocks.
+pub(crate) fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<()> {
+    let body = sigil_core::health::probe_ready(args.health_address, Duration::from_secs(5))
+        .map_err(anyhow::Error::msg)?;
     println!("{body}");
     Ok(())
 }

@@ -62,25 +62,14 @@ enum Command {
     Healthcheck(admin::HealthcheckArgs),
 }
 
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let outcome = match cli.command {
+        Command::Run(args) => admin::run(args).await,
+        Command::Healthcheck(args) => admin::healthcheck(args),
+        command => admin::administer(&cli.socket, cli.output, command).await,
     };
-    let outcome = runtime.block_on(async move {
-        match cli.command {
-            Command::Run(args) => admin::run(args).await,
-            Command::Healthcheck(args) => admin::healthcheck(args).await,
-            command => admin::administer(&cli.socket, cli.output, command).await,
-        }
-    });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
