@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use rustls_pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, TrustAnchor, UnixTime,
+};
 
 use crate::id::SpiffeId;
 use crate::x509::certificate_facts;
@@ -28,11 +30,12 @@ pub mod macro_support {
 ///
 /// Every Sigil verifier checks the chain its own way but the handshake signature the same way,
 /// and rustls' traits ask for these methods one by one; this is written once here. Use it inside
-/// the `impl` block: `sigil_core::handshake_signatures!(algorithms);` (or `0` for a tuple struct).
+/// the `impl` block: `sigil_core::handshake_signatures!(algorithms);` (`0` for a tuple struct, a
+/// path such as `peers.algorithms` for a field's field).
 #[macro_export]
 macro_rules! handshake_signatures {
     // One version's check: the trait method and the rustls function share the name.
-    (@check $algorithms:tt, $check:ident) => {
+    (@check $check:ident, $($algorithms:tt)+) => {
         fn $check(
             &self,
             message: &[u8],
@@ -42,17 +45,22 @@ macro_rules! handshake_signatures {
             $crate::tls::macro_support::rustls::client::danger::HandshakeSignatureValid,
             $crate::tls::macro_support::rustls::Error,
         > {
-            $crate::tls::macro_support::rustls::crypto::$check(message, cert, dss, &self.$algorithms)
+            $crate::tls::macro_support::rustls::crypto::$check(
+                message,
+                cert,
+                dss,
+                &self.$($algorithms)+,
+            )
         }
     };
-    ($algorithms:tt) => {
-        $crate::handshake_signatures!(@check $algorithms, verify_tls12_signature);
-        $crate::handshake_signatures!(@check $algorithms, verify_tls13_signature);
+    ($($algorithms:tt)+) => {
+        $crate::handshake_signatures!(@check verify_tls12_signature, $($algorithms)+);
+        $crate::handshake_signatures!(@check verify_tls13_signature, $($algorithms)+);
 
         fn supported_verify_schemes(
             &self,
         ) -> ::std::vec::Vec<$crate::tls::macro_support::rustls::SignatureScheme> {
-            self.$algorithms.supported_schemes()
+            self.$($algorithms)+.supported_schemes()
         }
     };
 }
@@ -60,6 +68,17 @@ macro_rules! handshake_signatures {
 /// The crypto provider every Sigil TLS endpoint uses.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// An identity as rustls takes it: the DER certificate chain (leaf first) and the PKCS#8 DER key.
+pub fn chain_and_key(
+    chain: &[Vec<u8>],
+    pkcs8_key: Vec<u8>,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    (
+        chain.iter().cloned().map(CertificateDer::from).collect(),
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8_key)),
+    )
 }
 
 /// Trust anchors from DER root certificates.

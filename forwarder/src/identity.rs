@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, TrustAnchor};
+use rustls_pki_types::TrustAnchor;
 use sigil_core::id::{SpiffeId, TrustDomain};
 use sigil_core::tls::{crypto_provider, trust_anchors};
 use sigil_proto::workload::X509svidResponse;
@@ -151,15 +151,10 @@ impl IdentityStore {
         let id = facts.spiffe_id.ok_or_else(|| {
             Error::Identity("the SVID's leaf has no single SPIFFE ID URI SAN".into())
         })?;
-        let key = CertifiedKey::from_der(
-            chain
-                .iter()
-                .map(|c| CertificateDer::from(c.clone()))
-                .collect(),
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.x509_svid_key.clone())),
-            &crypto_provider(),
-        )
-        .map_err(|e| Error::Identity(format!("the SVID's key does not load or match: {e}")))?;
+        let (certificates, private_key) =
+            sigil_core::tls::chain_and_key(&chain, svid.x509_svid_key.clone());
+        let key = CertifiedKey::from_der(certificates, private_key, &crypto_provider())
+            .map_err(|e| Error::Identity(format!("the SVID's key does not load or match: {e}")))?;
         let mut bundles = HashMap::new();
         let own = id.trust_domain().clone();
         bundles.insert(

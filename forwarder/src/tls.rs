@@ -130,14 +130,71 @@ fn authenticate(
     Ok(id)
 }
 
+/// What both verifiers share: a listener's view of the identity state, and the one place a
+/// refusal is logged and counted.
+#[derive(Debug)]
+struct Authenticator {
+    listener: String,
+    /// Who is refused, for the log line: `peer` (an inbound client) or `upstream`.
+    role: &'static str,
+    store: Arc<IdentityStore>,
+    metrics: Arc<Metrics>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl Authenticator {
+    fn new(
+        listener: String,
+        role: &'static str,
+        store: Arc<IdentityStore>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Authenticator {
+            listener,
+            role,
+            store,
+            metrics,
+            algorithms: crypto_provider().signature_verification_algorithms,
+        }
+    }
+
+    /// [`authenticate`] against the current state; a refusal is logged and counted.
+    fn authenticate(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<SpiffeId, rustls::Error> {
+        authenticate(
+            &self.store,
+            &self.algorithms,
+            end_entity,
+            intermediates,
+            now,
+            usage,
+        )
+        .map_err(|refusal| self.refuse(refusal))
+    }
+
+    fn refuse(&self, refusal: Refusal) -> rustls::Error {
+        tracing::warn!(
+            listener = %self.listener,
+            reason = refusal.reason,
+            "refused {}: {}",
+            self.role,
+            refusal.why
+        );
+        self.metrics.refuse(&self.listener, refusal.reason);
+        rustls::Error::InvalidCertificate(refusal.error)
+    }
+}
+
 /// Verifies inbound clients: authenticated, then the listener's [`PeerPolicy`].
 #[derive(Debug)]
 pub struct ClientVerifier {
-    listener: String,
-    store: Arc<IdentityStore>,
+    peers: Authenticator,
     policy: PeerPolicy,
-    metrics: Arc<Metrics>,
-    algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl ClientVerifier {
@@ -149,23 +206,9 @@ impl ClientVerifier {
         metrics: Arc<Metrics>,
     ) -> Self {
         ClientVerifier {
-            listener,
-            store,
+            peers: Authenticator::new(listener, "peer", store, metrics),
             policy,
-            metrics,
-            algorithms: crypto_provider().signature_verification_algorithms,
         }
-    }
-
-    fn refuse(&self, refusal: Refusal) -> rustls::Error {
-        tracing::warn!(
-            listener = %self.listener,
-            reason = refusal.reason,
-            "refused peer: {}",
-            refusal.why
-        );
-        self.metrics.refuse(&self.listener, refusal.reason);
-        rustls::Error::InvalidCertificate(refusal.error)
     }
 }
 
@@ -182,18 +225,15 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let id = authenticate(
-            &self.store,
-            &self.algorithms,
+        let id = self.peers.authenticate(
             end_entity,
             intermediates,
             now,
             webpki::KeyUsage::client_auth(),
-        )
-        .map_err(|refusal| self.refuse(refusal))?;
-        let own = self.store.load().trust_domain();
+        )?;
+        let own = self.peers.store.load().trust_domain();
         self.policy.check(&id, own.as_ref()).map_err(|rule| {
-            self.refuse(Refusal {
+            self.peers.refuse(Refusal {
                 reason: "policy",
                 why: format!("{id} refused by {rule}"),
                 error: CertificateError::ApplicationVerificationFailure,
@@ -202,18 +242,15 @@ impl ClientCertVerifier for ClientVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
-    sigil_core::handshake_signatures!(algorithms);
+    sigil_core::handshake_signatures!(peers.algorithms);
 }
 
 /// Verifies outbound upstreams: authenticated, and the ID one of the expected ones. The TLS server
 /// name is not checked: a SPIFFE peer is named by its ID.
 #[derive(Debug)]
 pub struct UpstreamVerifier {
-    listener: String,
-    store: Arc<IdentityStore>,
+    upstreams: Authenticator,
     expect: Vec<IdPattern>,
-    metrics: Arc<Metrics>,
-    algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl UpstreamVerifier {
@@ -225,18 +262,9 @@ impl UpstreamVerifier {
         metrics: Arc<Metrics>,
     ) -> Self {
         UpstreamVerifier {
-            listener,
-            store,
+            upstreams: Authenticator::new(listener, "upstream", store, metrics),
             expect,
-            metrics,
-            algorithms: crypto_provider().signature_verification_algorithms,
         }
-    }
-
-    fn refuse(&self, reason: &'static str, why: String, error: CertificateError) -> rustls::Error {
-        tracing::warn!(listener = %self.listener, reason, "refused upstream: {why}");
-        self.metrics.refuse(&self.listener, reason);
-        rustls::Error::InvalidCertificate(error)
     }
 }
 
@@ -249,30 +277,27 @@ impl ServerCertVerifier for UpstreamVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let id = authenticate(
-            &self.store,
-            &self.algorithms,
+        let id = self.upstreams.authenticate(
             end_entity,
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
-        )
-        .map_err(|r| self.refuse(r.reason, r.why, r.error))?;
+        )?;
         if self.expect.iter().any(|pattern| pattern.matches(&id)) {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(self.refuse(
-                "upstream_identity",
-                format!(
+            Err(self.upstreams.refuse(Refusal {
+                reason: "upstream_identity",
+                why: format!(
                     "the upstream presented {id}, expected {}",
                     join_patterns(&self.expect, " or ")
                 ),
-                CertificateError::ApplicationVerificationFailure,
-            ))
+                error: CertificateError::ApplicationVerificationFailure,
+            }))
         }
     }
 
-    sigil_core::handshake_signatures!(algorithms);
+    sigil_core::handshake_signatures!(upstreams.algorithms);
 }
 
 /// ring's provider with AES-128-GCM first: as safe as AES-256-GCM for these short-lived

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, ServerName};
 use sigil_core::id::{TrustDomain, server_id};
 use sigil_core::tls::{SpiffeServerVerifier, crypto_provider};
 use sigil_proto::agent::agent_api_client::AgentApiClient;
@@ -32,8 +32,9 @@ pub async fn connect(
     roots: &[Vec<u8>],
     identity: Option<&AgentIdentity>,
 ) -> Result<ServerConnection> {
-    let verifier = SpiffeServerVerifier::new(roots, server_id(trust_domain))?;
-    connect_with(address, Arc::new(verifier), identity).await
+    Ok(ServerConnection {
+        client: AgentApiClient::new(server_channel(address, trust_domain, roots, identity)?),
+    })
 }
 
 /// Connects to `address` without authenticating the server at all: the insecure bootstrap, for
@@ -43,23 +44,9 @@ pub async fn connect_insecure(address: &str) -> Result<ServerConnection> {
         server = address,
         "INSECURE BOOTSTRAP: the server is not authenticated on first contact; anyone on the network path can impersonate it. Use trust_bundle_path outside development."
     );
-    connect_with(
-        address,
-        Arc::new(AcceptAnyServer(
-            crypto_provider().signature_verification_algorithms,
-        )),
-        None,
-    )
-    .await
-}
-
-async fn connect_with(
-    address: &str,
-    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
-    identity: Option<&AgentIdentity>,
-) -> Result<ServerConnection> {
+    let verifier = AcceptAnyServer(crypto_provider().signature_verification_algorithms);
     Ok(ServerConnection {
-        client: AgentApiClient::new(channel_with(address, verifier, identity)?),
+        client: AgentApiClient::new(channel_with(address, Arc::new(verifier), None)?),
     })
 }
 
@@ -91,13 +78,8 @@ fn channel_with(
         .with_custom_certificate_verifier(verifier);
     let mut config = match identity {
         Some(identity) => {
-            let chain: Vec<CertificateDer<'static>> = identity
-                .chain
-                .iter()
-                .cloned()
-                .map(CertificateDer::from)
-                .collect();
-            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key.serialize_der()));
+            let (chain, key) =
+                sigil_core::tls::chain_and_key(&identity.chain, identity.key.serialize_der());
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| connect_error(format!("unusable agent SVID: {e}")))?
@@ -145,25 +127,5 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_schemes()
-    }
+    sigil_core::handshake_signatures!(0);
 }

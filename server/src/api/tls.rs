@@ -12,10 +12,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use rcgen::KeyPair;
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::CertificateDer;
 use sigil_core::id::server_id;
 use sigil_core::tls::crypto_provider;
 use sigil_core::x509::KeyType;
@@ -250,13 +249,7 @@ fn build<D: DataStore>(state: &ServerState<D>) -> Result<(rustls::ServerConfig, 
         .allow_unauthenticated()
         .build()
         .map_err(|e| Error::ca_caused("cannot build the client verifier", e))?;
-    let chain: Vec<CertificateDer<'static>> = svid
-        .chain
-        .iter()
-        .cloned()
-        .map(CertificateDer::from)
-        .collect();
-    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(KeyPair::serialize_der(&key)));
+    let (chain, key_der) = sigil_core::tls::chain_and_key(&svid.chain, key.serialize_der());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::ca_caused("TLS configuration", e))?
