@@ -2,6 +2,7 @@
 //! for bytes, for lines and for HTTP requests, and the line exchange a test client speaks.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -131,4 +132,25 @@ pub async fn exchange(stream: &mut TcpStream, line: &str) -> anyhow::Result<Opti
     } else {
         Some(String::from_utf8(answer)?)
     })
+}
+
+/// Reads from `stream` until what it received contains `needle`, waiting at most `patience` for
+/// each read; fails when the peer closes first. Returns everything received.
+pub async fn read_until(
+    stream: &mut TcpStream,
+    needle: &str,
+    patience: Duration,
+) -> anyhow::Result<String> {
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&received).contains(needle) {
+        let n = tokio::time::timeout(patience, stream.read(&mut buffer)).await??;
+        anyhow::ensure!(
+            n > 0,
+            "the connection closed before {needle:?}: {}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&buffer[..n]);
+    }
+    Ok(String::from_utf8_lossy(&received).into_owned())
 }

@@ -85,7 +85,7 @@ impl ForwarderProcess {
     /// `result`, with the forwarder's log added to an error, so a failed test shows what the
     /// forwarder saw.
     pub fn with_log<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
-        result.map_err(|e| e.context(format!("forwarder log:\n{}", self.logs())))
+        with_logs(result, || vec![("forwarder", self.logs())])
     }
 
     /// Waits until the forwarder has logged `needle` `count` times in all (at most `timeout`).
@@ -124,6 +124,14 @@ impl ForwarderProcess {
             .and_then(|line| line.rsplit(' ').next())
             .and_then(|value| value.parse().ok())
             .with_context(|| format!("no series `{series}` in:\n{text}"))
+    }
+
+    /// The refusals counted on `listener` (`inbound-<port>`, `outbound-<port>` or the name from
+    /// the configuration file) for `reason`.
+    pub fn refusals(&self, listener: &str, reason: &str) -> anyhow::Result<f64> {
+        self.metric(&format!(
+            "sigil_forwarder_refusals_total{{listener=\"{listener}\",reason=\"{reason}\"}}"
+        ))
     }
 
     /// Sends SIGTERM without waiting.
@@ -259,6 +267,21 @@ impl Forward {
             .chain(self.args.iter().map(String::as_str))
             .collect()
     }
+}
+
+/// `result`, with the logs of a test's processes added to an error, each under its name, so a
+/// failed test shows what every peer saw; `logs` is only called on an error.
+pub fn with_logs<T>(
+    result: anyhow::Result<T>,
+    logs: impl FnOnce() -> Vec<(&'static str, String)>,
+) -> anyhow::Result<T> {
+    result.map_err(|e| {
+        let logs: Vec<String> = logs()
+            .into_iter()
+            .map(|(name, log)| format!("{name} log:\n{log}"))
+            .collect();
+        e.context(logs.join("\n"))
+    })
 }
 
 /// `127.0.0.1:<port>`.

@@ -41,6 +41,30 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
         .unwrap_or_default()
 }
 
+/// The figures a latency benchmark prints of its samples, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct LatencyMs {
+    /// The median.
+    pub p50: f64,
+    /// The 99th percentile.
+    pub p99: f64,
+    /// The slowest sample (zero when there is none).
+    pub max: f64,
+}
+
+impl LatencyMs {
+    /// Sorts `samples` and takes their figures.
+    pub fn of(samples: &mut [Duration]) -> Self {
+        samples.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        LatencyMs {
+            p50: ms(percentile(samples, 0.5)),
+            p99: ms(percentile(samples, 0.99)),
+            max: ms(samples.last().copied().unwrap_or_default()),
+        }
+    }
+}
+
 /// Bytes in a MiB.
 pub const MIB: f64 = 1024.0 * 1024.0;
 
