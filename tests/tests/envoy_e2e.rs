@@ -8,7 +8,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
-use sigil_tests::envoy::{Envoy, client_bootstrap, log, server_bootstrap};
+use sigil_tests::echo::read_until;
+use sigil_tests::envoy::{
+    Envoy, PeerId, SdsApi, client_bootstrap, log, server_bootstrap, server_bootstrap_with,
+};
+use sigil_tests::forwarder::with_logs;
 use sigil_tests::svid::{fetch_svid, foreign_svid};
 use sigil_tests::tools::openssl_client;
 use sigil_tests::{Node, free_port, python};
@@ -59,34 +63,23 @@ async fn envoy_takes_its_certificate_and_bundle_over_sds() -> anyhow::Result<()>
         Ok(())
     }
     .await;
-    result.map_err(|e| {
-        e.context(format!(
-            "Envoy's log:\n{}\nagent log:\n{}",
-            log(&config),
-            agent.logs()
-        ))
+    with_logs(result, || {
+        vec![("Envoy's", log(&config)), ("agent", agent.logs())]
     })
 }
 
 /// Sends `GET /` on an open HTTP/1.1 connection and reads one response.
 async fn get_on(connection: &mut tokio::net::TcpStream) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     connection
         .write_all(b"GET / HTTP/1.1\r\nHost: sigil\r\n\r\n")
         .await?;
-    let mut response = Vec::new();
-    let mut buffer = [0u8; 4096];
-    while !String::from_utf8_lossy(&response).contains("hello over sigil mtls\n") {
-        let n =
-            tokio::time::timeout(Duration::from_secs(10), connection.read(&mut buffer)).await??;
-        ensure!(
-            n > 0,
-            "the connection closed: {}",
-            String::from_utf8_lossy(&response)
-        );
-        response.extend_from_slice(&buffer[..n]);
-    }
-    Ok(String::from_utf8_lossy(&response).into_owned())
+    read_until(
+        connection,
+        "hello over sigil mtls\n",
+        Duration::from_secs(10),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,9 +113,12 @@ async fn two_envoys_do_mtls_and_rotate_without_a_restart() -> anyhow::Result<()>
     let config_a = dir.path().join("envoy-a.yaml");
     std::fs::write(
         &config_a,
-        server_bootstrap(&agent.socket, admin_a, tls_a).replace(
-            "prefix: \"spiffe://example.org/\"",
-            "exact: \"spiffe://example.org/envoy-b\"",
+        server_bootstrap_with(
+            &agent.socket,
+            admin_a,
+            tls_a,
+            PeerId::Exact("spiffe://example.org/envoy-b"),
+            SdsApi::Grpc,
         ),
     )?;
     let config_b = dir.path().join("envoy-b.yaml");
@@ -198,8 +194,13 @@ async fn envoy_takes_its_secrets_over_delta_sds_and_follows_rotations() -> anyho
     let (admin, listener) = (free_port()?, free_port()?);
     let config = node.dir.path().join("envoy-delta.yaml");
     // The same Istio-style bootstrap, with Envoy's incremental xDS for its secrets.
-    let bootstrap = server_bootstrap(&node.agent.socket, admin, listener)
-        .replace("api_type: GRPC", "api_type: DELTA_GRPC");
+    let bootstrap = server_bootstrap_with(
+        &node.agent.socket,
+        admin,
+        listener,
+        PeerId::Prefix("spiffe://example.org/"),
+        SdsApi::DeltaGrpc,
+    );
     ensure!(
         bootstrap.contains("DELTA_GRPC"),
         "the bootstrap uses delta SDS"

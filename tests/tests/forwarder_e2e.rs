@@ -13,9 +13,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use sigil_tests::echo::{exchange, http_echo_server, line_echo_server, plaintext_line};
-use sigil_tests::envoy::{Envoy, sds_cluster, sds_secret};
-use sigil_tests::forwarder::{Forward, ForwarderProcess, loopback};
+use sigil_tests::echo::{exchange, http_echo_server, line_echo_server, plaintext_line, read_until};
+use sigil_tests::envoy::{
+    Bootstrap, Envoy, PeerId, Route, SdsApi, downstream_tls, http_filter, sds_cluster,
+    sds_tls_context, static_cluster, upstream_tls,
+};
+use sigil_tests::forwarder::{Forward, ForwarderProcess, loopback, with_logs};
 use sigil_tests::svid::{SvidFiles, fetch_svid, foreign_svid};
 use sigil_tests::tools::{curl, openssl_server, peer_tools};
 use sigil_tests::{Node, PATIENCE, free_port};
@@ -37,10 +40,47 @@ fn node(ids: &[&str], extra: &[&str]) -> anyhow::Result<Node> {
     Node::for_this_uid(&entries)
 }
 
-/// Sends `hello over sigil` then `quit` through `openssl s_client` with `cert`/`key`, verifying
-/// the server against `ca`; returns stdout and stderr together.
-async fn openssl_client(port: u16, cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<String> {
-    sigil_tests::tools::openssl_client(port, cert, key, ca, b"hello over sigil\nquit\n").await
+/// What a caller sends through `openssl s_client`; the line echo server sends it back.
+const GREETING: &str = "hello over sigil";
+
+/// Sends the greeting then `quit` through `openssl s_client` with `svid`'s certificate and key,
+/// verifying the server against `ca`; returns stdout and stderr together.
+async fn openssl_client(port: u16, svid: &SvidFiles, ca: &Path) -> anyhow::Result<String> {
+    let input = format!("{GREETING}\nquit\n");
+    sigil_tests::tools::openssl_client(port, &svid.cert, &svid.key, ca, input.as_bytes()).await
+}
+
+/// Checks that the greeting of `what` (the caller, for the error) with `svid` comes back.
+async fn expect_served(port: u16, svid: &SvidFiles, ca: &Path, what: &str) -> anyhow::Result<()> {
+    let answer = openssl_client(port, svid, ca).await?;
+    ensure!(answer.contains(GREETING), "{what}: {answer}");
+    Ok(())
+}
+
+/// Checks that the greeting of `what` with `svid` does not come back; returns what openssl
+/// printed, for the alert.
+async fn expect_refused(
+    port: u16,
+    svid: &SvidFiles,
+    ca: &Path,
+    what: &str,
+) -> anyhow::Result<String> {
+    let answer = openssl_client(port, svid, ca).await?;
+    ensure!(!answer.contains(GREETING), "{what} got through: {answer}");
+    Ok(answer)
+}
+
+/// Checks that `listener` of `forwarder` counted at least one refusal for each of `reasons`.
+fn expect_refusals(
+    forwarder: &ForwarderProcess,
+    listener: &str,
+    reasons: &[&str],
+) -> anyhow::Result<()> {
+    for reason in reasons {
+        let count = forwarder.refusals(listener, reason)?;
+        ensure!(count >= 1.0, "refusals by {reason}: {count}");
+    }
+    Ok(())
 }
 
 /// Blocks on a log wait off the async runtime.
@@ -48,39 +88,72 @@ async fn wait_log(forwarder: &ForwarderProcess, needle: &str, count: usize) -> b
     tokio::task::block_in_place(|| forwarder.wait_for_log(needle, count, PATIENCE))
 }
 
+/// The application behind an inbound forwarder.
+#[derive(Debug, Clone, Copy)]
+enum App {
+    /// [`line_echo_server`].
+    Lines,
+    /// [`http_echo_server`].
+    Http,
+}
+
+/// What most tests here start from: a node, an application, and one inbound forwarder as
+/// `FORWARDER` in front of it on `port`.
+struct Inbound {
+    node: Node,
+    port: u16,
+    forwarder: ForwarderProcess,
+}
+
+impl Inbound {
+    /// Starts a node with entries for `ids`, `app`, and the inbound forwarder with the flags
+    /// `listener` adds.
+    async fn start(
+        ids: &[&str],
+        app: App,
+        listener: impl FnOnce(Forward) -> Forward,
+    ) -> anyhow::Result<Self> {
+        let node = node(ids, &[])?;
+        let target = match app {
+            App::Lines => line_echo_server().await?,
+            App::Http => http_echo_server().await?,
+        };
+        let port = free_port()?;
+        let forwarder =
+            listener(Forward::inbound(port, target).spiffe_id(FORWARDER)).start(&node.agent)?;
+        Ok(Inbound {
+            node,
+            port,
+            forwarder,
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn strict_inbound_admits_allowed_svids_and_refuses_the_rest() -> anyhow::Result<()> {
-    if !peer_tools(
-        "strict_inbound_admits_allowed_svids_and_refuses_the_rest",
-        &["openssl"],
-    )? {
+    let test = "strict_inbound_admits_allowed_svids_and_refuses_the_rest";
+    if !peer_tools(test, &["openssl"])? {
         return Ok(());
     }
-    let node = node(&[CLIENT, LEGACY, STRANGER], &[])?;
-    let target = line_echo_server().await?;
-    let port = free_port()?;
-    let forwarder = Forward::inbound(port, target)
-        .spiffe_id(FORWARDER)
-        .mode("strict")
-        .allow("spiffe://example.org/ns/prod/*")
-        .args(&["--deny", LEGACY])
-        .start(&node.agent)?;
+    let Inbound {
+        node,
+        port,
+        forwarder,
+    } = Inbound::start(&[CLIENT, LEGACY, STRANGER], App::Lines, |listener| {
+        listener
+            .mode("strict")
+            .allow("spiffe://example.org/ns/prod/*")
+            .args(&["--deny", LEGACY])
+    })
+    .await?;
     let result = async {
         let dir = node.dir.path().join("svids");
         let client = fetch_svid(&node.agent, &dir, CLIENT)?;
-        let answer = openssl_client(port, &client.cert, &client.key, &client.bundle).await?;
-        ensure!(
-            answer.contains("hello over sigil"),
-            "an allowed SVID: {answer}"
-        );
+        expect_served(port, &client, &client.bundle, "an allowed SVID").await?;
 
         // Inside the allow pattern, but denied by name: deny wins.
         let legacy = fetch_svid(&node.agent, &dir, LEGACY)?;
-        let answer = openssl_client(port, &legacy.cert, &legacy.key, &legacy.bundle).await?;
-        ensure!(
-            !answer.contains("hello over sigil"),
-            "a denied SVID got through: {answer}"
-        );
+        let answer = expect_refused(port, &legacy, &legacy.bundle, "a denied SVID").await?;
         ensure!(
             answer.contains("access denied"),
             "a TLS alert for the denied peer: {answer}"
@@ -92,11 +165,7 @@ async fn strict_inbound_admits_allowed_svids_and_refuses_the_rest() -> anyhow::R
 
         // A valid Sigil SVID outside the allow list.
         let stranger = fetch_svid(&node.agent, &dir, STRANGER)?;
-        let answer = openssl_client(port, &stranger.cert, &stranger.key, &stranger.bundle).await?;
-        ensure!(
-            !answer.contains("hello over sigil"),
-            "a stranger got through: {answer}"
-        );
+        expect_refused(port, &stranger, &stranger.bundle, "a stranger").await?;
         ensure!(
             wait_log(
                 &forwarder,
@@ -109,11 +178,7 @@ async fn strict_inbound_admits_allowed_svids_and_refuses_the_rest() -> anyhow::R
 
         // A certificate from a CA outside the bundle.
         let foreign = foreign_svid(node.dir.path(), CLIENT)?;
-        let answer = openssl_client(port, &foreign.cert, &foreign.key, &client.bundle).await?;
-        ensure!(
-            !answer.contains("hello over sigil"),
-            "a foreign CA got through: {answer}"
-        );
+        let answer = expect_refused(port, &foreign, &client.bundle, "a foreign CA").await?;
         ensure!(
             answer.contains("unknown ca"),
             "a TLS alert for the foreign CA: {answer}"
@@ -130,40 +195,35 @@ async fn strict_inbound_admits_allowed_svids_and_refuses_the_rest() -> anyhow::R
         );
 
         // Everything else carried on: the allowed client still gets through.
-        let answer = openssl_client(port, &client.cert, &client.key, &client.bundle).await?;
-        ensure!(
-            answer.contains("hello over sigil"),
-            "after the refusals: {answer}"
-        );
-
-        let name = format!("inbound-{port}");
-        for reason in ["policy", "untrusted", "plaintext"] {
-            let count = forwarder.metric(&format!(
-                "sigil_forwarder_refusals_total{{listener=\"{name}\",reason=\"{reason}\"}}"
-            ))?;
-            ensure!(count >= 1.0, "refusals by {reason}: {count}");
-        }
-        let mtls = forwarder.metric(&format!(
-            "sigil_forwarder_connections_total{{listener=\"{name}\",security=\"mtls\"}}"
-        ))?;
-        ensure!(mtls >= 2.0, "mTLS connections counted: {mtls}");
-        for direction in ["received", "sent"] {
-            let bytes = forwarder.metric(&format!(
-                "sigil_forwarder_bytes_total{{listener=\"{name}\",direction=\"{direction}\"}}"
-            ))?;
-            // Two allowed clients, each echoed `hello over sigil\n` (17 bytes) both ways.
-            ensure!(bytes >= 34.0, "bytes {direction}: {bytes}");
-        }
-        let (_, metrics) = forwarder.health_get("/metrics")?;
-        ensure!(
-            metrics.contains("sigil_forwarder_handshake_seconds_bucket"),
-            "{metrics}"
-        );
-        ensure!(metrics.contains("sigil_forwarder_bytes_total"), "{metrics}");
-        Ok(())
+        expect_served(port, &client, &client.bundle, "after the refusals").await?;
+        expect_traffic_counted(&forwarder, &format!("inbound-{port}"))
     }
     .await;
     forwarder.with_log(result)
+}
+
+/// After the strict test: the refusals of `listener`, its two mTLS connections, and the bytes
+/// they carried are in the metrics, with the handshake histogram.
+fn expect_traffic_counted(forwarder: &ForwarderProcess, name: &str) -> anyhow::Result<()> {
+    expect_refusals(forwarder, name, &["policy", "untrusted", "plaintext"])?;
+    let mtls = forwarder.metric(&format!(
+        "sigil_forwarder_connections_total{{listener=\"{name}\",security=\"mtls\"}}"
+    ))?;
+    ensure!(mtls >= 2.0, "mTLS connections counted: {mtls}");
+    for direction in ["received", "sent"] {
+        let bytes = forwarder.metric(&format!(
+            "sigil_forwarder_bytes_total{{listener=\"{name}\",direction=\"{direction}\"}}"
+        ))?;
+        // Two allowed clients, each echoed `hello over sigil\n` (17 bytes) both ways.
+        ensure!(bytes >= 34.0, "bytes {direction}: {bytes}");
+    }
+    let (_, metrics) = forwarder.health_get("/metrics")?;
+    ensure!(
+        metrics.contains("sigil_forwarder_handshake_seconds_bucket"),
+        "{metrics}"
+    );
+    ensure!(metrics.contains("sigil_forwarder_bytes_total"), "{metrics}");
+    Ok(())
 }
 
 /// The server's own CA, read from its data directory (the key whose public key is the bundle's),
@@ -233,36 +293,25 @@ fn minted_svid(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn expired_svids_and_svids_with_two_ids_are_refused_even_from_the_real_ca()
 -> anyhow::Result<()> {
-    if !peer_tools(
-        "expired_svids_and_svids_with_two_ids_are_refused_even_from_the_real_ca",
-        &["openssl"],
-    )? {
+    let test = "expired_svids_and_svids_with_two_ids_are_refused_even_from_the_real_ca";
+    if !peer_tools(test, &["openssl"])? {
         return Ok(());
     }
-    let node = node(&[], &[])?;
-    let target = line_echo_server().await?;
-    let port = free_port()?;
-    let forwarder = Forward::inbound(port, target)
-        .spiffe_id(FORWARDER)
-        .start(&node.agent)?;
+    let Inbound {
+        node,
+        port,
+        forwarder,
+    } = Inbound::start(&[], App::Lines, |listener| listener).await?;
     let result = async {
         let issuer = server_ca(&node)?;
         let dir = node.dir.path();
         let hour = Duration::from_secs(3600);
         // The control: the same CA, a valid SVID, gets through.
         let valid = minted_svid(dir, "valid", &issuer, Duration::ZERO, None, None)?;
-        let answer = openssl_client(port, &valid.cert, &valid.key, &node.bundle).await?;
-        ensure!(
-            answer.contains("hello over sigil"),
-            "a valid minted SVID: {answer}"
-        );
+        expect_served(port, &valid, &node.bundle, "a valid minted SVID").await?;
 
         let expired = minted_svid(dir, "expired", &issuer, 2 * hour, Some(hour), None)?;
-        let answer = openssl_client(port, &expired.cert, &expired.key, &node.bundle).await?;
-        ensure!(
-            !answer.contains("hello over sigil"),
-            "an expired SVID got through: {answer}"
-        );
+        let answer = expect_refused(port, &expired, &node.bundle, "an expired SVID").await?;
         ensure!(
             answer.contains("certificate expired"),
             "a TLS alert: {answer}"
@@ -276,23 +325,16 @@ async fn expired_svids_and_svids_with_two_ids_are_refused_even_from_the_real_ca(
             None,
             Some("spiffe://example.org/admin"),
         )?;
-        let answer = openssl_client(port, &two_ids.cert, &two_ids.key, &node.bundle).await?;
-        ensure!(
-            !answer.contains("hello over sigil"),
-            "two URI SANs got through: {answer}"
-        );
+        expect_refused(port, &two_ids, &node.bundle, "two URI SANs").await?;
         ensure!(
             wait_log(&forwarder, "does not carry exactly one URI SAN", 1).await,
             "the two-ID refusal is logged"
         );
-        let name = format!("inbound-{port}");
-        for reason in ["expired", "bad_identity"] {
-            let count = forwarder.metric(&format!(
-                "sigil_forwarder_refusals_total{{listener=\"{name}\",reason=\"{reason}\"}}"
-            ))?;
-            ensure!(count >= 1.0, "refusals by {reason}: {count}");
-        }
-        Ok(())
+        expect_refusals(
+            &forwarder,
+            &format!("inbound-{port}"),
+            &["expired", "bad_identity"],
+        )
     }
     .await;
     forwarder.with_log(result)
@@ -300,10 +342,8 @@ async fn expired_svids_and_svids_with_two_ids_are_refused_even_from_the_real_ca(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn per_port_modes_from_a_toml_file_strict_and_permissive() -> anyhow::Result<()> {
-    if !peer_tools(
-        "per_port_modes_from_a_toml_file_strict_and_permissive",
-        &["openssl"],
-    )? {
+    let test = "per_port_modes_from_a_toml_file_strict_and_permissive";
+    if !peer_tools(test, &["openssl"])? {
         return Ok(());
     }
     let node = node(&[CLIENT], &[])?;
@@ -337,11 +377,7 @@ allow = ["{CLIENT}"]
     let result = async {
         let client = fetch_svid(&node.agent, &node.dir.path().join("svids"), CLIENT)?;
         for port in [strict, permissive] {
-            let answer = openssl_client(port, &client.cert, &client.key, &client.bundle).await?;
-            ensure!(
-                answer.contains("hello over sigil"),
-                "mTLS on {port}: {answer}"
-            );
+            expect_served(port, &client, &client.bundle, &format!("mTLS on {port}")).await?;
         }
         ensure!(
             plaintext_line(permissive, "in the clear").await?.as_deref() == Some("in the clear"),
@@ -355,8 +391,7 @@ allow = ["{CLIENT}"]
             "sigil_forwarder_connections_total{listener=\"permissive\",security=\"plaintext\"}",
         )?;
         ensure!(plain >= 1.0, "plaintext counted as such: {plain}");
-        let refused = forwarder
-            .metric("sigil_forwarder_refusals_total{listener=\"strict\",reason=\"plaintext\"}")?;
+        let refused = forwarder.refusals("strict", "plaintext")?;
         ensure!(refused >= 1.0, "strict refusal counted: {refused}");
         Ok(())
     }
@@ -364,22 +399,40 @@ allow = ["{CLIENT}"]
     forwarder.with_log(result)
 }
 
+/// A caller's forged XFCC header, which must never reach the application.
+const SPOOFED_XFCC: &str =
+    "x-forwarded-client-cert: By=spiffe://evil;URI=spiffe://example.org/admin";
+
+/// curl to `https://localhost:<port><path>` with `svid` and the `extra` flags, `localhost`
+/// resolved to loopback so that curl checks the forwarder's DNS SAN: (status line, body).
+async fn curl_localhost(
+    port: u16,
+    path: &str,
+    svid: &SvidFiles,
+    extra: &[&str],
+) -> anyhow::Result<(String, String)> {
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    let args = [&["--resolve", resolve.as_str()], extra].concat();
+    curl(
+        &format!("https://localhost:{port}{path}"),
+        Some(svid),
+        &args,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http_mode_sets_xfcc_and_answers_rules_with_200_and_403() -> anyhow::Result<()> {
-    if !peer_tools(
-        "http_mode_sets_xfcc_and_answers_rules_with_200_and_403",
-        &["curl"],
-    )? {
+    let test = "http_mode_sets_xfcc_and_answers_rules_with_200_and_403";
+    if !peer_tools(test, &["curl"])? {
         return Ok(());
     }
-    let node = node(&[CLIENT, STRANGER], &[])?;
-    let app = http_echo_server().await?;
-    let port = free_port()?;
-    let forwarder = Forward::inbound(port, app)
-        .spiffe_id(FORWARDER)
-        .mode("permissive")
-        .http()
-        .args(&[
+    let Inbound {
+        node,
+        port,
+        forwarder,
+    } = Inbound::start(&[CLIENT, STRANGER], App::Http, |listener| {
+        listener.mode("permissive").http().args(&[
             "--http-deny",
             "* * /admin",
             "--http-allow",
@@ -387,79 +440,21 @@ async fn http_mode_sets_xfcc_and_answers_rules_with_200_and_403() -> anyhow::Res
             "--http-allow",
             "* GET /public",
         ])
-        .start(&node.agent)?;
+    })
+    .await?;
     let result = async {
         let dir = node.dir.path().join("svids");
         let client = fetch_svid(&node.agent, &dir, CLIENT)?;
         let stranger = fetch_svid(&node.agent, &dir, STRANGER)?;
-        let resolve = format!("localhost:{port}:127.0.0.1");
-        let url = |path: &str| format!("https://localhost:{port}{path}");
-        let spoof = "x-forwarded-client-cert: By=spiffe://evil;URI=spiffe://example.org/admin";
-        let expected_xfcc = format!("xfcc#1 xfcc=By={FORWARDER};URI={CLIENT}");
-
-        for version in ["--http1.1", "--http2"] {
-            let (status, body) = curl(
-                &url("/api/items"),
-                Some(&client),
-                &["--resolve", &resolve, version, "-H", spoof],
-            )
-            .await?;
-            let wanted = if version == "--http2" {
-                "200 2"
-            } else {
-                "200 1.1"
-            };
-            ensure!(status == wanted, "{version}: {status} {body}");
-            ensure!(body.contains("GET /api/items"), "{body}");
-            ensure!(
-                body.contains(&expected_xfcc),
-                "{version}: the application saw {body}"
-            );
-            ensure!(
-                !body.contains("evil"),
-                "a caller's XFCC reached the application: {body}"
-            );
-        }
-        let (status, body) = curl(
-            &url("/api/items"),
-            Some(&client),
-            &["--resolve", &resolve, "-X", "POST"],
-        )
-        .await?;
-        ensure!(
-            status.starts_with("403"),
-            "POST is not allowed: {status} {body}"
-        );
-        let (status, body) = curl(
-            &url("/admin/users"),
-            Some(&client),
-            &["--resolve", &resolve],
-        )
-        .await?;
-        ensure!(status.starts_with("403"), "the deny rule: {status} {body}");
-        ensure!(
-            body.contains("* * /admin"),
-            "the 403 names the rule: {body}"
-        );
-        let (status, _) = curl(
-            &url("/api/items"),
-            Some(&stranger),
-            &["--resolve", &resolve],
-        )
-        .await?;
-        ensure!(status.starts_with("403"), "another principal: {status}");
-        let (status, body) =
-            curl(&url("/public/x"), Some(&stranger), &["--resolve", &resolve]).await?;
-        ensure!(
-            status.starts_with("200"),
-            "any principal on /public: {status} {body}"
-        );
+        expect_xfcc_of_the_caller(port, &client).await?;
+        expect_http_rules(port, &client, &stranger).await?;
 
         // Plaintext callers in permissive mode are unauthenticated: no principal, no XFCC.
         let plain = format!("http://127.0.0.1:{port}");
         let (status, _) = curl(&format!("{plain}/api/items"), None, &[]).await?;
         ensure!(status.starts_with("403"), "unauthenticated /api: {status}");
-        let (status, body) = curl(&format!("{plain}/public/x"), None, &["-H", spoof]).await?;
+        let (status, body) =
+            curl(&format!("{plain}/public/x"), None, &["-H", SPOOFED_XFCC]).await?;
         ensure!(
             status.starts_with("200"),
             "unauthenticated /public: {status}"
@@ -473,9 +468,7 @@ async fn http_mode_sets_xfcc_and_answers_rules_with_200_and_403() -> anyhow::Res
             wait_log(&forwarder, "refused request", 4).await,
             "each 403 is logged"
         );
-        let refused = forwarder.metric(&format!(
-            "sigil_forwarder_refusals_total{{listener=\"inbound-{port}\",reason=\"http_policy\"}}"
-        ))?;
+        let refused = forwarder.refusals(&format!("inbound-{port}"), "http_policy")?;
         ensure!(refused >= 4.0, "HTTP refusals counted: {refused}");
         Ok(())
     }
@@ -483,12 +476,63 @@ async fn http_mode_sets_xfcc_and_answers_rules_with_200_and_403() -> anyhow::Res
     forwarder.with_log(result)
 }
 
+/// Over HTTP/1.1 and HTTP/2, the application behind the HTTP listener on `port` sees the
+/// forwarder's XFCC naming `client`, and not the one the caller forged.
+async fn expect_xfcc_of_the_caller(port: u16, client: &SvidFiles) -> anyhow::Result<()> {
+    let expected_xfcc = format!("xfcc#1 xfcc=By={FORWARDER};URI={CLIENT}");
+    for version in ["--http1.1", "--http2"] {
+        let (status, body) =
+            curl_localhost(port, "/api/items", client, &[version, "-H", SPOOFED_XFCC]).await?;
+        let wanted = if version == "--http2" {
+            "200 2"
+        } else {
+            "200 1.1"
+        };
+        ensure!(status == wanted, "{version}: {status} {body}");
+        ensure!(body.contains("GET /api/items"), "{body}");
+        ensure!(
+            body.contains(&expected_xfcc),
+            "{version}: the application saw {body}"
+        );
+        ensure!(
+            !body.contains("evil"),
+            "a caller's XFCC reached the application: {body}"
+        );
+    }
+    Ok(())
+}
+
+/// The HTTP rules of the listener on `port` answer `client` and `stranger` with 200 or 403.
+async fn expect_http_rules(
+    port: u16,
+    client: &SvidFiles,
+    stranger: &SvidFiles,
+) -> anyhow::Result<()> {
+    let (status, body) = curl_localhost(port, "/api/items", client, &["-X", "POST"]).await?;
+    ensure!(
+        status.starts_with("403"),
+        "POST is not allowed: {status} {body}"
+    );
+    let (status, body) = curl_localhost(port, "/admin/users", client, &[]).await?;
+    ensure!(status.starts_with("403"), "the deny rule: {status} {body}");
+    ensure!(
+        body.contains("* * /admin"),
+        "the 403 names the rule: {body}"
+    );
+    let (status, _) = curl_localhost(port, "/api/items", stranger, &[]).await?;
+    ensure!(status.starts_with("403"), "another principal: {status}");
+    let (status, body) = curl_localhost(port, "/public/x", stranger, &[]).await?;
+    ensure!(
+        status.starts_with("200"),
+        "any principal on /public: {status} {body}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn outbound_checks_the_upstream_id_and_refuses_a_mismatch() -> anyhow::Result<()> {
-    if !peer_tools(
-        "outbound_checks_the_upstream_id_and_refuses_a_mismatch",
-        &["openssl"],
-    )? {
+    let test = "outbound_checks_the_upstream_id_and_refuses_a_mismatch";
+    if !peer_tools(test, &["openssl"])? {
         return Ok(());
     }
     let upstream_id = "spiffe://example.org/db";
@@ -517,34 +561,31 @@ async fn outbound_checks_the_upstream_id_and_refuses_a_mismatch() -> anyhow::Res
         ensure!(
             wait_log(
                 &mismatched,
-                &format!("the upstream presented {upstream_id}, expected spiffe://example.org/ns/*/sa/db"),
+                &format!(
+                    "the upstream presented {upstream_id}, expected spiffe://example.org/ns/*/sa/db"
+                ),
                 1
             )
             .await,
             "the mismatch is logged with both IDs"
         );
-        let refused = mismatched.metric(&format!(
-            "sigil_forwarder_refusals_total{{listener=\"outbound-{wrong}\",reason=\"upstream_identity\"}}"
-        ))?;
+        let refused = mismatched.refusals(&format!("outbound-{wrong}"), "upstream_identity")?;
         ensure!(refused >= 1.0, "counted: {refused}");
         Ok(())
     }
     .await;
-    result.map_err(|e| {
-        e.context(format!(
-            "forwarder log:\n{}\nmismatched forwarder log:\n{}",
-            forwarder.logs(),
-            mismatched.logs()
-        ))
+    with_logs(result, || {
+        vec![
+            ("forwarder", forwarder.logs()),
+            ("mismatched forwarder", mismatched.logs()),
+        ]
     })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn slowloris_and_connections_over_the_limit_are_dropped_and_counted() -> anyhow::Result<()> {
-    if !peer_tools(
-        "slowloris_and_connections_over_the_limit_are_dropped_and_counted",
-        &["openssl"],
-    )? {
+    let test = "slowloris_and_connections_over_the_limit_are_dropped_and_counted";
+    if !peer_tools(test, &["openssl"])? {
         return Ok(());
     }
     let node = node(&[CLIENT], &[])?;
@@ -568,8 +609,7 @@ async fn slowloris_and_connections_over_the_limit_are_dropped_and_counted() -> a
         slow.write_all(&[0x16, 0x03, 0x01]).await?;
         // Served while the slowloris hangs on.
         let client = fetch_svid(&node.agent, &node.dir.path().join("svids"), CLIENT)?;
-        let answer = openssl_client(slow_port, &client.cert, &client.key, &client.bundle).await?;
-        ensure!(answer.contains("hello over sigil"), "{answer}");
+        expect_served(slow_port, &client, &client.bundle, "beside a slowloris").await?;
         let mut rest = Vec::new();
         tokio::time::timeout(PATIENCE, slow.read_to_end(&mut rest))
             .await
@@ -578,71 +618,78 @@ async fn slowloris_and_connections_over_the_limit_are_dropped_and_counted() -> a
             wait_log(&slow_forwarder, "did not finish its TLS handshake", 1).await,
             "the slowloris is logged"
         );
-        let count = slow_forwarder.metric(&format!(
-            "sigil_forwarder_refusals_total{{listener=\"inbound-{slow_port}\",reason=\"handshake_timeout\"}}"
-        ))?;
-        ensure!(count >= 1.0, "handshake_timeout: {count}");
+        expect_refusals(
+            &slow_forwarder,
+            &format!("inbound-{slow_port}"),
+            &["handshake_timeout"],
+        )?;
 
         // In HTTP mode, a request whose headers never end is dropped too.
         let mut slow_http = TcpStream::connect(("127.0.0.1", http_port)).await?;
-        slow_http.write_all(b"GET / HTTP/1.1\r\nHost: app\r\n").await?;
+        slow_http
+            .write_all(b"GET / HTTP/1.1\r\nHost: app\r\n")
+            .await?;
         let mut rest = Vec::new();
         tokio::time::timeout(PATIENCE, slow_http.read_to_end(&mut rest))
             .await
             .context("the request that never finished its headers was never dropped")??;
 
-        // Three connections are the limit; the fourth is closed at once.
-        let mut held = Vec::new();
-        for i in 0..3 {
-            let mut stream = TcpStream::connect(("127.0.0.1", capped_port)).await?;
-            ensure!(
-                exchange(&mut stream, &format!("held {i}")).await?.as_deref()
-                    == Some(format!("held {i}").as_str()),
-                "connection {i} is served"
-            );
-            held.push(stream);
-        }
-        ensure!(
-            plaintext_line(capped_port, "one too many").await?.is_none(),
-            "a connection over the limit was served"
-        );
-        for (i, stream) in held.iter_mut().enumerate() {
-            ensure!(
-                exchange(stream, &format!("still {i}")).await?.is_some(),
-                "held connection {i} carries on"
-            );
-        }
-        let name = format!("inbound-{capped_port}");
-        let count = capped.metric(&format!(
-            "sigil_forwarder_refusals_total{{listener=\"{name}\",reason=\"max_connections\"}}"
-        ))?;
-        ensure!(count >= 1.0, "max_connections: {count}");
-        let active =
-            capped.metric(&format!("sigil_forwarder_active_connections{{listener=\"{name}\"}}"))?;
-        ensure!(active == 3.0, "three open connections: {active}");
-        Ok(())
+        expect_connection_cap(&capped, capped_port).await
     }
     .await;
-    result.map_err(|e| {
-        e.context(format!(
-            "slowloris forwarder log:\n{}\ncapped forwarder log:\n{}\nHTTP forwarder log:\n{}",
-            slow_forwarder.logs(),
-            capped.logs(),
-            http_forwarder.logs()
-        ))
+    with_logs(result, || {
+        vec![
+            ("slowloris forwarder", slow_forwarder.logs()),
+            ("capped forwarder", capped.logs()),
+            ("HTTP forwarder", http_forwarder.logs()),
+        ]
     })
+}
+
+/// The listener on `port` of `capped`, limited to three connections, serves three and closes
+/// the fourth at once, and the three carry on.
+async fn expect_connection_cap(capped: &ForwarderProcess, port: u16) -> anyhow::Result<()> {
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+        ensure!(
+            exchange(&mut stream, &format!("held {i}"))
+                .await?
+                .as_deref()
+                == Some(format!("held {i}").as_str()),
+            "connection {i} is served"
+        );
+        held.push(stream);
+    }
+    ensure!(
+        plaintext_line(port, "one too many").await?.is_none(),
+        "a connection over the limit was served"
+    );
+    for (i, stream) in held.iter_mut().enumerate() {
+        ensure!(
+            exchange(stream, &format!("still {i}")).await?.is_some(),
+            "held connection {i} carries on"
+        );
+    }
+    let name = format!("inbound-{port}");
+    expect_refusals(capped, &name, &["max_connections"])?;
+    let active = capped.metric(&format!(
+        "sigil_forwarder_active_connections{{listener=\"{name}\"}}"
+    ))?;
+    ensure!(active == 3.0, "three open connections: {active}");
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_open_connections_before_exiting() -> anyhow::Result<()> {
-    let node = node(&[], &[])?;
-    let target = line_echo_server().await?;
-    let port = free_port()?;
-    let mut forwarder = Forward::inbound(port, target)
-        .spiffe_id(FORWARDER)
-        .mode("disable")
-        .args(&["--drain-timeout", "60s"])
-        .start(&node.agent)?;
+    let Inbound {
+        node: _node,
+        port,
+        mut forwarder,
+    } = Inbound::start(&[], App::Lines, |listener| {
+        listener.mode("disable").args(&["--drain-timeout", "60s"])
+    })
+    .await?;
     let result = async {
         let mut open = TcpStream::connect(("127.0.0.1", port)).await?;
         ensure!(
@@ -673,28 +720,24 @@ async fn sigterm_drains_open_connections_before_exiting() -> anyhow::Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_closes_idle_http_keep_alive_connections() -> anyhow::Result<()> {
-    let node = node(&[], &[])?;
-    let app = http_echo_server().await?;
-    let port = free_port()?;
-    let mut forwarder = Forward::inbound(port, app)
-        .spiffe_id(FORWARDER)
-        .mode("permissive")
-        .http()
-        .args(&["--drain-timeout", "120s"])
-        .start(&node.agent)?;
+    let Inbound {
+        node: _node,
+        port,
+        mut forwarder,
+    } = Inbound::start(&[], App::Http, |listener| {
+        listener
+            .mode("permissive")
+            .http()
+            .args(&["--drain-timeout", "120s"])
+    })
+    .await?;
     let result = async {
         // One request on a kept-alive HTTP/1.1 connection, which then sits idle.
         let mut connection = TcpStream::connect(("127.0.0.1", port)).await?;
         connection
             .write_all(b"GET /kept HTTP/1.1\r\nHost: app\r\n\r\n")
             .await?;
-        let mut response = Vec::new();
-        let mut buffer = [0u8; 1024];
-        while !String::from_utf8_lossy(&response).contains("GET /kept") {
-            let n = tokio::time::timeout(PATIENCE, connection.read(&mut buffer)).await??;
-            ensure!(n > 0, "closed before the response");
-            response.extend_from_slice(&buffer[..n]);
-        }
+        read_until(&mut connection, "GET /kept", PATIENCE).await?;
         forwarder.signal_terminate()?;
         // The forwarder closes the idle connection instead of waiting out the drain timeout.
         let mut rest = Vec::new();
@@ -901,12 +944,8 @@ async fn rotation_under_steady_load_loses_no_connection() -> anyhow::Result<()> 
         Ok(())
     }
     .await;
-    result.map_err(|e| {
-        e.context(format!(
-            "inbound log:\n{}\noutbound log:\n{}",
-            inbound.logs(),
-            outbound.logs()
-        ))
+    with_logs(result, || {
+        vec![("inbound", inbound.logs()), ("outbound", outbound.logs())]
     })
 }
 
@@ -922,110 +961,43 @@ fn envoy_bootstrap(
     inbound: u16,
     server: u16,
 ) -> String {
-    let certificate = sds_secret(envoy_id);
-    let rootca = sds_secret("ROOTCA");
-    format!(
-        r#"node: {{ id: envoy-peer, cluster: forwarder-test }}
-admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {admin} }} }}
-static_resources:
-  listeners:
-  - name: client
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {client} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: client
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: forwarder }}
-  - name: server
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {server} }} }}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            tls_certificate_sds_secret_configs: [ {certificate} ]
-            combined_validation_context:
-              default_validation_context:
-                match_typed_subject_alt_names:
-                - {{ san_type: URI, matcher: {{ exact: "{FORWARDER}" }} }}
-              validation_context_sds_secret_config: {rootca}
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: server
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                direct_response: {{ status: 200, body: {{ inline_string: "hello from envoy\n" }} }}
-  clusters:
-  - name: forwarder
-    type: STATIC
-    connect_timeout: 5s
-    load_assignment:
-      cluster_name: forwarder
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {inbound} }} }} }}
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        common_tls_context:
-          tls_certificate_sds_secret_configs: [ {certificate} ]
-          combined_validation_context:
-            default_validation_context:
-              match_typed_subject_alt_names:
-              - {{ san_type: URI, matcher: {{ exact: "{FORWARDER}" }} }}
-            validation_context_sds_secret_config: {rootca}
-{sds_cluster}
-"#,
-        sds_cluster = sds_cluster(socket),
-    )
+    let tls = || sds_tls_context(envoy_id, PeerId::Exact(FORWARDER), SdsApi::Grpc);
+    let to_forwarder = http_filter("client", Route::To("forwarder"));
+    let hello = http_filter("server", Route::Respond("hello from envoy\n"));
+    Bootstrap::new(admin)
+        .node("envoy-peer", "forwarder-test")
+        .listener("client", client, to_forwarder, None)
+        .listener("server", server, hello, Some(downstream_tls(tls())))
+        .cluster(static_cluster(
+            "forwarder",
+            inbound,
+            "5s",
+            Some(upstream_tls(tls())),
+        ))
+        .cluster(sds_cluster(socket))
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn envoy_with_sds_identity_calls_the_inbound_and_serves_the_outbound() -> anyhow::Result<()> {
-    if !peer_tools(
-        "envoy_with_sds_identity_calls_the_inbound_and_serves_the_outbound",
-        &["curl"],
-    )? {
+    let test = "envoy_with_sds_identity_calls_the_inbound_and_serves_the_outbound";
+    if !peer_tools(test, &["curl"])? {
         return Ok(());
     }
-    let test = "envoy_with_sds_identity_calls_the_inbound_and_serves_the_outbound";
     let Some(envoy_binary) = sigil_tests::python::envoy_binary(test)? else {
         return Ok(());
     };
     let envoy_id = "spiffe://example.org/envoy";
-    let node = node(&[envoy_id], &[])?;
-    let app = http_echo_server().await?;
-    let (inbound_port, outbound_port) = (free_port()?, free_port()?);
+    let Inbound {
+        node,
+        port: inbound_port,
+        forwarder: inbound,
+    } = Inbound::start(&[envoy_id], App::Http, |listener| {
+        listener.http().allow(envoy_id)
+    })
+    .await?;
+    let outbound_port = free_port()?;
     let (admin, client, server) = (free_port()?, free_port()?, free_port()?);
-    let inbound = Forward::inbound(inbound_port, app)
-        .spiffe_id(FORWARDER)
-        .http()
-        .allow(envoy_id)
-        .start(&node.agent)?;
     let outbound = Forward::outbound(outbound_port, &loopback(server))
         .spiffe_id(FORWARDER)
         .expect_id(envoy_id)
@@ -1066,13 +1038,12 @@ async fn envoy_with_sds_identity_calls_the_inbound_and_serves_the_outbound() -> 
         Ok(())
     }
     .await;
-    result.map_err(|e| {
-        e.context(format!(
-            "Envoy log:\n{}\ninbound log:\n{}\noutbound log:\n{}\nagent log:\n{}",
-            sigil_tests::envoy::log(&config),
-            inbound.logs(),
-            outbound.logs(),
-            node.agent.logs()
-        ))
+    with_logs(result, || {
+        vec![
+            ("Envoy", sigil_tests::envoy::log(&config)),
+            ("inbound", inbound.logs()),
+            ("outbound", outbound.logs()),
+            ("agent", node.agent.logs()),
+        ]
     })
 }

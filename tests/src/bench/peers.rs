@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::Context;
+use serde_json::{Value, json};
 
 use super::load::wait_until_passing;
+use crate::envoy::{self, Bootstrap, PeerId};
 use crate::forwarder::{Forward, ForwarderProcess, loopback};
 use crate::svid::{SvidFiles, fetch_svid};
 use crate::{Node, free_port, python};
@@ -198,6 +200,39 @@ struct Layout<'a> {
     dir: &'a Path,
 }
 
+impl Layout<'_> {
+    /// Starts one `program` per side, outbound then inbound, each with its configuration from
+    /// `configs` written to `<name>-<side>.<extension>` in the directory, the command line
+    /// `args` makes of that file's path, and its output in `<name>-<side>.log` beside it.
+    fn spawn_sides(
+        &self,
+        program: &Path,
+        (name, extension): (&str, &str),
+        configs: [String; 2],
+        args: impl Fn(&str) -> Vec<String>,
+    ) -> anyhow::Result<[Process; 2]> {
+        let [outbound, inbound] = configs;
+        let start = |side: &str, config: String| {
+            let path = self.dir.join(format!("{name}-{side}.{extension}"));
+            std::fs::write(&path, config)?;
+            let log = self.dir.join(format!("{name}-{side}.log"));
+            spawn(program, &args(p(&path)?), &log)
+        };
+        Ok([start("outbound", outbound)?, start("inbound", inbound)?])
+    }
+
+    /// The peer of `version` once its `[outbound, inbound]` processes run: the client connects
+    /// to the outbound one.
+    fn running(
+        &self,
+        version: String,
+        [outbound, inbound]: [Process; 2],
+        envoy_admin: Option<u16>,
+    ) -> anyhow::Result<Running> {
+        Running::pair(version, self.outbound, outbound, inbound, envoy_admin)
+    }
+}
+
 /// Starts `peer` in `dir` in front of `backend` and waits until it passes traffic; `None` when
 /// the peer is not installed.
 pub async fn start(
@@ -251,14 +286,8 @@ fn start_sigil(node: &Node, ports: &Layout<'_>) -> anyhow::Result<Option<Running
         .spiffe_id(CLIENT_ID)
         .expect_id(SERVER_ID)
         .start(&node.agent)?;
-    Running::pair(
-        version,
-        ports.outbound,
-        Process::Forwarder(outbound),
-        Process::Forwarder(inbound),
-        None,
-    )
-    .map(Some)
+    let processes = [Process::Forwarder(outbound), Process::Forwarder(inbound)];
+    ports.running(version, processes, None).map(Some)
 }
 
 fn start_stunnel(certs: &Certificates, ports: &Layout<'_>) -> anyhow::Result<Option<Running>> {
@@ -268,40 +297,34 @@ fn start_stunnel(certs: &Certificates, ports: &Layout<'_>) -> anyhow::Result<Opt
     let version = version_line(&stunnel, &["-version"], "stunnel ").unwrap_or_default()
         + "; "
         + &version_line(&stunnel, &["-version"], "OpenSSL").unwrap_or_default();
-    let Layout {
-        outbound,
-        inbound,
-        backend,
-        dir,
-    } = *ports;
     // Both sides verify the peer's chain against the bundle; stunnel has no check of a URI SAN,
     // so the SPIFFE ID itself is not checked. TCP_NODELAY as the other peers set it by default.
     // `sessionResume = no`: a full handshake per connection, as the forwarder does.
     let common =
         "foreground = yes\npid =\ndebug = 4\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n";
     let outbound_config = format!(
-        "{common}[outbound]\nclient = yes\naccept = 127.0.0.1:{outbound}\nconnect = 127.0.0.1:{inbound}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nsessionResume = no\n",
+        "{common}[outbound]\nclient = yes\naccept = 127.0.0.1:{}\nconnect = 127.0.0.1:{}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nsessionResume = no\n",
+        ports.outbound,
+        ports.inbound,
         p(&certs.client.cert)?,
         p(&certs.client.key)?,
         p(&certs.client.bundle)?,
     );
     let inbound_config = format!(
-        "{common}[inbound]\naccept = 127.0.0.1:{inbound}\nconnect = 127.0.0.1:{backend}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
+        "{common}[inbound]\naccept = 127.0.0.1:{}\nconnect = 127.0.0.1:{}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
+        ports.inbound,
+        ports.backend,
         p(&certs.server.cert)?,
         p(&certs.server.key)?,
         p(&certs.server.bundle)?,
     );
-    let [outbound_process, inbound_process] =
-        [("outbound", outbound_config), ("inbound", inbound_config)].map(|(role, config)| {
-            let path = dir.join(format!("stunnel-{role}.conf"));
-            std::fs::write(&path, config)?;
-            spawn(
-                &stunnel,
-                &[p(&path)?],
-                &dir.join(format!("stunnel-{role}.log")),
-            )
-        });
-    Running::pair(version, outbound, outbound_process?, inbound_process?, None).map(Some)
+    let processes = ports.spawn_sides(
+        &stunnel,
+        ("stunnel", "conf"),
+        [outbound_config, inbound_config],
+        |path| vec![path.into()],
+    )?;
+    ports.running(version, processes, None).map(Some)
 }
 
 fn start_haproxy(certs: &Certificates, ports: &Layout<'_>) -> anyhow::Result<Option<Running>> {
@@ -316,37 +339,31 @@ fn start_haproxy(certs: &Certificates, ports: &Layout<'_>) -> anyhow::Result<Opt
         .to_string()
         + "; "
         + &version_line(&haproxy, &["-vv"], "Running on OpenSSL").unwrap_or_default();
-    let Layout {
-        outbound,
-        inbound,
-        backend,
-        dir,
-    } = *ports;
     // TCP mode both sides; threads and buffers at HAProxy's defaults (one thread per CPU). Both
     // sides verify the peer's chain against the bundle (HAProxy 2.6 has no URI SAN check
     // either). `no-ssl-reuse`: a full handshake per connection.
     let global = "global\n  maxconn 8000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\n";
     let outbound_config = format!(
-        "{global}frontend outbound\n  bind 127.0.0.1:{outbound}\n  default_backend inbound\n\nbackend inbound\n  server inbound 127.0.0.1:{inbound} ssl crt {} ca-file {} verify required no-ssl-reuse\n",
+        "{global}frontend outbound\n  bind 127.0.0.1:{}\n  default_backend inbound\n\nbackend inbound\n  server inbound 127.0.0.1:{} ssl crt {} ca-file {} verify required no-ssl-reuse\n",
+        ports.outbound,
+        ports.inbound,
         p(&certs.client_combined)?,
         p(&certs.client.bundle)?,
     );
     let inbound_config = format!(
-        "{global}frontend inbound\n  bind 127.0.0.1:{inbound} ssl crt {} ca-file {} verify required\n  default_backend app\n\nbackend app\n  server app 127.0.0.1:{backend}\n",
+        "{global}frontend inbound\n  bind 127.0.0.1:{} ssl crt {} ca-file {} verify required\n  default_backend app\n\nbackend app\n  server app 127.0.0.1:{}\n",
+        ports.inbound,
         p(&certs.server_combined)?,
         p(&certs.server.bundle)?,
+        ports.backend,
     );
-    let [outbound_process, inbound_process] =
-        [("outbound", outbound_config), ("inbound", inbound_config)].map(|(role, config)| {
-            let path = dir.join(format!("haproxy-{role}.cfg"));
-            std::fs::write(&path, config)?;
-            spawn(
-                &haproxy,
-                &["-db", "-f", p(&path)?],
-                &dir.join(format!("haproxy-{role}.log")),
-            )
-        });
-    Running::pair(version, outbound, outbound_process?, inbound_process?, None).map(Some)
+    let processes = ports.spawn_sides(
+        &haproxy,
+        ("haproxy", "cfg"),
+        [outbound_config, inbound_config],
+        |path| ["-db", "-f", path].map(String::from).to_vec(),
+    )?;
+    ports.running(version, processes, None).map(Some)
 }
 
 fn start_envoy(certs: &Certificates, ports: &Layout<'_>) -> anyhow::Result<Option<Running>> {
@@ -354,152 +371,71 @@ fn start_envoy(certs: &Certificates, ports: &Layout<'_>) -> anyhow::Result<Optio
         return Ok(None);
     };
     let version = version_line(&envoy, &["--version"], "version").unwrap_or_default();
-    let Layout {
-        outbound,
-        inbound,
-        backend,
-        dir,
-    } = *ports;
     let (outbound_admin, inbound_admin) = (free_port()?, free_port()?);
-    let outbound_config = envoy_outbound(outbound_admin, outbound, inbound, &certs.client)?;
-    let inbound_config = envoy_inbound(inbound_admin, inbound, backend, &certs.server)?;
-    let [outbound_process, inbound_process] =
-        [("outbound", outbound_config), ("inbound", inbound_config)].map(|(role, config)| {
-            let path = dir.join(format!("envoy-{role}.yaml"));
-            std::fs::write(&path, config)?;
-            let args = [
+    let outbound_config =
+        envoy_outbound(outbound_admin, ports.outbound, ports.inbound, &certs.client);
+    let inbound_config = envoy_inbound(inbound_admin, ports.inbound, ports.backend, &certs.server);
+    let processes = ports.spawn_sides(
+        &envoy,
+        ("envoy", "yaml"),
+        [outbound_config, inbound_config],
+        |path| {
+            [
                 "--config-path",
-                p(&path)?,
+                path,
                 "--disable-hot-restart",
                 "--log-level",
                 "warn",
-            ];
-            spawn(&envoy, &args, &dir.join(format!("envoy-{role}.log")))
-        });
-    Running::pair(
-        version,
-        outbound,
-        outbound_process?,
-        inbound_process?,
-        Some(inbound_admin),
-    )
-    .map(Some)
-}
-
-/// Envoy's TLS context pieces from files: the SVID, and the bundle with a URI SAN check.
-fn envoy_tls(svid: &SvidFiles, peer_san: &str) -> anyhow::Result<String> {
-    Ok(format!(
-        r#"tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}
-          tls_certificates:
-          - certificate_chain: {{ filename: {} }}
-            private_key: {{ filename: {} }}
-          validation_context:
-            trusted_ca: {{ filename: {} }}
-            match_typed_subject_alt_names:
-            - san_type: URI
-              matcher: {{ exact: "{peer_san}" }}"#,
-        p(&svid.cert)?,
-        p(&svid.key)?,
-        p(&svid.bundle)?,
-    ))
+            ]
+            .map(String::from)
+            .to_vec()
+        },
+    )?;
+    ports
+        .running(version, processes, Some(inbound_admin))
+        .map(Some)
 }
 
 /// A cluster of one static endpoint; the circuit breakers are lifted so that the idle-connection
 /// test (more than Envoy's default 1024 upstream connections) is not refused.
-fn envoy_cluster(name: &str, port: u16, transport_socket: &str) -> String {
-    format!(
-        r#"  - name: {name}
-    type: STATIC
-    connect_timeout: 5s
-    circuit_breakers:
-      thresholds:
-      - {{ max_connections: 1000000, max_pending_requests: 1000000, max_requests: 1000000 }}
-    load_assignment:
-      cluster_name: {name}
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: 127.0.0.1, port_value: {port} }}
-{transport_socket}"#
-    )
-}
-
-fn envoy_listener(name: &str, port: u16, cluster: &str, transport_socket: &str) -> String {
-    format!(
-        r#"  - name: {name}
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: {name}
-          cluster: {cluster}
-{transport_socket}"#
-    )
-}
-
-fn envoy_bootstrap(admin: u16, listener: &str, cluster: &str) -> String {
-    format!(
-        "admin:\n  address:\n    socket_address: {{ address: 127.0.0.1, port_value: {admin} }}\nstatic_resources:\n  listeners:\n{listener}\n  clusters:\n{cluster}\n"
-    )
+fn envoy_cluster(name: &str, port: u16, transport_socket: Option<Value>) -> Value {
+    let mut cluster = envoy::static_cluster(name, port, "5s", transport_socket);
+    cluster["circuit_breakers"] = json!({
+        "thresholds": [{
+            "max_connections": 1_000_000,
+            "max_pending_requests": 1_000_000,
+            "max_requests": 1_000_000,
+        }],
+    });
+    cluster
 }
 
 /// Plaintext in, mTLS out with the client SVID; the upstream must be the server's ID. No
 /// session resumption (`max_session_keys: 0`), as the forwarder.
-fn envoy_outbound(
-    admin: u16,
-    listen: u16,
-    upstream: u16,
-    svid: &SvidFiles,
-) -> anyhow::Result<String> {
-    let tls = format!(
-        r#"    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        max_session_keys: 0
-        common_tls_context:
-          {}"#,
-        envoy_tls(svid, SERVER_ID)?
-    );
-    Ok(envoy_bootstrap(
-        admin,
-        &envoy_listener("outbound", listen, "inbound", ""),
-        &envoy_cluster("inbound", upstream, &tls),
-    ))
+fn envoy_outbound(admin: u16, listen: u16, upstream: u16, svid: &SvidFiles) -> String {
+    let mut tls = envoy::upstream_tls(envoy::file_tls_context(svid, PeerId::Exact(SERVER_ID)));
+    tls["typed_config"]["max_session_keys"] = json!(0);
+    let proxy = envoy::tcp_proxy_filter("outbound", "inbound");
+    Bootstrap::new(admin)
+        .listener("outbound", listen, proxy, None)
+        .cluster(envoy_cluster("inbound", upstream, Some(tls)))
+        .to_string()
 }
 
 /// mTLS in with the server SVID, a client certificate of the client's ID required; plaintext
 /// to the backend.
-fn envoy_inbound(
-    admin: u16,
-    listen: u16,
-    backend: u16,
-    svid: &SvidFiles,
-) -> anyhow::Result<String> {
-    let tls = format!(
-        r#"      transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            {}"#,
-        envoy_tls(svid, CLIENT_ID)?.replace("\n", "\n  ")
-    );
-    Ok(envoy_bootstrap(
-        admin,
-        &envoy_listener("inbound", listen, "app", &tls),
-        &envoy_cluster("app", backend, ""),
-    ))
+fn envoy_inbound(admin: u16, listen: u16, backend: u16, svid: &SvidFiles) -> String {
+    let tls = envoy::downstream_tls(envoy::file_tls_context(svid, PeerId::Exact(CLIENT_ID)));
+    let proxy = envoy::tcp_proxy_filter("inbound", "app");
+    Bootstrap::new(admin)
+        .listener("inbound", listen, proxy, Some(tls))
+        .cluster(envoy_cluster("app", backend, None))
+        .to_string()
 }
 
 /// Envoy's counters of negotiated TLS versions, ciphers and groups on its inbound listener.
 pub fn envoy_tls_stats(admin: u16) -> String {
-    let response = crate::envoy::admin_get(admin, "/stats?filter=ssl");
+    let response = envoy::admin_get(admin, "/stats?filter=ssl");
     response
         .lines()
         .filter(|line| {
