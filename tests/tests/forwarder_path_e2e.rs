@@ -7,9 +7,11 @@
 //! over HTTP/1.1 and HTTP/2; the application records every request target it receives, so the
 //! test sees both what was refused and what reached it.
 
+use std::sync::{Arc, Mutex};
+
 use anyhow::{Context, ensure};
 use sigil_tests::echo::recording_http_server;
-use sigil_tests::forwarder::Forward;
+use sigil_tests::forwarder::{Forward, ForwarderProcess};
 use sigil_tests::svid::{SvidFiles, fetch_svid};
 use sigil_tests::tools::{curl, peer_tools};
 use sigil_tests::{Node, free_port};
@@ -74,24 +76,57 @@ async fn request(
     Ok((code.parse()?, body))
 }
 
+/// The recording application behind an HTTP inbound forwarder on `port`.
+struct Recorded {
+    node: Node,
+    port: u16,
+    forwarder: ForwarderProcess,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Recorded {
+    /// Starts a node with `entries`, the application, and an HTTP inbound forwarder in front of
+    /// it with the flags `listener` adds.
+    async fn start(
+        entries: &[(&str, &[&str])],
+        listener: impl FnOnce(Forward) -> Forward,
+    ) -> anyhow::Result<Self> {
+        let node = Node::for_this_uid(entries)?;
+        let (app, seen) = recording_http_server().await?;
+        let port = free_port()?;
+        let forwarder = listener(Forward::inbound(port, app).http()).start(&node.agent)?;
+        Ok(Recorded {
+            node,
+            port,
+            forwarder,
+            seen,
+        })
+    }
+
+    /// The request targets the application received so far, in order.
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_path_and_method_spelling_is_refused_and_the_normal_form_is_forwarded()
 -> anyhow::Result<()> {
-    if !peer_tools(
-        "every_path_and_method_spelling_is_refused_and_the_normal_form_is_forwarded",
-        &["curl"],
-    )? {
+    let test = "every_path_and_method_spelling_is_refused_and_the_normal_form_is_forwarded";
+    if !peer_tools(test, &["curl"])? {
         return Ok(());
     }
-    let node = Node::for_this_uid(&[(FORWARDER, &["--dns", "localhost"]), (CLIENT, &[])])?;
-    let (app, seen) = recording_http_server().await?;
-    let port = free_port()?;
-    let forwarder = Forward::inbound(port, app)
-        .spiffe_id(FORWARDER)
-        .http()
-        .args(&["--max-path-length", "1024"])
-        .args(&RULES)
-        .start(&node.agent)?;
+    let recorded = Recorded::start(
+        &[(FORWARDER, &["--dns", "localhost"]), (CLIENT, &[])],
+        |listener| {
+            listener
+                .spiffe_id(FORWARDER)
+                .args(&["--max-path-length", "1024"])
+                .args(&RULES)
+        },
+    )
+    .await?;
+    let (node, port, forwarder) = (&recorded.node, recorded.port, &recorded.forwarder);
     let result = async {
         let client = fetch_svid(&node.agent, &node.dir.path().join("svids"), CLIENT)?;
         let resolve = format!("localhost:{port}:127.0.0.1");
@@ -138,7 +173,7 @@ async fn every_path_and_method_spelling_is_refused_and_the_normal_form_is_forwar
             "an escaped slash: {status} {body}"
         );
 
-        let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+        let seen = recorded.seen();
         let expected: Vec<&str> = ALLOWED.iter().map(|(_, _, forwarded)| *forwarded).collect();
         ensure!(
             seen == [expected.clone(), expected].concat(),
@@ -148,9 +183,7 @@ async fn every_path_and_method_spelling_is_refused_and_the_normal_form_is_forwar
             !forwarder.logs().contains("plaintext callers skip"),
             "a strict listener warns of nothing"
         );
-        let refused = forwarder.metric(&format!(
-            "sigil_forwarder_refusals_total{{listener=\"inbound-{port}\",reason=\"bad_request\"}}"
-        ))?;
+        let refused = forwarder.refusals(&format!("inbound-{port}"), "bad_request")?;
         ensure!(refused >= 10.0, "400s counted: {refused}");
         Ok(())
     }
@@ -161,21 +194,20 @@ async fn every_path_and_method_spelling_is_refused_and_the_normal_form_is_forwar
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_permissive_listener_with_rules_warns_and_kept_escaped_slashes_stay_escaped()
 -> anyhow::Result<()> {
-    if !peer_tools(
-        "a_permissive_listener_with_rules_warns_and_kept_escaped_slashes_stay_escaped",
-        &["curl"],
-    )? {
+    let test = "a_permissive_listener_with_rules_warns_and_kept_escaped_slashes_stay_escaped";
+    if !peer_tools(test, &["curl"])? {
         return Ok(());
     }
-    let node = Node::for_this_uid(&[(FORWARDER, &[])])?;
-    let (app, seen) = recording_http_server().await?;
-    let port = free_port()?;
-    let forwarder = Forward::inbound(port, app)
-        .mode("permissive")
-        .allow(CLIENT)
-        .http()
-        .args(&["--escaped-slashes", "keep", "--http-deny", "* * /admin"])
-        .start(&node.agent)?;
+    let recorded = Recorded::start(&[(FORWARDER, &[])], |listener| {
+        listener.mode("permissive").allow(CLIENT).args(&[
+            "--escaped-slashes",
+            "keep",
+            "--http-deny",
+            "* * /admin",
+        ])
+    })
+    .await?;
+    let (port, forwarder) = (recorded.port, &recorded.forwarder);
     let result = async {
         let logs = forwarder.logs();
         ensure!(
@@ -191,7 +223,7 @@ async fn a_permissive_listener_with_rules_warns_and_kept_escaped_slashes_stay_es
         ensure!(status == 200, "kept escapes: {status} {body}");
         let (status, body) = request(&base, None, "GET", "/x/..//%61dmin", &[]).await?;
         ensure!(status == 403, "rules still hold on the normal form: {status} {body}");
-        let seen = seen.lock().map(|s| s.clone()).unwrap_or_default();
+        let seen = recorded.seen();
         ensure!(seen == ["/files/a%2Fb%5Cc"], "the application saw {seen:?}");
         Ok(())
     }
