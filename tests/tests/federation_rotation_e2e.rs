@@ -5,6 +5,7 @@
 //! trust each new CA within a refresh interval (the bundle hint is 1 s), and not one connection
 //! may fail.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -31,7 +32,7 @@ async fn one_call(port: u16) -> anyhow::Result<()> {
 }
 
 /// The roots `domain`'s workload holds for `peer` (from `api fetch x509 --write`).
-fn peer_roots(domain: &Domain, dir: &std::path::Path, peer: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+fn peer_roots(domain: &Domain, dir: &Path, peer: &str) -> anyhow::Result<Vec<Vec<u8>>> {
     domain.agent.write_svids(dir)?;
     pem_certificates(&std::fs::read_to_string(
         dir.join(format!("federated.{peer}.pem")),
@@ -40,38 +41,32 @@ fn peer_roots(domain: &Domain, dir: &std::path::Path, peer: &str) -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn federated_workloads_keep_talking_through_ca_rotations() -> anyhow::Result<()> {
-    if !peer_tools(
+    rotate_under_load(
         "federated_workloads_keep_talking_through_ca_rotations",
-        &["openssl"],
-    )? {
-        return Ok(());
-    }
-    rotate_under_load(false).await
+        false,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_with_an_upstream_ca_ends_at_the_operators_root() -> anyhow::Result<()> {
-    if !peer_tools(
+    rotate_under_load(
         "the_same_with_an_upstream_ca_ends_at_the_operators_root",
-        &["openssl"],
-    )? {
-        return Ok(());
-    }
-    rotate_under_load(true).await
+        true,
+    )
+    .await
 }
 
-/// The scenario of this file; with `upstream`, a.test's CA is an intermediate of an operator
-/// root, so its bundle (the root) never changes, and the chains its workload receives must end
-/// at that root for `openssl verify`.
-async fn rotate_under_load(upstream: bool) -> anyhow::Result<()> {
+/// The scenario of this file, run by `test`; with `upstream`, a.test's CA is an intermediate of
+/// an operator root, so its bundle (the root) never changes, and the chains its workload
+/// receives must end at that root for `openssl verify`.
+async fn rotate_under_load(test: &str, upstream: bool) -> anyhow::Result<()> {
+    if !peer_tools(test, &["openssl"])? {
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let upstream_config = if upstream {
-        openssl_ca(dir.path(), "root", true)?;
-        format!(
-            "[ca.upstream]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-            dir.path().join("root.pem").display(),
-            dir.path().join("root.key").display()
-        )
+        operator_root(dir.path())?
     } else {
         String::new()
     };
@@ -92,79 +87,12 @@ async fn rotate_under_load(upstream: bool) -> anyhow::Result<()> {
         .start(&b.agent)?;
     one_call(outbound).await.context("the first call")?;
 
-    // Steady load: one connection after another until the rotations are done.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        tokio::spawn(async move {
-            let mut first_error = None;
-            while !stop.load(Ordering::Relaxed) {
-                match one_call(outbound).await {
-                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        first_error.get_or_insert(e.to_string());
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-            first_error
-        })
-    };
-
+    let load = SteadyLoad::start(outbound);
     let files = dir.path().join("b-files");
     for rotation in 0..ROTATIONS {
-        let journal = a.server.cli_json(&["ca", "show"])?;
-        let old = journal["authorities"]
-            .as_array()
-            .and_then(|all| {
-                all.iter()
-                    .find(|x| x["kind"] == "x509" && x["state"] == "active")
-            })
-            .and_then(|x| x["id"].as_str())
-            .context("an active CA")?
-            .to_string();
-        a.server.cli(&["ca", "prepare"])?;
-        let a_roots = pem_certificates(&a.server.cli(&["bundle", "show"])?)?;
-        // b.test's workload trusts the new CA within a refresh interval (1 s), well before
-        // a.test activates it.
-        let prepared_at = Instant::now();
-        loop {
-            let held = peer_roots(&b, &files, "a.test")?;
-            if a_roots.iter().all(|root| held.contains(root)) {
-                break;
-            }
-            ensure!(
-                prepared_at.elapsed() < Duration::from_secs(10),
-                "rotation {rotation}: b.test does not trust a.test's new CA after 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        eprintln!(
-            "rotation {rotation}: b.test trusts the new CA {:.1?} after it was prepared",
-            prepared_at.elapsed()
-        );
-        a.server.cli(&["ca", "activate"])?;
-        a.server.cli(&["ca", "taint", "--id", &old])?;
-        // Once everything the old CA signed is replaced, it leaves the bundle.
-        let tainted_at = Instant::now();
-        while let Ok(reason) = a.server.cli_error(&["ca", "revoke", "--id", &old]) {
-            ensure!(
-                tainted_at.elapsed() < Duration::from_secs(20),
-                "rotation {rotation}: the old CA is still needed: {reason}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        rotate_ca(&a, &b, &files, rotation).await?;
     }
-    // Let the last change travel, then stop the load.
-    let before = ok.load(Ordering::Relaxed);
-    let settle = Instant::now();
-    while ok.load(Ordering::Relaxed) < before + 20 && settle.elapsed() < Duration::from_secs(10) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.store(true, Ordering::Relaxed);
-    let first_error = load.await?;
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed, first_error) = load.settle_and_stop().await?;
     eprintln!("{ok} calls through {ROTATIONS} CA rotations, {failed} failed");
     ensure!(
         failed == 0,
@@ -177,17 +105,142 @@ async fn rotate_under_load(upstream: bool) -> anyhow::Result<()> {
         "only the last CA (or the operator's root) is left in a.test's bundle"
     );
     if upstream {
-        // What b.test trusts for a.test is the operator's root, and a.test's workload chain
-        // (leaf, Sigil's intermediate) verifies to it.
-        let root = pem_certificates(&std::fs::read_to_string(dir.path().join("root.pem"))?)?;
-        ensure!(
-            peer_roots(&b, &files, "a.test")? == root,
-            "b.test trusts the operator root"
-        );
-        let a_files = dir.path().join("a-files");
-        a.agent.write_svids(&a_files)?;
-        let chain = a_files.join("svid.0.pem");
-        openssl_verify(&dir.path().join("root.pem"), Some(&chain), &chain, &[])?;
+        expect_chains_to_the_operator_root(dir.path(), &a, &b, &files)?;
     }
     Ok(())
+}
+
+/// Makes the operator's root CA (`root.pem`, `root.key`) in `dir`; returns the server
+/// configuration that signs a.test's CA with it.
+fn operator_root(dir: &Path) -> anyhow::Result<String> {
+    openssl_ca(dir, "root", true)?;
+    Ok(format!(
+        "[ca.upstream]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        dir.join("root.pem").display(),
+        dir.join("root.key").display()
+    ))
+}
+
+/// Calls through the outbound forwarder, one connection after another, until stopped; counts
+/// the calls that worked and those that failed, and keeps the first error.
+struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    calls: tokio::task::JoinHandle<Option<String>>,
+}
+
+impl SteadyLoad {
+    /// Starts calling the outbound forwarder on `port`.
+    fn start(port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let calls = {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                let mut first_error = None;
+                while !stop.load(Ordering::Relaxed) {
+                    match one_call(port).await {
+                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            first_error.get_or_insert(e.to_string());
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+                first_error
+            })
+        };
+        SteadyLoad {
+            stop,
+            ok,
+            failed,
+            calls,
+        }
+    }
+
+    /// Lets the last change travel (20 more calls that work, 10 s at most), then stops: (calls
+    /// that worked, calls that failed, the first error).
+    async fn settle_and_stop(self) -> anyhow::Result<(u64, u64, Option<String>)> {
+        let before = self.ok.load(Ordering::Relaxed);
+        let settle = Instant::now();
+        while self.ok.load(Ordering::Relaxed) < before + 20
+            && settle.elapsed() < Duration::from_secs(10)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        let first_error = self.calls.await?;
+        Ok((
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            first_error,
+        ))
+    }
+}
+
+/// One CA rotation of a.test: prepare a new CA, wait until b.test's workload (its files in
+/// `files`) trusts it, activate it, taint the old one and revoke it once nothing needs it.
+async fn rotate_ca(a: &Domain, b: &Domain, files: &Path, rotation: usize) -> anyhow::Result<()> {
+    let journal = a.server.cli_json(&["ca", "show"])?;
+    let old = journal["authorities"]
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|x| x["kind"] == "x509" && x["state"] == "active")
+        })
+        .and_then(|x| x["id"].as_str())
+        .context("an active CA")?
+        .to_string();
+    a.server.cli(&["ca", "prepare"])?;
+    let a_roots = pem_certificates(&a.server.cli(&["bundle", "show"])?)?;
+    // b.test's workload trusts the new CA within a refresh interval (1 s), well before a.test
+    // activates it.
+    let prepared_at = Instant::now();
+    loop {
+        let held = peer_roots(b, files, "a.test")?;
+        if a_roots.iter().all(|root| held.contains(root)) {
+            break;
+        }
+        ensure!(
+            prepared_at.elapsed() < Duration::from_secs(10),
+            "rotation {rotation}: b.test does not trust a.test's new CA after 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "rotation {rotation}: b.test trusts the new CA {:.1?} after it was prepared",
+        prepared_at.elapsed()
+    );
+    a.server.cli(&["ca", "activate"])?;
+    a.server.cli(&["ca", "taint", "--id", &old])?;
+    // Once everything the old CA signed is replaced, it leaves the bundle.
+    let tainted_at = Instant::now();
+    while let Ok(reason) = a.server.cli_error(&["ca", "revoke", "--id", &old]) {
+        ensure!(
+            tainted_at.elapsed() < Duration::from_secs(20),
+            "rotation {rotation}: the old CA is still needed: {reason}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// What b.test trusts for a.test is the operator's root in `dir`, and a.test's workload chain
+/// (leaf, Sigil's intermediate) verifies to it.
+fn expect_chains_to_the_operator_root(
+    dir: &Path,
+    a: &Domain,
+    b: &Domain,
+    files: &Path,
+) -> anyhow::Result<()> {
+    let root = pem_certificates(&std::fs::read_to_string(dir.join("root.pem"))?)?;
+    ensure!(
+        peer_roots(b, files, "a.test")? == root,
+        "b.test trusts the operator root"
+    );
+    let a_files = dir.join("a-files");
+    a.agent.write_svids(&a_files)?;
+    let chain = a_files.join("svid.0.pem");
+    openssl_verify(&dir.join("root.pem"), Some(&chain), &chain, &[])
 }
