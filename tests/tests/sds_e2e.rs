@@ -57,7 +57,7 @@ async fn next(stream: &mut Streaming<DiscoveryResponse>) -> anyhow::Result<Disco
 async fn open(
     client: &mut SecretDiscoveryServiceClient<tonic::transport::Channel>,
     first: DiscoveryRequest,
-) -> anyhow::Result<(mpsc::Sender<DiscoveryRequest>, Streaming<DiscoveryResponse>)> {
+) -> anyhow::Result<SdsStream> {
     let (requests, outbound) = mpsc::channel(8);
     requests.send(first).await?;
     let stream = client
@@ -67,6 +67,9 @@ async fn open(
     Ok((requests, stream))
 }
 
+/// The SDS stream of one test: the sender of its requests and its responses.
+type SdsStream = (mpsc::Sender<DiscoveryRequest>, Streaming<DiscoveryResponse>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sds_versions_acks_nacks_and_refusals() -> anyhow::Result<()> {
     let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
@@ -74,10 +77,18 @@ async fn sds_versions_acks_nacks_and_refusals() -> anyhow::Result<()> {
         Node::start(|server| Node::entry(server, "spiffe://example.org/envoy", &selector, &[]))?;
     let mut client = SecretDiscoveryServiceClient::new(node.agent.grpc_channel().await?);
 
-    // The first response carries both secrets, a version and a nonce.
     let both = ["default", "ROOTCA"];
-    let (requests, mut stream) = open(&mut client, request(&both)).await?;
-    let first = next(&mut stream).await?;
+    let mut stream = open(&mut client, request(&both)).await?;
+    let first = expect_both_secrets(&mut stream).await?;
+    let second = expect_the_ack_unanswered(&mut stream, &first).await?;
+    expect_the_nack_logged(&stream, &first, &second, &node).await?;
+    expect_a_refusal_on_its_own_stream(&mut client, &mut stream, &second).await?;
+    expect_plain_validation_on_fetch(&mut client).await
+}
+
+/// The first response carries both secrets, a version and a nonce.
+async fn expect_both_secrets(stream: &mut SdsStream) -> anyhow::Result<DiscoveryResponse> {
+    let first = next(&mut stream.1).await?;
     ensure!(
         !first.version_info.is_empty() && !first.nonce.is_empty(),
         "{first:?}"
@@ -93,18 +104,18 @@ async fn sds_versions_acks_nacks_and_refusals() -> anyhow::Result<()> {
         matches!(received[1].r#type, Some(secret::Type::ValidationContext(ref c)) if c.trusted_ca.is_some()),
         "ROOTCA is a trusted_ca validation context"
     );
+    Ok(first)
+}
 
-    // An ACK is not answered. Then a change of names is: so the next response on the stream is the
-    // answer to the change, not a repeat of the acknowledged secrets.
-    requests.send(ack(&both, &first)).await?;
-    requests
-        .send(DiscoveryRequest {
-            version_info: first.version_info.clone(),
-            response_nonce: first.nonce.clone(),
-            ..request(&["default"])
-        })
-        .await?;
-    let second = next(&mut stream).await?;
+/// An ACK of `first` is not answered. Then a change of names is: so the next response on the
+/// stream is the answer to the change, not a repeat of the acknowledged secrets. Returns it.
+async fn expect_the_ack_unanswered(
+    (requests, stream): &mut SdsStream,
+    first: &DiscoveryResponse,
+) -> anyhow::Result<DiscoveryResponse> {
+    requests.send(ack(&["default", "ROOTCA"], first)).await?;
+    requests.send(ack(&["default"], first)).await?;
+    let second = next(stream).await?;
     let received = secrets(&second)?;
     ensure!(
         received.len() == 1 && received[0].name == "default",
@@ -114,8 +125,17 @@ async fn sds_versions_acks_nacks_and_refusals() -> anyhow::Result<()> {
         second.version_info != first.version_info && second.nonce != first.nonce,
         "a new version and nonce"
     );
+    Ok(second)
+}
 
-    // A NACK is logged and not answered with the same secrets.
+/// A NACK of `second` (keeping `first`'s version) is logged by the agent of `node`, and not
+/// answered with the same secrets.
+async fn expect_the_nack_logged(
+    (requests, _): &SdsStream,
+    first: &DiscoveryResponse,
+    second: &DiscoveryResponse,
+    node: &Node,
+) -> anyhow::Result<()> {
     requests
         .send(DiscoveryRequest {
             version_info: first.version_info.clone(),
@@ -134,10 +154,18 @@ async fn sds_versions_acks_nacks_and_refusals() -> anyhow::Result<()> {
         "the NACK was not logged:\n{}",
         node.agent.logs()
     );
+    Ok(())
+}
 
-    // A name this caller may not have fails its own stream only.
+/// A name this caller may not have fails its own stream only: `stream` carries on after it,
+/// answering a change of names after `second`.
+async fn expect_a_refusal_on_its_own_stream(
+    client: &mut SecretDiscoveryServiceClient<tonic::transport::Channel>,
+    (requests, stream): &mut SdsStream,
+    second: &DiscoveryResponse,
+) -> anyhow::Result<()> {
     let (_other_requests, mut refused) =
-        open(&mut client, request(&["spiffe://example.org/someone-else"])).await?;
+        open(client, request(&["spiffe://example.org/someone-else"])).await?;
     let error = tokio::time::timeout(WAIT, refused.message())
         .await?
         .err()
@@ -146,20 +174,19 @@ async fn sds_versions_acks_nacks_and_refusals() -> anyhow::Result<()> {
         error.code() == tonic::Code::PermissionDenied && error.message().contains("someone-else"),
         "{error:?}"
     );
-    requests
-        .send(DiscoveryRequest {
-            version_info: second.version_info.clone(),
-            response_nonce: second.nonce.clone(),
-            ..request(&both)
-        })
-        .await?;
-    let third = next(&mut stream).await?;
+    requests.send(ack(&["default", "ROOTCA"], second)).await?;
+    let third = next(stream).await?;
     ensure!(
         secrets(&third)?.len() == 2,
         "the first stream carries on after another stream's refusal"
     );
+    Ok(())
+}
 
-    // FetchSecrets answers once, with the node's request for plain validation honoured.
+/// FetchSecrets answers once, with the node's request for plain validation honoured.
+async fn expect_plain_validation_on_fetch(
+    client: &mut SecretDiscoveryServiceClient<tonic::transport::Channel>,
+) -> anyhow::Result<()> {
     let metadata = Struct {
         fields: [(
             "disable_spiffe_cert_validation".to_string(),
