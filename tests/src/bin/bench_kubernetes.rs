@@ -9,12 +9,13 @@
 //! reach the fake through a kubeconfig. This process plays a container of one of the 100 pods:
 //! each `FetchX509SVID` is attested anew (peer credentials, cgroup, pod lookup in the watch).
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use clap::Parser;
 use sigil_tests::bench::procfs::{cpu_time, rss_kib};
-use sigil_tests::bench::report::percentile;
+use sigil_tests::bench::report::LatencyMs;
 use sigil_tests::kubernetes::{FakeKubernetes, FakeToken};
 use sigil_tests::{AgentProcess, ServerProcess};
 use sigil_workload_api::client::WorkloadClient;
@@ -40,6 +41,35 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("kubeconfig");
     fake.write_kubeconfig(&kubeconfig)?;
+    add_node_with_pods(&fake, args.pods);
+    let server = ServerProcess::start(
+        &dir.path().join("server"),
+        None,
+        &format!(
+            "[kubernetes]\ncluster = \"demo\"\nkubeconfig = \"{}\"\nauto_identity = true\n",
+            kubeconfig.display()
+        ),
+    )?;
+    let agent = start_agent(dir.path(), &server, &kubeconfig)?;
+    let agent_pid = agent.pid().context("agent pid")?;
+    let mut client = WorkloadClient::connect(&agent.socket).await?;
+    let first = client.fetch_x509().await?;
+    ensure!(
+        first
+            .svids
+            .first()
+            .is_some_and(|s| s.spiffe_id == "spiffe://example.org/ns/apps/sa/sa-0"),
+        "identity"
+    );
+
+    report_attestations(&mut client, &args).await?;
+    report_idle_agent(agent_pid, &args).await?;
+    report_pod_churn(&fake, agent_pid, args.pods).await
+}
+
+/// Puts `node-a` in the fake with the agent's own pod, `pods` application pods (ten service
+/// accounts among them) and the agent's projected service account token `psat`.
+fn add_node_with_pods(fake: &FakeKubernetes, pods: usize) {
     fake.add_node("node-a", "uid-a", &[]);
     fake.add_pod(
         "sigil",
@@ -50,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
         &[],
         &[("agent", "sigil:1", &"c".repeat(64))],
     );
-    for n in 0..args.pods {
+    for n in 0..pods {
         let container = format!("{n:064x}");
         fake.add_pod(
             "apps",
@@ -71,40 +101,23 @@ async fn main() -> anyhow::Result<()> {
             expired: false,
         },
     );
-    let server = ServerProcess::start(
-        &dir.path().join("server"),
-        None,
-        &format!(
-            "[kubernetes]\ncluster = \"demo\"\nkubeconfig = \"{}\"\nauto_identity = true\n",
-            kubeconfig.display()
-        ),
-    )?;
-    let bundle = dir.path().join("bundle.pem");
-    std::fs::write(&bundle, server.cli(&["bundle", "show"])?)?;
+}
 
-    // This process is a container of pod app-0.
-    let pid = std::process::id();
-    let proc_root = dir.path().join("proc");
-    std::fs::create_dir_all(proc_root.join(pid.to_string()))?;
-    std::fs::write(
-        proc_root.join(format!("{pid}/cgroup")),
-        format!(
-            "0::/kubepods.slice/kubepods-podpod_0.slice/cri-containerd-{:064x}.scope\n",
-            0
-        ),
-    )?;
-    let own_status = std::fs::read_to_string("/proc/self/status")?;
-    std::fs::write(proc_root.join(format!("{pid}/status")), own_status)?;
-    // The agent holds the caller from accept by its start time (field 22 of stat).
-    std::fs::write(
-        proc_root.join(format!("{pid}/stat")),
-        std::fs::read_to_string("/proc/self/stat")?,
-    )?;
-    let token = dir.path().join("token");
+/// Starts the agent of `node-a` (PSAT node attestation, the k8s workload attestor) in `dir`,
+/// with a proc root in which this process is a container of pod app-0.
+fn start_agent(
+    dir: &Path,
+    server: &ServerProcess,
+    kubeconfig: &Path,
+) -> anyhow::Result<AgentProcess> {
+    let bundle = dir.join("bundle.pem");
+    std::fs::write(&bundle, server.cli(&["bundle", "show"])?)?;
+    let proc_root = play_app_0_container(dir)?;
+    let token = dir.join("token");
     std::fs::write(&token, "psat")?;
-    let agent = AgentProcess::start_with(
-        &dir.path().join("agent"),
-        &server,
+    AgentProcess::start_with(
+        &dir.join("agent"),
+        server,
         &bundle,
         None,
         &format!(
@@ -113,33 +126,56 @@ async fn main() -> anyhow::Result<()> {
             kubeconfig.display(),
             token.display()
         ),
-    )?;
-    let agent_pid = agent.pid().context("agent pid")?;
-    let mut client = WorkloadClient::connect(&agent.socket).await?;
-    let first = client.fetch_x509().await?;
-    ensure!(
-        first
-            .svids
-            .first()
-            .is_some_and(|s| s.spiffe_id == "spiffe://example.org/ns/apps/sa/sa-0"),
-        "identity"
-    );
+    )
+}
 
+/// A proc root under `dir` in which this process is a container of pod app-0: its cgroup names
+/// the container, its status and stat are this process's own. Returns the proc root.
+fn play_app_0_container(dir: &Path) -> anyhow::Result<PathBuf> {
+    let pid = std::process::id();
+    let proc_root = dir.join("proc");
+    let own = proc_root.join(pid.to_string());
+    std::fs::create_dir_all(&own)?;
+    std::fs::write(
+        own.join("cgroup"),
+        format!(
+            "0::/kubepods.slice/kubepods-podpod_0.slice/cri-containerd-{:064x}.scope\n",
+            0
+        ),
+    )?;
+    std::fs::write(
+        own.join("status"),
+        std::fs::read_to_string("/proc/self/status")?,
+    )?;
+    // The agent holds the caller from accept by its start time (field 22 of stat).
+    std::fs::write(
+        own.join("stat"),
+        std::fs::read_to_string("/proc/self/stat")?,
+    )?;
+    Ok(proc_root)
+}
+
+/// Times `args.attestations` fetches, each attested anew, and prints their p50 and p99.
+async fn report_attestations(client: &mut WorkloadClient, args: &Args) -> anyhow::Result<()> {
     let mut latencies = Vec::with_capacity(args.attestations);
     for _ in 0..args.attestations {
         let started = Instant::now();
         client.fetch_x509().await?;
         latencies.push(started.elapsed());
     }
-    latencies.sort();
+    let figures = LatencyMs::of(&mut latencies);
     println!(
         "workload attestation + first X509SVIDResponse on a node with {} pods, {} calls: p50 {:.2} ms, p99 {:.2} ms",
         args.pods,
         latencies.len(),
-        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3
+        figures.p50,
+        figures.p99
     );
+    Ok(())
+}
 
+/// Prints the agent's resident memory and its CPU over `args.idle_seconds` of an idle watch.
+async fn report_idle_agent(agent_pid: u32, args: &Args) -> anyhow::Result<()> {
     let rss = rss_kib(agent_pid)?;
     let before = cpu_time(agent_pid)?;
     tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
@@ -152,10 +188,18 @@ async fn main() -> anyhow::Result<()> {
         idle,
         args.idle_seconds
     );
+    Ok(())
+}
 
+/// Adds and deletes `pods` pods five times over and prints the agent's CPU for those events.
+async fn report_pod_churn(
+    fake: &FakeKubernetes,
+    agent_pid: u32,
+    pods: usize,
+) -> anyhow::Result<()> {
     let before = cpu_time(agent_pid)?;
     for round in 0..5 {
-        for n in 0..args.pods {
+        for n in 0..pods {
             let name = format!("churn-{round}-{n}");
             fake.add_pod(
                 "churn",
@@ -178,9 +222,9 @@ async fn main() -> anyhow::Result<()> {
     let churn = cpu_time(agent_pid)?.saturating_sub(before);
     println!(
         "agent CPU for {} pod events (adds and deletes): {:?} ({:.1} us per event)",
-        10 * args.pods,
+        10 * pods,
         churn,
-        churn.as_secs_f64() * 1e6 / (10 * args.pods) as f64
+        churn.as_secs_f64() * 1e6 / (10 * pods) as f64
     );
     Ok(())
 }

@@ -8,16 +8,18 @@
 //! The server and the agent are the real binaries; the workloads are Workload API clients in this
 //! process (one HTTP/2 connection per 100 streams, as many processes would open).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use clap::Parser;
 use sigil_proto::admin::CreateEntryRequest;
+use sigil_proto::admin::admin_api_client::AdminApiClient;
 use sigil_proto::common;
 use sigil_tests::bench::procfs::rss_kib;
-use sigil_tests::bench::report::percentile;
-use sigil_tests::{NODE_ALIAS, Node};
+use sigil_tests::bench::report::LatencyMs;
+use sigil_tests::{AgentProcess, NODE_ALIAS, Node};
 use sigil_workload_api::client::WorkloadClient;
 
 #[derive(Debug, Parser)]
@@ -33,6 +35,9 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     cached: usize,
 }
+
+/// The server's admin API, over its socket.
+type AdminClient = AdminApiClient<tonic::transport::Channel>;
 
 fn entry(spiffe_id: String, selector: &str) -> CreateEntryRequest {
     CreateEntryRequest {
@@ -70,54 +75,68 @@ async fn main() -> anyhow::Result<()> {
     println!("| concurrent streams | p50 | p99 | max |");
     println!("|---|---|---|---|");
     for &count in &args.streams {
-        let connections = count.div_ceil(100);
-        let mut clients = Vec::with_capacity(connections);
-        for _ in 0..connections {
-            clients.push(WorkloadClient::connect(&agent.socket).await?);
-        }
-        let barrier = Arc::new(tokio::sync::Barrier::new(count));
-        let mut tasks = tokio::task::JoinSet::new();
-        for n in 0..count {
-            let mut client = clients[n % connections].clone();
-            let barrier = barrier.clone();
-            tasks.spawn(async move {
-                barrier.wait().await;
-                let started = Instant::now();
-                let mut stream = client.watch_x509().await?;
-                let first = stream.message().await?.context("stream ended")?;
-                let elapsed = started.elapsed();
-                ensure!(first.svids.len() == 1, "one SVID");
-                // Keep the stream open until every stream has its first message.
-                Ok::<_, anyhow::Error>((elapsed, stream))
-            });
-        }
-        let mut latencies = Vec::with_capacity(count);
-        let mut open = Vec::with_capacity(count);
-        while let Some(done) = tasks.join_next().await {
-            let (elapsed, stream) = done??;
-            latencies.push(elapsed);
-            open.push(stream);
-        }
-        latencies.sort();
-        println!(
-            "| {count} | {:.2} ms | {:.2} ms | {:.2} ms |",
-            percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-            percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-            latencies[latencies.len() - 1].as_secs_f64() * 1e3
-        );
-        drop(open);
+        report_concurrent_streams(&agent.socket, count).await?;
     }
+    report_deliveries(&agent.socket, &mut admin, &uid_selector, args.deliveries).await?;
+    report_cached_memory(agent, &mut admin, &uid_selector, &args).await
+}
 
-    // Entry creation (admin API) to delivery on a waiting stream.
-    let mut watcher = WorkloadClient::connect(&agent.socket).await?;
+/// Opens `count` streams at once (one connection per 100) and prints the latencies of their
+/// first responses as a table row.
+async fn report_concurrent_streams(socket: &Path, count: usize) -> anyhow::Result<()> {
+    let connections = count.div_ceil(100);
+    let mut clients = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        clients.push(WorkloadClient::connect(socket).await?);
+    }
+    let barrier = Arc::new(tokio::sync::Barrier::new(count));
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..count {
+        let mut client = clients[n % connections].clone();
+        let barrier = barrier.clone();
+        tasks.spawn(async move {
+            barrier.wait().await;
+            let started = Instant::now();
+            let mut stream = client.watch_x509().await?;
+            let first = stream.message().await?.context("stream ended")?;
+            let elapsed = started.elapsed();
+            ensure!(first.svids.len() == 1, "one SVID");
+            // Keep the stream open until every stream has its first message.
+            Ok::<_, anyhow::Error>((elapsed, stream))
+        });
+    }
+    let mut latencies = Vec::with_capacity(count);
+    let mut open = Vec::with_capacity(count);
+    while let Some(done) = tasks.join_next().await {
+        let (elapsed, stream) = done??;
+        latencies.push(elapsed);
+        open.push(stream);
+    }
+    let figures = LatencyMs::of(&mut latencies);
+    println!(
+        "| {count} | {:.2} ms | {:.2} ms | {:.2} ms |",
+        figures.p50, figures.p99, figures.max
+    );
+    Ok(())
+}
+
+/// Creates `count` entries for this uid one by one (admin API) and prints how long each took
+/// to reach a waiting stream.
+async fn report_deliveries(
+    socket: &Path,
+    admin: &mut AdminClient,
+    uid_selector: &str,
+    count: usize,
+) -> anyhow::Result<()> {
+    let mut watcher = WorkloadClient::connect(socket).await?;
     let mut stream = watcher.watch_x509().await?;
     stream.message().await?.context("first message")?;
-    let mut deliveries = Vec::with_capacity(args.deliveries);
-    for n in 0..args.deliveries {
+    let mut deliveries = Vec::with_capacity(count);
+    for n in 0..count {
         let spiffe_id = format!("spiffe://example.org/delivery/{n}");
         let started = Instant::now();
         admin
-            .create_entry(entry(spiffe_id.clone(), &uid_selector))
+            .create_entry(entry(spiffe_id.clone(), uid_selector))
             .await?;
         loop {
             let update = tokio::time::timeout(Duration::from_secs(10), stream.message())
@@ -130,17 +149,26 @@ async fn main() -> anyhow::Result<()> {
         deliveries.push(started.elapsed());
     }
     drop(stream);
-    deliveries.sort();
+    let figures = LatencyMs::of(&mut deliveries);
     println!();
     println!(
         "entry create -> workload delivery over {} entries: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         deliveries.len(),
-        percentile(&deliveries, 0.5).as_secs_f64() * 1e3,
-        percentile(&deliveries, 0.99).as_secs_f64() * 1e3,
-        deliveries[deliveries.len() - 1].as_secs_f64() * 1e3
+        figures.p50,
+        figures.p99,
+        figures.max
     );
+    Ok(())
+}
 
-    // Memory with `cached` SVIDs: entries for this uid, fetched once so each is signed and cached.
+/// Prints the agent's resident memory with `args.cached` SVIDs: entries for this uid, fetched
+/// once so each is signed and cached (the entries of the earlier steps count).
+async fn report_cached_memory(
+    agent: &AgentProcess,
+    admin: &mut AdminClient,
+    uid_selector: &str,
+    args: &Args,
+) -> anyhow::Result<()> {
     let pid = agent.pid().context("agent pid")?;
     let before = rss_kib(pid)?;
     let existing = 1 + args.deliveries;
@@ -148,7 +176,7 @@ async fn main() -> anyhow::Result<()> {
         admin
             .create_entry(entry(
                 format!("spiffe://example.org/cached/{n}"),
-                &uid_selector,
+                uid_selector,
             ))
             .await?;
     }
