@@ -5,6 +5,9 @@
 use bytes::BytesMut;
 use sigil_forwarder::path::{EscapedSlashes, normalize};
 use sigil_workload_api::authority::{HeaderLimits, HeaderRewriter};
+use sigil_workload_api::http2::{
+    CONTINUATION, END_HEADERS, HEADERS, MAX_FRAME, PADDED, PREFACE, PRIORITY,
+};
 
 use crate::text;
 
@@ -53,16 +56,8 @@ pub fn path_normalize(data: &[u8]) {
     }
 }
 
-/// The HTTP/2 connection preface.
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The header list bound the target runs with: small, so the fuzzer reaches it.
 const LIMIT: usize = 4096;
-const MAX_FRAME: usize = 16_384;
-const HEADERS: u8 = 0x1;
-const CONTINUATION: u8 = 0x9;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
 
 /// The `:authority` rewriter (`HeaderRewriter::feed`) on one client connection.
 ///

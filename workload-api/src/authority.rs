@@ -18,7 +18,7 @@
 //! first field over it. A connection that breaks a rule or a bound gets a GOAWAY naming why and is
 //! closed; the HTTP/2 server sees its input end and flushes what it had queued first.
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 
 use crate::Error;
 use crate::hpack::{self, ENTRY_OVERHEAD};
@@ -30,20 +30,11 @@ pub(crate) use io::AuthorityRewrite;
 /// of SETTINGS_HEADER_TABLE_SIZE, which the server advertises unchanged. A table size update above
 /// it is a COMPRESSION_ERROR.
 pub use crate::hpack::TABLE_SIZE as HEADER_TABLE_SIZE;
+use crate::http2::{
+    CONTINUATION, END_HEADERS, END_STREAM, FRAME_HEADER_LEN, HEADERS, MAX_FRAME, PADDED, PREFACE,
+    PRIORITY, write_frame,
+};
 
-/// The client connection preface every HTTP/2 connection starts with.
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const FRAME_HEADER_LEN: usize = 9;
-const HEADERS: u8 = 0x1;
-const GOAWAY: u8 = 0x7;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
-/// The largest frame payload a client may send: SETTINGS_MAX_FRAME_SIZE, which the Workload API
-/// server leaves at its default (RFC 9113 §4.2).
-const MAX_FRAME: usize = 16_384;
 /// What `:authority` is rewritten to.
 const AUTHORITY: &[u8] = b"localhost";
 
@@ -216,8 +207,14 @@ impl HeaderRewriter {
             let frame = self.raw.split_to(FRAME_HEADER_LEN + length);
             let payload = &frame[FRAME_HEADER_LEN..];
             match kind {
-                HEADERS => self.headers(stream_id, flags, payload, out)?,
-                CONTINUATION => self.continuation(stream_id, flags, payload, out)?,
+                HEADERS => {
+                    let block = self.headers(stream_id, flags, payload)?;
+                    self.end_or_hold(block, flags, out)?;
+                }
+                CONTINUATION => {
+                    let block = self.continuation(stream_id, payload)?;
+                    self.end_or_hold(block, flags, out)?;
+                }
                 _ if self.pending.is_some() => {
                     return Err(protocol_error("a frame interrupted a header block"));
                 }
@@ -227,13 +224,8 @@ impl HeaderRewriter {
         Ok(())
     }
 
-    fn headers(
-        &mut self,
-        stream_id: u32,
-        flags: u8,
-        payload: &[u8],
-        out: &mut BytesMut,
-    ) -> Result<(), Error> {
+    /// The header block a HEADERS frame starts, without its padding and priority fields.
+    fn headers(&self, stream_id: u32, flags: u8, payload: &[u8]) -> Result<PendingHeaders, Error> {
         if self.pending.is_some() {
             return Err(protocol_error("a HEADERS frame interrupted a header block"));
         }
@@ -262,28 +254,17 @@ impl HeaderRewriter {
             .len()
             .checked_sub(padding)
             .ok_or_else(|| protocol_error("HEADERS padding exceeds the frame"))?;
-        let pending = PendingHeaders {
+        self.check_block_size(block_len)?;
+        Ok(PendingHeaders {
             stream_id,
             flags,
             priority,
             block: body[..block_len].to_vec(),
-        };
-        self.check_block_size(pending.block.len())?;
-        if flags & END_HEADERS != 0 {
-            self.emit(pending, out)
-        } else {
-            self.pending = Some(pending);
-            Ok(())
-        }
+        })
     }
 
-    fn continuation(
-        &mut self,
-        stream_id: u32,
-        flags: u8,
-        payload: &[u8],
-        out: &mut BytesMut,
-    ) -> Result<(), Error> {
+    /// The pending header block with a CONTINUATION frame's fragment added.
+    fn continuation(&mut self, stream_id: u32, payload: &[u8]) -> Result<PendingHeaders, Error> {
         let mut pending = self
             .pending
             .take()
@@ -291,14 +272,24 @@ impl HeaderRewriter {
             .ok_or_else(|| protocol_error("CONTINUATION without a header block on its stream"))?;
         self.check_block_size(pending.block.len() + payload.len())?;
         pending.block.extend_from_slice(payload);
+        Ok(pending)
+    }
+
+    /// Passes a header block on once a frame with END_HEADERS ends it; holds it for the next
+    /// CONTINUATION otherwise.
+    fn end_or_hold(
+        &mut self,
+        block: PendingHeaders,
+        flags: u8,
+        out: &mut BytesMut,
+    ) -> Result<(), Error> {
         if flags & END_HEADERS != 0 {
-            self.emit(pending, out)
+            self.emit(block, out)
         } else {
-            self.pending = Some(pending);
+            self.pending = Some(block);
             Ok(())
         }
     }
-
     fn check_block_size(&self, size: usize) -> Result<(), Error> {
         let max = self.limits.max_header_list_size;
         if size > max {
@@ -360,18 +351,6 @@ impl HeaderRewriter {
         }
         Ok(())
     }
-}
-
-fn write_frame(out: &mut BytesMut, kind: u8, flags: u8, stream_id: u32, payload: &[u8]) {
-    let length = payload.len();
-    // Lengths are bounded by MAX_FRAME, so they fit the 24-bit field.
-    out.put_u8(((length >> 16) & 0xff) as u8);
-    out.put_u8(((length >> 8) & 0xff) as u8);
-    out.put_u8((length & 0xff) as u8);
-    out.put_u8(kind);
-    out.put_u8(flags);
-    out.put_u32(stream_id);
-    out.extend_from_slice(payload);
 }
 
 #[cfg(test)]

@@ -42,6 +42,17 @@ fn refused(call: &'static str) -> impl Fn(tonic::Status) -> Error {
     move |status| Error::Refused { call, status }
 }
 
+/// The first message of the `call` stream of `what` updates: what a one-shot fetch answers.
+async fn first_message<T>(mut stream: Streaming<T>, call: &'static str, what: &str) -> Result<T> {
+    stream
+        .message()
+        .await
+        .map_err(refused(call))?
+        .ok_or_else(|| {
+            Error::Malformed(format!("the {what} stream ended before its first message"))
+        })
+}
+
 impl WorkloadClient {
     /// Connects to the socket at `path`.
     pub async fn connect(path: &Path) -> Result<Self> {
@@ -78,48 +89,30 @@ impl WorkloadClient {
 
     /// The current X509-SVIDs (the stream's first message).
     pub async fn fetch_x509(&mut self) -> Result<X509svidResponse> {
-        let mut stream = self.watch_x509().await?;
-        stream
-            .message()
-            .await
-            .map_err(refused("FetchX509SVID"))?
-            .ok_or_else(|| {
-                Error::Malformed("the X509-SVID stream ended before its first message".into())
-            })
+        let stream = self.watch_x509().await?;
+        first_message(stream, "FetchX509SVID", "X509-SVID").await
     }
 
     /// The current X.509 bundles.
     pub async fn fetch_x509_bundles(&mut self) -> Result<X509BundlesResponse> {
-        let mut stream = self
-            .inner
-            .fetch_x509_bundles(X509BundlesRequest {})
-            .await
-            .map_err(refused("FetchX509Bundles"))?
-            .into_inner();
-        stream
-            .message()
-            .await
-            .map_err(refused("FetchX509Bundles"))?
-            .ok_or_else(|| {
-                Error::Malformed("the bundle stream ended before its first message".into())
-            })
+        let stream = self.inner.fetch_x509_bundles(X509BundlesRequest {}).await;
+        first_message(
+            stream.map_err(refused("FetchX509Bundles"))?.into_inner(),
+            "FetchX509Bundles",
+            "bundle",
+        )
+        .await
     }
 
     /// The current JWT bundles.
     pub async fn fetch_jwt_bundles(&mut self) -> Result<JwtBundlesResponse> {
-        let mut stream = self
-            .inner
-            .fetch_jwt_bundles(JwtBundlesRequest {})
-            .await
-            .map_err(refused("FetchJWTBundles"))?
-            .into_inner();
-        stream
-            .message()
-            .await
-            .map_err(refused("FetchJWTBundles"))?
-            .ok_or_else(|| {
-                Error::Malformed("the JWT bundle stream ended before its first message".into())
-            })
+        let stream = self.inner.fetch_jwt_bundles(JwtBundlesRequest {}).await;
+        first_message(
+            stream.map_err(refused("FetchJWTBundles"))?.into_inner(),
+            "FetchJWTBundles",
+            "JWT bundle",
+        )
+        .await
     }
 
     /// JWT-SVIDs for `audience` (all identities, or only `spiffe_id`).

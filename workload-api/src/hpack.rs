@@ -273,7 +273,7 @@ fn integer(buf: &[u8], prefix_bits: u32) -> Result<(usize, usize), Error> {
 }
 
 /// An integer with a `prefix_bits`-bit prefix, `first` holding the representation's high bits.
-fn encode_integer(out: &mut Vec<u8>, first: u8, prefix_bits: u32, mut value: usize) {
+pub fn encode_integer(out: &mut Vec<u8>, first: u8, prefix_bits: u32, mut value: usize) {
     let max = (1usize << prefix_bits) - 1;
     if value < max {
         // Below `max`, so it fits the prefix bits of one byte.

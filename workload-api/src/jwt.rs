@@ -227,13 +227,7 @@ mod tests {
         let s = signer();
         let bundles = [s.bundle.clone()];
         let good = token(&s, HEADER, CLAIMS);
-        let mut state = 0x5eed_0005_u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::xorshift(0x5eed_0005_u64);
         for _ in 0..3000 {
             let mut bytes = good.clone().into_bytes();
             for _ in 0..=(next() % 3) {

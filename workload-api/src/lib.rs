@@ -20,6 +20,7 @@ pub mod authority;
 pub mod client;
 mod error;
 mod hpack;
+pub mod http2;
 pub mod jwt;
 pub mod peer;
 pub mod sds;
@@ -54,6 +55,18 @@ pub fn socket_path(address: &str) -> Result<std::path::PathBuf> {
 pub fn endpoint_address(path: &std::path::Path) -> String {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     format!("unix://{}", absolute.display())
+}
+
+/// A fixed-seed xorshift generator: the hostile-input unit tests' source of noise, the same on
+/// every run.
+#[cfg(test)]
+fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
 }
 
 #[cfg(test)]

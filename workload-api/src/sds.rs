@@ -24,6 +24,7 @@
 //! (the key SPIRE's agent honours too) and gets every bundle as one plain `trusted_ca` instead.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -104,7 +105,7 @@ async fn next_event<T>(
     inbound: &mut Streaming<T>,
     changes: &mut watch::Receiver<u64>,
     stopping: &mut watch::Receiver<bool>,
-) -> Result<Option<T>, Option<Status>> {
+) -> Result<Option<T>, StreamEnd> {
     tokio::select! {
         message = inbound.message() => match message {
             Ok(Some(request)) => Ok(Some(request)),
@@ -261,6 +262,190 @@ fn response(version: String, secrets: Vec<Secret>, nonce: u64) -> DiscoveryRespo
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// How a stream's task ends: `Some` with the status to end the stream with, `None` to end it
+/// quietly (Envoy left, the agent is stopping, or the response could not be sent).
+type StreamEnd = Option<Status>;
+
+/// One SDS stream, as its task sees it: the caller's selectors, Envoy's requests, what wakes the
+/// task, and where its responses go.
+struct SdsStream<Req, Resp> {
+    selectors: Vec<Selector>,
+    inbound: Streaming<Req>,
+    changes: watch::Receiver<u64>,
+    stopping: watch::Receiver<bool>,
+    sender: mpsc::Sender<Result<Resp, Status>>,
+}
+
+impl<Req, Resp> SdsStream<Req, Resp> {
+    /// A request arrived (`Some`), or secrets may have changed (`None`).
+    async fn next(&mut self) -> Result<Option<Req>, StreamEnd> {
+        next_event(&mut self.inbound, &mut self.changes, &mut self.stopping).await
+    }
+
+    async fn send(&self, response: Resp) -> Result<(), StreamEnd> {
+        self.sender.send(Ok(response)).await.map_err(|_| None)
+    }
+}
+
+impl<S: IdentitySource> Sds<S> {
+    /// Attests the caller and serves its stream with `serve` in a task of its own; the status
+    /// `serve` ends with, if any, is the stream's last message.
+    async fn open<Req, Resp, Served>(
+        &self,
+        request: Request<Streaming<Req>>,
+        serve: impl FnOnce(Self, SdsStream<Req, Resp>) -> Served,
+    ) -> Result<Response<ResponseStream<Resp>>, Status>
+    where
+        Req: Send + 'static,
+        Resp: Send + 'static,
+        Served: Future<Output = Result<(), StreamEnd>> + Send + 'static,
+    {
+        let caller = peer_caller(&request)?;
+        let selectors = self.source.attest(caller).await?;
+        let (sender, receiver) = mpsc::channel(4);
+        let stream = SdsStream {
+            selectors,
+            inbound: request.into_inner(),
+            changes: self.source.changes(),
+            stopping: self.stopping.clone(),
+            sender: sender.clone(),
+        };
+        let served = serve(self.clone(), stream);
+        tokio::spawn(async move {
+            if let Err(Some(status)) = served.await {
+                let _ = sender.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    /// A delta stream: tracks what Envoy subscribed to and the version it holds of each, and
+    /// sends only what changed.
+    async fn serve_delta(
+        self,
+        mut stream: SdsStream<DeltaDiscoveryRequest, DeltaDiscoveryResponse>,
+    ) -> Result<(), StreamEnd> {
+        let mut subscribed: BTreeSet<String> = BTreeSet::new();
+        let mut held: HashMap<String, String> = HashMap::new();
+        let mut plain = false;
+        let mut nonce = 0u64;
+        loop {
+            if let Some(request) = stream.next().await? {
+                if request.node.is_some() {
+                    plain = wants_plain_validation(request.node.as_ref());
+                }
+                if let Some(error) = &request.error_detail {
+                    tracing::warn!(nonce = %untrusted(&request.response_nonce), error = %untrusted(&error.message), "Envoy rejected delta SDS secrets (NACK)");
+                    continue;
+                }
+                self.subscribe(&mut subscribed, &mut held, request)
+                    .map_err(Some)?;
+            }
+            let resources = self
+                .changed_resources(&stream.selectors, &subscribed, &mut held, plain)
+                .await
+                .map_err(Some)?;
+            if resources.is_empty() {
+                continue;
+            }
+            nonce += 1;
+            stream
+                .send(DeltaDiscoveryResponse {
+                    system_version_info: system_version(&held),
+                    resources,
+                    type_url: SECRET_TYPE.into(),
+                    nonce: nonce.to_string(),
+                    ..DeltaDiscoveryResponse::default()
+                })
+                .await?;
+        }
+    }
+
+    /// The subscribed resources whose version differs from the one Envoy holds (or that it has
+    /// never been sent), each with its own version; `held` is updated to what is sent.
+    async fn changed_resources(
+        &self,
+        selectors: &[Selector],
+        subscribed: &BTreeSet<String>,
+        held: &mut HashMap<String, String>,
+        plain: bool,
+    ) -> Result<Vec<Resource>, Status> {
+        let mut resources = Vec::new();
+        for name in subscribed {
+            let (version, secrets) = self
+                .render(selectors, std::slice::from_ref(name), plain)
+                .await?;
+            if held.get(name) == Some(&version) {
+                continue;
+            }
+            for secret in secrets {
+                resources.push(Resource {
+                    name: name.clone(),
+                    version: version.clone(),
+                    resource: Some(Any {
+                        type_url: SECRET_TYPE.into(),
+                        value: secret.encode_to_vec(),
+                    }),
+                    ..Resource::default()
+                });
+            }
+            held.insert(name.clone(), version);
+        }
+        Ok(resources)
+    }
+
+    /// A state-of-the-world stream: answers each new set of names, ignores ACKs and answers to
+    /// older responses, logs NACKs, and pushes a new version whenever the secrets change.
+    async fn serve_state_of_the_world(
+        self,
+        mut stream: SdsStream<DiscoveryRequest, DiscoveryResponse>,
+    ) -> Result<(), StreamEnd> {
+        let mut names: Option<Vec<String>> = None;
+        // Envoy may send its node only on the first request of a stream.
+        let mut plain = false;
+        let mut sent_version = String::new();
+        let mut nonce = 0u64;
+        loop {
+            if let Some(request) = stream.next().await? {
+                if request.node.is_some() {
+                    plain = wants_plain_validation(request.node.as_ref());
+                }
+                if !request.response_nonce.is_empty() && request.response_nonce != nonce.to_string()
+                {
+                    continue; // An answer to an older response; the newer one is on its way.
+                }
+                if let Some(error) = &request.error_detail {
+                    tracing::warn!(version = %untrusted(&request.version_info), error = %untrusted(&error.message), "Envoy rejected SDS secrets (NACK)");
+                    continue;
+                }
+                let requested = distinct(request.resource_names);
+                let same_names = names.as_ref() == Some(&requested);
+                names = Some(requested);
+                if same_names && request.version_info == sent_version {
+                    continue; // An ACK of what Envoy has.
+                }
+            }
+            let Some(wanted) = &names else { continue };
+            let (version, secrets) = self
+                .render(&stream.selectors, wanted, plain)
+                .await
+                .map_err(Some)?;
+            if version != sent_version {
+                nonce += 1;
+                sent_version = version.clone();
+                stream.send(response(version, secrets, nonce)).await?;
+            }
+        }
+    }
+}
+
+/// A delta stream's overall version: a digest of the versions Envoy holds, in order.
+fn system_version(held: &HashMap<String, String>) -> String {
+    let mut versions: Vec<&str> = held.values().map(String::as_str).collect();
+    versions.sort_unstable();
+    hex_digest(versions.concat().as_bytes())
+}
+
 #[tonic::async_trait]
 impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
     type DeltaSecretsStream = ResponseStream<DeltaDiscoveryResponse>;
@@ -269,96 +454,7 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let caller = peer_caller(&request)?;
-        let selectors = self.source.attest(caller).await?;
-        let mut inbound = request.into_inner();
-        let (sender, receiver) = mpsc::channel(4);
-        let sds = self.clone();
-        tokio::spawn(async move {
-            let mut changes = sds.source.changes();
-            let mut stopping = sds.stopping.clone();
-            // What Envoy subscribed to, and the version of each resource it holds.
-            let mut subscribed: BTreeSet<String> = BTreeSet::new();
-            let mut held: HashMap<String, String> = HashMap::new();
-            let mut plain = false;
-            let mut nonce = 0u64;
-            loop {
-                let request = match next_event(&mut inbound, &mut changes, &mut stopping).await {
-                    Ok(request) => request,
-                    Err(status) => {
-                        if let Some(status) = status {
-                            let _ = sender.send(Err(status)).await;
-                        }
-                        return;
-                    }
-                };
-                if let Some(request) = request {
-                    if request.node.is_some() {
-                        plain = wants_plain_validation(request.node.as_ref());
-                    }
-                    if let Some(error) = &request.error_detail {
-                        tracing::warn!(nonce = %untrusted(&request.response_nonce), error = %untrusted(&error.message), "Envoy rejected delta SDS secrets (NACK)");
-                        continue;
-                    }
-                    if let Err(status) = sds.subscribe(&mut subscribed, &mut held, request) {
-                        let _ = sender.send(Err(status)).await;
-                        return;
-                    }
-                }
-                // Only what changed (or was never sent) goes out, each with its own version.
-                let mut resources = Vec::new();
-                for name in &subscribed {
-                    match sds
-                        .render(&selectors, std::slice::from_ref(name), plain)
-                        .await
-                    {
-                        Ok((version, secrets)) if held.get(name) != Some(&version) => {
-                            for secret in secrets {
-                                resources.push(Resource {
-                                    name: name.clone(),
-                                    version: version.clone(),
-                                    resource: Some(Any {
-                                        type_url: SECRET_TYPE.into(),
-                                        value: secret.encode_to_vec(),
-                                    }),
-                                    ..Resource::default()
-                                });
-                            }
-                            held.insert(name.clone(), version);
-                        }
-                        Ok(_) => {}
-                        Err(status) => {
-                            let _ = sender.send(Err(status)).await;
-                            return;
-                        }
-                    }
-                }
-                if resources.is_empty() {
-                    continue;
-                }
-                nonce += 1;
-                let mut versions: Vec<&String> = held.values().collect();
-                versions.sort();
-                let system_version = hex_digest(
-                    versions
-                        .iter()
-                        .map(|v| v.as_str())
-                        .collect::<String>()
-                        .as_bytes(),
-                );
-                let response = DeltaDiscoveryResponse {
-                    system_version_info: system_version,
-                    resources,
-                    type_url: SECRET_TYPE.into(),
-                    nonce: nonce.to_string(),
-                    ..DeltaDiscoveryResponse::default()
-                };
-                if sender.send(Ok(response)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        self.open(request, Self::serve_delta).await
     }
 
     type StreamSecretsStream = ResponseStream<DiscoveryResponse>;
@@ -367,73 +463,7 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let caller = peer_caller(&request)?;
-        let selectors = self.source.attest(caller).await?;
-        let mut inbound = request.into_inner();
-        let (sender, receiver) = mpsc::channel(4);
-        let sds = self.clone();
-        tokio::spawn(async move {
-            let mut changes = sds.source.changes();
-            let mut stopping = sds.stopping.clone();
-            let mut names: Option<Vec<String>> = None;
-            // Envoy may send its node only on the first request of a stream.
-            let mut plain = false;
-            let mut sent_version = String::new();
-            let mut nonce = 0u64;
-            loop {
-                // What to do next: a request arrived, or something changed.
-                let request_names =
-                    match next_event(&mut inbound, &mut changes, &mut stopping).await {
-                        Ok(request) => request,
-                        Err(status) => {
-                            if let Some(status) = status {
-                                let _ = sender.send(Err(status)).await;
-                            }
-                            return;
-                        }
-                    };
-                if let Some(request) = request_names {
-                    if request.node.is_some() {
-                        plain = wants_plain_validation(request.node.as_ref());
-                    }
-                    if !request.response_nonce.is_empty()
-                        && request.response_nonce != nonce.to_string()
-                    {
-                        continue; // An answer to an older response; the newer one is on its way.
-                    }
-                    if let Some(error) = &request.error_detail {
-                        tracing::warn!(version = %untrusted(&request.version_info), error = %untrusted(&error.message), "Envoy rejected SDS secrets (NACK)");
-                        continue;
-                    }
-                    let requested = distinct(request.resource_names);
-                    let same_names = names.as_ref() == Some(&requested);
-                    names = Some(requested);
-                    if same_names && request.version_info == sent_version {
-                        continue; // An ACK of what Envoy has.
-                    }
-                }
-                let Some(wanted) = &names else { continue };
-                match sds.render(&selectors, wanted, plain).await {
-                    Ok((version, secrets)) if version != sent_version => {
-                        nonce += 1;
-                        sent_version = version.clone();
-                        if sender
-                            .send(Ok(response(version, secrets, nonce)))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(status) => {
-                        let _ = sender.send(Err(status)).await;
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        self.open(request, Self::serve_state_of_the_world).await
     }
 
     async fn fetch_secrets(

@@ -3,35 +3,9 @@
 
 use anyhow::Result;
 
+use sigil_workload_api::http2::{frame, hpack_integer as hpack_int};
+
 use crate::Corpus;
-
-/// An HTTP/2 frame.
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let length = u32::try_from(payload.len())
-        .unwrap_or(u32::MAX)
-        .to_be_bytes();
-    let mut out = vec![length[1], length[2], length[3], kind, flags];
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-/// An HPACK integer (RFC 7541 section 5.1) with `prefix` bits in a first byte that starts with
-/// `flags`.
-fn hpack_int(out: &mut Vec<u8>, flags: u8, prefix: u32, value: usize) {
-    let max = (1usize << prefix) - 1;
-    if value < max {
-        out.push(flags | value as u8);
-        return;
-    }
-    out.push(flags | max as u8);
-    let mut rest = value - max;
-    while rest >= 128 {
-        out.push((rest % 128) as u8 | 0x80);
-        rest /= 128;
-    }
-    out.push(rest as u8);
-}
 
 /// A literal field with incremental indexing and a new name (it enters the dynamic table).
 fn hpack_indexed_literal(out: &mut Vec<u8>, name: &str, value: &str) {

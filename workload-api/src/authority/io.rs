@@ -8,8 +8,9 @@ use std::task::{Context, Poll};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{GOAWAY, HeaderLimits, HeaderRewriter, Http2Code, write_frame};
+use super::{HeaderLimits, HeaderRewriter, Http2Code};
 use crate::Error;
+use crate::http2::{GOAWAY, write_frame};
 
 /// A GOAWAY frame (RFC 9113 §6.8) with `reason` as its debug data.
 fn goaway_frame(last_stream_id: u32, code: Http2Code, reason: &str) -> BytesMut {

@@ -2,19 +2,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
 use crate::hpack::encode_literal;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![
-        (payload.len() >> 16) as u8,
-        (payload.len() >> 8) as u8,
-        payload.len() as u8,
-        kind,
-        flags,
-    ];
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
+use crate::http2::{GOAWAY, frame};
 
 fn run_with(limits: HeaderLimits, input: &[u8]) -> (BytesMut, Result<(), Error>) {
     let mut out = BytesMut::new();
@@ -262,14 +250,7 @@ fn refuses_interleaved_and_garbage_input() {
 
 #[test]
 fn random_frames_never_panic() {
-    // xorshift with a fixed seed: deterministic hostile input.
-    let mut state = 0x5eed_0004_u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = crate::xorshift(0x5eed_0004_u64);
     let valid = {
         let mut input = PREFACE.to_vec();
         input.extend(frame(
@@ -281,7 +262,7 @@ fn random_frames_never_panic() {
         input
     };
     for _ in 0..5000 {
-        let mut input = if next() % 2 == 0 {
+        let mut input = if next().is_multiple_of(2) {
             valid.clone()
         } else {
             PREFACE.to_vec()
@@ -290,7 +271,7 @@ fn random_frames_never_panic() {
         for _ in 0..extra {
             input.push((next() & 0xff) as u8);
         }
-        if next() % 3 == 0 && input.len() > PREFACE.len() {
+        if next().is_multiple_of(3) && input.len() > PREFACE.len() {
             let at = PREFACE.len() + (next() as usize % (input.len() - PREFACE.len()));
             input[at] ^= (next() & 0xff) as u8 | 1;
         }

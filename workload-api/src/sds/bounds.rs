@@ -231,26 +231,28 @@ mod tests {
             ..DiscoveryRequest::default()
         }
         .encode_to_vec();
-        assert_eq!(over_bound(&request, SOTW_LISTS, 3), None);
-        assert_eq!(
-            over_bound(&request, SOTW_LISTS, 2),
-            Some(("resource_names", 2))
-        );
+        assert_longest_list(&request, SOTW_LISTS, ("resource_names", 3));
         let delta = DeltaDiscoveryRequest {
             resource_names_subscribe: names(2),
             initial_resource_versions: names(5).into_iter().map(|n| (n, "v".into())).collect(),
             ..DeltaDiscoveryRequest::default()
         }
         .encode_to_vec();
-        assert_eq!(over_bound(&delta, DELTA_LISTS, 5), None);
-        assert_eq!(
-            over_bound(&delta, DELTA_LISTS, 4),
-            Some(("initial_resource_versions", 4))
-        );
+        assert_longest_list(&delta, DELTA_LISTS, ("initial_resource_versions", 5));
         // Truncated or malformed: prost's to refuse.
         assert_eq!(over_bound(&delta[..delta.len() - 1], DELTA_LISTS, 5), None);
         assert_eq!(over_bound(&[0x0b], DELTA_LISTS, 0), None);
         assert_eq!(over_bound(&[0x1a, 0xff], DELTA_LISTS, 0), None);
+    }
+
+    /// `encoded` passes a bound of `len` and, at one less, is refused naming `list`.
+    fn assert_longest_list(
+        encoded: &[u8],
+        lists: &[(u64, &'static str)],
+        (list, len): (&str, usize),
+    ) {
+        assert_eq!(over_bound(encoded, lists, len), None);
+        assert_eq!(over_bound(encoded, lists, len - 1), Some((list, len - 1)));
     }
 
     fn grpc_message(message: &[u8]) -> Vec<u8> {
