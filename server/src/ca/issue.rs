@@ -8,6 +8,7 @@ use std::time::Duration;
 use rcgen::PublicKeyData;
 use sigil_core::id::SpiffeId;
 
+use super::sign::Holder;
 use super::{Ca, IssuanceRecorder, SignedJwtSvid, SignedX509Svid};
 use crate::Result;
 use crate::datastore::IssuedSvid;
@@ -50,9 +51,9 @@ impl Issuer {
         ttl: Duration,
         to: Recipient<'_>,
     ) -> Result<SignedX509Svid> {
-        let svid = self
-            .ca
-            .sign_x509_svid(public_key, spiffe_id, dns_names, ttl)?;
+        let svid =
+            self.ca
+                .sign_x509_svid(Holder::Workload, public_key, spiffe_id, dns_names, ttl)?;
         self.record_x509("x509", spiffe_id, &svid, to);
         Ok(svid)
     }
@@ -66,7 +67,7 @@ impl Issuer {
     ) -> Result<SignedX509Svid> {
         let svid = self
             .ca
-            .sign_component_x509_svid(public_key, agent_id, &[], ttl)?;
+            .sign_x509_svid(Holder::Component, public_key, agent_id, &[], ttl)?;
         let agent = agent_id.to_string();
         let to = Recipient {
             agent_id: &agent,
@@ -83,9 +84,13 @@ impl Issuer {
         server_id: &SpiffeId,
         dns_names: &[String],
     ) -> Result<SignedX509Svid> {
-        let svid =
-            self.ca
-                .sign_component_x509_svid(public_key, server_id, dns_names, Duration::ZERO)?;
+        let svid = self.ca.sign_x509_svid(
+            Holder::Component,
+            public_key,
+            server_id,
+            dns_names,
+            Duration::ZERO,
+        )?;
         self.record_x509("server", server_id, &svid, Recipient::default());
         Ok(svid)
     }

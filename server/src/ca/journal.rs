@@ -275,13 +275,10 @@ impl Ca {
             return Ok(authority);
         }
         let Some(tainted) = authority.state.taint() else {
-            return Err(Error::Invalid(sigil_core::Error::field(
-                "id",
-                format!(
-                    "authority {id} is {}; only an old one can be tainted (prepare and activate a new one first)",
-                    authority.state
-                ),
-            )));
+            return Err(wrong_state(
+                &authority,
+                "only an old one can be tainted (prepare and activate a new one first)",
+            ));
         };
         let tainted = set_state(datastore, &authority, tainted).await?;
         self.publish_bundle(datastore).await?;
@@ -296,13 +293,12 @@ impl Ca {
         let _guard = self.rotation.lock().await;
         let authority = find(datastore, id).await?;
         let Some(revoked) = authority.state.revoke() else {
-            return Err(Error::Invalid(sigil_core::Error::field(
-                "id",
-                format!(
-                    "authority {id} is {}; taint it first (`sigil-server ca taint --id {id}`) so agents replace what it signed",
-                    authority.state
+            return Err(wrong_state(
+                &authority,
+                &format!(
+                    "taint it first (`sigil-server ca taint --id {id}`) so agents replace what it signed"
                 ),
-            )));
+            ));
         };
         let now = self.clock.unix_now();
         let valid = datastore
@@ -357,6 +353,18 @@ pub(super) fn usable(
 }
 
 /// The authority `id` of the journal.
+/// The refusal of a transition `authority`'s state does not allow; `what_to_do` says which state
+/// it needs and how to get there.
+fn wrong_state(authority: &Authority, what_to_do: &str) -> Error {
+    Error::Invalid(sigil_core::Error::field(
+        "id",
+        format!(
+            "authority {} is {}; {what_to_do}",
+            authority.id, authority.state
+        ),
+    ))
+}
+
 async fn find<D: DataStore>(datastore: &D, id: &str) -> Result<Authority> {
     datastore
         .list_authorities()

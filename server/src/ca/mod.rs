@@ -214,6 +214,7 @@ mod tests {
     use sigil_core::id::SpiffeId;
     use sigil_core::x509::certificate_facts;
 
+    use super::sign::Holder;
     use super::*;
     use crate::Error;
     use crate::datastore::{IssuedSvid, IssuedSvidStore, SqlDataStore};
@@ -274,13 +275,19 @@ mod tests {
         let key = KeyType::EcP256.generate().expect("key");
         let id = SpiffeId::new("spiffe://example.org/web").expect("id");
         let svid = ca
-            .sign_x509_svid(&key, &id, &[], Duration::ZERO)
+            .sign_x509_svid(Holder::Workload, &key, &id, &[], Duration::ZERO)
             .expect("signed");
         assert_eq!(check_leaf_profile(&svid.chain[0]).expect("profile"), id);
         assert_eq!(svid.not_after - clock.unix_now(), 24 * 3600, "default TTL");
         // A TTL beyond the CA's own life is capped at the CA's expiry.
         let long = ca
-            .sign_x509_svid(&key, &id, &[], Duration::from_secs(30 * 24 * 3600))
+            .sign_x509_svid(
+                Holder::Workload,
+                &key,
+                &id,
+                &[],
+                Duration::from_secs(30 * 24 * 3600),
+            )
             .expect("signed");
         assert_eq!(
             long.not_after,
@@ -324,6 +331,7 @@ mod tests {
         let key = KeyType::EcP256.generate().expect("key");
         let svid = ca
             .sign_x509_svid(
+                Holder::Workload,
                 &key,
                 &SpiffeId::new("spiffe://example.org/web").expect("id"),
                 &[],
@@ -347,6 +355,7 @@ mod tests {
     fn sign_web(ca: &Ca) -> SignedX509Svid {
         let key = KeyType::EcP256.generate().expect("key");
         ca.sign_x509_svid(
+            Holder::Workload,
             &key,
             &SpiffeId::new("spiffe://example.org/web").expect("id"),
             &[],
@@ -486,24 +495,30 @@ mod tests {
         ] {
             let id = SpiffeId::new(reserved).expect("id");
             let err = ca
-                .sign_x509_svid(&key, &id, &[], Duration::ZERO)
+                .sign_x509_svid(Holder::Workload, &key, &id, &[], Duration::ZERO)
                 .expect_err("a workload SVID with a reserved ID");
             assert!(matches!(err, Error::PermissionDenied(_)), "{err}");
             assert!(
                 ca.sign_jwt_svid(&id, &["db".into()], Duration::ZERO)
                     .is_err()
             );
-            ca.sign_component_x509_svid(&key, &id, &[], Duration::ZERO)
+            ca.sign_x509_svid(Holder::Component, &key, &id, &[], Duration::ZERO)
                 .expect("components are signed on their own path");
         }
         assert!(
-            ca.sign_component_x509_svid(&key, &workload, &[], Duration::ZERO)
+            ca.sign_x509_svid(Holder::Component, &key, &workload, &[], Duration::ZERO)
                 .is_err(),
             "the component path signs only reserved IDs"
         );
         for name in ["sigil-server.sigil.svc", "*.sigil.svc"] {
             let err = ca
-                .sign_x509_svid(&key, &workload, &[name.into()], Duration::ZERO)
+                .sign_x509_svid(
+                    Holder::Workload,
+                    &key,
+                    &workload,
+                    &[name.into()],
+                    Duration::ZERO,
+                )
                 .expect_err("a workload SVID with the server's DNS name");
             assert!(err.to_string().contains("server_dns_names"), "{err}");
         }

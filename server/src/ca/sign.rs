@@ -26,6 +26,15 @@ pub struct SignedX509Svid {
     pub authority_id: String,
 }
 
+/// Who an X509-SVID is for, which decides the IDs it may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Holder {
+    /// A workload: never an ID in the reserved `/sigil/` namespace.
+    Workload,
+    /// One of Sigil's own components: only IDs in the reserved namespace.
+    Component,
+}
+
 /// A signed JWT-SVID.
 #[derive(Debug, Clone)]
 pub struct SignedJwtSvid {
@@ -45,65 +54,31 @@ impl Ca {
     /// Signs an X509-SVID for `public_key` naming `spiffe_id`, valid for `ttl` (capped by the CA's
     /// own expiry). Zero `ttl` means the default.
     ///
-    /// This is the path of every workload identity (agent batches, the Istio CA API), so it
-    /// refuses IDs in the reserved `/sigil/` namespace: whatever an entry, a token or a CSR says,
-    /// a workload can never hold the server's or an agent's identity.
+    /// `holder` keeps the reserved `/sigil/` namespace apart: a workload's SVID (agent batches,
+    /// the Istio CA API) never names an ID in it or a DNS name of the server, whatever an entry, a
+    /// token or a CSR says; a component's (the server's TLS certificate, an agent SVID) names
+    /// only IDs in it.
     pub(super) fn sign_x509_svid(
         &self,
+        holder: Holder,
         public_key: &impl PublicKeyData,
         spiffe_id: &SpiffeId,
         dns_names: &[String],
         ttl: Duration,
     ) -> Result<SignedX509Svid> {
-        check_not_reserved("spiffe_id", spiffe_id, &self.settings.trust_domain)
-            .map_err(|e| Error::PermissionDenied(e.to_string()))?;
-        self.check_workload_dns_names(dns_names)?;
-        self.sign_x509(public_key, spiffe_id, dns_names, ttl)
-    }
-
-    /// Refuses workload DNS names that can name the server's own host (see
-    /// [`super::CaSettings::reserved_dns_names`]).
-    pub fn check_workload_dns_names(&self, dns_names: &[String]) -> Result<()> {
-        for name in dns_names {
-            if let Some(reserved) = self
-                .settings
-                .reserved_dns_names
-                .iter()
-                .find(|reserved| sigil_core::entry::dns_names_overlap(name, reserved))
-            {
-                return Err(Error::PermissionDenied(format!(
-                    "DNS name `{}` can name the server itself (server_dns_names has `{reserved}`); a workload may not hold it",
-                    sigil_core::untrusted::untrusted(name)
+        match holder {
+            Holder::Workload => {
+                check_not_reserved("spiffe_id", spiffe_id, &self.settings.trust_domain)
+                    .map_err(|e| Error::PermissionDenied(e.to_string()))?;
+                self.check_workload_dns_names(dns_names)?;
+            }
+            Holder::Component if !is_reserved(spiffe_id, &self.settings.trust_domain) => {
+                return Err(Error::ca(format!(
+                    "{spiffe_id} is not the ID of a Sigil component; sign workloads as Holder::Workload"
                 )));
             }
+            Holder::Component => {}
         }
-        Ok(())
-    }
-
-    /// Signs the X509-SVID of one of Sigil's own components: the server's TLS certificate or an
-    /// agent SVID, whose IDs are the only ones in the reserved `/sigil/` namespace.
-    pub(super) fn sign_component_x509_svid(
-        &self,
-        public_key: &impl PublicKeyData,
-        spiffe_id: &SpiffeId,
-        dns_names: &[String],
-        ttl: Duration,
-    ) -> Result<SignedX509Svid> {
-        if !is_reserved(spiffe_id, &self.settings.trust_domain) {
-            return Err(Error::ca(format!(
-                "{spiffe_id} is not the ID of a Sigil component; sign workloads with sign_x509_svid"
-            )));
-        }
-        self.sign_x509(public_key, spiffe_id, dns_names, ttl)
-    }
-
-    fn sign_x509(
-        &self,
-        public_key: &impl PublicKeyData,
-        spiffe_id: &SpiffeId,
-        dns_names: &[String],
-        ttl: Duration,
-    ) -> Result<SignedX509Svid> {
         let authority = self.x509.load();
         let now = self.clock.now();
         let ttl = if ttl.is_zero() {
@@ -131,6 +106,25 @@ impl Ca {
             not_after: unix_seconds(not_after),
             authority_id: authority.id.clone(),
         })
+    }
+
+    /// Refuses workload DNS names that can name the server's own host (see
+    /// [`super::CaSettings::reserved_dns_names`]).
+    pub fn check_workload_dns_names(&self, dns_names: &[String]) -> Result<()> {
+        for name in dns_names {
+            if let Some(reserved) = self
+                .settings
+                .reserved_dns_names
+                .iter()
+                .find(|reserved| sigil_core::entry::dns_names_overlap(name, reserved))
+            {
+                return Err(Error::PermissionDenied(format!(
+                    "DNS name `{}` can name the server itself (server_dns_names has `{reserved}`); a workload may not hold it",
+                    sigil_core::untrusted::untrusted(name)
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Signs a JWT-SVID for `spiffe_id` and `audience`, valid for `ttl` (zero: the default),
