@@ -7,50 +7,27 @@ use sigil_core::id::{parse_spiffe_id, parse_trust_domain};
 use sigil_core::selector::Selector;
 use sigil_core::x509::{KeyType, certificate_facts, check_csr, check_csr_key, check_leaf_profile};
 
-/// xorshift64*: small, fast, and the same on every run.
-struct Random(u64);
+#[path = "support/random.rs"]
+mod random;
 
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
+use random::Random;
 
-    fn below(&mut self, n: usize) -> usize {
-        usize::try_from(self.next() % n.max(1) as u64).unwrap_or(0)
-    }
+/// What the parsers of bytes are fed.
+trait Bytes {
+    /// Up to `max` random bytes.
+    fn bytes(&mut self, max: usize) -> Vec<u8>;
+    /// `input` with a few bytes changed, inserted, removed or the end cut off.
+    fn mutate_bytes(&mut self, input: &[u8]) -> Vec<u8>;
+}
 
+impl Bytes for Random {
     fn bytes(&mut self, max: usize) -> Vec<u8> {
         let len = self.below(max + 1);
         (0..len).map(|_| (self.next() & 0xff) as u8).collect()
     }
 
-    /// `input` with a few bytes flipped, inserted, removed or the end cut off.
-    fn mutate(&mut self, input: &[u8]) -> Vec<u8> {
-        let mut out = input.to_vec();
-        for _ in 0..=self.below(4) {
-            match self.below(4) {
-                0 if !out.is_empty() => {
-                    let at = self.below(out.len());
-                    out[at] ^= (self.next() & 0xff) as u8 | 1;
-                }
-                1 => {
-                    let at = self.below(out.len() + 1);
-                    out.insert(at, (self.next() & 0xff) as u8);
-                }
-                2 if !out.is_empty() => {
-                    let at = self.below(out.len());
-                    out.remove(at);
-                }
-                _ => {
-                    let keep = self.below(out.len() + 1);
-                    out.truncate(keep);
-                }
-            }
-        }
-        out
+    fn mutate_bytes(&mut self, input: &[u8]) -> Vec<u8> {
+        self.mutate(input.to_vec(), |random| (random.next() & 0xff) as u8)
     }
 }
 
@@ -68,7 +45,7 @@ fn text_parsers_never_panic() {
     for _ in 0..ROUNDS {
         let seed = seeds[random.below(seeds.len())].as_bytes();
         let input = if random.below(2) == 0 {
-            random.mutate(seed)
+            random.mutate_bytes(seed)
         } else {
             random.bytes(64)
         };
@@ -91,8 +68,8 @@ fn der_parsers_never_panic() {
     let cert = params.self_signed(&key).expect("cert").der().to_vec();
     for _ in 0..ROUNDS {
         let input = match random.below(3) {
-            0 => random.mutate(&csr),
-            1 => random.mutate(&cert),
+            0 => random.mutate_bytes(&csr),
+            1 => random.mutate_bytes(&cert),
             _ => random.bytes(512),
         };
         let _ = check_csr(&input);
@@ -109,7 +86,7 @@ fn bundle_json_never_panics() {
     let valid = r#"{"keys":[{"use":"jwt-svid","kty":"EC","kid":"k","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}],"spiffe_sequence":1}"#;
     for _ in 0..ROUNDS {
         let input = if random.below(2) == 0 {
-            random.mutate(valid.as_bytes())
+            random.mutate_bytes(valid.as_bytes())
         } else {
             random.bytes(256)
         };

@@ -9,52 +9,22 @@ use sigil_core::id::SpiffeId;
 use sigil_forwarder::config::ForwarderConfig;
 use sigil_forwarder::policy::{Action, HttpRule, IdPattern, check_http};
 
-/// xorshift64*: small, fast, and the same on every run.
-struct Random(u64);
+#[path = "../../core/tests/support/random.rs"]
+mod random;
 
-impl Random {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
+use random::Random;
 
-    fn below(&mut self, n: usize) -> usize {
-        usize::try_from(self.next() % n.max(1) as u64).unwrap_or(0)
-    }
-
-    /// `input` with a few characters replaced, inserted, removed or the end cut off; the
-    /// alphabet leans to the characters the parsers care about.
-    fn mutate(&mut self, input: &str) -> String {
-        const ALPHABET: &[char] = &[
-            '/', '*', ':', '.', '-', '_', ' ', ',', '"', '=', '[', ']', '\n', 'a', 'Z', '0', 'é',
-            '\0',
-        ];
-        let mut out: Vec<char> = input.chars().collect();
-        for _ in 0..=self.below(4) {
-            let random = ALPHABET[self.below(ALPHABET.len())];
-            match self.below(4) {
-                0 if !out.is_empty() => {
-                    let at = self.below(out.len());
-                    out[at] = random;
-                }
-                1 => {
-                    let at = self.below(out.len() + 1);
-                    out.insert(at, random);
-                }
-                2 if !out.is_empty() => {
-                    let at = self.below(out.len());
-                    out.remove(at);
-                }
-                _ => {
-                    let keep = self.below(out.len() + 1);
-                    out.truncate(keep);
-                }
-            }
-        }
-        out.into_iter().collect()
-    }
+/// `input` with a few characters replaced, inserted, removed or the end cut off; the alphabet
+/// leans to the characters the parsers care about.
+fn mutate(random: &mut Random, input: &str) -> String {
+    const ALPHABET: &[char] = &[
+        '/', '*', ':', '.', '-', '_', ' ', ',', '"', '=', '[', ']', '\n', 'a', 'Z', '0', 'é', '\0',
+    ];
+    let chars = input.chars().collect();
+    random
+        .mutate(chars, |random| ALPHABET[random.below(ALPHABET.len())])
+        .into_iter()
+        .collect()
 }
 
 const ROUNDS: usize = 3000;
@@ -74,7 +44,7 @@ fn id_patterns_never_panic_and_print_back() {
     ];
     let mut random = Random(0x5eed_f0a4_0001);
     for round in 0..ROUNDS {
-        let input = random.mutate(seeds[round % seeds.len()]);
+        let input = mutate(&mut random, seeds[round % seeds.len()]);
         if let Ok(pattern) = IdPattern::parse("--allow", &input) {
             let printed = pattern.to_string();
             assert_eq!(
@@ -98,7 +68,7 @@ fn http_rule_flags_never_panic() {
     ];
     let mut random = Random(0x5eed_f0a4_0002);
     for round in 0..ROUNDS {
-        let input = random.mutate(seeds[round % seeds.len()]);
+        let input = mutate(&mut random, seeds[round % seeds.len()]);
         if let Ok(rule) = HttpRule::parse_flag("--http-allow", Action::Allow, &input) {
             let _ = check_http(&[rule], None, "GET", "/api/x");
         }
@@ -128,7 +98,7 @@ expect = ["spiffe://example.org/db"]
     let mut random = Random(0x5eed_f0a4_0003);
     let path = Path::new("forward.toml");
     for _ in 0..ROUNDS {
-        let input = random.mutate(seed);
+        let input = mutate(&mut random, seed);
         if let Err(e) = ForwarderConfig::from_toml(&input, path) {
             // Every refusal names the file.
             assert!(e.to_string().contains("forward.toml"), "{e}");

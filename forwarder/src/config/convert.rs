@@ -223,13 +223,12 @@ impl InboundSpec {
     /// The inbound listener; `default_mode` is a file's top-level `mode`.
     fn to_inbound(&self, origin: Origin<'_>, default_mode: Option<Mode>) -> Result<Inbound> {
         let listen = origin.listen_addr("--inbound", &self.listen)?;
-        let target = required(
+        let target = required_host_port(
             origin,
-            origin.key("target"),
+            "target",
             &self.target,
             "an inbound listener needs --target HOST:PORT (`target` in a file), the local application to forward to",
         )?;
-        origin.host_port(origin.key("target"), target)?;
         let http_rules = self.http_rules(origin)?;
         if !http_rules.is_empty() && !self.http {
             return Err(origin.error(
@@ -314,13 +313,12 @@ impl OutboundSpec {
                 ),
             ));
         }
-        let upstream = required(
+        let upstream = required_host_port(
             origin,
-            origin.key("upstream"),
+            "upstream",
             &self.upstream,
             "an outbound listener needs --upstream HOST:PORT (`upstream` in a file), the mTLS server to connect to",
         )?;
-        origin.host_port(origin.key("upstream"), upstream)?;
         let expect = self.expected_ids(origin)?;
         if expect.is_empty() {
             return Err(origin.error(
@@ -361,14 +359,19 @@ impl OutboundSpec {
     }
 }
 
-/// The value of a setting a listener cannot do without.
-fn required<'v>(
+/// The `HOST:PORT` a listener cannot do without (`name` in a file), checked; `missing` says what
+/// to give when it is absent.
+fn required_host_port<'v>(
     origin: Origin<'_>,
-    key: String,
+    name: &str,
     value: &'v Option<String>,
-    reason: &str,
+    missing: &str,
 ) -> Result<&'v str> {
-    value.as_deref().ok_or_else(|| origin.error(key, reason))
+    let value = value
+        .as_deref()
+        .ok_or_else(|| origin.error(origin.key(name), missing))?;
+    origin.host_port(origin.key(name), value)?;
+    Ok(value)
 }
 
 /// The pattern of one `--expect-trust-domain`, given with or without `spiffe://`.

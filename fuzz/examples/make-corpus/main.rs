@@ -427,62 +427,37 @@ fn jwt_claims(corpus: &mut Corpus) -> Result<()> {
     let claims = r#"{"sub":"spiffe://example.org/web","aud":["db"],"exp":2000000}"#;
     let header = r#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#;
     let lines = |h: &str, c: &str| format!("{h}\n{c}");
-    let seeds = [
+    // The good token's header with claims for `spiffe://example.org/web`, `aud` and `exp` as JSON.
+    let web = |aud: &str, exp: &str| {
+        let claims = format!(r#"{{"sub":"spiffe://example.org/web","aud":{aud},"exp":{exp}}}"#);
+        lines(header, &claims)
+    };
+    let claim_cases = [
         ("good", lines(header, claims)),
-        (
-            "aud-string",
-            lines(
-                header,
-                r#"{"sub":"spiffe://example.org/web","aud":"db","exp":2000000}"#,
-            ),
-        ),
-        (
-            "expired",
-            lines(
-                header,
-                r#"{"sub":"spiffe://example.org/web","aud":"db","exp":999999}"#,
-            ),
-        ),
-        (
-            "wrong-audience",
-            lines(
-                header,
-                r#"{"sub":"spiffe://example.org/web","aud":["cache"],"exp":2000000}"#,
-            ),
-        ),
-        (
-            "exp-float",
-            lines(
-                header,
-                r#"{"sub":"spiffe://example.org/web","aud":"db","exp":2e6}"#,
-            ),
-        ),
-        (
-            "exp-string",
-            lines(
-                header,
-                r#"{"sub":"spiffe://example.org/web","aud":"db","exp":"2000000"}"#,
-            ),
-        ),
+        ("aud-string", web(r#""db""#, "2000000")),
+        ("expired", web(r#""db""#, "999999")),
+        ("wrong-audience", web(r#"["cache"]"#, "2000000")),
+        ("exp-float", web(r#""db""#, "2e6")),
+        ("exp-string", web(r#""db""#, r#""2000000""#)),
+    ];
+    let es384 = r#"{"alg":"ES384","kid":"k2"}"#;
+    let other_cases = [
         ("no-sub", lines(header, r#"{"aud":"db","exp":2000000}"#)),
         ("alg-none", lines(r#"{"alg":"none","kid":"k1"}"#, claims)),
         (
             "es384-other-domain",
             lines(
-                r#"{"alg":"ES384","kid":"k2"}"#,
+                es384,
                 r#"{"sub":"spiffe://other.org/x","aud":"db","exp":2000000}"#,
             ),
         ),
-        (
-            "k2-for-example-org",
-            lines(r#"{"alg":"ES384","kid":"k2"}"#, claims),
-        ),
+        ("k2-for-example-org", lines(es384, claims)),
         (
             "alg-key-mismatch",
             lines(r#"{"alg":"RS256","kid":"k1"}"#, claims),
         ),
     ];
-    for (name, text) in seeds {
+    for (name, text) in claim_cases.into_iter().chain(other_cases) {
         corpus.put("jwt_claims", name, text)?;
     }
     Ok(())

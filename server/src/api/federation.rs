@@ -128,17 +128,21 @@ pub(super) async fn put_relationship<D: DataStore>(
     to_message(state, &relationship).await
 }
 
+/// The relationship with `td`, or `NotFound` naming it.
+fn found(
+    relationship: Option<FederationRelationship>,
+    td: &TrustDomain,
+) -> Result<FederationRelationship> {
+    relationship.ok_or_else(|| Error::NotFound(format!("a federation relationship with {td}")))
+}
+
 /// `federation show`.
 pub(super) async fn get_relationship<D: DataStore>(
     state: &ServerState<D>,
     trust_domain: &str,
 ) -> Result<RelationshipMessage> {
     let td = parse_trust_domain("trust_domain", trust_domain)?;
-    let relationship = state
-        .datastore
-        .get_federation(&td)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("a federation relationship with {td}")))?;
+    let relationship = found(state.datastore.get_federation(&td).await?, &td)?;
     to_message(state, &relationship).await
 }
 
@@ -159,11 +163,7 @@ pub(super) async fn delete_relationship<D: DataStore>(
     trust_domain: &str,
 ) -> Result<RelationshipMessage> {
     let td = parse_trust_domain("trust_domain", trust_domain)?;
-    let relationship = state
-        .datastore
-        .delete_federation(&td)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("a federation relationship with {td}")))?;
+    let relationship = found(state.datastore.delete_federation(&td).await?, &td)?;
     state.federation.relationships_changed();
     to_message(state, &relationship).await
 }
@@ -174,11 +174,7 @@ pub(super) async fn refresh<D: DataStore>(
     trust_domain: &str,
 ) -> Result<common::Bundle> {
     let td = parse_trust_domain("trust_domain", trust_domain)?;
-    let relationship = state
-        .datastore
-        .get_federation(&td)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("a federation relationship with {td}")))?;
+    let relationship = found(state.datastore.get_federation(&td).await?, &td)?;
     let bundle = state
         .federation
         .refresh(state.datastore.as_ref(), &relationship)

@@ -57,25 +57,26 @@ async fn fixture() -> Fixture {
     }
 }
 
-async fn add_entry(
-    f: &Fixture,
-    id: &str,
-    spiffe_id: &str,
-    parent: &str,
-    selector: &str,
-    expires_at: i64,
-) {
+/// An entry to store: id, SPIFFE ID, parent ID, one selector, expiry (0: never).
+type TestEntry<'a> = (&'a str, &'a str, &'a str, &'a str, i64);
+
+/// The entry most tests start from: a workload directly under [`AGENT`].
+const DIRECT: TestEntry = ("direct", "spiffe://example.org/web", AGENT, "unix:uid:1", 0);
+
+async fn add_entries(f: &Fixture, entries: &[TestEntry<'_>]) {
     let td = parse_trust_domain("trust_domain", "example.org").expect("td");
-    let entry = EntryInput {
-        spiffe_id: spiffe_id.into(),
-        parent_id: parent.into(),
-        selectors: vec![Selector::parse(selector).expect("selector")],
-        expires_at,
-        ..EntryInput::default()
+    for &(id, spiffe_id, parent, selector, expires_at) in entries {
+        let entry = EntryInput {
+            spiffe_id: spiffe_id.into(),
+            parent_id: parent.into(),
+            selectors: vec![Selector::parse(selector).expect("selector")],
+            expires_at,
+            ..EntryInput::default()
+        }
+        .validate(&td, id.into(), f.clock.unix_now())
+        .expect("valid");
+        f.datastore.create_entry(&entry).await.expect("created");
     }
-    .validate(&td, id.into(), f.clock.unix_now())
-    .expect("valid");
-    f.datastore.create_entry(&entry).await.expect("created");
 }
 
 fn ids(entries: &[Arc<Entry>]) -> Vec<&str> {
@@ -85,40 +86,32 @@ fn ids(entries: &[Arc<Entry>]) -> Vec<&str> {
 #[tokio::test]
 async fn agents_get_their_own_and_their_aliases_entries_only() {
     let f = fixture().await;
-    add_entry(
+    add_entries(
         &f,
-        "direct",
-        "spiffe://example.org/web",
-        AGENT,
-        "unix:uid:1",
-        0,
-    )
-    .await;
-    add_entry(
-        &f,
-        "alias",
-        "spiffe://example.org/node/one",
-        "spiffe://example.org/sigil/server",
-        "join_token:a1",
-        0,
-    )
-    .await;
-    add_entry(
-        &f,
-        "via-alias",
-        "spiffe://example.org/db",
-        "spiffe://example.org/node/one",
-        "unix:uid:2",
-        0,
-    )
-    .await;
-    add_entry(
-        &f,
-        "foreign",
-        "spiffe://example.org/admin",
-        OTHER_AGENT,
-        "unix:uid:3",
-        0,
+        &[
+            DIRECT,
+            (
+                "alias",
+                "spiffe://example.org/node/one",
+                "spiffe://example.org/sigil/server",
+                "join_token:a1",
+                0,
+            ),
+            (
+                "via-alias",
+                "spiffe://example.org/db",
+                "spiffe://example.org/node/one",
+                "unix:uid:2",
+                0,
+            ),
+            (
+                "foreign",
+                "spiffe://example.org/admin",
+                OTHER_AGENT,
+                "unix:uid:3",
+                0,
+            ),
+        ],
     )
     .await;
     let changes = f.feed.subscribe();
@@ -152,22 +145,18 @@ async fn agents_get_their_own_and_their_aliases_entries_only() {
 #[tokio::test]
 async fn deletes_bans_evictions_and_expiry_take_effect() {
     let f = fixture().await;
-    add_entry(
+    add_entries(
         &f,
-        "direct",
-        "spiffe://example.org/web",
-        AGENT,
-        "unix:uid:1",
-        0,
-    )
-    .await;
-    add_entry(
-        &f,
-        "short",
-        "spiffe://example.org/batch",
-        AGENT,
-        "unix:uid:9",
-        f.clock.unix_now() + 60,
+        &[
+            DIRECT,
+            (
+                "short",
+                "spiffe://example.org/batch",
+                AGENT,
+                "unix:uid:9",
+                f.clock.unix_now() + 60,
+            ),
+        ],
     )
     .await;
     f.feed.catch_up(&f.datastore).await.expect("catch up");
@@ -210,15 +199,7 @@ async fn a_second_cache_on_the_same_database_follows_the_first_ones_writes() {
     let other_server = Feed::load(td, f.clock.clone(), None, &f.datastore)
         .await
         .expect("load");
-    add_entry(
-        &f,
-        "direct",
-        "spiffe://example.org/web",
-        AGENT,
-        "unix:uid:1",
-        0,
-    )
-    .await;
+    add_entries(&f, &[DIRECT]).await;
     other_server.catch_up(&f.datastore).await.expect("catch up");
     assert_eq!(
         ids(&other_server.authz().entries_for_agent(AGENT)),

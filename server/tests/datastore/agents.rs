@@ -2,7 +2,7 @@
 //! banned (a ban no attestation lifts) and evicted.
 
 use sigil_server::Error;
-use sigil_server::datastore::AgentStore;
+use sigil_server::datastore::{AgentRecord, AgentStore};
 
 use crate::{AGENT, NOW, agent};
 
@@ -32,10 +32,7 @@ async fn agents_are_attested_renewed_banned_and_evicted(
         .set_agent_svid(AGENT, "02", "03", NOW + 7200, NOW + 11)
         .await?;
     assert_eq!(
-        (
-            again.svid_serial.as_str(),
-            again.previous_svid_serial.as_str()
-        ),
+        serials(&again),
         ("03", "02"),
         "only the immediately previous serial is kept"
     );
@@ -43,13 +40,7 @@ async fn agents_are_attested_renewed_banned_and_evicted(
     let retried = ds
         .set_agent_svid(AGENT, "02", "03b", NOW + 7200, NOW + 12)
         .await?;
-    assert_eq!(
-        (
-            retried.svid_serial.as_str(),
-            retried.previous_svid_serial.as_str()
-        ),
-        ("03b", "02")
-    );
+    assert_eq!(serials(&retried), ("03b", "02"));
     // A certificate two generations old, or none, cannot renew.
     for stale in ["01", ""] {
         assert!(matches!(
@@ -94,4 +85,9 @@ async fn agents_are_attested_renewed_banned_and_evicted(
         Err(Error::NotFound(_))
     ));
     Ok(())
+}
+
+/// An agent's current and previous SVID serials.
+fn serials(agent: &AgentRecord) -> (&str, &str) {
+    (&agent.svid_serial, &agent.previous_svid_serial)
 }
