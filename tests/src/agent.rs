@@ -164,13 +164,42 @@ impl AgentProcess {
             .args(args)
             .env("SPIFFE_ENDPOINT_SOCKET", self.endpoint())
             .output()?;
-        anyhow::ensure!(
-            output.status.success(),
-            "sigil-agent {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Ok(String::from_utf8(output.stdout)?)
+        crate::steps::stdout_of(output, &format!("sigil-agent {} failed", args.join(" ")))
+    }
+
+    /// Runs `sigil-agent` with `args` and `--output json` against this agent's socket, and parses
+    /// what it prints.
+    pub fn cli_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        Ok(serde_json::from_str(&self.cli(&all)?)?)
+    }
+
+    /// The token of the first JWT-SVID for `audience` the CLI fetches (`api fetch jwt`).
+    pub fn cli_jwt(&self, audience: &str) -> anyhow::Result<String> {
+        let fetched = self.cli_json(&["api", "fetch", "jwt", "--audience", audience])?;
+        let token = fetched["svids"][0]["token"].as_str();
+        Ok(token.context("no token in the CLI's answer")?.to_string())
+    }
+
+    /// What `api validate jwt` prints for `token` validated for `audience` by this agent; an error
+    /// when the agent refuses it.
+    pub fn cli_validate_jwt(&self, audience: &str, token: &str) -> anyhow::Result<String> {
+        self.cli(&[
+            "api",
+            "validate",
+            "jwt",
+            "--audience",
+            audience,
+            "--token",
+            token,
+        ])
+    }
+
+    /// A `spiffe` crate client of this agent's Workload API: the client a workload nobody here
+    /// wrote would use.
+    pub async fn workload_client(&self) -> anyhow::Result<spiffe::WorkloadApiClient> {
+        Ok(spiffe::WorkloadApiClient::connect_to(self.endpoint()).await?)
     }
 }
 

@@ -68,24 +68,15 @@ impl Domain {
             server.cli(&["bundle", "show", "--format", "spiffe"])?,
         )?;
         let bundle_pem = dir.join(format!("{trust_domain}.bundle.pem"));
-        std::fs::write(&bundle_pem, server.cli(&["bundle", "show"])?)?;
+        server.write_trust(&bundle_pem)?;
         let alias = format!("spiffe://{trust_domain}/node");
-        let token = server.cli_json(&["token", "generate", "--spiffe-id", &alias])?["token"]
-            .as_str()
-            .context("token")?
-            .to_string();
-        server.cli(&[
-            "entry",
-            "create",
-            "--spiffe-id",
+        let token = server.join_token(&alias)?;
+        server.cli(&crate::entry_create(
             &format!("spiffe://{trust_domain}/{workload}"),
-            "--parent-id",
             &alias,
-            "--selector",
-            &format!("unix:uid:{}", crate::current_uid()?),
-            "--federates-with",
-            peer,
-        ])?;
+            &crate::this_uid_selector()?,
+            &["--federates-with", peer],
+        ))?;
         let agent = AgentProcess::start(
             &dir.join(format!("agent-{trust_domain}")),
             &server,

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -19,6 +19,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
+
+use crate::ServerProcess;
+use crate::steps::ServerTrust;
 
 /// A token the fake TokenReview knows.
 #[derive(Debug, Clone)]
@@ -82,6 +85,74 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Inner> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A [`FakeKubernetes`] with a scratch directory holding the kubeconfig that points at it: where
+/// a test starts the server and agents that talk to the fake.
+#[derive(Debug)]
+pub struct FakeCluster {
+    /// The fake API server.
+    pub fake: FakeKubernetes,
+    /// `<dir>/kubeconfig`, what the server's and agents' `kubeconfig` settings name.
+    pub kubeconfig: PathBuf,
+    /// The scratch directory.
+    pub dir: tempfile::TempDir,
+}
+
+/// A `sigil-server` that reaches a [`FakeCluster`], and its bundle, also written as a file for
+/// agents and openssl.
+#[derive(Debug)]
+pub struct KubernetesServer {
+    /// The server, in `<dir>/server`.
+    pub server: ServerProcess,
+    /// How clients trust it.
+    pub trust: ServerTrust,
+    /// `<dir>/bundle.pem`, its bundle.
+    pub bundle_path: PathBuf,
+}
+
+impl FakeCluster {
+    /// Starts the fake, and writes the kubeconfig in a fresh scratch directory.
+    pub async fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let fake = FakeKubernetes::start().await?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        fake.write_kubeconfig(&kubeconfig)?;
+        Ok(FakeCluster {
+            fake,
+            kubeconfig,
+            dir,
+        })
+    }
+
+    /// Starts a server in the scratch directory with `settings` (top-level TOML keys), then a
+    /// `[kubernetes]` table naming the kubeconfig, with `kubernetes` (the table's other keys).
+    pub fn start_server(
+        &self,
+        settings: &str,
+        kubernetes: &str,
+    ) -> anyhow::Result<KubernetesServer> {
+        let config = format!(
+            "{settings}[kubernetes]\nkubeconfig = \"{}\"\n{kubernetes}",
+            self.kubeconfig.display()
+        );
+        let server = ServerProcess::start(&self.dir.path().join("server"), None, &config)?;
+        let bundle_path = self.dir.path().join("bundle.pem");
+        let trust = server.write_trust(&bundle_path)?;
+        Ok(KubernetesServer {
+            server,
+            trust,
+            bundle_path,
+        })
+    }
+}
+
+/// `metadata.labels` of an object, from `(key, value)` pairs.
+fn label_map(labels: &[(&str, &str)]) -> serde_json::Map<String, Value> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect()
+}
+
 impl FakeKubernetes {
     /// Starts the fake on a free loopback port.
     pub async fn start() -> anyhow::Result<Self> {
@@ -138,10 +209,7 @@ impl FakeKubernetes {
     pub fn add_node(&self, name: &str, uid: &str, labels: &[(&str, &str)]) {
         let mut inner = lock(&self.shared);
         let version = Self::next_version(&mut inner);
-        let labels: serde_json::Map<String, Value> = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
+        let labels = label_map(labels);
         inner.nodes.insert(
             name.into(),
             json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "uid": uid, "labels": labels, "resourceVersion": version.to_string()}}),
@@ -164,10 +232,7 @@ impl FakeKubernetes {
     ) {
         let mut inner = lock(&self.shared);
         let version = Self::next_version(&mut inner);
-        let labels: serde_json::Map<String, Value> = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
+        let labels = label_map(labels);
         let pod = json!({
             "apiVersion": "v1",
             "kind": "Pod",

@@ -16,6 +16,7 @@ mod node;
 pub mod postgres;
 pub mod python;
 mod server;
+pub mod steps;
 pub mod svid;
 pub mod tools;
 

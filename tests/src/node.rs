@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
-
 use crate::{AgentProcess, ServerProcess};
 
 /// The node alias the agent of a [`Node`] holds; entries parented to it reach that agent.
@@ -52,14 +50,10 @@ impl Node {
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let server = ServerProcess::start(&dir.path().join("server"), None, server_config)?;
-        let token = server.cli_json(&["token", "generate", "--spiffe-id", NODE_ALIAS])?;
-        let token = token["token"]
-            .as_str()
-            .context("no token in the CLI's answer")?
-            .to_string();
+        let token = server.join_token(NODE_ALIAS)?;
         register(&server)?;
         let bundle = dir.path().join("bundle.pem");
-        std::fs::write(&bundle, server.cli(&["bundle", "show"])?)?;
+        server.write_trust(&bundle)?;
         let agent = AgentProcess::start(&dir.path().join("agent"), &server, &bundle, Some(&token))?;
         Ok(Node {
             agent,

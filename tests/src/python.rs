@@ -1,7 +1,7 @@
 //! Python virtualenvs made on first use under the target directory, for tests that check Sigil
 //! with tools nobody here wrote: py-spiffe (PyPI `spiffe`) and `kubernetes-validate`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The py-spiffe version the tests pin.
@@ -73,6 +73,16 @@ pub fn venv(test: &str, name: &str, requirements: &[&str]) -> anyhow::Result<Opt
 /// The python of a virtualenv with py-spiffe.
 pub fn py_spiffe_python(test: &str) -> anyhow::Result<Option<PathBuf>> {
     venv(test, "py-spiffe-venv", &[PY_SPIFFE])
+}
+
+/// The py-spiffe workload (`tests/python/workload.py`, run by `python`) against the Workload API
+/// at `endpoint`: it fetches its SVIDs, bundles and JWT-SVIDs and prints what it got as JSON.
+pub fn py_spiffe_workload(python: &Path, endpoint: &str) -> Command {
+    let mut command = Command::new(python);
+    command
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("python/workload.py"))
+        .env("SPIFFE_ENDPOINT_SOCKET", endpoint);
+    command
 }
 
 /// The python of a virtualenv with kubernetes-validate (and PyYAML, which it brings).

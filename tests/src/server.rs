@@ -8,6 +8,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use sigil_core::id::parse_trust_domain;
+
+use crate::steps::ServerTrust;
 
 /// How long a server may take to start before the test fails.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -191,14 +194,27 @@ impl ServerProcess {
 
     /// Runs a CLI command against this server; fails with the command's stderr if it fails.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = self.cli_output(args)?;
-        anyhow::ensure!(
-            output.status.success(),
-            "sigil-server {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        Ok(String::from_utf8(output.stdout)?)
+        let what = format!("sigil-server {} failed", args.join(" "));
+        crate::steps::stdout_of(self.cli_output(args)?, &what)
+    }
+
+    /// The server's bundle as `bundle show` prints it now, and the roots and trust domain a
+    /// client authenticates the server by.
+    pub fn trust(&self) -> anyhow::Result<ServerTrust> {
+        let pem = self.cli(&["bundle", "show"])?;
+        Ok(ServerTrust {
+            trust_domain: parse_trust_domain("trust_domain", &self.trust_domain)?,
+            roots: crate::pem_certificates(&pem)?,
+            pem,
+        })
+    }
+
+    /// Like [`ServerProcess::trust`], with the PEM also written to `path` (for an agent's
+    /// `trust_bundle_path`, or openssl's `-CAfile`).
+    pub fn write_trust(&self, path: &Path) -> anyhow::Result<ServerTrust> {
+        let trust = self.trust()?;
+        std::fs::write(path, &trust.pem)?;
+        Ok(trust)
     }
 
     /// Creates an entry with the CLI (the arguments of [`entry_create`]) and returns its id.
@@ -212,6 +228,13 @@ impl ServerProcess {
         let created = self.cli_json(&entry_create(spiffe_id, parent_id, selector, extra))?;
         let id = created["entries"][0]["id"].as_str();
         Ok(id.context("no entry id in the CLI's answer")?.to_string())
+    }
+
+    /// A join token (`token generate`) that attests an agent under the node alias `spiffe_id`.
+    pub fn join_token(&self, spiffe_id: &str) -> anyhow::Result<String> {
+        let generated = self.cli_json(&["token", "generate", "--spiffe-id", spiffe_id])?;
+        let token = generated["token"].as_str();
+        Ok(token.context("no token in the CLI's answer")?.to_string())
     }
 
     /// Runs a CLI command that must fail; returns its stderr.

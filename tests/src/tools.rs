@@ -1,6 +1,7 @@
 //! Peers nobody here wrote, run as processes with SVID files: `openssl s_client` and
 //! `s_server`, and `curl`; and the check that they are installed at all.
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -30,6 +31,38 @@ pub fn peer_tools(test: &str, tools: &[&str]) -> anyhow::Result<bool> {
     Ok(false)
 }
 
+/// `-cert <cert> -key <key> -CAfile <ca>`: an SVID and the bundle that verifies the peer, as
+/// `openssl s_client` and `s_server` take them.
+pub fn openssl_identity<'a>(cert: &'a Path, key: &'a Path, ca: &'a Path) -> [&'a OsStr; 6] {
+    [
+        OsStr::new("-cert"),
+        cert.as_os_str(),
+        OsStr::new("-key"),
+        key.as_os_str(),
+        OsStr::new("-CAfile"),
+        ca.as_os_str(),
+    ]
+}
+
+/// Starts `openssl <args>` presenting `identity` ([`openssl_identity`]), with stdout piped and
+/// `stdin` and `stderr` as given; killed when dropped, so a failed test leaves no peer behind.
+fn spawn_openssl(
+    args: &[&str],
+    identity: [&OsStr; 6],
+    stdin: Stdio,
+    stderr: Stdio,
+) -> anyhow::Result<tokio::process::Child> {
+    tokio::process::Command::new("openssl")
+        .args(args)
+        .args(identity)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("running openssl {} (is it installed?)", args[0]))
+}
+
 /// Sends `input` through `openssl s_client` to `127.0.0.1:port` with `cert`/`key`, verifying the
 /// server against `ca`; returns stdout and stderr together once it exits (the server closes).
 pub async fn openssl_client(
@@ -39,26 +72,19 @@ pub async fn openssl_client(
     ca: &Path,
     input: &[u8],
 ) -> anyhow::Result<String> {
-    let mut child = tokio::process::Command::new("openssl")
-        .args([
+    let address = format!("127.0.0.1:{port}");
+    let mut child = spawn_openssl(
+        &[
             "s_client",
             "-connect",
-            &format!("127.0.0.1:{port}"),
+            &address,
             "-quiet",
             "-verify_return_error",
-            "-CAfile",
-        ])
-        .arg(ca)
-        .arg("-cert")
-        .arg(cert)
-        .arg("-key")
-        .arg(key)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("running openssl (is it installed?)")?;
+        ],
+        openssl_identity(cert, key, ca),
+        Stdio::piped(),
+        Stdio::piped(),
+    )?;
     let mut stdin = child.stdin.take().context("stdin")?;
     // The write may fail when the peer refused the handshake: that is an answer too.
     let _ = stdin.write_all(input).await;
@@ -76,28 +102,21 @@ pub async fn openssl_client(
 /// `openssl s_server -rev` (answers each line reversed) with `svid`, requiring a client
 /// certificate from the bundle. Ready once it prints ACCEPT.
 pub async fn openssl_server(port: u16, svid: &SvidFiles) -> anyhow::Result<tokio::process::Child> {
-    let mut child = tokio::process::Command::new("openssl")
-        .args([
+    let accept = port.to_string();
+    let mut child = spawn_openssl(
+        &[
             "s_server",
             "-accept",
-            &port.to_string(),
+            &accept,
             "-rev",
             "-Verify",
             "1",
             "-verify_return_error",
-        ])
-        .arg("-cert")
-        .arg(&svid.cert)
-        .arg("-key")
-        .arg(&svid.key)
-        .arg("-CAfile")
-        .arg(&svid.bundle)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("running openssl s_server")?;
+        ],
+        openssl_identity(&svid.cert, &svid.key, &svid.bundle),
+        Stdio::null(),
+        Stdio::null(),
+    )?;
     let stdout = child.stdout.take().context("stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     loop {
