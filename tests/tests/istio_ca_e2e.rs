@@ -1,16 +1,18 @@
 //! Sigil as Istio's external CA: `istio.v1.auth.IstioCertificateService/CreateCertificate` on the
 //! server's agent API port, with the ServiceAccount token checked by a fake TokenReview.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::{Context, ensure};
 use rcgen::{CertificateParams, KeyPair};
 use sigil_agent::node::server_channel;
-use sigil_core::id::parse_trust_domain;
 use sigil_proto::istio_ca::IstioCertificateRequest;
 use sigil_proto::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
-use sigil_tests::kubernetes::{FakeKubernetes, FakeToken};
+use sigil_tests::kubernetes::{FakeCluster, FakeToken, KubernetesServer};
+use sigil_tests::steps::{ServerTrust, refused_with};
 use sigil_tests::{ServerProcess, pem_certificates};
+use tonic::Code;
+use tonic::transport::Channel;
 
 fn csr_pem(key: &KeyPair) -> anyhow::Result<String> {
     // istio-agent puts its own idea of the identity in the CSR; Sigil ignores it.
@@ -39,51 +41,89 @@ fn request(
     request
 }
 
+/// The server as Istio's CA, its ServiceAccount tokens checked by a fake TokenReview that knows
+/// two tokens of prod/web-1: `istio-token` (audience `istio-ca`) and `other-audience`.
+struct IstioCa {
+    client: IstioCertificateServiceClient<Channel>,
+    /// Kept running for `client`.
+    _server: ServerProcess,
+    trust: ServerTrust,
+    /// The server's bundle, PEM, for openssl.
+    bundle_path: PathBuf,
+    k8s: FakeCluster,
+}
+
+impl IstioCa {
+    async fn start() -> anyhow::Result<Self> {
+        let k8s = FakeCluster::start().await?;
+        let fake = &k8s.fake;
+        fake.add_pod(
+            "prod",
+            "web-1",
+            "pod-web-1",
+            "node-a",
+            "web",
+            &[],
+            &[("web", "web:1", &"a".repeat(64))],
+        );
+        let token = |audience: &str| FakeToken {
+            audiences: vec![audience.into()],
+            service_account: ("prod".into(), "web".into()),
+            pod: ("prod".into(), "web-1".into()),
+            expired: false,
+        };
+        fake.add_namespace("prod");
+        fake.add_namespace("default");
+        fake.add_token("istio-token", token("istio-ca"));
+        fake.add_token("other-audience", token("sigil-server"));
+        let KubernetesServer {
+            server,
+            trust,
+            bundle_path,
+        } = k8s.start_server(
+            "server_dns_names = [\"sigil-server.sigil.svc\"]\n",
+            "istio_ca = true\nistio_max_validity = \"2h\"\nistio_root_cert_configmaps = true\n",
+        )?;
+        let channel = server_channel(&server.agent_api, &trust.trust_domain, &trust.roots, None)?;
+        Ok(IstioCa {
+            client: IstioCertificateServiceClient::new(channel),
+            _server: server,
+            trust,
+            bundle_path,
+            k8s,
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istio_ca_signs_the_service_account_identity_only() -> anyhow::Result<()> {
-    let fake = FakeKubernetes::start().await?;
-    let dir = tempfile::tempdir()?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    fake.write_kubeconfig(&kubeconfig)?;
-    fake.add_pod(
-        "prod",
-        "web-1",
-        "pod-web-1",
-        "node-a",
-        "web",
-        &[],
-        &[("web", "web:1", &"a".repeat(64))],
-    );
-    let token = |audience: &str| FakeToken {
-        audiences: vec![audience.into()],
-        service_account: ("prod".into(), "web".into()),
-        pod: ("prod".into(), "web-1".into()),
-        expired: false,
-    };
-    fake.add_namespace("prod");
-    fake.add_namespace("default");
-    fake.add_token("istio-token", token("istio-ca"));
-    fake.add_token("other-audience", token("sigil-server"));
-    let server = ServerProcess::start(
-        &dir.path().join("server"),
-        None,
-        &format!(
-            "server_dns_names = [\"sigil-server.sigil.svc\"]\n[kubernetes]\nkubeconfig = \"{}\"\nistio_ca = true\nistio_max_validity = \"2h\"\nistio_root_cert_configmaps = true\n",
-            kubeconfig.display()
-        ),
-    )?;
-    let bundle_pem = server.cli(&["bundle", "show"])?;
-    let bundle_path = dir.path().join("bundle.pem");
-    std::fs::write(&bundle_path, &bundle_pem)?;
-    let roots = pem_certificates(&bundle_pem)?;
-    let td = parse_trust_domain("trust_domain", "example.org")?;
-    let mut client =
-        IstioCertificateServiceClient::new(server_channel(&server.agent_api, &td, &roots, None)?);
-
-    // A good request: the chain is leaf first, root last; the leaf names the token's ServiceAccount.
+    let mut ca = IstioCa::start().await?;
     let key = KeyPair::generate()?;
-    let response = client
-        .create_certificate(request(Some("istio-token"), csr_pem(&key)?, 36_000))
+    a_good_request_gets_the_service_account_identity(&mut ca, &key).await?;
+    bad_requests_are_refused_with_the_reason(&mut ca, &key).await?;
+
+    // istio-ca-root-cert holds the bundle in every namespace, including one created later.
+    ca.k8s.fake.add_namespace("late");
+    for namespace in ["prod", "default", "late"] {
+        ca.k8s
+            .fake
+            .wait_for_configmap(namespace, "istio-ca-root-cert", |data| {
+                data["root-cert.pem"] == ca.trust.pem.as_str()
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// A good request: the chain is leaf first, root last; the leaf names the token's ServiceAccount
+/// (not what the CSR asked for), lives at most the configured 2 h, and openssl verifies it.
+async fn a_good_request_gets_the_service_account_identity(
+    ca: &mut IstioCa,
+    key: &KeyPair,
+) -> anyhow::Result<()> {
+    let response = ca
+        .client
+        .create_certificate(request(Some("istio-token"), csr_pem(key)?, 36_000))
         .await?
         .into_inner();
     ensure!(
@@ -92,7 +132,7 @@ async fn istio_ca_signs_the_service_account_identity_only() -> anyhow::Result<()
         response.cert_chain.len()
     );
     ensure!(
-        pem_certificates(&response.cert_chain[1])? == roots,
+        pem_certificates(&response.cert_chain[1])? == ca.trust.roots,
         "the root is last"
     );
     let leaf_der = pem_certificates(&response.cert_chain[0])?.remove(0);
@@ -118,66 +158,58 @@ async fn istio_ca_signs_the_service_account_identity_only() -> anyhow::Result<()
         lifetime <= 2 * 3600 + 10,
         "10 h asked, clamped to the 2 h maximum: {lifetime}s"
     );
-    openssl_verify(&bundle_path, &response.cert_chain[0], dir.path())?;
+    let leaf_path = ca.k8s.dir.path().join("istio-leaf.pem");
+    std::fs::write(&leaf_path, &response.cert_chain[0])?;
+    sigil_tests::tools::openssl_verify(&ca.bundle_path, None, &leaf_path, &[])
+}
 
-    // Refusals, each with its reason.
-    let no_token = client
-        .create_certificate(request(None, csr_pem(&key)?, 0))
-        .await
-        .err()
-        .context("no token")?;
-    ensure!(
-        no_token.code() == tonic::Code::Unauthenticated,
-        "{no_token:?}"
-    );
-    // A token TokenReview does not accept (a forged signature, say).
-    let forged = client
-        .create_certificate(request(Some("forged-token"), csr_pem(&key)?, 0))
-        .await
-        .err()
-        .context("forged token")?;
-    ensure!(forged.code() == tonic::Code::Unauthenticated, "{forged:?}");
-    let wrong = client
-        .create_certificate(request(Some("other-audience"), csr_pem(&key)?, 0))
-        .await
-        .err()
-        .context("audience")?;
-    ensure!(
-        wrong.code() == tonic::Code::Unauthenticated && wrong.message().contains("audience"),
-        "{wrong:?}"
-    );
-    let mut tampered = pem_certificates(&csr_as_cert_pem(&csr_pem(&key)?))?.remove(0);
+/// Refusals, each with its code and reason: no token, a token TokenReview does not accept (a
+/// forged signature, say), a token for another audience, a CSR whose signature is broken, and a
+/// key type Istio's CA does not sign.
+async fn bad_requests_are_refused_with_the_reason(
+    ca: &mut IstioCa,
+    key: &KeyPair,
+) -> anyhow::Result<()> {
+    let mut tampered = pem_certificates(&csr_as_cert_pem(&csr_pem(key)?))?.remove(0);
     let last = tampered.len() - 4;
     tampered[last] ^= 0x01;
     let bad_signature = sigil_core::bundle::pem_block("CERTIFICATE REQUEST", &tampered);
-    let refused = client
-        .create_certificate(request(Some("istio-token"), bad_signature, 0))
-        .await
-        .err()
-        .context("bad signature")?;
-    ensure!(
-        refused.code() == tonic::Code::InvalidArgument && refused.message().contains("signature"),
-        "{refused:?}"
-    );
     let ed25519 = KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
-    let refused = client
-        .create_certificate(request(Some("istio-token"), csr_pem(&ed25519)?, 0))
-        .await
-        .err()
-        .context("key")?;
-    ensure!(
-        refused.code() == tonic::Code::InvalidArgument
-            && refused.message().contains("unsupported key"),
-        "{refused:?}"
-    );
-
-    // istio-ca-root-cert holds the bundle in every namespace, including one created later.
-    fake.add_namespace("late");
-    for namespace in ["prod", "default", "late"] {
-        fake.wait_for_configmap(namespace, "istio-ca-root-cert", |data| {
-            data["root-cert.pem"] == bundle_pem.as_str()
-        })
-        .await?;
+    let cases = [
+        (None, csr_pem(key)?, Code::Unauthenticated, "", "no token"),
+        (
+            Some("forged-token"),
+            csr_pem(key)?,
+            Code::Unauthenticated,
+            "",
+            "forged token",
+        ),
+        (
+            Some("other-audience"),
+            csr_pem(key)?,
+            Code::Unauthenticated,
+            "audience",
+            "audience",
+        ),
+        (
+            Some("istio-token"),
+            bad_signature,
+            Code::InvalidArgument,
+            "signature",
+            "bad signature",
+        ),
+        (
+            Some("istio-token"),
+            csr_pem(&ed25519)?,
+            Code::InvalidArgument,
+            "unsupported key",
+            "key",
+        ),
+    ];
+    for (token, csr, code, reason, accepted) in cases {
+        let answer = ca.client.create_certificate(request(token, csr, 0)).await;
+        let refused = refused_with(answer, code, accepted)?;
+        ensure!(refused.message().contains(reason), "{refused:?}");
     }
     Ok(())
 }
@@ -185,20 +217,4 @@ async fn istio_ca_signs_the_service_account_identity_only() -> anyhow::Result<()
 /// The DER of a PEM CSR, relabelled so the certificate PEM reader takes it.
 fn csr_as_cert_pem(csr: &str) -> String {
     csr.replace("CERTIFICATE REQUEST", "CERTIFICATE")
-}
-
-fn openssl_verify(bundle: &Path, leaf_pem: &str, dir: &Path) -> anyhow::Result<()> {
-    let leaf = dir.join("istio-leaf.pem");
-    std::fs::write(&leaf, leaf_pem)?;
-    let output = std::process::Command::new("openssl")
-        .args(["verify", "-CAfile"])
-        .arg(bundle)
-        .arg(&leaf)
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "openssl verify: {}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    Ok(())
 }
