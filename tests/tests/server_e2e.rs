@@ -2,18 +2,24 @@
 //! over the agent API, with the results checked by the `spiffe` crate and by `openssl verify`.
 //! The same flow runs on SQLite and on Postgres.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use rcgen::KeyPair;
-use sigil_agent::node::{attest_with_join_token, connect, renew};
-use sigil_core::id::{SpiffeId, parse_trust_domain};
+use sigil_agent::node::{AgentIdentity, ServerConnection, attest_with_join_token, renew};
+use sigil_core::bundle::TrustBundle;
+use sigil_core::id::SpiffeId;
 use sigil_core::x509::{KeyType, check_leaf_profile, csr_for};
 use sigil_proto::agent::{
-    BatchSignX509SvidRequest, SignJwtSvidRequest, SyncRequest, X509SvidRequest,
+    BatchSignX509SvidRequest, SignJwtSvidRequest, SyncRequest, SyncResponse, X509SvidRequest,
 };
-use sigil_tests::{ServerProcess, entry_create, pem_certificates, postgres};
-use tonic::Code;
+use sigil_tests::steps::{ServerTrust, refused, refused_because, refused_with};
+use sigil_tests::{ServerProcess, entry_create, postgres};
+use tonic::{Code, Streaming};
+
+/// The entry every signing in the scenario is for.
+const WEB: &str = "spiffe://example.org/web";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_end_to_end_on_sqlite() -> anyhow::Result<()> {
@@ -37,10 +43,65 @@ struct Workload {
     chain: Vec<Vec<u8>>,
 }
 
-async fn exercise(mut server: ServerProcess, scratch: &std::path::Path) -> anyhow::Result<()> {
-    let trust_domain = parse_trust_domain("trust_domain", &server.trust_domain)?;
+/// What the operator registered: a join token with a node alias, and two entries, one under that
+/// alias (web) and one under another node's (db).
+struct Registration {
+    token: String,
+    /// The agent ID the token attests as.
+    agent_id: String,
+    web_entry: String,
+    elsewhere_entry: String,
+}
 
-    // An operator makes a join token (with a node alias) and two entries under the alias.
+/// The scenario as it goes: the server and the registrations, how a client trusts the server
+/// (the PEM also written for openssl), and the attested agent's identity and first bundle.
+struct Scenario<'a> {
+    server: ServerProcess,
+    registration: Registration,
+    trust: ServerTrust,
+    bundle_path: PathBuf,
+    scratch: &'a Path,
+    agent: AgentIdentity,
+    bundle: TrustBundle,
+}
+
+async fn exercise(server: ServerProcess, scratch: &Path) -> anyhow::Result<()> {
+    let registration = register_and_refuse_bad_entries(&server)?;
+    // The agent trusts the server through the PEM bundle the CLI prints.
+    let bundle_path = scratch.join("bundle.pem");
+    let trust = server.write_trust(&bundle_path)?;
+    let (agent, bundle) = attest_once_with_the_join_token(&server, &trust, &registration).await?;
+    let mut s = Scenario {
+        server,
+        registration,
+        trust,
+        bundle_path,
+        scratch,
+        agent,
+        bundle,
+    };
+    let mut connection = s.trust.connect(&s.server, Some(&s.agent)).await?;
+    let stream = the_sync_stream_follows_new_entries(&s, &mut connection).await?;
+    let workload = a_signing_batch_is_judged_item_by_item(&s, &mut connection).await?;
+    let jwt = jwt_svids_are_signed_with_a_published_key(&s, &mut connection).await?;
+    an_oversized_message_is_refused(&s, &mut connection).await?;
+
+    // The agent renews its own SVID.
+    let renewed = renew(&mut connection).await?;
+    ensure!(
+        renewed.spiffe_id == s.agent.spiffe_id,
+        "renewed agent keeps its ID"
+    );
+    drop(stream);
+    a_restart_keeps_the_ca_entries_agents_and_records(&mut s, &workload, &renewed, &jwt).await?;
+    the_renewed_agent_works_until_banned(&s, &renewed).await?;
+    s.server.stop()?;
+    Ok(())
+}
+
+/// An operator makes a join token (with a node alias) and two entries; bad entries are refused
+/// with a message naming the field, and nothing is written.
+fn register_and_refuse_bad_entries(server: &ServerProcess) -> anyhow::Result<Registration> {
     let token = server.cli_json(&[
         "token",
         "generate",
@@ -49,98 +110,90 @@ async fn exercise(mut server: ServerProcess, scratch: &std::path::Path) -> anyho
         "--ttl",
         "10m",
     ])?;
-    let token_text = token["token"].as_str().context("token")?.to_string();
-    let expected_agent = token["agent_spiffe_id"]
-        .as_str()
-        .context("agent id")?
-        .to_string();
-    let web_id = server.create_entry(
-        "spiffe://example.org/web",
-        "spiffe://example.org/node/one",
-        "unix:uid:1000",
-        &["--dns", "web.example.org", "--x509-svid-ttl", "1h"],
-    )?;
-    let elsewhere_id = server.create_entry(
-        "spiffe://example.org/db",
-        "spiffe://example.org/node/two",
-        "unix:uid:1001",
-        &[],
-    )?;
+    let registration = Registration {
+        token: token["token"].as_str().context("token")?.to_string(),
+        agent_id: token["agent_spiffe_id"]
+            .as_str()
+            .context("agent id")?
+            .to_string(),
+        web_entry: server.create_entry(
+            WEB,
+            "spiffe://example.org/node/one",
+            "unix:uid:1000",
+            &["--dns", "web.example.org", "--x509-svid-ttl", "1h"],
+        )?,
+        elsewhere_entry: server.create_entry(
+            "spiffe://example.org/db",
+            "spiffe://example.org/node/two",
+            "unix:uid:1001",
+            &[],
+        )?,
+    };
+    let bad_entries: [(&str, &str, &[&str]); 3] = [
+        (
+            "spiffe://other.org/x",
+            "unix:uid:1",
+            &["spiffe_id", "other.org"],
+        ),
+        (
+            "spiffe://example.org/web",
+            "unix:uid:1000",
+            &["already exists"],
+        ),
+        ("spiffe://example.org/x", "Unix:uid:1", &["selector"]),
+    ];
+    // Each names the field it fails on.
+    for (spiffe_id, selector, reasons) in bad_entries {
+        let err = server.cli_error(&entry_create(
+            spiffe_id,
+            "spiffe://example.org/node/one",
+            selector,
+            &[],
+        ))?;
+        ensure!(reasons.iter().all(|reason| err.contains(reason)), "{err}");
+    }
+    ensure!(entry_count(server)? == 3, "alias + 2 entries");
+    Ok(registration)
+}
 
-    // Bad entries are refused with a message naming the field, and nothing is written.
-    let err = server.cli_error(&entry_create(
-        "spiffe://other.org/x",
-        "spiffe://example.org/node/one",
-        "unix:uid:1",
-        &[],
-    ))?;
+/// The join token attests the agent as its alias, with the CLI's bundle and published JWT keys;
+/// it works once, an unknown one not at all, and calls other than attestation need the agent SVID.
+async fn attest_once_with_the_join_token(
+    server: &ServerProcess,
+    trust: &ServerTrust,
+    registration: &Registration,
+) -> anyhow::Result<(AgentIdentity, TrustBundle)> {
+    let mut anonymous = trust.connect(server, None).await?;
+    let (agent, bundle) = attest_with_join_token(&mut anonymous, &registration.token).await?;
+    let expected_agent = &registration.agent_id;
     ensure!(
-        err.contains("spiffe_id") && err.contains("other.org"),
-        "{err}"
-    );
-    let err = server.cli_error(&entry_create(
-        "spiffe://example.org/web",
-        "spiffe://example.org/node/one",
-        "unix:uid:1000",
-        &[],
-    ))?;
-    ensure!(err.contains("already exists"), "{err}");
-    let err = server.cli_error(&entry_create(
-        "spiffe://example.org/x",
-        "spiffe://example.org/node/one",
-        "Unix:uid:1",
-        &[],
-    ))?;
-    ensure!(err.contains("selector"), "{err}");
-    ensure!(entry_count(&server)? == 3, "alias + 2 entries");
-
-    // The agent trusts the server through the PEM bundle the CLI prints.
-    let bundle_pem = server.cli(&["bundle", "show"])?;
-    let roots = pem_certificates(&bundle_pem)?;
-    let bundle_path = scratch.join("bundle.pem");
-    std::fs::write(&bundle_path, &bundle_pem)?;
-
-    let mut anonymous = connect(&server.agent_api, &trust_domain, &roots, None).await?;
-    let (agent, bundle) = attest_with_join_token(&mut anonymous, &token_text).await?;
-    ensure!(
-        agent.spiffe_id.to_string() == expected_agent,
+        agent.spiffe_id.to_string() == *expected_agent,
         "agent id {} != {expected_agent}",
         agent.spiffe_id
     );
     ensure!(
-        bundle.x509_authorities == roots,
+        bundle.x509_authorities == trust.roots,
         "the attestation bundle is the CLI's bundle"
     );
     ensure!(!bundle.jwt_authorities.is_empty(), "JWT keys are published");
 
-    // A join token works once, even across a restart (checked again below).
-    let reuse = attest_with_join_token(&mut anonymous, &token_text)
-        .await
-        .err()
-        .context("reused token accepted")?;
-    ensure!(reuse.to_string().contains("already used"), "{reuse}");
-    let unknown = attest_with_join_token(&mut anonymous, "not-a-token")
-        .await
-        .err()
-        .context("unknown token accepted")?;
-    ensure!(
-        unknown.to_string().contains("unknown join token"),
-        "{unknown}"
-    );
+    // Once, even across a restart (checked again after it).
+    let reuse = attest_with_join_token(&mut anonymous, &registration.token).await;
+    refused_because(reuse, "already used", "reused token accepted")?;
+    let unknown = attest_with_join_token(&mut anonymous, "not-a-token").await;
+    refused_because(unknown, "unknown join token", "unknown token accepted")?;
 
-    // Calls other than attestation need the agent SVID.
-    let denied = anonymous
-        .client
-        .sync(SyncRequest {})
-        .await
-        .err()
-        .context("anonymous sync")?;
-    ensure!(denied.code() == Code::Unauthenticated, "{denied:?}");
+    let denied = anonymous.client.sync(SyncRequest {}).await;
+    refused_with(denied, Code::Unauthenticated, "anonymous sync")?;
+    Ok((agent, bundle))
+}
 
-    let mut connection = connect(&server.agent_api, &trust_domain, &roots, Some(&agent)).await?;
-
-    // The sync stream: a snapshot with the one entry the agent may use, then a change as soon as an
-    // operator creates another.
+/// The sync stream: a snapshot with the one entry the agent may use, then a change as soon as an
+/// operator creates another. Returns the stream, still open.
+async fn the_sync_stream_follows_new_entries(
+    s: &Scenario<'_>,
+    connection: &mut ServerConnection,
+) -> anyhow::Result<Streaming<SyncResponse>> {
     let mut stream = connection.client.sync(SyncRequest {}).await?.into_inner();
     let snapshot = stream.message().await?.context("no snapshot")?;
     ensure!(snapshot.full_snapshot, "first message is the snapshot");
@@ -155,9 +208,9 @@ async fn exercise(mut server: ServerProcess, scratch: &std::path::Path) -> anyho
     );
     ensure!(snapshot.bundle.is_some(), "the snapshot carries the bundle");
     let created_at = Instant::now();
-    let api = server.cli_json(&entry_create(
+    let api = s.server.cli_json(&entry_create(
         "spiffe://example.org/api",
-        &expected_agent,
+        &s.registration.agent_id,
         "unix:uid:2000",
         &[],
     ))?;
@@ -174,11 +227,18 @@ async fn exercise(mut server: ServerProcess, scratch: &std::path::Path) -> anyho
         "it is the new entry"
     );
     eprintln!("entry create (CLI process included) to sync delivery: {delivery:?}");
+    Ok(stream)
+}
 
-    // Signing: one good CSR and three bad ones in one batch; each item succeeds or fails alone.
-    let web_spiffe_id = SpiffeId::new("spiffe://example.org/web")?;
+/// Signing: one good CSR and three bad ones in one batch; each item succeeds or fails alone. The
+/// good one's SVID passes every check and honours the entry's 1 h TTL.
+async fn a_signing_batch_is_judged_item_by_item(
+    s: &Scenario<'_>,
+    connection: &mut ServerConnection,
+) -> anyhow::Result<Workload> {
+    let web_id = &s.registration.web_entry;
     let key = KeyType::EcP256.generate()?;
-    let good_csr = csr_for(&key, Some(&web_spiffe_id))?;
+    let good_csr = csr_for(&key, Some(&SpiffeId::new(WEB)?))?;
     let wrong_id_csr = csr_for(
         &KeyType::EcP256.generate()?,
         Some(&SpiffeId::new("spiffe://example.org/admin")?),
@@ -195,7 +255,7 @@ async fn exercise(mut server: ServerProcess, scratch: &std::path::Path) -> anyho
                     csr: good_csr.clone(),
                 },
                 X509SvidRequest {
-                    entry_id: elsewhere_id.clone(),
+                    entry_id: s.registration.elsewhere_entry.clone(),
                     csr: csr_for(&KeyType::EcP256.generate()?, None)?,
                 },
                 X509SvidRequest {
@@ -231,7 +291,7 @@ async fn exercise(mut server: ServerProcess, scratch: &std::path::Path) -> anyho
         key,
         chain: svid.cert_chain.clone(),
     };
-    check_svid(&workload, "spiffe://example.org/web", &bundle_path, scratch)?;
+    check_svid(&workload, WEB, &s.bundle_path, s.scratch)?;
     let leaf = x509_parser::parse_x509_certificate(&workload.chain[0])
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .1;
@@ -240,79 +300,83 @@ async fn exercise(mut server: ServerProcess, scratch: &std::path::Path) -> anyho
         (3600..=3700).contains(&lifetime),
         "entry TTL 1h honoured (with back-dating): {lifetime}s"
     );
+    Ok(workload)
+}
 
-    // JWT-SVIDs are signed with a key published in the bundle.
+/// JWT-SVIDs are signed with a key published in the bundle, and only for an audience. Returns the
+/// token signed.
+async fn jwt_svids_are_signed_with_a_published_key(
+    s: &Scenario<'_>,
+    connection: &mut ServerConnection,
+) -> anyhow::Result<String> {
+    let sign_jwt = |audience: Vec<String>| SignJwtSvidRequest {
+        entry_id: s.registration.web_entry.clone(),
+        audience,
+    };
     let jwt = connection
         .client
-        .sign_jwt_svid(SignJwtSvidRequest {
-            entry_id: web_id.clone(),
-            audience: vec!["db".into()],
-        })
+        .sign_jwt_svid(sign_jwt(vec!["db".into()]))
         .await?
         .into_inner();
-    ensure!(jwt.spiffe_id == "spiffe://example.org/web", "jwt subject");
+    ensure!(jwt.spiffe_id == WEB, "jwt subject");
     let header = jwt.token.split('.').next().context("jwt header")?;
     let header: serde_json::Value = serde_json::from_slice(&base64url(header)?)?;
     ensure!(header["alg"] == "ES256", "{header}");
     ensure!(
-        bundle
+        s.bundle
             .jwt_authorities
             .iter()
             .any(|k| header["kid"] == k.key_id.as_str()),
         "kid is in the bundle"
     );
-    let no_audience = connection
-        .client
-        .sign_jwt_svid(SignJwtSvidRequest {
-            entry_id: web_id.clone(),
-            audience: vec![],
-        })
-        .await
-        .err()
-        .context("JWT without audience")?;
-    ensure!(
-        no_audience.code() == Code::InvalidArgument,
-        "{no_audience:?}"
-    );
+    let no_audience = connection.client.sign_jwt_svid(sign_jwt(vec![])).await;
+    refused_with(no_audience, Code::InvalidArgument, "JWT without audience")?;
+    Ok(jwt.token)
+}
 
-    // An oversized message is refused and the server keeps serving.
+/// An oversized message is refused and the server keeps serving.
+async fn an_oversized_message_is_refused(
+    s: &Scenario<'_>,
+    connection: &mut ServerConnection,
+) -> anyhow::Result<()> {
     let huge = connection
         .client
         .batch_sign_x509_svid(BatchSignX509SvidRequest {
             requests: vec![X509SvidRequest {
-                entry_id: web_id.clone(),
+                entry_id: s.registration.web_entry.clone(),
                 csr: vec![0x30; 5 * 1024 * 1024],
             }],
         })
-        .await
-        .err()
-        .context("oversized message accepted")?;
+        .await;
+    let huge = refused(huge, "oversized message accepted")?;
     ensure!(huge.code() != Code::Ok, "{huge:?}");
+    Ok(())
+}
 
-    // The agent renews its own SVID.
-    let renewed = renew(&mut connection).await?;
-    ensure!(
-        renewed.spiffe_id == agent.spiffe_id,
-        "renewed agent keeps its ID"
-    );
+/// A clean restart keeps the CA, entries, agents (with the renewed SVID), the record of every SVID
+/// signed, and the join token used.
+async fn a_restart_keeps_the_ca_entries_agents_and_records(
+    s: &mut Scenario<'_>,
+    workload: &Workload,
+    renewed: &AgentIdentity,
+    jwt: &str,
+) -> anyhow::Result<()> {
     let renewed_serial = hex_serial(&renewed.chain[0])?;
-
-    // A clean restart keeps the CA, entries, agents and the record of every SVID signed.
     let serials_before = vec![
         hex_serial(&workload.chain[0])?,
         renewed_serial.clone(),
-        hex_serial(&agent.chain[0])?,
+        hex_serial(&s.agent.chain[0])?,
     ];
-    drop(stream);
-    server.restart()?;
+    s.server.restart()?;
+    let server = &s.server;
     ensure!(
-        server.cli(&["bundle", "show"])? == bundle_pem,
+        server.cli(&["bundle", "show"])? == s.trust.pem,
         "the CA survives a restart"
     );
-    ensure!(entry_count(&server)? == 4, "entries survive");
+    ensure!(entry_count(server)? == 4, "entries survive");
     let agents = server.cli_json(&["agent", "list"])?;
     ensure!(
-        agents["agents"][0]["spiffe_id"] == expected_agent.as_str(),
+        agents["agents"][0]["spiffe_id"] == s.registration.agent_id.as_str(),
         "agent survives: {agents}"
     );
     ensure!(
@@ -324,7 +388,7 @@ async fn exercise(mut server: ServerProcess, scratch: &std::path::Path) -> anyho
         .as_array()
         .context("svids")?
         .iter()
-        .filter_map(|s| s["serial"].as_str())
+        .filter_map(|svid| svid["serial"].as_str())
         .collect();
     for serial in &serials_before {
         ensure!(
@@ -333,40 +397,38 @@ async fn exercise(mut server: ServerProcess, scratch: &std::path::Path) -> anyho
         );
     }
     ensure!(
-        recorded.contains(&jwt_id(&jwt.token)?.as_str()),
+        recorded.contains(&jwt_id(jwt)?.as_str()),
         "the JWT-SVID is recorded"
     );
     let shown = server.cli_json(&["svid", "show", "--serial", &serials_before[0]])?;
     ensure!(
-        shown["svids"][0]["spiffe_id"] == "spiffe://example.org/web"
-            && shown["svids"][0]["entry_id"] == web_id.as_str(),
+        shown["svids"][0]["spiffe_id"] == WEB
+            && shown["svids"][0]["entry_id"] == s.registration.web_entry.as_str(),
         "{shown}"
     );
-    let mut anonymous = connect(&server.agent_api, &trust_domain, &roots, None).await?;
-    let reuse = attest_with_join_token(&mut anonymous, &token_text)
-        .await
-        .err()
-        .context("token reused after restart")?;
-    ensure!(reuse.to_string().contains("already used"), "{reuse}");
+    let mut anonymous = s.trust.connect(server, None).await?;
+    let reuse = attest_with_join_token(&mut anonymous, &s.registration.token).await;
+    refused_because(reuse, "already used", "token reused after restart")
+}
 
-    // The attested agent keeps working after the restart, with its renewed SVID.
-    let mut connection = connect(&server.agent_api, &trust_domain, &roots, Some(&renewed)).await?;
-    let again = sign(&mut connection, &web_id, &web_spiffe_id).await?;
-    check_svid(&again, "spiffe://example.org/web", &bundle_path, scratch)?;
-
-    // Banned, then evicted: the agent loses access at once.
-    server.cli(&["agent", "ban", "--spiffe-id", &expected_agent])?;
-    let banned = sign(&mut connection, &web_id, &web_spiffe_id)
-        .await
-        .err()
-        .context("banned agent signed")?;
-    ensure!(banned.to_string().contains("banned"), "{banned}");
-    server.cli(&["agent", "evict", "--spiffe-id", &expected_agent])?;
-    let evicted = sign(&mut connection, &web_id, &web_spiffe_id)
-        .await
-        .err()
-        .context("evicted agent signed")?;
-    ensure!(evicted.to_string().contains("not attested"), "{evicted}");
+/// The attested agent keeps working after the restart, with its renewed SVID; banned, then
+/// evicted, it loses access at once.
+async fn the_renewed_agent_works_until_banned(
+    s: &Scenario<'_>,
+    renewed: &AgentIdentity,
+) -> anyhow::Result<()> {
+    let (server, agent_id) = (&s.server, s.registration.agent_id.as_str());
+    let mut connection = s.trust.connect(server, Some(renewed)).await?;
+    let web_entry = &s.registration.web_entry;
+    let web_spiffe_id = SpiffeId::new(WEB)?;
+    let again = sign(&mut connection, web_entry, &web_spiffe_id).await?;
+    check_svid(&again, WEB, &s.bundle_path, s.scratch)?;
+    for (command, refusal) in [("ban", "banned"), ("evict", "not attested")] {
+        server.cli(&["agent", command, "--spiffe-id", agent_id])?;
+        let signed = sign(&mut connection, web_entry, &web_spiffe_id).await;
+        let accepted = format!("the agent signed after `agent {command}`");
+        refused_because(signed, refusal, &accepted)?;
+    }
     ensure!(
         server.cli_json(&["agent", "list"])?["agents"]
             .as_array()
@@ -374,8 +436,6 @@ async fn exercise(mut server: ServerProcess, scratch: &std::path::Path) -> anyho
             == Some(0),
         "evicted"
     );
-
-    server.stop()?;
     Ok(())
 }
 
@@ -418,8 +478,8 @@ async fn sign(
 fn check_svid(
     workload: &Workload,
     expected: &str,
-    bundle_path: &std::path::Path,
-    scratch: &std::path::Path,
+    bundle_path: &Path,
+    scratch: &Path,
 ) -> anyhow::Result<()> {
     let chain: Vec<u8> = workload.chain.concat();
     let parsed = spiffe::X509Svid::parse_from_der(&chain, &workload.key.serialize_der())
