@@ -6,23 +6,42 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use sigil_tests::federation::{Domain, federate};
+use sigil_tests::svid::SvidFiles;
+use sigil_tests::tools::openssl_identity;
 use sigil_tests::{AgentProcess, ServerProcess, free_port};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_trust_domains_federate_and_do_mtls() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let a = Domain::start(dir.path(), "a.test", "web", "b.test")?;
-    let b = Domain::start(dir.path(), "b.test", "db", "a.test")?;
+    let mut b = Domain::start(dir.path(), "b.test", "db", "a.test")?;
     federate(&a, &b, "b.test")?;
     federate(&b, &a, "a.test")?;
+    a_fetches_bs_bundle_over_bs_endpoint(&a, &b)?;
+    the_endpoint_speaks_the_spiffe_bundle_format(&a)?;
 
-    // A fetches B's bundle over B's endpoint, authenticating it with the bundle it was given.
+    // Each workload receives the other domain's bundle beside its own.
+    let files_a = write_files(&a.agent, &dir.path().join("files-a"), "b.test")?;
+    let files_b = write_files(&b.agent, &dir.path().join("files-b"), "a.test")?;
+    let json = a.agent.cli_json(&["api", "fetch", "x509"])?;
+    ensure!(
+        json["federated_trust_domains"] == serde_json::json!(["spiffe://b.test"]),
+        "{json}"
+    );
+
+    a_jwt_svid_of_b_validates_at_a(&a, &b)?;
+    mtls_works_through_the_federated_bundles(&files_a, &files_b)?;
+    refreshes_refuse_an_impostor_and_keep_the_last_good_bundle(&a, &mut b)
+}
+
+/// A fetches B's bundle over B's endpoint, authenticating it with the bundle it was given.
+fn a_fetches_bs_bundle_over_bs_endpoint(a: &Domain, b: &Domain) -> anyhow::Result<()> {
     let fetched = a
         .server
         .cli(&["federation", "refresh", "--trust-domain", "b.test"])?;
@@ -36,8 +55,11 @@ async fn two_trust_domains_federate_and_do_mtls() -> anyhow::Result<()> {
             && listed["relationships"][0]["last_success_at"].as_i64() > Some(0),
         "{listed}"
     );
+    Ok(())
+}
 
-    // The endpoint speaks the SPIFFE bundle format to a client nobody here wrote.
+/// The endpoint speaks the SPIFFE bundle format to a client nobody here wrote.
+fn the_endpoint_speaks_the_spiffe_bundle_format(a: &Domain) -> anyhow::Result<()> {
     let served = Command::new("curl")
         .args(["-sk", &format!("https://127.0.0.1:{}/", a.endpoint_port)])
         .output()?;
@@ -56,81 +78,33 @@ async fn two_trust_domains_federate_and_do_mtls() -> anyhow::Result<()> {
                 .any(|k| k["use"] == "jwt-svid" && k["kid"].is_string()),
         "{served}"
     );
+    Ok(())
+}
 
-    // Each workload receives the other domain's bundle beside its own.
-    let files_a = dir.path().join("files-a");
-    let files_b = dir.path().join("files-b");
-    write_files(&a.agent, &files_a, "b.test").await?;
-    write_files(&b.agent, &files_b, "a.test").await?;
-    let json: serde_json::Value =
-        serde_json::from_str(&a.agent.cli(&["api", "fetch", "x509", "--output", "json"])?)?;
-    ensure!(
-        json["federated_trust_domains"] == serde_json::json!(["spiffe://b.test"]),
-        "{json}"
-    );
-
-    // A JWT-SVID of B's workload validates at A's agent, through B's federated JWT keys.
-    let token: serde_json::Value = serde_json::from_str(&b.agent.cli(&[
-        "api",
-        "fetch",
-        "jwt",
-        "--audience",
-        "a-service",
-        "--output",
-        "json",
-    ])?)?;
-    let token = token["svids"][0]["token"].as_str().context("token")?;
-    let checked = a.agent.cli(&[
-        "api",
-        "validate",
-        "jwt",
-        "--audience",
-        "a-service",
-        "--token",
-        token,
-    ])?;
+/// A JWT-SVID of B's workload validates at A's agent, through B's federated JWT keys.
+fn a_jwt_svid_of_b_validates_at_a(a: &Domain, b: &Domain) -> anyhow::Result<()> {
+    let token = b.agent.cli_jwt("a-service")?;
+    let checked = a.agent.cli_validate_jwt("a-service", &token)?;
     ensure!(checked.contains("spiffe://b.test/db"), "{checked}");
+    Ok(())
+}
 
-    // mTLS: B's workload serves, A's connects; each verifies the other with the federated bundle.
+/// mTLS: B's workload serves, A's connects; each verifies the other with the federated bundle,
+/// each side's certificate names its own domain's workload, and without the federated bundle the
+/// same certificate is refused: trust comes from federation.
+fn mtls_works_through_the_federated_bundles(
+    files_a: &SvidFiles,
+    files_b: &SvidFiles,
+) -> anyhow::Result<()> {
     let port = free_port()?;
-    let mut server = Command::new("openssl")
-        .args(["s_server", "-accept", &port.to_string(), "-naccept", "1"])
-        .args(["-Verify", "1", "-verify_return_error"])
-        .arg("-cert")
-        .arg(files_b.join("svid.0.pem"))
-        .arg("-key")
-        .arg(files_b.join("svid.0.key"))
-        .arg("-CAfile")
-        .arg(files_b.join("federated.a.test.pem"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    // Every line s_server prints, from both of its streams; it says ACCEPT once it listens.
-    let (lines, printed) = std::sync::mpsc::channel::<String>();
-    for stream in [
-        server
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        server
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                if lines.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-    }
-    drop(lines);
+    let accept = port.to_string();
+    let mut server = openssl(
+        &["s_server", "-accept", &accept, "-naccept", "1"],
+        &["-Verify", "1", "-verify_return_error"],
+        files_b,
+    )
+    .spawn()?;
+    let printed = printed_lines(&mut server);
     let mut server_text = String::new();
     while !server_text.contains("ACCEPT") {
         let line = printed
@@ -139,19 +113,13 @@ async fn two_trust_domains_federate_and_do_mtls() -> anyhow::Result<()> {
         server_text.push_str(&line);
         server_text.push('\n');
     }
-    let client = Command::new("openssl")
-        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
-        .args(["-verify_return_error", "-brief"])
-        .arg("-cert")
-        .arg(files_a.join("svid.0.pem"))
-        .arg("-key")
-        .arg(files_a.join("svid.0.key"))
-        .arg("-CAfile")
-        .arg(files_a.join("federated.b.test.pem"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()?;
+    let connect = format!("127.0.0.1:{port}");
+    let client = openssl(
+        &["s_client", "-connect", &connect],
+        &["-verify_return_error", "-brief"],
+        files_a,
+    )
+    .output()?;
     let _ = server.wait();
     server_text.extend(printed.iter().map(|line| line + "\n"));
     let client_text = format!(
@@ -167,25 +135,70 @@ async fn two_trust_domains_federate_and_do_mtls() -> anyhow::Result<()> {
         server_text.contains("verify return:1") && !server_text.contains("verify error"),
         "B's workload did not verify A's certificate:\n{server_text}"
     );
-    // Each side's certificate names its own domain's workload.
     ensure!(
-        uri_san(&files_a.join("svid.0.pem"))?.contains("spiffe://a.test/web")
-            && uri_san(&files_b.join("svid.0.pem"))?.contains("spiffe://b.test/db"),
+        uri_san(&files_a.cert)?.contains("spiffe://a.test/web")
+            && uri_san(&files_b.cert)?.contains("spiffe://b.test/db"),
         "identities"
     );
-    // Without the federated bundle, the same handshake is refused: trust comes from federation.
+    let own_bundle = files_a.cert.with_file_name("bundle.0.pem");
     let untrusted = Command::new("openssl")
         .arg("verify")
         .arg("-CAfile")
-        .arg(files_a.join("bundle.0.pem"))
-        .arg(files_b.join("svid.0.pem"))
+        .arg(own_bundle)
+        .arg(&files_b.cert)
         .output()?;
     ensure!(
         !untrusted.status.success(),
         "A's own bundle must not trust B"
     );
+    Ok(())
+}
 
-    // An https_spiffe endpoint that does not present the configured ID is refused.
+/// `openssl <command> <options>` presenting `svid` and verifying the peer with its bundle, every
+/// stream piped so the test reads what openssl says about the handshake.
+fn openssl(command: &[&str], options: &[&str], svid: &SvidFiles) -> Command {
+    let mut openssl = Command::new("openssl");
+    openssl
+        .args(command)
+        .args(options)
+        .args(openssl_identity(&svid.cert, &svid.key, &svid.bundle))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    openssl
+}
+
+/// Every line `child` prints, from both of its streams, as they come (s_server says ACCEPT once
+/// it listens, and its verdict on the client once it exits).
+fn printed_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let (lines, printed) = std::sync::mpsc::channel::<String>();
+    let stdout = child
+        .stdout
+        .take()
+        .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
+    let stderr = child
+        .stderr
+        .take()
+        .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>);
+    for stream in [stdout, stderr].into_iter().flatten() {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if lines.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    printed
+}
+
+/// An https_spiffe endpoint that does not present the configured ID is refused; so is a refresh
+/// while B is down, with the reason, and the last good bundle stays.
+fn refreshes_refuse_an_impostor_and_keep_the_last_good_bundle(
+    a: &Domain,
+    b: &mut Domain,
+) -> anyhow::Result<()> {
     a.server.cli(&[
         "federation",
         "update",
@@ -196,18 +209,13 @@ async fn two_trust_domains_federate_and_do_mtls() -> anyhow::Result<()> {
         "--endpoint-spiffe-id",
         "spiffe://b.test/impostor",
     ])?;
-    let refused = a
-        .server
-        .cli_error(&["federation", "refresh", "--trust-domain", "b.test"])?;
+    let refresh = ["federation", "refresh", "--trust-domain", "b.test"];
+    let refused = a.server.cli_error(&refresh)?;
     ensure!(refused.contains("TLS"), "{refused}");
 
-    // A failed refresh (B is down) is refused with the reason and the last good bundle stays.
-    let mut b = b;
     b.agent.stop()?;
     b.server.stop()?;
-    let refused = a
-        .server
-        .cli_error(&["federation", "refresh", "--trust-domain", "b.test"])?;
+    let refused = a.server.cli_error(&refresh)?;
     ensure!(refused.contains("cannot connect"), "{refused}");
     ensure!(
         a.server
@@ -218,6 +226,40 @@ async fn two_trust_domains_federate_and_do_mtls() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `federation create` for `trust_domain` at `url`, its endpoint presenting `endpoint_id`, with
+/// `extra` flags.
+fn federation_create<'a>(
+    trust_domain: &'a str,
+    url: &'a str,
+    endpoint_id: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let relationship = [
+        "federation",
+        "create",
+        "--trust-domain",
+        trust_domain,
+        "--bundle-endpoint-url",
+        url,
+        "--endpoint-spiffe-id",
+        endpoint_id,
+    ];
+    [&relationship[..], extra].concat()
+}
+
+/// `bundle set` of the SPIFFE bundle at `path` for `trust_domain`.
+fn bundle_set<'a>(trust_domain: &'a str, path: &'a Path) -> anyhow::Result<[&'a str; 6]> {
+    let path = path.to_str().context("path")?;
+    Ok([
+        "bundle",
+        "set",
+        "--trust-domain",
+        trust_domain,
+        "--path",
+        path,
+    ])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_relationships_and_bundles_are_refused() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -226,76 +268,36 @@ async fn bad_relationships_and_bundles_are_refused() -> anyhow::Result<()> {
     let own_path = dir.path().join("a.json");
     std::fs::write(&own_path, &own_json)?;
 
-    let refusals: [(&[&str], &str); 5] = [
+    let refusals: [(Vec<&str>, &str); 5] = [
         (
-            &[
-                "federation",
-                "create",
-                "--trust-domain",
-                "a.test",
-                "--bundle-endpoint-url",
-                "https://a.test/",
-                "--endpoint-spiffe-id",
-                "spiffe://a.test/x",
-            ],
+            federation_create("a.test", "https://a.test/", "spiffe://a.test/x", &[]),
             "own trust domain",
         ),
         (
-            &[
-                "federation",
-                "create",
-                "--trust-domain",
-                "b.test",
-                "--bundle-endpoint-url",
-                "http://b.test/",
-                "--endpoint-spiffe-id",
-                "spiffe://b.test/x",
-            ],
+            federation_create("b.test", "http://b.test/", "spiffe://b.test/x", &[]),
             "https://",
         ),
         (
-            &[
-                "federation",
-                "create",
-                "--trust-domain",
-                "b.test",
-                "--bundle-endpoint-url",
-                "https://b.test/",
-                "--endpoint-spiffe-id",
-                "spiffe://b.test/x",
-            ],
+            federation_create("b.test", "https://b.test/", "spiffe://b.test/x", &[]),
             "none is stored",
         ),
         (
-            &[
-                "federation",
-                "create",
-                "--trust-domain",
+            federation_create(
                 "b.test",
-                "--bundle-endpoint-url",
                 "https://b.test/",
-                "--profile",
-                "https_web",
-                "--endpoint-spiffe-id",
                 "spiffe://b.test/x",
-            ],
+                &["--profile", "https_web"],
+            ),
             "only an https_spiffe endpoint",
         ),
+        // A's own bundle presented as another domain's: its CA names spiffe://a.test.
         (
-            // A's own bundle presented as another domain's: its CA names spiffe://a.test.
-            &[
-                "bundle",
-                "set",
-                "--trust-domain",
-                "c.test",
-                "--path",
-                own_path.to_str().context("path")?,
-            ],
+            bundle_set("c.test", &own_path)?.to_vec(),
             "another trust domain",
         ),
     ];
     for (args, reason) in refusals {
-        let error = a.cli_error(args)?;
+        let error = a.cli_error(&args)?;
         ensure!(error.contains(reason), "{args:?}: {error}");
     }
     ensure!(
@@ -304,50 +306,28 @@ async fn bad_relationships_and_bundles_are_refused() -> anyhow::Result<()> {
             .is_some_and(|b| b.len() == 1),
         "nothing was stored"
     );
-    // A bundle of another server's domain set by hand, then an older one is refused.
-    let b = ServerProcess::start_in_domain(&dir.path().join("b"), "b.test", "", None)?;
+    a_set_bundle_only_moves_forward(&a, dir.path())
+}
+
+/// A bundle of another server's domain set by hand, then a newer one; an older one and one that
+/// is not JSON are refused, and the last good bundle stays.
+fn a_set_bundle_only_moves_forward(a: &ServerProcess, dir: &Path) -> anyhow::Result<()> {
+    let b = ServerProcess::start_in_domain(&dir.join("b"), "b.test", "", None)?;
     let b_json = b.cli(&["bundle", "show", "--format", "spiffe"])?;
-    let b_path = dir.path().join("b.json");
+    let b_path = dir.join("b.json");
+    let set_b = bundle_set("b.test", &b_path)?;
     std::fs::write(&b_path, &b_json)?;
-    a.cli(&[
-        "bundle",
-        "set",
-        "--trust-domain",
-        "b.test",
-        "--path",
-        b_path.to_str().context("path")?,
-    ])?;
+    a.cli(&set_b)?;
     let mut newer: serde_json::Value = serde_json::from_str(&b_json)?;
     newer["spiffe_sequence"] =
         serde_json::json!(newer["spiffe_sequence"].as_u64().unwrap_or(0) + 5);
     std::fs::write(&b_path, newer.to_string())?;
-    a.cli(&[
-        "bundle",
-        "set",
-        "--trust-domain",
-        "b.test",
-        "--path",
-        b_path.to_str().context("path")?,
-    ])?;
+    a.cli(&set_b)?;
     std::fs::write(&b_path, &b_json)?;
-    let older = a.cli_error(&[
-        "bundle",
-        "set",
-        "--trust-domain",
-        "b.test",
-        "--path",
-        b_path.to_str().context("path")?,
-    ])?;
+    let older = a.cli_error(&set_b)?;
     ensure!(older.contains("below the stored"), "{older}");
     std::fs::write(&b_path, "{ not json")?;
-    let garbage = a.cli_error(&[
-        "bundle",
-        "set",
-        "--trust-domain",
-        "b.test",
-        "--path",
-        b_path.to_str().context("path")?,
-    ])?;
+    let garbage = a.cli_error(&set_b)?;
     ensure!(garbage.contains("bundle"), "{garbage}");
     ensure!(
         a.cli_json(&["bundle", "list"])?["bundles"][1]["sequence"].as_u64()
@@ -357,14 +337,21 @@ async fn bad_relationships_and_bundles_are_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn write_files(agent: &AgentProcess, dir: &Path, peer: &str) -> anyhow::Result<()> {
+/// Writes `agent`'s SVIDs into `dir`; the first one's files, with the federated bundle of `peer`
+/// (which must be there) as the bundle that verifies the other side.
+fn write_files(agent: &AgentProcess, dir: &Path, peer: &str) -> anyhow::Result<SvidFiles> {
     agent.write_svids(dir)?;
+    let federated = dir.join(format!("federated.{peer}.pem"));
     ensure!(
-        dir.join(format!("federated.{peer}.pem")).exists(),
+        federated.exists(),
         "no federated bundle of {peer} in {}",
         dir.display()
     );
-    Ok(())
+    Ok(SvidFiles {
+        cert: dir.join("svid.0.pem"),
+        key: dir.join("svid.0.key"),
+        bundle: federated,
+    })
 }
 
 fn uri_san(pem: &Path) -> anyhow::Result<String> {
