@@ -11,24 +11,41 @@ use anyhow::{Context, ensure};
 use futures::StreamExt;
 use sigil_proto::workload::X509svidRequest;
 use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use sigil_tests::{AgentProcess, NODE_ALIAS, Node, ServerProcess, entry_create, python};
+use sigil_tests::steps::{http_get, json_stdout, refused_with};
+use sigil_tests::{NODE_ALIAS, Node, entry_create, python, this_uid_selector};
 use spiffe::WorkloadApiClient;
 use tokio::io::AsyncBufReadExt;
 
 /// A server and an agent, with one entry for this process's uid under the node alias.
 fn node(entry_id: &str, extra_flags: &[&str]) -> anyhow::Result<Node> {
-    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
-    Node::start(|server| Node::entry(server, entry_id, &selector, extra_flags))
+    Node::for_this_uid(&[(entry_id, extra_flags)])
+}
+
+/// Like [`node`], with the spiffe crate's client of the agent: this process as the workload.
+async fn serving(
+    entry_id: &str,
+    extra_flags: &[&str],
+) -> anyhow::Result<(Node, WorkloadApiClient)> {
+    let node = node(entry_id, extra_flags)?;
+    let client = node.agent.workload_client().await?;
+    Ok((node, client))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workloads_fetch_their_identity_with_the_spiffe_crate_and_the_cli() -> anyhow::Result<()> {
-    let node = node(
+    let (node, client) = serving(
         "spiffe://example.org/workload",
         &["--dns", "workload.example.org"],
-    )?;
-    let client = WorkloadApiClient::connect_to(node.agent.endpoint()).await?;
+    )
+    .await?;
+    the_spiffe_crate_fetches_and_validates(&client).await?;
+    the_cli_writes_fetches_and_validates(&node)?;
+    bad_clients_leave_the_agent_serving(&node, &client).await
+}
 
+/// The spiffe crate's client gets the X509-SVID, the bundle and a JWT-SVID (cached), and the agent
+/// validates the JWT-SVID for its audience only, untampered.
+async fn the_spiffe_crate_fetches_and_validates(client: &WorkloadApiClient) -> anyhow::Result<()> {
     let svid = client.fetch_x509_svid().await?;
     ensure!(
         svid.spiffe_id().to_string() == "spiffe://example.org/workload",
@@ -66,8 +83,12 @@ async fn workloads_fetch_their_identity_with_the_spiffe_crate_and_the_cli() -> a
         client.fetch_jwt_svid(["db"], None).await?.token() == jwt.token(),
         "JWT-SVIDs are cached"
     );
+    Ok(())
+}
 
-    // The CLI writes the SVID, key (0600) and bundle; openssl verifies the chain.
+/// The CLI writes the SVID, key (0600) and bundle, which openssl verifies; prints them as JSON;
+/// fetches and validates a JWT-SVID and the bundles; and checks the agent's health.
+fn the_cli_writes_fetches_and_validates(node: &Node) -> anyhow::Result<()> {
     let out = node.dir.path().join("svid");
     node.agent.write_svids(&out)?;
     let key_mode = std::fs::metadata(out.join("svid.0.key"))?
@@ -76,38 +97,13 @@ async fn workloads_fetch_their_identity_with_the_spiffe_crate_and_the_cli() -> a
         & 0o777;
     ensure!(key_mode == 0o600, "key mode {key_mode:o}");
     openssl_verify(&out.join("bundle.0.pem"), &out.join("svid.0.pem"))?;
-    let json: serde_json::Value = serde_json::from_str(
-        &node
-            .agent
-            .cli(&["api", "fetch", "x509", "--output", "json"])?,
-    )?;
+    let json = node.agent.cli_json(&["api", "fetch", "x509"])?;
     ensure!(
         json["svids"][0]["spiffe_id"] == "spiffe://example.org/workload",
         "{json}"
     );
-    let token = node.agent.cli(&[
-        "api",
-        "fetch",
-        "jwt",
-        "--audience",
-        "cli",
-        "--output",
-        "json",
-    ])?;
-    let token: serde_json::Value = serde_json::from_str(&token)?;
-    let token = token["svids"][0]["token"]
-        .as_str()
-        .context("token")?
-        .to_string();
-    let checked = node.agent.cli(&[
-        "api",
-        "validate",
-        "jwt",
-        "--audience",
-        "cli",
-        "--token",
-        &token,
-    ])?;
+    let token = node.agent.cli_jwt("cli")?;
+    let checked = node.agent.cli_validate_jwt("cli", &token)?;
     ensure!(
         checked.contains("spiffe://example.org/workload"),
         "{checked}"
@@ -118,29 +114,27 @@ async fn workloads_fetch_their_identity_with_the_spiffe_crate_and_the_cli() -> a
             .contains("BEGIN CERTIFICATE"),
         "bundles"
     );
-    let health = node.agent.health.clone();
     ensure!(
         node.agent
-            .cli(&["healthcheck", "--health-address", &health])?
+            .cli(&["healthcheck", "--health-address", &node.agent.health])?
             .contains("ready"),
         "ready"
     );
+    Ok(())
+}
 
-    // Without the security header: InvalidArgument, and the agent serves the next caller.
-    let channel = tonic::transport::Endpoint::from_static("http://agent")
-        .connect_with_connector(tower_connector(node.agent.socket.clone()))
-        .await?;
-    let mut raw = SpiffeWorkloadApiClient::new(channel);
-    let refused = raw
-        .fetch_x509svid(X509svidRequest {})
-        .await
-        .err()
-        .context("no header accepted")?;
-    ensure!(
-        refused.code() == tonic::Code::InvalidArgument,
-        "{refused:?}"
-    );
-    // Garbage on the socket is dropped without harm.
+/// A call without the security header gets InvalidArgument, and garbage on the socket is dropped
+/// without harm: the agent serves the next caller.
+async fn bad_clients_leave_the_agent_serving(
+    node: &Node,
+    client: &WorkloadApiClient,
+) -> anyhow::Result<()> {
+    let mut raw = SpiffeWorkloadApiClient::new(node.agent.grpc_channel().await?);
+    refused_with(
+        raw.fetch_x509svid(X509svidRequest {}).await,
+        tonic::Code::InvalidArgument,
+        "no header accepted",
+    )?;
     {
         use tokio::io::AsyncWriteExt;
         let mut garbage = tokio::net::UnixStream::connect(&node.agent.socket).await?;
@@ -157,13 +151,12 @@ async fn workloads_fetch_their_identity_with_the_spiffe_crate_and_the_cli() -> a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_and_removed_entries_reach_a_waiting_workload() -> anyhow::Result<()> {
-    let node = node("spiffe://example.org/first", &[])?;
-    let client = WorkloadApiClient::connect_to(node.agent.endpoint()).await?;
+    let (node, client) = serving("spiffe://example.org/first", &[]).await?;
     let mut updates = client.stream_x509_contexts().await?;
     let first = updates.next().await.context("stream ended")??;
     ensure!(first.svids().len() == 1, "one identity at first");
 
-    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
+    let selector = this_uid_selector()?;
     let mut latencies = Vec::new();
     let mut ids = Vec::new();
     for n in 0..5 {
@@ -214,11 +207,11 @@ async fn new_and_removed_entries_reach_a_waiting_workload() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn svids_rotate_before_they_expire_without_a_gap() -> anyhow::Result<()> {
     // A 6 s lifetime: renewed after about 3 s (half-life, minus jitter).
-    let node = node(
+    let (node, client) = serving(
         "spiffe://example.org/short-lived",
         &["--x509-svid-ttl", "6s"],
-    )?;
-    let client = WorkloadApiClient::connect_to(node.agent.endpoint()).await?;
+    )
+    .await?;
     let mut updates = client.stream_x509_svids().await?;
     // Beside it, the CLI keeps files on disk up to date (as istiod's or a proxy's helper would).
     let written = node.dir.path().join("watched");
@@ -273,7 +266,7 @@ async fn svids_rotate_before_they_expire_without_a_gap() -> anyhow::Result<()> {
         on_disk[0].as_slice() == current.leaf().as_ref(),
         "the file holds the newest SVID"
     );
-    let metrics = reqwest_metrics(&node.agent.health)?;
+    let metrics = http_get(&node.agent.health, "/metrics")?;
     ensure!(
         metrics.contains("sigil_agent_svid_renewals_total"),
         "{metrics}"
@@ -283,8 +276,7 @@ async fn svids_rotate_before_they_expire_without_a_gap() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_keep_workloads_served() -> anyhow::Result<()> {
-    let mut node = node("spiffe://example.org/steady", &[])?;
-    let client = WorkloadApiClient::connect_to(node.agent.endpoint()).await?;
+    let (mut node, client) = serving("spiffe://example.org/steady", &[]).await?;
     let before = client.fetch_x509_svid().await?;
 
     // The server goes away: the agent keeps serving what it holds.
@@ -297,7 +289,7 @@ async fn restarts_keep_workloads_served() -> anyhow::Result<()> {
     );
     node.server.restart_stopped()?;
     // Once back, the agent resyncs: a new entry reaches the waiting workload.
-    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
+    let selector = this_uid_selector()?;
     node.server.cli(&entry_create(
         "spiffe://example.org/after-restart",
         NODE_ALIAS,
@@ -322,7 +314,7 @@ async fn restarts_keep_workloads_served() -> anyhow::Result<()> {
 
     // The agent restarts without a join token, from its stored identity.
     node.agent.restart()?;
-    let client = WorkloadApiClient::connect_to(node.agent.endpoint()).await?;
+    let client = node.agent.workload_client().await?;
     ensure!(
         client.fetch_all_x509_svids().await?.len() == 2,
         "both identities after the agent restart"
@@ -341,7 +333,7 @@ async fn restarts_keep_workloads_served() -> anyhow::Result<()> {
         "the crash left the socket behind"
     );
     node.agent.start_again()?;
-    let client = WorkloadApiClient::connect_to(node.agent.endpoint()).await?;
+    let client = node.agent.workload_client().await?;
     ensure!(
         client.fetch_x509_svid().await.is_ok(),
         "served after a crash"
@@ -362,7 +354,7 @@ async fn thousands_of_streams_do_not_starve_other_workloads() -> anyhow::Result<
             streams.push(greedy.watch_x509().await?);
         }
     }
-    let client = WorkloadApiClient::connect_to(node.agent.endpoint()).await?;
+    let client = node.agent.workload_client().await?;
     let svid = tokio::time::timeout(Duration::from_secs(10), client.fetch_x509_svid()).await??;
     ensure!(
         svid.spiffe_id().to_string() == "spiffe://example.org/popular",
@@ -378,17 +370,8 @@ async fn py_spiffe_fetches_and_validates() -> anyhow::Result<()> {
         return Ok(());
     };
     let node = node("spiffe://example.org/python", &[])?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/workload.py");
-    let output = std::process::Command::new(python)
-        .arg(script)
-        .env("SPIFFE_ENDPOINT_SOCKET", node.agent.endpoint())
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "py-spiffe failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let output = python::py_spiffe_workload(&python, &node.agent.endpoint()).output()?;
+    let result = json_stdout(output, "py-spiffe failed")?;
     ensure!(
         result["x509_spiffe_id"] == "spiffe://example.org/python",
         "{result}"
@@ -428,61 +411,14 @@ fn openssl_verify(bundle: &Path, chain: &Path) -> anyhow::Result<()> {
     sigil_tests::tools::openssl_verify(bundle, None, chain, &["-purpose", "sslclient"])
 }
 
-fn reqwest_metrics(address: &str) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address)?;
-    stream.write_all(
-        format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response)
-}
-
-fn tower_connector(
-    socket: std::path::PathBuf,
-) -> impl tower::Service<
-    tonic::transport::Uri,
-    Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
-    Error = std::io::Error,
-    Future = impl Send,
-> + Clone {
-    tower::service_fn(move |_| {
-        let socket = socket.clone();
-        async move {
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                tokio::net::UnixStream::connect(socket).await?,
-            ))
-        }
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_renews_its_own_svid_at_half_life() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
     // Agent SVIDs of 6 s: the agent renews after about 3 s, twice within the wait below.
-    let server = ServerProcess::start(
-        &dir.path().join("server"),
-        None,
-        "[ca]\nagent_svid_ttl = \"6s\"\n",
-    )?;
-    let token = server.cli_json(&[
-        "token",
-        "generate",
-        "--spiffe-id",
-        "spiffe://example.org/node",
-    ])?;
-    let token = token["token"].as_str().context("token")?.to_string();
-    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
-    server.cli(&entry_create(
-        "spiffe://example.org/renewing",
-        NODE_ALIAS,
-        &selector,
-        &[],
-    ))?;
-    let bundle = dir.path().join("bundle.pem");
-    std::fs::write(&bundle, server.cli(&["bundle", "show"])?)?;
-    let agent = AgentProcess::start(&dir.path().join("agent"), &server, &bundle, Some(&token))?;
+    let selector = this_uid_selector()?;
+    let node = Node::start_with("[ca]\nagent_svid_ttl = \"6s\"\n", |server| {
+        Node::entry(server, "spiffe://example.org/renewing", &selector, &[])
+    })?;
+    let (server, agent) = (&node.server, &node.agent);
     let first_serial = server.cli_json(&["agent", "list"])?["agents"][0]["svid_serial"].clone();
     ensure!(
         agent.wait_for_log("renewed the agent SVID", 2, Duration::from_secs(30)),
@@ -501,7 +437,7 @@ async fn the_agent_renews_its_own_svid_at_half_life() -> anyhow::Result<()> {
         "the server recorded the renewed SVID"
     );
     // Calls made with the renewed SVID work.
-    let client = WorkloadApiClient::connect_to(agent.endpoint()).await?;
+    let client = agent.workload_client().await?;
     ensure!(
         client.fetch_x509_svid().await?.spiffe_id().to_string() == "spiffe://example.org/renewing",
         "served"
