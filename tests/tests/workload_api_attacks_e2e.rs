@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
@@ -15,6 +15,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use sigil_tests::steps::{json_stdout, refused};
 use sigil_tests::{Node, python};
 use tokio_stream::StreamExt;
 use tonic::Streaming;
@@ -41,8 +42,7 @@ const COMPRESSION_ERROR: u32 = 0x9;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 fn node() -> anyhow::Result<Node> {
-    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
-    Node::start(|server| Node::entry(server, SPIFFE_ID, &selector, &[]))
+    Node::for_this_uid(&[(SPIFFE_ID, &[])])
 }
 
 /// VmRSS and VmHWM (the peak) of a process, in KiB.
@@ -80,23 +80,17 @@ fn ensure_flat(before: Memory, after: Memory, attack: &str) -> anyhow::Result<()
 
 /// A py-spiffe workload (tests/python/workload.py) fetching its SVIDs, bundles and JWT-SVIDs.
 fn py_spiffe(python: &Path, node: &Node) -> anyhow::Result<Child> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/workload.py");
-    Ok(Command::new(python)
-        .arg(script)
-        .env("SPIFFE_ENDPOINT_SOCKET", node.agent.endpoint())
+    Ok(python::py_spiffe_workload(python, &node.agent.endpoint())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?)
 }
 
 fn py_spiffe_succeeded(child: Child, when: &str) -> anyhow::Result<()> {
-    let output = child.wait_with_output()?;
-    ensure!(
-        output.status.success(),
-        "py-spiffe failed {when}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let result = json_stdout(
+        child.wait_with_output()?,
+        &format!("py-spiffe failed {when}"),
+    )?;
     ensure!(
         result["x509_spiffe_id"] == SPIFFE_ID && result["validated_spiffe_id"] == SPIFFE_ID,
         "py-spiffe got the wrong identity {when}: {result}"
@@ -298,6 +292,24 @@ fn ensure_refused_naming_the_cap(status: &tonic::Status, call: &str) -> anyhow::
     Ok(())
 }
 
+/// A request stream that sends `request` and then stays open, as an attacker's would: the agent
+/// must answer the request itself, not the end of the stream.
+fn held_open<T>(request: T) -> impl tokio_stream::Stream<Item = T> {
+    tokio_stream::iter([request]).chain(tokio_stream::pending())
+}
+
+/// The first answer on `stream` must be a refusal naming the cap (when it is not, the error
+/// says what was `accepted`); returns it.
+async fn refused_naming_the_cap<T>(
+    stream: &mut Streaming<T>,
+    call: &str,
+    accepted: &str,
+) -> anyhow::Result<tonic::Status> {
+    let status = refused(stream.message().await, accepted)?;
+    ensure_refused_naming_the_cap(&status, call)?;
+    Ok(status)
+}
+
 /// The attacker's streams, kept open as an attacker would keep them: whatever the agent keeps per
 /// stream stays until they close.
 #[derive(Default)]
@@ -313,23 +325,18 @@ async fn sds_round(
 ) -> anyhow::Result<OpenStreams> {
     let mut open = OpenStreams::default();
     let copies = vec!["default".to_string(); COPIES];
-    let status = client
-        .fetch_secrets(sds_request(copies.clone()))
-        .await
-        .err()
-        .context("FetchSecrets answered 100 000 copies of the private key")?;
+    let status = refused(
+        client.fetch_secrets(sds_request(copies.clone())).await,
+        "FetchSecrets answered 100 000 copies of the private key",
+    )?;
     ensure_refused_naming_the_cap(&status, "FetchSecrets")?;
 
     let mut stream = client
-        .stream_secrets(tokio_stream::iter([sds_request(copies)]).chain(tokio_stream::pending()))
+        .stream_secrets(held_open(sds_request(copies)))
         .await?
         .into_inner();
-    let status = stream
-        .message()
-        .await
-        .err()
-        .context("StreamSecrets answered 100 000 names")?;
-    ensure_refused_naming_the_cap(&status, "StreamSecrets")?;
+    let accepted = "StreamSecrets answered 100 000 names";
+    refused_naming_the_cap(&mut stream, "StreamSecrets", accepted).await?;
     open.sotw.push(stream);
 
     for streams in 0..3 {
@@ -341,16 +348,9 @@ async fn sds_round(
                 .collect(),
             ..DeltaDiscoveryRequest::default()
         };
-        let mut stream = client
-            .delta_secrets(tokio_stream::iter([delta]).chain(tokio_stream::pending()))
-            .await?
-            .into_inner();
-        let status = stream
-            .message()
-            .await
-            .err()
-            .context("a delta stream took 100 000 initial resource versions")?;
-        ensure_refused_naming_the_cap(&status, "DeltaSecrets")?;
+        let mut stream = client.delta_secrets(held_open(delta)).await?.into_inner();
+        let accepted = "a delta stream took 100 000 initial resource versions";
+        let status = refused_naming_the_cap(&mut stream, "DeltaSecrets", accepted).await?;
         ensure!(
             status.message().contains("initial_resource_versions"),
             "{status:?}"
