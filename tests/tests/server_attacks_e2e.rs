@@ -2,15 +2,14 @@
 //! `sigil-agent` (issue 10, attacks 1, 2 and the agent API's connection bounds). Each worked
 //! against the code before its fix.
 
-use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use rcgen::{Issuer, KeyPair, PublicKeyData};
 use rustls_pki_types::{CertificateDer, ServerName};
-use sigil_agent::node::{AgentIdentity, IdentityStore, connect};
-use sigil_core::id::{parse_spiffe_id, parse_trust_domain, server_id};
+use sigil_agent::node::{AgentIdentity, IdentityStore};
+use sigil_core::id::{parse_spiffe_id, server_id};
 use sigil_core::tls::{SpiffeServerVerifier, crypto_provider};
 use sigil_core::x509::{KeyType, leaf_params};
 use sigil_proto::agent::{
@@ -26,16 +25,19 @@ const RESERVED: [&str; 3] = [
     "spiffe://example.org/sigil/anything",
 ];
 
+/// A server in a fresh directory, with `config` added to its configuration file; the directory
+/// goes when the caller drops it, after the server.
+fn scratch_server(config: &str) -> anyhow::Result<(tempfile::TempDir, ServerProcess)> {
+    let dir = tempfile::tempdir()?;
+    let server = ServerProcess::start(&dir.path().join("server"), None, config)?;
+    Ok((dir, server))
+}
+
 /// The attack began with `entry create` for an agent's or the server's ID; every way of naming
 /// an ID is now refused inside `/sigil/`, and nothing is stored.
 #[test]
 fn reserved_ids_cannot_be_registered_by_any_path() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let server = ServerProcess::start(
-        &dir.path().join("server"),
-        None,
-        "server_dns_names = [\"sigil-server.sigil.svc\"]\n",
-    )?;
+    let (_dir, server) = scratch_server("server_dns_names = [\"sigil-server.sigil.svc\"]\n")?;
     for id in RESERVED {
         let err = server.cli_error(&entry_create(id, NODE_ALIAS, "unix:uid:0", &[]))?;
         assert!(err.contains("reserved namespace"), "{id}: {err}");
@@ -92,8 +94,7 @@ fn reserved_ids_cannot_be_registered_by_any_path() -> anyhow::Result<()> {
 /// A row that slipped in before the rule (or by hand) keeps the server from starting, named.
 #[test]
 fn a_stored_reserved_entry_stops_start_up_with_the_row_named() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let mut server = ServerProcess::start(&dir.path().join("server"), None, "")?;
+    let (_dir, mut server) = scratch_server("")?;
     let id = server.create_entry("spiffe://example.org/web", NODE_ALIAS, "unix:uid:0", &[])?;
     server.stop()?;
     let database = server.data_dir.join("datastore.sqlite3");
@@ -166,16 +167,14 @@ fn minted_agent_identity(
 async fn an_agent_certificate_the_datastore_does_not_hold_is_refused() -> anyhow::Result<()> {
     let node =
         Node::start(|server| Node::entry(server, "spiffe://example.org/db", "unix:uid:4242", &[]))?;
-    let td = parse_trust_domain("trust_domain", "example.org")?;
-    let bundle_pem = std::fs::read_to_string(&node.bundle)?;
-    let roots = pem_certificates(&bundle_pem)?;
+    let trust = node.server.trust()?;
     let (own, _) = IdentityStore::open(&node.agent.data_dir)?
-        .load(&td)?
+        .load(&trust.trust_domain)?
         .context("the agent stored no identity")?;
     let agent_id = own.spiffe_id.to_string();
 
     // The agent's own certificate: a sync stream opens with its snapshot.
-    let mut genuine = connect(&node.server.agent_api, &td, &roots, Some(&own)).await?;
+    let mut genuine = trust.connect(&node.server, Some(&own)).await?;
     let mut stream = genuine
         .client
         .sync(SyncRequest::default())
@@ -188,9 +187,9 @@ async fn an_agent_certificate_the_datastore_does_not_hold_is_refused() -> anyhow
         "the genuine agent sees its entries"
     );
 
-    let issuer = server_ca(&node.server, &bundle_pem)?;
+    let issuer = server_ca(&node.server, &trust.pem)?;
     let minted = minted_agent_identity(&issuer, &agent_id)?;
-    let mut forged = connect(&node.server.agent_api, &td, &roots, Some(&minted)).await?;
+    let mut forged = trust.connect(&node.server, Some(&minted)).await?;
     let refused = match forged.client.sync(SyncRequest::default()).await {
         Err(status) => status,
         Ok(response) => response
@@ -235,12 +234,9 @@ async fn an_agent_certificate_the_datastore_does_not_hold_is_refused() -> anyhow
 /// status and the log. Labels now come from a fixed set and echoes are truncated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attestor_names_cannot_grow_metrics_logs_or_statuses() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let server = ServerProcess::start(&dir.path().join("server"), None, "")?;
-    let td = parse_trust_domain("trust_domain", "example.org")?;
-    let roots = pem_certificates(&server.cli(&["bundle", "show"])?)?;
+    let (_dir, server) = scratch_server("")?;
     let pid = server.pid().context("server pid")?;
-    let mut connection = connect(&server.agent_api, &td, &roots, None).await?;
+    let mut connection = server.trust()?.connect(&server, None).await?;
     // One request first, so what the first call allocates for good is not counted as growth.
     let warm = connection
         .client
@@ -270,7 +266,7 @@ async fn attestor_names_cannot_grow_metrics_logs_or_statuses() -> anyhow::Result
         );
     }
     let grown_kib = rss_kib(pid)?.saturating_sub(before);
-    let metrics = http_get(&server.health, "/metrics")?;
+    let metrics = sigil_tests::steps::http_get(&server.health, "/metrics")?;
     let log_grown = server.logs().len() - log_before;
     println!(
         "server resident memory grew by {grown_kib} KiB; /metrics is {} bytes; the log grew by {log_grown} bytes",
@@ -294,15 +290,11 @@ async fn attestor_names_cannot_grow_metrics_logs_or_statuses() -> anyhow::Result
 /// finish a handshake, or simply stay connected, once held unbounded tasks and sockets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_api_bounds_handshakes_and_connections() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let server = ServerProcess::start(
-        &dir.path().join("server"),
-        None,
+    let (_dir, server) = scratch_server(
         "[agent_api]\nmax_handshakes = 4\nmax_connections = 6\nhandshake_timeout = \"2s\"\nunauthenticated_connection_lifetime = \"3s\"\n",
     )?;
-    let td = parse_trust_domain("trust_domain", "example.org")?;
-    let roots = pem_certificates(&server.cli(&["bundle", "show"])?)?;
-    let verifier = SpiffeServerVerifier::new(&roots, server_id(&td))?;
+    let trust = server.trust()?;
+    let verifier = SpiffeServerVerifier::new(&trust.roots, server_id(&trust.trust_domain))?;
     let config = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
@@ -386,16 +378,4 @@ async fn agent_api_bounds_handshakes_and_connections() -> anyhow::Result<()> {
         "an unauthenticated connection was kept past its lifetime"
     );
     Ok(())
-}
-
-/// The body of a plain HTTP GET.
-fn http_get(address: &str, path: &str) -> anyhow::Result<String> {
-    let mut stream = std::net::TcpStream::connect(address)?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: sigil\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default())
 }
