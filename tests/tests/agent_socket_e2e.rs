@@ -36,7 +36,7 @@ fn the_agent_refuses_socket_directories_it_does_not_control() -> anyhow::Result<
     let dir = tempfile::tempdir()?;
     let server = ServerProcess::start(&dir.path().join("server"), None, "")?;
     let bundle = dir.path().join("bundle.pem");
-    std::fs::write(&bundle, server.cli(&["bundle", "show"])?)?;
+    server.write_trust(&bundle)?;
 
     // The admin socket is owner-only from the start, and nothing of its staging is left behind.
     ensure!(mode(&server.socket)? == 0o600, "admin socket mode");

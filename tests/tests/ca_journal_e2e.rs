@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use futures::StreamExt;
-use sigil_tests::{Node, pem_certificates};
-use spiffe::WorkloadApiClient;
+use sigil_tests::Node;
 
 fn issuer_of(svid: &spiffe::X509Svid) -> anyhow::Result<String> {
     Ok(sigil_core::x509::certificate_facts(svid.leaf().as_ref())?.authority_key_id)
@@ -16,12 +15,10 @@ fn issuer_of(svid: &spiffe::X509Svid) -> anyhow::Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tainted_ca_is_replaced_at_once_and_then_revoked() -> anyhow::Result<()> {
-    let selector = format!("unix:uid:{}", sigil_tests::current_uid()?);
     // 24 h SVIDs: nothing renews on its own during the test.
-    let node =
-        Node::start(|server| Node::entry(server, "spiffe://example.org/workload", &selector, &[]))?;
+    let node = Node::for_this_uid(&[("spiffe://example.org/workload", &[])])?;
     let server = &node.server;
-    let client = WorkloadApiClient::connect_to(node.agent.endpoint()).await?;
+    let client = node.agent.workload_client().await?;
     let mut updates = client.stream_x509_contexts().await?;
     let first = updates.next().await.context("stream ended")??;
     let first_svid = first.default_svid().context("no SVID")?;
@@ -33,10 +30,7 @@ async fn a_tainted_ca_is_replaced_at_once_and_then_revoked() -> anyhow::Result<(
         prepared["authorities"].as_array().map(Vec::len) == Some(2),
         "an X.509 CA and a JWT key: {prepared}"
     );
-    ensure!(
-        pem_certificates(&server.cli(&["bundle", "show"])?)?.len() == 2,
-        "both roots are published"
-    );
+    ensure!(server.trust()?.roots.len() == 2, "both roots are published");
     let td = spiffe::TrustDomain::new("example.org")?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -116,7 +110,7 @@ async fn a_tainted_ca_is_replaced_at_once_and_then_revoked() -> anyhow::Result<(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     ensure!(
-        pem_certificates(&server.cli(&["bundle", "show"])?)?.len() == 1,
+        server.trust()?.roots.len() == 1,
         "the revoked root left the bundle"
     );
     Ok(())

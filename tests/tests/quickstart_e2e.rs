@@ -51,12 +51,7 @@ fn quickstart_serves_the_invoking_user_and_stops_on_ctrl_c() -> anyhow::Result<(
             .args(["api", "fetch", "x509", "--output", "json"])
             .env("SPIFFE_ENDPOINT_SOCKET", &endpoint)
             .output()?;
-        ensure!(
-            fetched.status.success(),
-            "run {run}: {}",
-            String::from_utf8_lossy(&fetched.stderr)
-        );
-        let json: serde_json::Value = serde_json::from_slice(&fetched.stdout)?;
+        let json = sigil_tests::steps::json_stdout(fetched, &format!("run {run}"))?;
         ensure!(
             json["svids"][0]["spiffe_id"] == "spiffe://example.org/dev/tester",
             "{json}"
