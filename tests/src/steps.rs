@@ -1,6 +1,7 @@
 //! Small steps the end-to-end scenarios share: a call that must be refused, a process that must
-//! have succeeded, and a plain HTTP GET. Each one fails with what the peer said, so a failing test
-//! reads as the refusal or the output it got.
+//! have succeeded, a plain HTTP GET on a health port, and [`ServerTrust`], how a client of the
+//! agent API trusts a server. Each check fails with what the peer said, so a failing test reads as
+//! the refusal or the output it got.
 
 use std::process::Output;
 
