@@ -292,18 +292,17 @@ pub fn server_bootstrap_with(
     listener: u16,
     peer: PeerId<'_>,
     api: SdsApi,
-) -> String {
+) -> Bootstrap {
     let tls = downstream_tls(sds_tls_context("default", peer, api));
     let hello = http_filter("mtls", Route::Respond("hello over sigil mtls\n"));
     Bootstrap::new(admin)
         .node("envoy-sidecar", "demo")
         .listener("mtls", listener, hello, Some(tls))
         .cluster(sds_cluster(socket))
-        .to_string()
 }
 
 /// [`server_bootstrap_with`] any `spiffe://example.org/...` peer, over state-of-the-world SDS.
-pub fn server_bootstrap(socket: &Path, admin: u16, listener: u16) -> String {
+pub fn server_bootstrap(socket: &Path, admin: u16, listener: u16) -> Bootstrap {
     server_bootstrap_with(
         socket,
         admin,
@@ -321,7 +320,7 @@ pub fn client_bootstrap(
     listener: u16,
     upstream: u16,
     expected_peer: &str,
-) -> String {
+) -> Bootstrap {
     let tls = upstream_tls(sds_tls_context(
         "default",
         PeerId::Exact(expected_peer),
@@ -337,7 +336,6 @@ pub fn client_bootstrap(
         )
         .cluster(static_cluster("upstream", upstream, "2s", Some(tls)))
         .cluster(sds_cluster(socket))
-        .to_string()
 }
 
 /// What the Envoy started with `config` has logged so far (its log sits beside the config, see
@@ -346,16 +344,22 @@ pub fn log(config: &Path) -> String {
     std::fs::read_to_string(config.with_extension("log")).unwrap_or_default()
 }
 
-/// An Envoy started from `binary` with `config`, ready once its admin `/ready` says LIVE.
+/// An Envoy started from `binary` with a [`Bootstrap`], ready once its admin `/ready` says LIVE.
 pub struct Envoy {
     child: std::process::Child,
     admin: u16,
 }
 
 impl Envoy {
-    /// Starts Envoy, logging to `config` with the extension `.log`, and waits until its admin
-    /// `/ready` says LIVE (at most 60 s).
-    pub async fn start(binary: &Path, config: &Path, admin: u16) -> anyhow::Result<Self> {
+    /// Writes `bootstrap` to `config`, starts Envoy from it, logging to `config` with the
+    /// extension `.log`, and waits until its admin `/ready` says LIVE (at most 60 s).
+    pub async fn start(
+        binary: &Path,
+        config: &Path,
+        bootstrap: &Bootstrap,
+    ) -> anyhow::Result<Self> {
+        std::fs::write(config, bootstrap.to_string())?;
+        let admin = bootstrap.admin;
         let child = Command::new(binary)
             .arg("--config-path")
             .arg(config)

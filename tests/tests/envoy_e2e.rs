@@ -40,10 +40,10 @@ async fn envoy_takes_its_certificate_and_bundle_over_sds() -> anyhow::Result<()>
     let (dir, agent, bundle) = (&node.dir, &node.agent, &node.bundle);
     let (admin, listener) = (free_port()?, free_port()?);
     let config = dir.path().join("envoy.yaml");
-    std::fs::write(&config, server_bootstrap(&agent.socket, admin, listener))?;
+    let bootstrap = server_bootstrap(&agent.socket, admin, listener);
     let result = async {
         // Envoy reports LIVE on /ready once its listener has the SDS secrets.
-        let _envoy = Envoy::start(&envoy, &config, admin).await?;
+        let _envoy = Envoy::start(&envoy, &config, &bootstrap).await?;
 
         // A workload with a Sigil SVID gets through.
         let svid = fetch_svid(agent, &dir.path().join("svid"), envoy_id)?;
@@ -110,30 +110,15 @@ async fn two_envoys_do_mtls_and_rotate_without_a_restart() -> anyhow::Result<()>
     let agent = &node.agent;
     let (admin_a, tls_a, admin_b, plain_b) =
         (free_port()?, free_port()?, free_port()?, free_port()?);
+    // A admits only B, B calls only A.
+    let only_b = PeerId::Exact("spiffe://example.org/envoy-b");
     let config_a = dir.path().join("envoy-a.yaml");
-    std::fs::write(
-        &config_a,
-        server_bootstrap_with(
-            &agent.socket,
-            admin_a,
-            tls_a,
-            PeerId::Exact("spiffe://example.org/envoy-b"),
-            SdsApi::Grpc,
-        ),
-    )?;
+    let bootstrap_a = server_bootstrap_with(&agent.socket, admin_a, tls_a, only_b, SdsApi::Grpc);
+    let a = Envoy::start(&envoy_a, &config_a, &bootstrap_a).await?;
     let config_b = dir.path().join("envoy-b.yaml");
-    std::fs::write(
-        &config_b,
-        client_bootstrap(
-            &agent.socket,
-            admin_b,
-            plain_b,
-            tls_a,
-            "spiffe://example.org/envoy-a",
-        ),
-    )?;
-    let a = Envoy::start(&envoy_a, &config_a, admin_a).await?;
-    let _b = Envoy::start(&envoy_b, &config_b, admin_b).await?;
+    let only_a = "spiffe://example.org/envoy-a";
+    let bootstrap_b = client_bootstrap(&agent.socket, admin_b, plain_b, tls_a, only_a);
+    let _b = Envoy::start(&envoy_b, &config_b, &bootstrap_b).await?;
 
     // B -> A over mTLS, each checking the other's SPIFFE ID.
     let mut connection = tokio::net::TcpStream::connect(("127.0.0.1", plain_b)).await?;
@@ -202,11 +187,10 @@ async fn envoy_takes_its_secrets_over_delta_sds_and_follows_rotations() -> anyho
         SdsApi::DeltaGrpc,
     );
     ensure!(
-        bootstrap.contains("DELTA_GRPC"),
+        bootstrap.to_string().contains("DELTA_GRPC"),
         "the bootstrap uses delta SDS"
     );
-    std::fs::write(&config, bootstrap)?;
-    let envoy = Envoy::start(&binary, &config, admin).await?;
+    let envoy = Envoy::start(&binary, &config, &bootstrap).await?;
 
     let svid = fetch_svid(&node.agent, &node.dir.path().join("svid"), envoy_id)?;
     let answer = https_through_openssl(listener, &svid.cert, &svid.key, &node.bundle).await?;

@@ -960,7 +960,7 @@ fn envoy_bootstrap(
     client: u16,
     inbound: u16,
     server: u16,
-) -> String {
+) -> Bootstrap {
     let tls = || sds_tls_context(envoy_id, PeerId::Exact(FORWARDER), SdsApi::Grpc);
     let to_forwarder = http_filter("client", Route::To("forwarder"));
     let hello = http_filter("server", Route::Respond("hello from envoy\n"));
@@ -975,7 +975,6 @@ fn envoy_bootstrap(
             Some(upstream_tls(tls())),
         ))
         .cluster(sds_cluster(socket))
-        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1003,21 +1002,18 @@ async fn envoy_with_sds_identity_calls_the_inbound_and_serves_the_outbound() -> 
         .expect_id(envoy_id)
         .start(&node.agent)?;
     let config = node.dir.path().join("envoy.yaml");
-    std::fs::write(
-        &config,
-        envoy_bootstrap(
-            &node.agent.socket,
-            envoy_id,
-            admin,
-            client,
-            inbound_port,
-            server,
-        ),
-    )?;
+    let bootstrap = envoy_bootstrap(
+        &node.agent.socket,
+        envoy_id,
+        admin,
+        client,
+        inbound_port,
+        server,
+    );
     let result = async {
         // Ready once its admin /ready says LIVE: its listeners and clusters have their SDS
         // secrets.
-        let _envoy = Envoy::start(&envoy_binary, &config, admin).await?;
+        let _envoy = Envoy::start(&envoy_binary, &config, &bootstrap).await?;
         // Envoy -> mTLS -> inbound forwarder -> application: the application sees Envoy's ID.
         let (status, body) =
             curl(&format!("http://127.0.0.1:{client}/api/items"), None, &[]).await?;

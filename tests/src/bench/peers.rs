@@ -300,24 +300,18 @@ fn start_stunnel(certs: &Certificates, ports: &Layout<'_>) -> anyhow::Result<Opt
     // Both sides verify the peer's chain against the bundle; stunnel has no check of a URI SAN,
     // so the SPIFFE ID itself is not checked. TCP_NODELAY as the other peers set it by default.
     // `sessionResume = no`: a full handshake per connection, as the forwarder does.
-    let common =
-        "foreground = yes\npid =\ndebug = 4\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n";
-    let outbound_config = format!(
-        "{common}[outbound]\nclient = yes\naccept = 127.0.0.1:{}\nconnect = 127.0.0.1:{}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nsessionResume = no\n",
-        ports.outbound,
-        ports.inbound,
-        p(&certs.client.cert)?,
-        p(&certs.client.key)?,
-        p(&certs.client.bundle)?,
-    );
-    let inbound_config = format!(
-        "{common}[inbound]\naccept = 127.0.0.1:{}\nconnect = 127.0.0.1:{}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
-        ports.inbound,
-        ports.backend,
-        p(&certs.server.cert)?,
-        p(&certs.server.key)?,
-        p(&certs.server.bundle)?,
-    );
+    let outbound_config = stunnel_config(
+        "outbound",
+        (ports.outbound, ports.inbound),
+        &certs.client,
+        &["client = yes", "sessionResume = no"],
+    )?;
+    let inbound_config = stunnel_config(
+        "inbound",
+        (ports.inbound, ports.backend),
+        &certs.server,
+        &["requireCert = yes"],
+    )?;
     let processes = ports.spawn_sides(
         &stunnel,
         ("stunnel", "conf"),
@@ -325,6 +319,26 @@ fn start_stunnel(certs: &Certificates, ports: &Layout<'_>) -> anyhow::Result<Opt
         |path| vec![path.into()],
     )?;
     ports.running(version, processes, None).map(Some)
+}
+
+/// The configuration of one stunnel side: the service `name` accepts on the first loopback
+/// port of `ports` and connects to the second, with `svid`'s files, verifying the peer's chain;
+/// `options` are the side's own lines.
+fn stunnel_config(
+    name: &str,
+    (accept, connect): (u16, u16),
+    svid: &SvidFiles,
+    options: &[&str],
+) -> anyhow::Result<String> {
+    let common =
+        "foreground = yes\npid =\ndebug = 4\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n";
+    Ok(format!(
+        "{common}[{name}]\naccept = 127.0.0.1:{accept}\nconnect = 127.0.0.1:{connect}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\n{}\n",
+        p(&svid.cert)?,
+        p(&svid.key)?,
+        p(&svid.bundle)?,
+        options.join("\n"),
+    ))
 }
 
 fn start_haproxy(certs: &Certificates, ports: &Layout<'_>) -> anyhow::Result<Option<Running>> {

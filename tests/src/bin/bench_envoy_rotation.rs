@@ -34,11 +34,8 @@ async fn main() -> anyhow::Result<()> {
     let node = Node::for_this_uid(&[("spiffe://example.org/envoy", &["--x509-svid-ttl", "6s"])])?;
     let (admin, listener) = (free_port()?, free_port()?);
     let config = node.dir.path().join("envoy.yaml");
-    std::fs::write(
-        &config,
-        server_bootstrap(&node.agent.socket, admin, listener),
-    )?;
-    let envoy = Envoy::start(&envoy_binary, &config, admin).await?;
+    let bootstrap = server_bootstrap(&node.agent.socket, admin, listener);
+    let envoy = Envoy::start(&envoy_binary, &config, &bootstrap).await?;
 
     let mut client = WorkloadClient::connect(&node.agent.socket).await?;
     let mut updates = client.watch_x509().await?;
