@@ -26,6 +26,7 @@ mod error;
 pub mod fs;
 pub mod health;
 pub mod id;
+mod io;
 pub mod metrics;
 pub mod secret;
 pub mod selector;

@@ -104,18 +104,6 @@ impl<S: AsyncRead + Unpin, I: Unpin> AsyncRead for AuthorityRewrite<S, I> {
 }
 
 impl<S: AsyncWrite + Unpin, I: Unpin> AsyncWrite for AuthorityRewrite<S, I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         // The server has flushed its last whole frame: the GOAWAY goes after it.
@@ -129,17 +117,12 @@ impl<S: AsyncWrite + Unpin, I: Unpin> AsyncWrite for AuthorityRewrite<S, I> {
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
+    sigil_core::pass_writes_to!(
+        inner: poll_write,
+        poll_write_vectored,
+        is_write_vectored,
+        poll_flush,
+    );
 }
 
 impl<S, I> tonic::transport::server::Connected for AuthorityRewrite<S, I>
