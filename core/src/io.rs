@@ -40,20 +40,13 @@ macro_rules! pass_writes_to {
             self.$inner.is_write_vectored()
         }
     };
-    (@ $inner:ident, poll_flush) => {
-        fn poll_flush(
+    // poll_flush and poll_shutdown: both take only the context.
+    (@ $inner:ident, $method:ident) => {
+        fn $method(
             mut self: ::std::pin::Pin<&mut Self>,
             cx: &mut ::std::task::Context<'_>,
         ) -> ::std::task::Poll<::std::io::Result<()>> {
-            ::std::pin::Pin::new(&mut self.$inner).poll_flush(cx)
-        }
-    };
-    (@ $inner:ident, poll_shutdown) => {
-        fn poll_shutdown(
-            mut self: ::std::pin::Pin<&mut Self>,
-            cx: &mut ::std::task::Context<'_>,
-        ) -> ::std::task::Poll<::std::io::Result<()>> {
-            ::std::pin::Pin::new(&mut self.$inner).poll_shutdown(cx)
+            ::std::pin::Pin::new(&mut self.$inner).$method(cx)
         }
     };
 }

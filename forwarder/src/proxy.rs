@@ -1,6 +1,7 @@
 //! Connection handling: accept loops, STRICT / PERMISSIVE / DISABLE on the first bytes, TLS
 //! termination and origination, byte counting, and the connect, handshake and idle timeouts.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -49,32 +50,57 @@ pub(crate) struct OutboundListener {
     pub(crate) server_name: ServerName<'static>,
 }
 
-/// Accepts until shutdown; each connection runs in its own task holding a permit.
-pub(crate) async fn serve_inbound(
-    listener: TcpListener,
-    inbound: Arc<InboundListener>,
-    shared: Arc<Shared>,
-) {
-    while let Some((tcp, remote, permit)) = accept(&listener, &inbound.spec.name, &shared).await {
-        let (inbound, shared) = (inbound.clone(), shared.clone());
-        tokio::spawn(async move {
-            let _open = Open::new(&shared.metrics, &inbound.spec.name, permit);
-            handle_inbound(tcp, remote, &inbound, &shared).await;
-        });
+/// One side of the forwarder as its accept loop sees it: a named listener that handles each
+/// accepted connection.
+pub(crate) trait Listener: Send + Sync + 'static {
+    /// The name in logs and metrics.
+    fn name(&self) -> &str;
+    /// Serves one accepted connection to its end.
+    fn handle(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        shared: &Shared,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+impl Listener for InboundListener {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    fn handle(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        shared: &Shared,
+    ) -> impl Future<Output = ()> + Send {
+        handle_inbound(tcp, remote, self, shared)
+    }
+}
+
+impl Listener for OutboundListener {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    fn handle(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        shared: &Shared,
+    ) -> impl Future<Output = ()> + Send {
+        handle_outbound(tcp, remote, self, shared)
     }
 }
 
 /// Accepts until shutdown; each connection runs in its own task holding a permit.
-pub(crate) async fn serve_outbound(
-    listener: TcpListener,
-    outbound: Arc<OutboundListener>,
-    shared: Arc<Shared>,
-) {
-    while let Some((tcp, remote, permit)) = accept(&listener, &outbound.spec.name, &shared).await {
-        let (outbound, shared) = (outbound.clone(), shared.clone());
+pub(crate) async fn serve<L: Listener>(listener: TcpListener, side: Arc<L>, shared: Arc<Shared>) {
+    while let Some((tcp, remote, permit)) = accept(&listener, side.name(), &shared).await {
+        let (side, shared) = (side.clone(), shared.clone());
         tokio::spawn(async move {
-            let _open = Open::new(&shared.metrics, &outbound.spec.name, permit);
-            handle_outbound(tcp, remote, &outbound, &shared).await;
+            let _open = Open::new(&shared.metrics, side.name(), permit);
+            side.handle(tcp, remote, &shared).await;
         });
     }
 }

@@ -177,7 +177,7 @@ async fn start_inbound(
         acceptor: TlsAcceptor::from(Arc::new(tls)),
         http,
     });
-    Ok(tokio::spawn(crate::proxy::serve_inbound(
+    Ok(tokio::spawn(crate::proxy::serve(
         tcp,
         inbound,
         shared.clone(),
@@ -211,7 +211,7 @@ async fn start_outbound(
         spec,
         connector: TlsConnector::from(Arc::new(tls)),
     });
-    Ok(tokio::spawn(crate::proxy::serve_outbound(
+    Ok(tokio::spawn(crate::proxy::serve(
         tcp,
         outbound,
         shared.clone(),

@@ -4,6 +4,11 @@
 use sigil_forwarder::path::{EscapedSlashes, normalize};
 use sigil_forwarder::policy::{Action, HttpRule, check_http, check_method};
 
+#[path = "support/bypasses.rs"]
+mod bypasses;
+
+use bypasses::BYPASSES;
+
 /// The bypasses of a raw-prefix policy, decided on the normal form as the handler does.
 #[test]
 fn known_bypasses_are_decided_on_the_normal_form() {
@@ -18,21 +23,7 @@ fn known_bypasses_are_decided_on_the_normal_form() {
         let path = normalize(raw, EscapedSlashes::Reject).map_err(|e| e.to_string())?;
         check_http(&rules, None, method, &path)
     };
-    for (method, raw) in [
-        ("GET", "/admin"),
-        ("GET", "/%61dmin"),
-        ("GET", "//admin"),
-        ("GET", "/./admin"),
-        ("GET", "/api/../admin"),
-        ("GET", "/api/%2e%2e/admin"),
-        ("GET", "/api%2F..%2Fadmin"),
-        ("GET", "/api/..;/admin"),
-        ("DELETE", "/api/x"),
-        ("delete", "/api/x"),
-        ("DELETE", "//api/x"),
-        ("DELETE", "/%61pi/x"),
-        ("GET", "/api-internal"),
-    ] {
+    for (method, raw) in BYPASSES {
         assert!(decide(method, raw).is_err(), "{method} {raw} passed");
     }
     for (method, raw) in [("GET", "/api"), ("GET", "/api/x"), ("GET", "//api/./x/")] {

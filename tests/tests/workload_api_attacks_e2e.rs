@@ -17,6 +17,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use sigil_tests::steps::{json_stdout, refused};
 use sigil_tests::{Node, python};
+use sigil_workload_api::http2::{
+    CONTINUATION, END_HEADERS, GOAWAY, HEADERS, MAX_FRAME, PREFACE, SETTINGS, frame, hpack_integer,
+};
 use tokio_stream::StreamExt;
 use tonic::Streaming;
 use tonic::transport::Channel;
@@ -31,13 +34,6 @@ const MAX_ROUNDS: usize = 400;
 /// How many copies of one name the SDS attack asks for.
 const COPIES: usize = 100_000;
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const HEADERS: u8 = 0x1;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const CONTINUATION: u8 = 0x9;
-const END_HEADERS: u8 = 0x4;
-const MAX_FRAME: usize = 16_384;
 const COMPRESSION_ERROR: u32 = 0x9;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
@@ -130,37 +126,6 @@ where
         py_spiffe_succeeded(py_spiffe(python, node)?, "after the attack")?;
     }
     Ok(rounds)
-}
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let length = payload.len();
-    let mut out = vec![
-        (length >> 16) as u8,
-        (length >> 8) as u8,
-        length as u8,
-        kind,
-        flags,
-    ];
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-/// An HPACK integer (RFC 7541 §5.1) with `prefix_bits` bits in its first byte, `first` holding
-/// the representation's high bits.
-fn hpack_integer(out: &mut Vec<u8>, first: u8, prefix_bits: u32, mut value: usize) {
-    let max = (1usize << prefix_bits) - 1;
-    if value < max {
-        out.push(first | value as u8);
-        return;
-    }
-    out.push(first | max as u8);
-    value -= max;
-    while value >= 128 {
-        out.push((value % 128) as u8 | 0x80);
-        value /= 128;
-    }
-    out.push(value as u8);
 }
 
 /// A header block split into one HEADERS frame and CONTINUATION frames.

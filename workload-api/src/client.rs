@@ -42,8 +42,14 @@ fn refused(call: &'static str) -> impl Fn(tonic::Status) -> Error {
     move |status| Error::Refused { call, status }
 }
 
-/// The first message of the `call` stream of `what` updates: what a one-shot fetch answers.
-async fn first_message<T>(mut stream: Streaming<T>, call: &'static str, what: &str) -> Result<T> {
+/// The first message of the `call` stream of `what` updates, as `answer` opened it: what a
+/// one-shot fetch answers.
+async fn first_message<T>(
+    answer: std::result::Result<tonic::Response<Streaming<T>>, tonic::Status>,
+    call: &'static str,
+    what: &str,
+) -> Result<T> {
+    let mut stream = answer.map_err(refused(call))?.into_inner();
     stream
         .message()
         .await
@@ -89,30 +95,20 @@ impl WorkloadClient {
 
     /// The current X509-SVIDs (the stream's first message).
     pub async fn fetch_x509(&mut self) -> Result<X509svidResponse> {
-        let stream = self.watch_x509().await?;
-        first_message(stream, "FetchX509SVID", "X509-SVID").await
+        let answer = self.inner.fetch_x509svid(X509svidRequest {}).await;
+        first_message(answer, "FetchX509SVID", "X509-SVID").await
     }
 
     /// The current X.509 bundles.
     pub async fn fetch_x509_bundles(&mut self) -> Result<X509BundlesResponse> {
-        let stream = self.inner.fetch_x509_bundles(X509BundlesRequest {}).await;
-        first_message(
-            stream.map_err(refused("FetchX509Bundles"))?.into_inner(),
-            "FetchX509Bundles",
-            "bundle",
-        )
-        .await
+        let answer = self.inner.fetch_x509_bundles(X509BundlesRequest {}).await;
+        first_message(answer, "FetchX509Bundles", "bundle").await
     }
 
     /// The current JWT bundles.
     pub async fn fetch_jwt_bundles(&mut self) -> Result<JwtBundlesResponse> {
-        let stream = self.inner.fetch_jwt_bundles(JwtBundlesRequest {}).await;
-        first_message(
-            stream.map_err(refused("FetchJWTBundles"))?.into_inner(),
-            "FetchJWTBundles",
-            "JWT bundle",
-        )
-        .await
+        let answer = self.inner.fetch_jwt_bundles(JwtBundlesRequest {}).await;
+        first_message(answer, "FetchJWTBundles", "JWT bundle").await
     }
 
     /// JWT-SVIDs for `audience` (all identities, or only `spiffe_id`).

@@ -81,11 +81,7 @@ impl Ca {
         }
         let authority = self.x509.load();
         let now = self.clock.now();
-        let ttl = if ttl.is_zero() {
-            self.settings.default_x509_svid_ttl
-        } else {
-            ttl
-        };
+        let ttl = or_default(ttl, self.settings.default_x509_svid_ttl);
         let not_after = (now + ttl).min(from_unix_seconds(authority.not_after));
         let params = leaf_params(spiffe_id, dns_names, now, not_after)?;
         let certificate = params
@@ -145,11 +141,7 @@ impl Ca {
         }
         let key = self.jwt.load();
         let now = self.clock.unix_now();
-        let ttl = if ttl.is_zero() {
-            self.settings.default_jwt_svid_ttl
-        } else {
-            ttl
-        };
+        let ttl = or_default(ttl, self.settings.default_jwt_svid_ttl);
         let expires_at =
             (now + i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2)).min(key.not_after);
         let token_id = hex::encode(sigil_core::x509::random_serial()?.to_bytes());
@@ -162,4 +154,9 @@ impl Ca {
             key_id: key.key_id.clone(),
         })
     }
+}
+
+/// `ttl`, or `default` when it is zero (a request that leaves the lifetime to the server).
+fn or_default(ttl: Duration, default: Duration) -> Duration {
+    if ttl.is_zero() { default } else { ttl }
 }

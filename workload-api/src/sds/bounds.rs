@@ -279,19 +279,18 @@ mod tests {
 
     #[tokio::test]
     async fn messages_within_the_bound_pass_unchanged_and_others_end_the_body() {
-        let within = DiscoveryRequest {
-            resource_names: names(2),
-            ..DiscoveryRequest::default()
-        }
-        .encode_to_vec();
+        let asking_for = |count| {
+            DiscoveryRequest {
+                resource_names: names(count),
+                ..DiscoveryRequest::default()
+            }
+            .encode_to_vec()
+        };
+        let within = asking_for(2);
         let mut two = grpc_message(&within);
         two.extend(grpc_message(&within));
         assert_eq!(through(SOTW_LISTS, two.clone()).await.expect("passes"), two);
-        let over = DiscoveryRequest {
-            resource_names: names(3),
-            ..DiscoveryRequest::default()
-        }
-        .encode_to_vec();
+        let over = asking_for(3);
         let mut then_over = grpc_message(&within);
         then_over.extend(grpc_message(&over));
         let status = through(SOTW_LISTS, then_over).await.expect_err("refused");
