@@ -29,13 +29,11 @@ pub fn parse_spiffe_id(field: &'static str, value: &str) -> Result<SpiffeId> {
         )
     })?;
     if id.to_string() != value {
-        return Err(Error::field(
+        return Err(write_it_as(
             field,
-            format!(
-                "`{}` is not in canonical form; write it as `{}`",
-                untrusted(value),
-                untrusted(&id.to_string())
-            ),
+            value,
+            "is not in canonical form",
+            &id.to_string(),
         ));
     }
     Ok(id)
@@ -74,16 +72,21 @@ pub fn parse_trust_domain(field: &'static str, value: &str) -> Result<TrustDomai
     })?;
     let canonical = value.strip_prefix("spiffe://").unwrap_or(value);
     if td.as_str() != canonical {
-        return Err(Error::field(
-            field,
-            format!(
-                "`{}` must be lower case; write it as `{}`",
-                untrusted(value),
-                untrusted(td.as_str())
-            ),
-        ));
+        return Err(write_it_as(field, value, "must be lower case", td.as_str()));
     }
     Ok(td)
+}
+
+/// The refusal of a `value` that names something valid in another spelling than its own.
+fn write_it_as(field: &'static str, value: &str, problem: &str, canonical: &str) -> Error {
+    Error::field(
+        field,
+        format!(
+            "`{}` {problem}; write it as `{}`",
+            untrusted(value),
+            untrusted(canonical)
+        ),
+    )
 }
 
 /// The SPIFFE ID the server presents to agents: `spiffe://<td>/sigil/server`.

@@ -1,7 +1,6 @@
 //! Connection handling: accept loops, STRICT / PERMISSIVE / DISABLE on the first bytes, TLS
 //! termination and origination, byte counting, and the connect, handshake and idle timeouts.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -50,52 +49,35 @@ pub(crate) struct OutboundListener {
     pub(crate) server_name: ServerName<'static>,
 }
 
-/// One side of the forwarder as its accept loop sees it: a named listener that handles each
-/// accepted connection.
-pub(crate) trait Listener: Send + Sync + 'static {
-    /// The name in logs and metrics.
-    fn name(&self) -> &str;
+/// A listener of either direction, as the accept loop sees it.
+#[derive(Clone)]
+pub(crate) enum Side {
+    /// mTLS (or plaintext) in, to the local application.
+    Inbound(Arc<InboundListener>),
+    /// Plaintext in from the local application, mTLS out.
+    Outbound(Arc<OutboundListener>),
+}
+
+impl Side {
+    /// The listener's name in logs and metrics.
+    fn name(&self) -> &str {
+        match self {
+            Side::Inbound(inbound) => &inbound.spec.name,
+            Side::Outbound(outbound) => &outbound.spec.name,
+        }
+    }
+
     /// Serves one accepted connection to its end.
-    fn handle(
-        &self,
-        tcp: TcpStream,
-        remote: SocketAddr,
-        shared: &Shared,
-    ) -> impl Future<Output = ()> + Send;
-}
-
-impl Listener for InboundListener {
-    fn name(&self) -> &str {
-        &self.spec.name
-    }
-
-    fn handle(
-        &self,
-        tcp: TcpStream,
-        remote: SocketAddr,
-        shared: &Shared,
-    ) -> impl Future<Output = ()> + Send {
-        handle_inbound(tcp, remote, self, shared)
-    }
-}
-
-impl Listener for OutboundListener {
-    fn name(&self) -> &str {
-        &self.spec.name
-    }
-
-    fn handle(
-        &self,
-        tcp: TcpStream,
-        remote: SocketAddr,
-        shared: &Shared,
-    ) -> impl Future<Output = ()> + Send {
-        handle_outbound(tcp, remote, self, shared)
+    async fn handle(&self, tcp: TcpStream, remote: SocketAddr, shared: &Shared) {
+        match self {
+            Side::Inbound(inbound) => handle_inbound(tcp, remote, inbound, shared).await,
+            Side::Outbound(outbound) => handle_outbound(tcp, remote, outbound, shared).await,
+        }
     }
 }
 
 /// Accepts until shutdown; each connection runs in its own task holding a permit.
-pub(crate) async fn serve<L: Listener>(listener: TcpListener, side: Arc<L>, shared: Arc<Shared>) {
+pub(crate) async fn serve(listener: TcpListener, side: Side, shared: Arc<Shared>) {
     while let Some((tcp, remote, permit)) = accept(&listener, side.name(), &shared).await {
         let (side, shared) = (side.clone(), shared.clone());
         tokio::spawn(async move {

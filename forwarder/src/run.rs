@@ -14,7 +14,7 @@ use crate::config::{ForwarderConfig, Inbound, Outbound};
 use crate::http::{HttpProxy, RequestChecks};
 use crate::identity::{self, IdentityStore};
 use crate::metrics::Metrics;
-use crate::proxy::{InboundListener, OutboundListener, Shared};
+use crate::proxy::{InboundListener, OutboundListener, Shared, Side};
 use crate::tls::{ClientVerifier, UpstreamVerifier, client_config, server_config};
 use crate::{Error, Result};
 
@@ -177,11 +177,8 @@ async fn start_inbound(
         acceptor: TlsAcceptor::from(Arc::new(tls)),
         http,
     });
-    Ok(tokio::spawn(crate::proxy::serve(
-        tcp,
-        inbound,
-        shared.clone(),
-    )))
+    let side = Side::Inbound(inbound);
+    Ok(tokio::spawn(crate::proxy::serve(tcp, side, shared.clone())))
 }
 
 /// Binds one outbound listener, builds its TLS client and serves it.
@@ -211,11 +208,8 @@ async fn start_outbound(
         spec,
         connector: TlsConnector::from(Arc::new(tls)),
     });
-    Ok(tokio::spawn(crate::proxy::serve(
-        tcp,
-        outbound,
-        shared.clone(),
-    )))
+    let side = Side::Outbound(outbound);
+    Ok(tokio::spawn(crate::proxy::serve(tcp, side, shared.clone())))
 }
 
 async fn bind(address: std::net::SocketAddr, name: &str) -> Result<TcpListener> {

@@ -107,6 +107,11 @@ fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
     peer_caller(request)
 }
 
+/// The caller of a unary call (see [`caller`]) and the call's message.
+fn caller_and_message<T>(request: Request<T>) -> Result<(Caller, T), Status> {
+    Ok((caller(&request)?, request.into_inner()))
+}
+
 /// The caller as held since its connection was accepted (see [`crate::peer`]).
 pub(crate) fn peer_caller<T>(request: &Request<T>) -> Result<Caller, Status> {
     let peer = request.extensions().get::<Peer>().ok_or_else(|| {
@@ -294,8 +299,7 @@ impl<S: IdentitySource> SpiffeWorkloadApi for WorkloadApi<S> {
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        let caller = caller(&request)?;
-        let request = request.into_inner();
+        let (caller, request) = caller_and_message(request)?;
         if request.audience.is_empty() || request.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument(
                 "audience is required: ask for at least one non-empty audience",
@@ -335,8 +339,7 @@ impl<S: IdentitySource> SpiffeWorkloadApi for WorkloadApi<S> {
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        let caller = caller(&request)?;
-        let request = request.into_inner();
+        let (caller, request) = caller_and_message(request)?;
         if request.audience.is_empty() {
             return Err(Status::invalid_argument("audience is required"));
         }

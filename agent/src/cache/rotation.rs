@@ -63,7 +63,9 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::node::fake::{FakeServer, empty_cache, snapshot, sync_entry, test_signer};
+    use crate::node::fake::{
+        FakeServer, empty_cache, snapshot, spawn_stoppable, sync_entry, test_signer,
+    };
     use sigil_core::clock::{Clock, ManualClock};
 
     #[tokio::test(start_paused = true)]
@@ -82,13 +84,9 @@ mod tests {
         let due = first.renew_at - start;
         assert!(due > 0, "renewal lies ahead");
 
-        let (stop, stopping) = watch::channel(false);
-        let task = tokio::spawn(keep_svids_fresh(
-            cache.clone(),
-            signer.clone(),
-            metrics.clone(),
-            stopping,
-        ));
+        let (stop, task) = spawn_stoppable(|stopping| {
+            keep_svids_fresh(cache.clone(), signer.clone(), metrics.clone(), stopping)
+        });
         // Not yet due: nothing happens however long the task sleeps.
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(server.calls().len(), 1);

@@ -163,6 +163,22 @@ impl ServerApi for FakeServer {
     }
 }
 
+/// Spawns the task `start` makes from a stop signal, with the sender that stops it: how the
+/// tests run the agent's background loops.
+pub(crate) fn spawn_stoppable<F>(
+    start: impl FnOnce(tokio::sync::watch::Receiver<bool>) -> F,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<F::Output>,
+)
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    (stop, tokio::spawn(start(stopping)))
+}
+
 /// An entry as the server sends it: `spiffe://example.org/<id>` for the callers with
 /// `unix:uid:<uid>`, under one agent.
 pub(crate) fn sync_entry(id: &str, uid: &str, revision: u64) -> common::Entry {

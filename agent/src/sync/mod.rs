@@ -93,7 +93,7 @@ mod tests {
     use sigil_core::clock::ManualClock;
 
     use super::*;
-    use crate::node::fake::{FakeServer, empty_cache, snapshot, sync_entry};
+    use crate::node::fake::{FakeServer, empty_cache, snapshot, spawn_stoppable, sync_entry};
 
     #[tokio::test(start_paused = true)]
     async fn the_agent_retries_an_absent_server_and_applies_its_snapshot() {
@@ -110,13 +110,9 @@ mod tests {
             metrics.clone(),
             None,
         );
-        let (stop, stopping) = watch::channel(false);
-        let follower = tokio::spawn(follow(
-            server.clone(),
-            cache.clone(),
-            metrics.clone(),
-            stopping,
-        ));
+        let (stop, follower) = spawn_stoppable(|stopping| {
+            follow(server.clone(), cache.clone(), metrics.clone(), stopping)
+        });
 
         // Away for ten seconds: nothing arrives, and the agent keeps trying.
         assert!(!cache.wait_synced(Duration::from_secs(10)).await);

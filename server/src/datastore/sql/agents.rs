@@ -1,8 +1,6 @@
 //! Attested agents: the `agents` table, how its rows map to [`AgentRecord`], and the writes,
 //! each in one transaction with its [`EventKind::Agent`] change event.
 
-use sqlx::any::AnyRow;
-
 use super::{AnyQuery, Columns, SqlDataStore, append_event, fetch_all, fetch_optional, join_lines};
 use crate::datastore::{AgentRecord, AgentStore, EventKind};
 use crate::{Error, Result};
@@ -21,19 +19,12 @@ macro_rules! select_agents {
     };
 }
 
-fn agent_from_row(row: &AnyRow) -> Result<AgentRecord> {
-    let row = Columns::of("agent", row);
-    Ok(AgentRecord {
-        spiffe_id: row.text("spiffe_id")?,
-        attestor: row.text("attestor")?,
-        selectors: row.selectors("selectors")?,
-        svid_serial: row.text("svid_serial")?,
-        previous_svid_serial: row.text("previous_svid_serial")?,
-        svid_expires_at: row.int("svid_expires_at")?,
-        banned: row.flag("banned")?,
-        created_at: row.int("created_at")?,
-        updated_at: row.int("updated_at")?,
-    })
+record_reader! {
+    agent_from_row("agent") -> AgentRecord {
+        spiffe_id: text, attestor: text, selectors: selectors, svid_serial: text,
+        previous_svid_serial: text, svid_expires_at: int, banned: flag, created_at: int,
+        updated_at: int,
+    }
 }
 
 impl SqlDataStore {

@@ -3,7 +3,6 @@
 
 use sigil_core::entry::Entry;
 use sigil_core::selector::all_present;
-use sqlx::any::AnyRow;
 
 use super::{
     AnyQuery, Columns, SqlDataStore, append_event, fetch_all, fetch_optional, is_unique_violation,
@@ -26,24 +25,13 @@ macro_rules! select_entries {
     };
 }
 
-fn entry_from_row(row: &AnyRow) -> Result<Entry> {
-    let row = Columns::of("entry", row);
-    Ok(Entry {
-        id: row.text("id")?,
-        spiffe_id: row.spiffe_id("spiffe_id")?,
-        parent_id: row.spiffe_id("parent_id")?,
-        selectors: row.selectors("selectors")?,
-        x509_svid_ttl: row.int("x509_svid_ttl")?,
-        jwt_svid_ttl: row.int("jwt_svid_ttl")?,
-        dns_names: row.lines("dns_names")?,
-        federates_with: row.trust_domains("federates_with")?,
-        admin: row.flag("admin")?,
-        downstream: row.flag("downstream")?,
-        hint: row.text("hint")?,
-        expires_at: row.int("expires_at")?,
-        created_at: row.int("created_at")?,
-        revision: row.counter("revision")?,
-    })
+record_reader! {
+    entry_from_row("entry") -> Entry {
+        id: text, spiffe_id: spiffe_id, parent_id: spiffe_id, selectors: selectors,
+        x509_svid_ttl: int, jwt_svid_ttl: int, dns_names: lines, federates_with: trust_domains,
+        admin: flag, downstream: flag, hint: text, expires_at: int, created_at: int,
+        revision: counter,
+    }
 }
 
 /// Binds $1..$12: the entry's fields other than its timestamps and revision.

@@ -1,8 +1,6 @@
 //! The issuance record: the `issued_svids` table, one row per signed SVID (never a key), and how
 //! its rows map to [`IssuedSvid`].
 
-use sqlx::any::AnyRow;
-
 use super::{Columns, SqlDataStore, count_changed, fetch_all, fetch_optional};
 use crate::Result;
 use crate::datastore::{IssuedSvid, IssuedSvidStore, SvidFilter};
@@ -14,18 +12,11 @@ macro_rules! select_svids {
     };
 }
 
-fn svid_from_row(row: &AnyRow) -> Result<IssuedSvid> {
-    let row = Columns::of("issued SVID", row);
-    Ok(IssuedSvid {
-        serial: row.text("serial")?,
-        kind: row.text("kind")?,
-        spiffe_id: row.text("spiffe_id")?,
-        agent_id: row.text("agent_id")?,
-        entry_id: row.text("entry_id")?,
-        authority_id: row.text("authority_id")?,
-        not_before: row.int("not_before")?,
-        not_after: row.int("not_after")?,
-    })
+record_reader! {
+    svid_from_row("issued SVID") -> IssuedSvid {
+        serial: text, kind: text, spiffe_id: text, agent_id: text, entry_id: text,
+        authority_id: text, not_before: int, not_after: int,
+    }
 }
 
 impl IssuedSvidStore for SqlDataStore {

@@ -7,14 +7,10 @@ use super::{Columns, SqlDataStore, count_changed, fetch_optional, is_unique_viol
 use crate::datastore::{JoinToken, JoinTokenStore, TokenRefusal};
 use crate::{Error, Result};
 
-fn token_from_row(row: &AnyRow) -> Result<JoinToken> {
-    let row = Columns::of("join token", row);
-    Ok(JoinToken {
-        token_hash: row.text("token_hash")?,
-        alias_spiffe_id: row.text("alias_spiffe_id")?,
-        expires_at: row.int("expires_at")?,
-        created_at: row.int("created_at")?,
-    })
+record_reader! {
+    token_from_row("join token") -> JoinToken {
+        token_hash: text, alias_spiffe_id: text, expires_at: int, created_at: int,
+    }
 }
 
 /// Why a stored token could not be used: `used_at` stays 0 until it is used, so a token that is

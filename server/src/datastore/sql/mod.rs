@@ -11,6 +11,19 @@
 //! [`authorities`] (the CA journal), [`issued_svids`] (the issuance record) and [`events`] (the
 //! change feed).
 
+/// Writes `fn $reader(row: &AnyRow) -> Result<$record>` for a record whose every field is the
+/// column of the same name, read by the [`Columns`] getter named after the field (`text`, `int`,
+/// `flag`, ...). A record with a field that is no plain column (a parsed state, a profile) has
+/// its reader written out by hand.
+macro_rules! record_reader {
+    ($reader:ident($what:literal) -> $record:ident { $($field:ident: $get:ident),+ $(,)? }) => {
+        fn $reader(row: &sqlx::any::AnyRow) -> crate::Result<$record> {
+            let row = Columns::of($what, row);
+            Ok($record { $($field: row.$get(stringify!($field))?),+ })
+        }
+    };
+}
+
 mod agents;
 mod authorities;
 mod bundles;
