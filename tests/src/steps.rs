@@ -56,21 +56,35 @@ pub fn json_stdout(output: Output, what: &str) -> anyhow::Result<serde_json::Val
     Ok(serde_json::from_str(&stdout_of(output, what)?)?)
 }
 
-/// The body of `GET <path>` on `address` (a health port: `/metrics`, `/ready`), over a plain
-/// connection the test writes itself so nothing between it and the process can hide an answer.
-pub fn http_get(address: &str, path: &str) -> anyhow::Result<String> {
+/// The status and body of `GET <path>` on `address` (a health port: `/metrics`, `/ready`), over
+/// a plain connection the test writes itself so nothing between it and the process can hide an
+/// answer; it gives up on a silent peer after 10 s.
+pub fn http_response(address: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use anyhow::Context;
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    Ok(response
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("no status line")?;
+    let body = response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_string())
-        .unwrap_or_default())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The body of `GET <path>` on `address`, whatever its status (see [`http_response`]).
+pub fn http_get(address: &str, path: &str) -> anyhow::Result<String> {
+    Ok(http_response(address, path)?.1)
 }
 
 /// The value of the first `/metrics` sample on `address` whose line starts with `name` (a metric
