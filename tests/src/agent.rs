@@ -26,18 +26,9 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     /// Starts an agent in `dir` against `server`, trusting the server's PEM bundle at
-    /// `bundle_pem`, attesting with `join_token` when given.
+    /// `bundle_pem`, attesting with `join_token` when given; `extra_config` is appended to the
+    /// agent's TOML file.
     pub fn start(
-        dir: &Path,
-        server: &ServerProcess,
-        bundle_pem: &Path,
-        join_token: Option<&str>,
-    ) -> anyhow::Result<Self> {
-        Self::start_with(dir, server, bundle_pem, join_token, "")
-    }
-
-    /// Like [`AgentProcess::start`], with `extra_config` appended to the agent's TOML file.
-    pub fn start_with(
         dir: &Path,
         server: &ServerProcess,
         bundle_pem: &Path,

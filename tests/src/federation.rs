@@ -32,18 +32,9 @@ pub struct Domain {
 
 impl Domain {
     /// Starts `trust_domain`'s server and agent in `dir`; the entry names
-    /// `spiffe://<trust_domain>/<workload>` and federates with `peer`.
+    /// `spiffe://<trust_domain>/<workload>` and federates with `peer`; `server_config` (TOML
+    /// tables) is added to the server's file.
     pub fn start(
-        dir: &Path,
-        trust_domain: &str,
-        workload: &str,
-        peer: &str,
-    ) -> anyhow::Result<Self> {
-        Self::start_with(dir, trust_domain, workload, peer, "")
-    }
-
-    /// Like [`Domain::start`], with `server_config` (TOML tables) added to the server's file.
-    pub fn start_with(
         dir: &Path,
         trust_domain: &str,
         workload: &str,
@@ -56,6 +47,7 @@ impl Domain {
             trust_domain,
             &(federating(endpoint_port) + server_config),
             None,
+            &[],
         )?;
         ensure!(
             server.logs().contains("bundle endpoint listening"),
@@ -82,6 +74,7 @@ impl Domain {
             &server,
             &bundle_pem,
             Some(&token),
+            "",
         )?;
         Ok(Domain {
             agent,

@@ -54,7 +54,13 @@ impl Node {
         register(&server)?;
         let bundle = dir.path().join("bundle.pem");
         server.write_trust(&bundle)?;
-        let agent = AgentProcess::start(&dir.path().join("agent"), &server, &bundle, Some(&token))?;
+        let agent = AgentProcess::start(
+            &dir.path().join("agent"),
+            &server,
+            &bundle,
+            Some(&token),
+            "",
+        )?;
         Ok(Node {
             agent,
             server,

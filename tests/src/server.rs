@@ -76,31 +76,13 @@ impl ServerProcess {
         datastore_url: Option<&str>,
         extra_config: &str,
     ) -> anyhow::Result<Self> {
-        Self::start_in_domain(data_dir, "example.org", extra_config, datastore_url)
+        Self::start_in_domain(data_dir, "example.org", extra_config, datastore_url, &[])
     }
 
-    /// Like [`ServerProcess::start`], for the trust domain `trust_domain`.
+    /// Like [`ServerProcess::start`], for the trust domain `trust_domain`, with extra
+    /// environment variables (e.g. `SSL_CERT_FILE`, the web CAs an `https_web` bundle endpoint is
+    /// checked against).
     pub fn start_in_domain(
-        data_dir: &Path,
-        trust_domain: &str,
-        extra_config: &str,
-        datastore_url: Option<&str>,
-    ) -> anyhow::Result<Self> {
-        Self::make(data_dir, trust_domain, extra_config, datastore_url, &[])
-    }
-
-    /// Like [`ServerProcess::start_in_domain`] (SQLite), with extra environment variables (e.g.
-    /// `SSL_CERT_FILE`, the web CAs an `https_web` bundle endpoint is checked against).
-    pub fn start_with_env(
-        data_dir: &Path,
-        trust_domain: &str,
-        extra_config: &str,
-        env: &[(&str, &str)],
-    ) -> anyhow::Result<Self> {
-        Self::make(data_dir, trust_domain, extra_config, None, env)
-    }
-
-    fn make(
         data_dir: &Path,
         trust_domain: &str,
         extra_config: &str,

@@ -25,7 +25,7 @@ fn mode(path: &Path) -> anyhow::Result<u32> {
 fn refused_start(dir: &Path, server: &ServerProcess, bundle: &Path) -> anyhow::Result<String> {
     let token = server.cli_json(&["token", "generate"])?;
     let token = token["token"].as_str().context("no token")?;
-    match AgentProcess::start(dir, server, bundle, Some(token)) {
+    match AgentProcess::start(dir, server, bundle, Some(token), "") {
         Ok(_) => anyhow::bail!("the agent started with its socket in {}", dir.display()),
         Err(e) => Ok(format!("{e:#}")),
     }
@@ -112,6 +112,7 @@ fn the_agent_refuses_socket_directories_it_does_not_control() -> anyhow::Result<
         &server,
         &bundle,
         Some(token["token"].as_str().context("no token")?),
+        "",
     )?;
     ensure!(
         mode(&case.join("public"))? == 0o755,

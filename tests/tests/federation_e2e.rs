@@ -19,8 +19,8 @@ use sigil_tests::{AgentProcess, ServerProcess, free_port};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_trust_domains_federate_and_do_mtls() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let a = Domain::start(dir.path(), "a.test", "web", "b.test")?;
-    let mut b = Domain::start(dir.path(), "b.test", "db", "a.test")?;
+    let a = Domain::start(dir.path(), "a.test", "web", "b.test", "")?;
+    let mut b = Domain::start(dir.path(), "b.test", "db", "a.test", "")?;
     federate(&a, &b, "b.test")?;
     federate(&b, &a, "a.test")?;
     a_fetches_bs_bundle_over_bs_endpoint(&a, &b)?;
@@ -263,7 +263,7 @@ fn bundle_set<'a>(trust_domain: &'a str, path: &'a Path) -> anyhow::Result<[&'a 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_relationships_and_bundles_are_refused() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let a = ServerProcess::start_in_domain(&dir.path().join("a"), "a.test", "", None)?;
+    let a = ServerProcess::start_in_domain(&dir.path().join("a"), "a.test", "", None, &[])?;
     let own_json = a.cli(&["bundle", "show", "--format", "spiffe"])?;
     let own_path = dir.path().join("a.json");
     std::fs::write(&own_path, &own_json)?;
@@ -312,7 +312,7 @@ async fn bad_relationships_and_bundles_are_refused() -> anyhow::Result<()> {
 /// A bundle of another server's domain set by hand, then a newer one; an older one and one that
 /// is not JSON are refused, and the last good bundle stays.
 fn a_set_bundle_only_moves_forward(a: &ServerProcess, dir: &Path) -> anyhow::Result<()> {
-    let b = ServerProcess::start_in_domain(&dir.join("b"), "b.test", "", None)?;
+    let b = ServerProcess::start_in_domain(&dir.join("b"), "b.test", "", None, &[])?;
     let b_json = b.cli(&["bundle", "show", "--format", "spiffe"])?;
     let b_path = dir.join("b.json");
     let set_b = bundle_set("b.test", &b_path)?;
@@ -480,16 +480,18 @@ async fn https_web_endpoints_static_relationships_and_hostile_endpoints() -> any
             dir.path().join("endpoint.key").display()
         ),
         None,
+        &[],
     )?;
     // b.test trusts it through a relationship fixed in its configuration, checking the web
     // certificate against the CA in SSL_CERT_FILE.
     let ca_file = dir.path().join("web-ca.pem");
-    let b = ServerProcess::start_with_env(
+    let b = ServerProcess::start_in_domain(
         &dir.path().join("b"),
         "b.test",
         &format!(
             "[federation]\nmin_refresh = \"1s\"\n[[federation.relationships]]\ntrust_domain = \"a.test\"\nbundle_endpoint_url = \"https://localhost:{endpoint_port}/\"\nprofile = \"https_web\"\n"
         ),
+        None,
         &[("SSL_CERT_FILE", ca_file.to_str().context("utf-8 path")?)],
     )?;
     let fetched = b.cli(&["federation", "refresh", "--trust-domain", "a.test"])?;

@@ -70,8 +70,8 @@ async fn rotate_under_load(test: &str, upstream: bool) -> anyhow::Result<()> {
     } else {
         String::new()
     };
-    let a = Domain::start_with(dir.path(), "a.test", "web", "b.test", &upstream_config)?;
-    let b = Domain::start(dir.path(), "b.test", "db", "a.test")?;
+    let a = Domain::start(dir.path(), "a.test", "web", "b.test", &upstream_config)?;
+    let b = Domain::start(dir.path(), "b.test", "db", "a.test", "")?;
     federate(&a, &b, "b.test")?;
     federate(&b, &a, "a.test")?;
 

@@ -183,7 +183,7 @@ impl Cluster {
         let cgroup_file = play_web_container(&proc_root)?;
         let token_path = dir.join("psat-token");
         std::fs::write(&token_path, "psat-a\n")?;
-        let agent = AgentProcess::start_with(
+        let agent = AgentProcess::start(
             &dir.join("agent"),
             &server,
             &bundle_path,

@@ -115,7 +115,7 @@ fn start_agent(
     let proc_root = play_app_0_container(dir)?;
     let token = dir.join("token");
     std::fs::write(&token, "psat")?;
-    AgentProcess::start_with(
+    AgentProcess::start(
         &dir.join("agent"),
         server,
         &bundle,
