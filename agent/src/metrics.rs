@@ -5,7 +5,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use sigil_core::metrics::registered;
+use sigil_core::metrics::Register;
 
 /// Labels of workload attestation counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -39,48 +39,17 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("sigil_agent");
         Metrics {
-            workload_attestations: registered(
-                &mut registry,
-                "workload_attestations",
-                "Workload attestations by result",
-                Family::<ResultLabels, Counter>::default(),
-            ),
-            svids_cached: registered(
-                &mut registry,
-                "svids_cached",
-                "X509-SVIDs held in the cache",
-                Gauge::default(),
-            ),
-            svid_renewals: registered(
-                &mut registry,
-                "svid_renewals",
-                "X509-SVIDs renewed before expiry",
-                Counter::default(),
-            ),
-            svids_signed: registered(
-                &mut registry,
-                "svids_signed",
-                "X509-SVIDs obtained from the server",
-                Counter::default(),
-            ),
-            sync_connected: registered(
-                &mut registry,
+            workload_attestations: registry
+                .series("workload_attestations", "Workload attestations by result"),
+            svids_cached: registry.series("svids_cached", "X509-SVIDs held in the cache"),
+            svid_renewals: registry.series("svid_renewals", "X509-SVIDs renewed before expiry"),
+            svids_signed: registry.series("svids_signed", "X509-SVIDs obtained from the server"),
+            sync_connected: registry.series(
                 "sync_connected",
                 "1 while the sync stream with the server is up",
-                Gauge::default(),
             ),
-            sync_updates: registered(
-                &mut registry,
-                "sync_updates",
-                "Sync messages received from the server",
-                Counter::default(),
-            ),
-            entries: registered(
-                &mut registry,
-                "entries",
-                "Entries the server says this agent may use",
-                Gauge::default(),
-            ),
+            sync_updates: registry.series("sync_updates", "Sync messages received from the server"),
+            entries: registry.series("entries", "Entries the server says this agent may use"),
             registry,
         }
     }

@@ -3,16 +3,24 @@
 
 use prometheus_client::registry::{Metric, Registry};
 
-/// Registers `metric` as `name` and hands it back: the registry keeps a clone, and metrics are
-/// shared handles, so the one returned counts into the registered series.
-pub fn registered<M: Metric + Clone>(
-    registry: &mut Registry,
-    name: &str,
-    help: &str,
-    metric: M,
-) -> M {
-    registry.register(name, help, metric.clone());
-    metric
+/// Registering a series and handing it back in one call: the registry keeps a clone, and metrics
+/// are shared handles, so the one returned counts into the registered series.
+pub trait Register {
+    /// A new `M` registered as `name`, described by `help`.
+    fn series<M: Metric + Clone + Default>(&mut self, name: &str, help: &str) -> M;
+    /// `metric` registered as `name`: for one that needs a constructor (a histogram's buckets).
+    fn series_of<M: Metric + Clone>(&mut self, name: &str, help: &str, metric: M) -> M;
+}
+
+impl Register for Registry {
+    fn series<M: Metric + Clone + Default>(&mut self, name: &str, help: &str) -> M {
+        self.series_of(name, help, M::default())
+    }
+
+    fn series_of<M: Metric + Clone>(&mut self, name: &str, help: &str, metric: M) -> M {
+        self.register(name, help, metric.clone());
+        metric
+    }
 }
 
 /// The Prometheus text exposition of every series in `registry`.

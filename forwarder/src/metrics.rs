@@ -6,7 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use sigil_core::metrics::registered;
+use sigil_core::metrics::Register;
 
 /// A listener.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -79,38 +79,15 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("sigil_forwarder");
         Metrics {
-            connections: registered(
-                &mut registry,
+            connections: registry.series(
                 "connections",
                 "Connections handled, by listener and security",
-                Family::<ConnectionLabels, Counter>::default(),
             ),
-            active_connections: registered(
-                &mut registry,
-                "active_connections",
-                "Connections open now",
-                Family::<ListenerLabels, Gauge>::default(),
-            ),
-            bytes: registered(
-                &mut registry,
-                "bytes",
-                "Bytes forwarded, by direction",
-                Family::<BytesLabels, Counter>::default(),
-            ),
-            handshakes: registered(
-                &mut registry,
-                "handshakes",
-                "TLS handshakes, by result",
-                Family::<HandshakeLabels, Counter>::default(),
-            ),
-            refusals: registered(
-                &mut registry,
-                "refusals",
-                "Refused connections and requests, by reason",
-                Family::<RefusalLabels, Counter>::default(),
-            ),
-            handshake_seconds: registered(
-                &mut registry,
+            active_connections: registry.series("active_connections", "Connections open now"),
+            bytes: registry.series("bytes", "Bytes forwarded, by direction"),
+            handshakes: registry.series("handshakes", "TLS handshakes, by result"),
+            refusals: registry.series("refusals", "Refused connections and requests, by reason"),
+            handshake_seconds: registry.series_of(
                 "handshake_seconds",
                 "TLS handshake latency",
                 // 100 µs to about 3 s.
@@ -118,17 +95,10 @@ impl Default for Metrics {
                     Histogram::new(exponential_buckets(0.0001, 2.0, 15))
                 }),
             ),
-            svid_updates: registered(
-                &mut registry,
-                "svid_updates",
-                "Workload API updates applied",
-                Counter::default(),
-            ),
-            svid_expiry: registered(
-                &mut registry,
+            svid_updates: registry.series("svid_updates", "Workload API updates applied"),
+            svid_expiry: registry.series(
                 "svid_expiry_seconds",
                 "Expiry of the SVID in use, Unix seconds",
-                Gauge::default(),
             ),
             registry,
         }

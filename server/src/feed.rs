@@ -15,16 +15,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sigil_core::clock::SharedClock;
-use sigil_core::id::TrustDomain;
 use sigil_core::sync::MutexExt;
 use tokio::sync::{Mutex, watch};
 
 use crate::Result;
-use crate::authz::Authorizations;
+use crate::authz::{Authorizations, AuthzSources};
 use crate::bundles::TrustBundles;
 use crate::datastore::{DataStore, EventKind};
-use crate::k8s::PodIdentities;
 
 /// How many change events are read per datastore round trip.
 const EVENT_PAGE: u32 = 1000;
@@ -60,14 +57,8 @@ pub struct Feed {
 }
 
 impl Feed {
-    /// Loads both mirrors from `datastore`; `pods`, when given, adds automatic Kubernetes
-    /// identities to what agents may obtain.
-    pub async fn load<D: DataStore>(
-        trust_domain: TrustDomain,
-        clock: SharedClock,
-        pods: Option<Arc<PodIdentities>>,
-        datastore: &D,
-    ) -> Result<Self> {
+    /// Loads both mirrors from `datastore`.
+    pub async fn load<D: DataStore>(sources: AuthzSources, datastore: &D) -> Result<Self> {
         // Read the feed position first: anything written after it is applied by the next catch-up.
         let newest = datastore.latest_event_id().await?;
         let window_start = newest.saturating_sub(LATE_EVENT_WINDOW);
@@ -81,8 +72,8 @@ impl Feed {
             .map(|event| event.id)
             .filter(|id| *id <= newest)
             .collect();
-        let authz = Authorizations::load(trust_domain.clone(), clock, pods, datastore).await?;
-        let bundles = TrustBundles::load(trust_domain, datastore).await?;
+        let bundles = TrustBundles::load(sources.trust_domain.clone(), datastore).await?;
+        let authz = Authorizations::load(sources, datastore).await?;
         Ok(Feed {
             authz: Arc::new(authz),
             bundles: Arc::new(bundles),

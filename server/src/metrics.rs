@@ -6,7 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use sigil_core::metrics::registered;
+use sigil_core::metrics::Register;
 
 /// Labels of signed-SVID counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -56,41 +56,22 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("sigil_server");
         Metrics {
-            svids_signed: registered(
-                &mut registry,
-                "svids_signed",
-                "SVIDs signed",
-                Family::<SvidLabels, Counter>::default(),
-            ),
-            signing_seconds: registered(
-                &mut registry,
+            svids_signed: registry.series("svids_signed", "SVIDs signed"),
+            signing_seconds: registry.series_of(
                 "svid_signing_seconds",
                 "Time to check one CSR and sign its X509-SVID",
                 Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             ),
-            attestations: registered(
-                &mut registry,
+            attestations: registry.series(
                 "node_attestations",
                 "Node attestations by attestor and result",
-                Family::<AttestationLabels, Counter>::default(),
             ),
-            agents_connected: registered(
-                &mut registry,
-                "agents_connected",
-                "Agents with an open sync stream",
-                Gauge::default(),
-            ),
-            sync_streams: registered(
-                &mut registry,
-                "sync_streams_open",
-                "Open agent sync streams",
-                Gauge::default(),
-            ),
-            bundle_refreshes: registered(
-                &mut registry,
+            agents_connected: registry
+                .series("agents_connected", "Agents with an open sync stream"),
+            sync_streams: registry.series("sync_streams_open", "Open agent sync streams"),
+            bundle_refreshes: registry.series(
                 "federated_bundle_refreshes",
                 "Fetches of federated trust domains' bundles, by result",
-                Family::<BundleRefreshLabels, Counter>::default(),
             ),
             registry,
         }

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use crate::api::ServerState;
 use crate::api::tls::ServerTls;
 use crate::attest::{JoinTokenAttestor, NodeAttestor, PsatAttestor};
+use crate::authz::AuthzSources;
 use crate::ca::{Ca, DiskKeyManager, IssuanceRecorder, Issuer, KeyManager, MemoryKeyManager};
 use crate::config::{KeyManagerKind, ServerConfig};
 use crate::datastore::{DataStore, SqlDataStore};
@@ -71,9 +72,11 @@ pub async fn start(
     let pod_identities = pod_identities(&config, &trust_domain, kube_client.as_ref());
     let feed = Arc::new(
         Feed::load(
-            trust_domain.clone(),
-            clock.clone(),
-            pod_identities.clone(),
+            AuthzSources {
+                trust_domain: trust_domain.clone(),
+                clock: clock.clone(),
+                pods: pod_identities.clone(),
+            },
             datastore.as_ref(),
         )
         .await?,

@@ -67,15 +67,25 @@ pub struct Authorizations {
     pods: Option<Arc<PodIdentities>>,
 }
 
+/// What the authorization cache is built from besides the datastore.
+#[derive(Clone)]
+pub struct AuthzSources {
+    /// The server's own trust domain.
+    pub trust_domain: TrustDomain,
+    /// Decides which entries have expired.
+    pub clock: SharedClock,
+    /// Automatic Kubernetes identities, when the pod watch is on.
+    pub pods: Option<Arc<PodIdentities>>,
+}
+
 impl Authorizations {
-    /// Loads every entry and agent from `datastore`; `pods`, when given, adds automatic
-    /// Kubernetes identities.
-    pub async fn load<D: DataStore>(
-        trust_domain: TrustDomain,
-        clock: SharedClock,
-        pods: Option<Arc<PodIdentities>>,
-        datastore: &D,
-    ) -> Result<Self> {
+    /// Loads every entry and agent from `datastore`.
+    pub async fn load<D: DataStore>(sources: AuthzSources, datastore: &D) -> Result<Self> {
+        let AuthzSources {
+            trust_domain,
+            clock,
+            pods,
+        } = sources;
         let mut state = State::default();
         let server_id = server_id(&trust_domain).to_string();
         for entry in datastore.list_entries(&EntryFilter::default()).await? {

@@ -45,7 +45,7 @@ async fn fixture() -> Fixture {
             .expect("agent");
     }
     let td = parse_trust_domain("trust_domain", "example.org").expect("td");
-    let feed = Feed::load(td, clock.clone(), None, &datastore)
+    let feed = Feed::load(sources(td, &clock), &datastore)
         .await
         .expect("load");
     Fixture {
@@ -76,6 +76,14 @@ async fn add_entries(f: &Fixture, entries: &[TestEntry<'_>]) {
         .validate(&td, id.into(), f.clock.unix_now())
         .expect("valid");
         f.datastore.create_entry(&entry).await.expect("created");
+    }
+}
+
+fn sources(trust_domain: TrustDomain, clock: &Arc<ManualClock>) -> AuthzSources {
+    AuthzSources {
+        trust_domain,
+        clock: clock.clone(),
+        pods: None,
     }
 }
 
@@ -196,7 +204,7 @@ async fn deletes_bans_evictions_and_expiry_take_effect() {
 async fn a_second_cache_on_the_same_database_follows_the_first_ones_writes() {
     let f = fixture().await;
     let td = parse_trust_domain("trust_domain", "example.org").expect("td");
-    let other_server = Feed::load(td, f.clock.clone(), None, &f.datastore)
+    let other_server = Feed::load(sources(td, &f.clock), &f.datastore)
         .await
         .expect("load");
     add_entries(&f, &[DIRECT]).await;
