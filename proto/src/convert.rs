@@ -7,20 +7,27 @@ use sigil_core::selector::Selector;
 
 use crate::common;
 
+/// A JWT authority has the same three fields in the domain and on the wire: the list `$keys`
+/// copied, key by key, into `$to` (either way).
+macro_rules! copy_jwt_authorities {
+    ($keys:expr => $($to:ident)::+) => {
+        $keys
+            .iter()
+            .map(|key| $($to)::+ {
+                key_id: key.key_id.clone(),
+                public_key: key.public_key.clone(),
+                expires_at: key.expires_at,
+            })
+            .collect()
+    };
+}
+
 impl From<&TrustBundle> for common::Bundle {
     fn from(bundle: &TrustBundle) -> Self {
         common::Bundle {
             trust_domain: bundle.trust_domain.to_string(),
             x509_authorities: bundle.x509_authorities.clone(),
-            jwt_authorities: bundle
-                .jwt_authorities
-                .iter()
-                .map(|key| common::JwtAuthority {
-                    key_id: key.key_id.clone(),
-                    public_key: key.public_key.clone(),
-                    expires_at: key.expires_at,
-                })
-                .collect(),
+            jwt_authorities: copy_jwt_authorities!(bundle.jwt_authorities => common::JwtAuthority),
             sequence: bundle.sequence,
             refresh_hint_seconds: bundle.refresh_hint_seconds,
         }
@@ -34,15 +41,7 @@ impl TryFrom<&common::Bundle> for TrustBundle {
         Ok(TrustBundle {
             trust_domain: parse_trust_domain("bundle.trust_domain", &bundle.trust_domain)?,
             x509_authorities: bundle.x509_authorities.clone(),
-            jwt_authorities: bundle
-                .jwt_authorities
-                .iter()
-                .map(|key| JwtAuthority {
-                    key_id: key.key_id.clone(),
-                    public_key: key.public_key.clone(),
-                    expires_at: key.expires_at,
-                })
-                .collect(),
+            jwt_authorities: copy_jwt_authorities!(bundle.jwt_authorities => JwtAuthority),
             sequence: bundle.sequence,
             refresh_hint_seconds: bundle.refresh_hint_seconds,
         })
