@@ -56,6 +56,12 @@ pub fn json_stdout(output: Output, what: &str) -> anyhow::Result<serde_json::Val
     Ok(serde_json::from_str(&stdout_of(output, what)?)?)
 }
 
+/// Fails unless `found` things are `expected` ones, saying how many `what` there were.
+pub fn ensure_count(found: usize, expected: usize, what: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(found == expected, "{found} {what}, expected {expected}");
+    Ok(())
+}
+
 /// The status and body of `GET <path>` on `address` (a health port: `/metrics`, `/ready`), over
 /// a plain connection the test writes itself so nothing between it and the process can hide an
 /// answer; it gives up on a silent peer after 10 s.

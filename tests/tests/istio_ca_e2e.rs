@@ -9,7 +9,7 @@ use sigil_agent::node::server_channel;
 use sigil_proto::istio_ca::IstioCertificateRequest;
 use sigil_proto::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use sigil_tests::kubernetes::{FakeCluster, FakeToken, KubernetesServer};
-use sigil_tests::steps::{ServerTrust, refused_with};
+use sigil_tests::steps::{ServerTrust, ensure_count, refused_with};
 use sigil_tests::{ServerProcess, pem_certificates};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -126,11 +126,7 @@ async fn a_good_request_gets_the_service_account_identity(
         .create_certificate(request(Some("istio-token"), csr_pem(key)?, 36_000))
         .await?
         .into_inner();
-    ensure!(
-        response.cert_chain.len() == 2,
-        "leaf and root: {}",
-        response.cert_chain.len()
-    );
+    ensure_count(response.cert_chain.len(), 2, "certificates (leaf and root)")?;
     ensure!(
         pem_certificates(&response.cert_chain[1])? == ca.trust.roots,
         "the root is last"

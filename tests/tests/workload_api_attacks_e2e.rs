@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
-use sigil_tests::steps::{json_stdout, refused};
+use sigil_tests::steps::{ensure_count, json_stdout, refused};
 use sigil_tests::{Node, python};
 use sigil_workload_api::http2::{
     CONTINUATION, END_HEADERS, GOAWAY, HEADERS, MAX_FRAME, PREFACE, SETTINGS, frame, hpack_integer,
@@ -335,11 +335,7 @@ async fn sds_requests_for_100000_copies_are_refused_and_memory_stays_flat() -> a
         .fetch_secrets(sds_request(vec!["default".into(), "default".into()]))
         .await?
         .into_inner();
-    ensure!(
-        served.resources.len() == 1,
-        "a repeated name is answered once, not {} times",
-        served.resources.len()
-    );
+    ensure_count(served.resources.len(), 1, "answers to a repeated name")?;
     if let Some(python) = &python {
         py_spiffe_succeeded(py_spiffe(python, &node)?, "before the attack")?;
     }
