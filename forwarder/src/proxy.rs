@@ -50,7 +50,6 @@ pub(crate) struct OutboundListener {
 }
 
 /// A listener of either direction, as the accept loop sees it.
-#[derive(Clone)]
 pub(crate) enum Side {
     /// mTLS (or plaintext) in, to the local application.
     Inbound(Arc<InboundListener>),
@@ -66,24 +65,21 @@ impl Side {
             Side::Outbound(outbound) => &outbound.spec.name,
         }
     }
-
-    /// Serves one accepted connection to its end.
-    async fn handle(&self, tcp: TcpStream, remote: SocketAddr, shared: &Shared) {
-        match self {
-            Side::Inbound(inbound) => handle_inbound(tcp, remote, inbound, shared).await,
-            Side::Outbound(outbound) => handle_outbound(tcp, remote, outbound, shared).await,
-        }
-    }
 }
 
-/// Accepts until shutdown; each connection runs in its own task holding a permit.
+/// Accepts until shutdown; each connection runs in its own task holding a permit. Each direction
+/// spawns its own handler: one future for both would be as large as the larger (the inbound one,
+/// with TLS accept and HTTP) in every connection's task.
 pub(crate) async fn serve(listener: TcpListener, side: Side, shared: Arc<Shared>) {
     while let Some((tcp, remote, permit)) = accept(&listener, side.name(), &shared).await {
-        let (side, shared) = (side.clone(), shared.clone());
-        tokio::spawn(async move {
-            let _open = Open::new(&shared.metrics, side.name(), permit);
-            side.handle(tcp, remote, &shared).await;
-        });
+        let open = Open::new(&shared.metrics, side.name(), permit);
+        let shared = shared.clone();
+        match &side {
+            Side::Inbound(l) => tokio::spawn(handle_inbound(tcp, remote, l.clone(), shared, open)),
+            Side::Outbound(l) => {
+                tokio::spawn(handle_outbound(tcp, remote, l.clone(), shared, open))
+            }
+        };
     }
 }
 
@@ -159,9 +155,11 @@ impl Drop for Open {
 async fn handle_inbound(
     mut tcp: TcpStream,
     remote: SocketAddr,
-    inbound: &InboundListener,
-    shared: &Shared,
+    inbound: Arc<InboundListener>,
+    shared: Arc<Shared>,
+    _open: Open,
 ) {
+    let (inbound, shared) = (&*inbound, &*shared);
     let name = inbound.spec.name.as_str();
     if inbound.spec.mode == Mode::Disable {
         forward(Prefixed::new(Vec::new(), tcp), None, inbound, shared).await;
@@ -260,9 +258,11 @@ where
 async fn handle_outbound(
     tcp: TcpStream,
     remote: SocketAddr,
-    outbound: &OutboundListener,
-    shared: &Shared,
+    outbound: Arc<OutboundListener>,
+    shared: Arc<Shared>,
+    _open: Open,
 ) {
+    let (outbound, shared) = (&*outbound, &*shared);
     let name = outbound.spec.name.as_str();
     let Some(upstream) = connect(&outbound.spec.upstream, name, shared).await else {
         return;
