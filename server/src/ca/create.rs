@@ -19,7 +19,8 @@ pub(super) fn load_x509(
     keys: &dyn KeyManager,
 ) -> Result<Option<X509Authority>> {
     let Some(key) = keys.load(&authority.key_ref)? else {
-        tracing::warn!(authority = %authority.id, "the key of a CA in the journal is missing; making a new CA");
+        // Another server's CA (every server keeps its own keys), or a key this one lost.
+        tracing::debug!(authority = %authority.id, "no key for this CA here");
         return Ok(None);
     };
     let issuer =
@@ -40,7 +41,7 @@ pub(super) fn load_x509(
 /// The signing half of the JWT key `authority`; `None` when its key is gone.
 pub(super) fn load_jwt(authority: &Authority, keys: &dyn KeyManager) -> Result<Option<JwtKey>> {
     let Some(key) = keys.load(&authority.key_ref)? else {
-        tracing::warn!(key_id = %authority.id, "a JWT key in the journal is missing; making a new one");
+        tracing::debug!(key_id = %authority.id, "no key for this JWT key here");
         return Ok(None);
     };
     JwtKey::new(authority.id.clone(), &key, authority.not_after).map(Some)
@@ -55,9 +56,7 @@ pub(super) async fn create_x509<D: DataStore>(
     datastore: &D,
     state: AuthorityState,
 ) -> Result<X509Authority> {
-    let key_ref = format!("x509-ca-{}", unix_seconds(now));
-    let key_ref = unique_key_ref(keys, key_ref)?;
-    let key = keys.generate(&key_ref, settings.key_type)?;
+    let key = settings.key_type.generate()?;
     let certificate = match &settings.upstream {
         Some(upstream) => {
             // An intermediate cannot outlive the CA that signs it.
@@ -84,6 +83,11 @@ pub(super) async fn create_x509<D: DataStore>(
     };
     let (params, der) = certificate;
     let facts = certificate_facts(&der)?;
+    // Named by the authority's id (its subject key identifier, a digest of this key): two CAs
+    // made in the same second, by one server or by two sharing the journal, never share a file.
+    // The key is kept before the journal row that names it is written.
+    let key_ref = format!("x509-{}", facts.subject_key_id);
+    keys.store(&key_ref, &key)?;
     datastore
         .put_authority(&Authority {
             id: facts.subject_key_id.clone(),
@@ -112,10 +116,11 @@ pub(super) async fn create_jwt<D: DataStore>(
     datastore: &D,
     state: AuthorityState,
 ) -> Result<JwtKey> {
-    let key_ref = unique_key_ref(keys, format!("jwt-{now}"))?;
     // JWT-SVIDs are ES256 whatever the CA's key type: the algorithm every SPIFFE verifier supports.
-    let key = keys.generate(&key_ref, KeyType::EcP256)?;
+    let key = KeyType::EcP256.generate()?;
     let key_id = hex::encode(&sigil_core::x509::random_serial()?.to_bytes()[..12]);
+    let key_ref = format!("jwt-{key_id}");
+    keys.store(&key_ref, &key)?;
     let not_after = now + i64::try_from(settings.ca_ttl.as_secs()).unwrap_or(i64::MAX / 2);
     let jwt = JwtKey::new(key_id.clone(), &key, not_after)?;
     datastore
@@ -130,20 +135,4 @@ pub(super) async fn create_jwt<D: DataStore>(
         })
         .await?;
     Ok(jwt)
-}
-
-/// `base`, or `base-N` when a key of that name exists (two authorities made in one second).
-fn unique_key_ref(keys: &dyn KeyManager, base: String) -> Result<String> {
-    if keys.load(&base)?.is_none() {
-        return Ok(base);
-    }
-    for n in 1..1000 {
-        let candidate = format!("{base}-{n}");
-        if keys.load(&candidate)?.is_none() {
-            return Ok(candidate);
-        }
-    }
-    Err(Error::ca(format!(
-        "cannot find a free key name near `{base}`"
-    )))
 }

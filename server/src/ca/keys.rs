@@ -1,6 +1,8 @@
 //! Where the CA's private keys live.
 //!
-//! [`KeyManager`] is deliberately small: make a key, load it back, forget it. The disk
+//! [`KeyManager`] is deliberately small: keep a key under an id, load it back. The CA names each
+//! key after the authority it signs for (`x509-<subject key id>`, `jwt-<key id>`), so no two
+//! authorities, and no two servers sharing a journal, ever name the same key. The disk
 //! implementation keeps PKCS#8 files with mode 0600 in the data directory, so a restarted server
 //! keeps its CA; the memory implementation is for tests and throwaway servers. Keys never go to
 //! the datastore or the logs; the journal holds only the key's id.
@@ -11,14 +13,13 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use rcgen::KeyPair;
-use sigil_core::x509::KeyType;
 
 use crate::{Error, Result};
 
-/// Creates and loads private keys by id.
+/// Keeps and loads private keys by id.
 pub trait KeyManager: Send + Sync + std::fmt::Debug + 'static {
-    /// Generates a key of `key_type`, stores it under `id` and returns it.
-    fn generate(&self, id: &str, key_type: KeyType) -> Result<KeyPair>;
+    /// Keeps `key` under `id`; refused when a key of that id exists (a key is never replaced).
+    fn store(&self, id: &str, key: &KeyPair) -> Result<()>;
     /// The key stored under `id`, if any.
     fn load(&self, id: &str) -> Result<Option<KeyPair>>;
 }
@@ -52,12 +53,16 @@ impl DiskKeyManager {
 }
 
 impl KeyManager for DiskKeyManager {
-    fn generate(&self, id: &str, key_type: KeyType) -> Result<KeyPair> {
-        let key = key_type.generate()?;
+    fn store(&self, id: &str, key: &KeyPair) -> Result<()> {
         let path = self.path(id)?;
+        if path.exists() {
+            return Err(Error::ca(format!(
+                "a key named {} exists already; keys are never replaced",
+                path.display()
+            )));
+        }
         sigil_core::fs::write_private(&path, &key.serialize_der())
-            .map_err(|e| Error::io(format!("storing key {}", path.display()), e))?;
-        Ok(key)
+            .map_err(|e| Error::io(format!("storing key {}", path.display()), e))
     }
 
     fn load(&self, id: &str) -> Result<Option<KeyPair>> {
@@ -81,13 +86,18 @@ pub struct MemoryKeyManager {
 }
 
 impl KeyManager for MemoryKeyManager {
-    fn generate(&self, id: &str, key_type: KeyType) -> Result<KeyPair> {
-        let key = key_type.generate()?;
-        self.keys
+    fn store(&self, id: &str, key: &KeyPair) -> Result<()> {
+        let mut keys = self
+            .keys
             .lock()
-            .map_err(|_| Error::ca("key store lock poisoned"))?
-            .insert(id.to_string(), key.serialize_der());
-        Ok(key)
+            .map_err(|_| Error::ca("key store lock poisoned"))?;
+        if keys.contains_key(id) {
+            return Err(Error::ca(format!(
+                "a key named `{id}` exists already; keys are never replaced"
+            )));
+        }
+        keys.insert(id.to_string(), key.serialize_der());
+        Ok(())
     }
 
     fn load(&self, id: &str) -> Result<Option<KeyPair>> {
@@ -106,15 +116,22 @@ impl KeyManager for MemoryKeyManager {
 
 #[cfg(test)]
 mod tests {
+    use sigil_core::x509::KeyType;
+
     use super::*;
     use rcgen::PublicKeyData;
     use std::os::unix::fs::MetadataExt;
 
     fn round_trip(manager: &dyn KeyManager) {
         assert!(manager.load("ca-1").expect("load").is_none());
-        let key = manager.generate("ca-1", KeyType::EcP256).expect("generate");
+        let key = KeyType::EcP256.generate().expect("generate");
+        manager.store("ca-1", &key).expect("stored");
         let loaded = manager.load("ca-1").expect("load").expect("present");
         assert_eq!(loaded.der_bytes(), key.der_bytes());
+        let other = KeyType::EcP256.generate().expect("generate");
+        assert!(manager.store("ca-1", &other).is_err(), "never replaced");
+        let kept = manager.load("ca-1").expect("load").expect("present");
+        assert_eq!(kept.der_bytes(), key.der_bytes());
     }
 
     #[test]

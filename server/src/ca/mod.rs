@@ -151,6 +151,7 @@ impl Ca {
         {
             Some(authority) => authority,
             None => {
+                tracing::info!("no usable X.509 CA in the journal has its key here; making one");
                 create::create_x509(
                     &settings,
                     keys.as_ref(),
@@ -309,6 +310,60 @@ mod tests {
             1,
             "an unchanged bundle keeps its sequence"
         );
+    }
+
+    /// Two servers share one journal and make their CAs in the same second (the clock stands
+    /// still): each keeps its own key, and after both restart each signs with its own CA, and
+    /// what it signs verifies against the published bundle (once, both loaded the same file and
+    /// one signed with the other's certificate).
+    #[tokio::test]
+    async fn two_servers_making_cas_in_the_same_second_keep_their_own_after_restarts() {
+        let (dir, clock, ds) = fixture().await;
+        let keys = |name: &str| -> Arc<dyn KeyManager> {
+            Arc::new(DiskKeyManager::new(dir.path().join(name)).expect("keys"))
+        };
+        let (a_keys, b_keys) = (keys("a"), keys("b"));
+        let load =
+            |keys: &Arc<dyn KeyManager>| Ca::load(settings(), keys.clone(), clock.clone(), &ds);
+        let first = [
+            load(&a_keys).await.expect("a"),
+            load(&b_keys).await.expect("b"),
+        ];
+        assert_ne!(first[0].x509.load().id, first[1].x509.load().id);
+        let restarted = [
+            load(&a_keys).await.expect("a again"),
+            load(&b_keys).await.expect("b again"),
+        ];
+        let id = SpiffeId::new("spiffe://example.org/web").expect("id");
+        for (before, after) in first.iter().zip(&restarted) {
+            assert_eq!(after.x509.load().id, before.x509.load().id, "its own CA");
+            assert_eq!(
+                after.jwt.load().key_id,
+                before.jwt.load().key_id,
+                "its own JWT key"
+            );
+            let key = KeyType::EcP256.generate().expect("key");
+            let svid = after
+                .sign_x509_svid(Holder::Workload, &key, &id, &[], Duration::ZERO)
+                .expect("signed");
+            let verifier = sigil_core::tls::SpiffeServerVerifier::new(
+                &after.bundle().x509_authorities,
+                id.clone(),
+            )
+            .expect("verifier");
+            let now = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(
+                u64::try_from(clock.unix_now()).expect("after 1970"),
+            ));
+            rustls::client::danger::ServerCertVerifier::verify_server_cert(
+                &verifier,
+                &svid.chain[0].clone().into(),
+                &[],
+                &rustls_pki_types::ServerName::try_from("web").expect("name"),
+                &[],
+                now,
+            )
+            .expect("the SVID verifies against the bundle");
+        }
     }
 
     #[tokio::test]
