@@ -2,6 +2,7 @@
 //! listeners (`server/listeners.rs`) and the background tasks (`server/tasks.rs`), and takes it
 //! down again in order.
 
+mod instance;
 mod listeners;
 mod tasks;
 
@@ -180,6 +181,7 @@ async fn load_ca<D: DataStore>(
     };
     Ca::load(
         config.ca_settings(trust_domain.clone())?,
+        instance::load_or_create(&config.data_dir)?,
         keys,
         clock.clone(),
         datastore,

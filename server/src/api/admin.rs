@@ -64,6 +64,7 @@ fn authority_to_proto(authority: &crate::datastore::Authority) -> Authority {
         not_after: authority.not_after,
         created_at: authority.created_at,
         public_data: authority.public_data.clone(),
+        owner: authority.owner.clone(),
     }
 }
 

@@ -48,9 +48,10 @@ pub(super) fn load_jwt(authority: &Authority, keys: &dyn KeyManager) -> Result<O
 }
 
 /// Makes an X.509 CA (a root, or an intermediate the upstream signs) and writes it to the
-/// journal in `state`.
+/// journal in `state`, owned by `owner`.
 pub(super) async fn create_x509<D: DataStore>(
     settings: &CaSettings,
+    owner: &str,
     keys: &dyn KeyManager,
     now: SystemTime,
     datastore: &D,
@@ -97,6 +98,7 @@ pub(super) async fn create_x509<D: DataStore>(
             state,
             not_after: facts.not_after,
             created_at: unix_seconds(now),
+            owner: owner.to_string(),
         })
         .await?;
     tracing::info!(authority = %facts.subject_key_id, not_after = facts.not_after, "created a new X.509 CA");
@@ -108,9 +110,10 @@ pub(super) async fn create_x509<D: DataStore>(
     })
 }
 
-/// Makes a JWT signing key and writes it to the journal in `state`.
+/// Makes a JWT signing key and writes it to the journal in `state`, owned by `owner`.
 pub(super) async fn create_jwt<D: DataStore>(
     settings: &CaSettings,
+    owner: &str,
     keys: &dyn KeyManager,
     now: i64,
     datastore: &D,
@@ -132,6 +135,7 @@ pub(super) async fn create_jwt<D: DataStore>(
             state,
             not_after,
             created_at: now,
+            owner: owner.to_string(),
         })
         .await?;
     Ok(jwt)

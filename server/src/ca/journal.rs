@@ -14,7 +14,7 @@ use std::sync::Arc;
 use super::create::{load_jwt, load_x509};
 use sigil_core::clock::unix_seconds;
 
-use super::{Ca, create};
+use super::{Ca, KeyManager, create};
 use crate::datastore::{Authority, AuthorityKind, DataStore, SvidFilter};
 use crate::{Error, Result};
 
@@ -142,7 +142,7 @@ impl Ca {
         let _guard = self.rotation.lock().await;
         let now = self.clock.unix_now();
         let remaining = self.x509.load().not_after.min(self.jwt.load().not_after) - now;
-        let journal = datastore.list_authorities().await?;
+        let journal = owned_by(datastore, &self.owner).await?;
         let due = plan(
             &journal,
             now,
@@ -161,12 +161,11 @@ impl Ca {
         Ok(due.prepare || due.activate || published)
     }
 
-    /// `ca prepare`: makes the next X.509 CA and JWT key, published in the bundle at once and
-    /// used only once activated. Refused while prepared ones wait.
+    /// `ca prepare`: makes this server's next X.509 CA and JWT key, published in the bundle at
+    /// once and used only once activated. Refused while its prepared ones wait.
     pub async fn prepare<D: DataStore>(&self, datastore: &D) -> Result<Vec<Authority>> {
         let _guard = self.rotation.lock().await;
-        if datastore
-            .list_authorities()
+        if owned_by(datastore, &self.owner)
             .await?
             .iter()
             .any(|a| a.state == AuthorityState::Prepared)
@@ -184,6 +183,7 @@ impl Ca {
         let now = self.clock.now();
         let x509 = create::create_x509(
             &self.settings,
+            &self.owner,
             self.keys.as_ref(),
             now,
             datastore,
@@ -192,6 +192,7 @@ impl Ca {
         .await?;
         let jwt = create::create_jwt(
             &self.settings,
+            &self.owner,
             self.keys.as_ref(),
             unix_seconds(now),
             datastore,
@@ -206,8 +207,9 @@ impl Ca {
             .collect())
     }
 
-    /// `ca activate`: the prepared X.509 CA and JWT key start signing; the ones they replace
-    /// become `old` and stay in the bundle until they expire.
+    /// `ca activate`: this server's prepared X.509 CA and JWT key start signing; the ones they
+    /// replace become `old` and stay in the bundle until they expire. Other servers' authorities
+    /// are theirs to rotate and stay as they are.
     pub async fn activate<D: DataStore>(&self, datastore: &D) -> Result<Vec<Authority>> {
         let _guard = self.rotation.lock().await;
         let activated = self.activate_locked(datastore).await?;
@@ -216,7 +218,7 @@ impl Ca {
     }
 
     async fn activate_locked<D: DataStore>(&self, datastore: &D) -> Result<Vec<Authority>> {
-        let journal = datastore.list_authorities().await?;
+        let journal = owned_by(datastore, &self.owner).await?;
         let now = self.clock.unix_now();
         let prepared: Vec<&Authority> = journal
             .iter()
@@ -365,6 +367,34 @@ fn wrong_state(authority: &Authority, what_to_do: &str) -> Error {
     ))
 }
 
+/// The journal rows `owner` owns, oldest first.
+pub(super) async fn owned_by<D: DataStore>(datastore: &D, owner: &str) -> Result<Vec<Authority>> {
+    let mut journal = datastore.list_authorities().await?;
+    journal.retain(|a| a.owner == owner);
+    Ok(journal)
+}
+
+/// Rows from before owners were recorded belong to the server that holds their key: `owner`
+/// adopts those whose key `keys` has.
+pub(super) async fn adopt_unowned<D: DataStore>(
+    datastore: &D,
+    owner: &str,
+    keys: &dyn KeyManager,
+) -> Result<()> {
+    for authority in datastore.list_authorities().await? {
+        if authority.owner.is_empty() && keys.load(&authority.key_ref)?.is_some() {
+            tracing::info!(authority = %authority.id, "adopting an authority written before servers were told apart");
+            datastore
+                .put_authority(&Authority {
+                    owner: owner.to_string(),
+                    ..authority
+                })
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 async fn find<D: DataStore>(datastore: &D, id: &str) -> Result<Authority> {
     datastore
         .list_authorities()
@@ -440,6 +470,7 @@ mod tests {
             state: Prepared,
             not_after: NOW + 100,
             created_at: NOW - created_ago,
+            owner: "server-a".into(),
         }
     }
 

@@ -111,6 +111,8 @@ struct X509Authority {
 /// The certificate authority of one trust domain.
 pub struct Ca {
     settings: CaSettings,
+    /// This server's instance id: the journal rows it owns (see [`Authority::owner`]).
+    owner: String,
     keys: Arc<dyn KeyManager>,
     clock: SharedClock,
     x509: ArcSwap<X509Authority>,
@@ -126,6 +128,7 @@ impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ca")
             .field("trust_domain", &self.settings.trust_domain)
+            .field("owner", &self.owner)
             .field("x509_authority", &self.x509.load().id)
             .field("jwt_key", &self.jwt.load().key_id)
             .finish_non_exhaustive()
@@ -133,15 +136,20 @@ impl std::fmt::Debug for Ca {
 }
 
 impl Ca {
-    /// Loads the active authorities from the journal (and their keys from `keys`), making new ones
-    /// when there are none usable, and brings the stored bundle in step.
+    /// Loads this server's (`owner`'s) active authorities from the journal, and their keys from
+    /// `keys`, making new ones when none is usable, and brings the stored bundle in step. Every
+    /// server of a trust domain has its own authorities in the shared journal and never uses
+    /// another's key; rows from before owners were recorded are adopted by the server that holds
+    /// their key.
     pub async fn load<D: DataStore>(
         settings: CaSettings,
+        owner: String,
         keys: Arc<dyn KeyManager>,
         clock: SharedClock,
         datastore: &D,
     ) -> Result<Self> {
-        let journal = datastore.list_authorities().await?;
+        journal::adopt_unowned(datastore, &owner, keys.as_ref()).await?;
+        let journal = journal::owned_by(datastore, &owner).await?;
         let now = clock.unix_now();
         let min_life = settings.minimum_remaining_life();
         let x509 = match journal::usable(&journal, AuthorityKind::X509, now, min_life)
@@ -154,6 +162,7 @@ impl Ca {
                 tracing::info!("no usable X.509 CA in the journal has its key here; making one");
                 create::create_x509(
                     &settings,
+                    &owner,
                     keys.as_ref(),
                     clock.now(),
                     datastore,
@@ -170,6 +179,7 @@ impl Ca {
             None => {
                 create::create_jwt(
                     &settings,
+                    &owner,
                     keys.as_ref(),
                     now,
                     datastore,
@@ -181,6 +191,7 @@ impl Ca {
         let bundle = TrustBundle::new(settings.trust_domain.clone());
         let ca = Ca {
             settings,
+            owner,
             keys,
             clock,
             x509: ArcSwap::from_pointee(x509),
@@ -218,7 +229,7 @@ mod tests {
     use super::sign::Holder;
     use super::*;
     use crate::Error;
-    use crate::datastore::{IssuedSvid, IssuedSvidStore, SqlDataStore};
+    use crate::datastore::{AuthorityJournal, IssuedSvid, IssuedSvidStore, SqlDataStore};
 
     fn settings() -> CaSettings {
         CaSettings {
@@ -247,6 +258,7 @@ mod tests {
     async fn memory_ca(clock: &Arc<ManualClock>, ds: &SqlDataStore) -> Ca {
         Ca::load(
             settings(),
+            "server-a".into(),
             Arc::new(MemoryKeyManager::default()),
             clock.clone(),
             ds,
@@ -265,9 +277,15 @@ mod tests {
         let (dir, clock, ds) = fixture().await;
         let keys: Arc<dyn KeyManager> =
             Arc::new(DiskKeyManager::new(dir.path().join("keys")).expect("keys"));
-        let ca = Ca::load(settings(), keys.clone(), clock.clone(), &ds)
-            .await
-            .expect("ca");
+        let ca = Ca::load(
+            settings(),
+            "server-a".into(),
+            keys.clone(),
+            clock.clone(),
+            &ds,
+        )
+        .await
+        .expect("ca");
         let bundle = ca.bundle();
         assert_eq!(bundle.sequence, 1);
         assert_eq!(bundle.x509_authorities.len(), 1);
@@ -297,7 +315,7 @@ mod tests {
                 .not_after
         );
 
-        let again = Ca::load(settings(), keys, clock.clone(), &ds)
+        let again = Ca::load(settings(), "server-a".into(), keys, clock.clone(), &ds)
             .await
             .expect("reloaded");
         assert_eq!(
@@ -323,16 +341,17 @@ mod tests {
             Arc::new(DiskKeyManager::new(dir.path().join(name)).expect("keys"))
         };
         let (a_keys, b_keys) = (keys("a"), keys("b"));
-        let load =
-            |keys: &Arc<dyn KeyManager>| Ca::load(settings(), keys.clone(), clock.clone(), &ds);
+        let load = |owner: &str, keys: &Arc<dyn KeyManager>| {
+            Ca::load(settings(), owner.into(), keys.clone(), clock.clone(), &ds)
+        };
         let first = [
-            load(&a_keys).await.expect("a"),
-            load(&b_keys).await.expect("b"),
+            load("server-a", &a_keys).await.expect("a"),
+            load("server-b", &b_keys).await.expect("b"),
         ];
         assert_ne!(first[0].x509.load().id, first[1].x509.load().id);
         let restarted = [
-            load(&a_keys).await.expect("a again"),
-            load(&b_keys).await.expect("b again"),
+            load("server-a", &a_keys).await.expect("a again"),
+            load("server-b", &b_keys).await.expect("b again"),
         ];
         let id = SpiffeId::new("spiffe://example.org/web").expect("id");
         for (before, after) in first.iter().zip(&restarted) {
@@ -364,6 +383,49 @@ mod tests {
             )
             .expect("the SVID verifies against the bundle");
         }
+    }
+
+    /// `ca prepare` and `ca activate` on one server rotate its own authorities only: the other
+    /// server's stay active, in the bundle, and loaded after its restart (once, activating on
+    /// one server made every other server's CA `old`).
+    #[tokio::test]
+    async fn activating_on_one_server_leaves_the_others_authorities_alone() {
+        let (_dir, clock, ds) = fixture().await;
+        let load = |owner: &str, keys: Arc<dyn KeyManager>| {
+            Ca::load(settings(), owner.into(), keys, clock.clone(), &ds)
+        };
+        let b_keys: Arc<dyn KeyManager> = Arc::new(MemoryKeyManager::default());
+        let a = load("server-a", Arc::new(MemoryKeyManager::default()))
+            .await
+            .expect("a");
+        let b = load("server-b", b_keys.clone()).await.expect("b");
+        let b_ca = b.x509.load().id.clone();
+        a.prepare(&ds).await.expect("prepared");
+        let activated = a.activate(&ds).await.expect("activated");
+        assert!(activated.iter().all(|row| row.owner == "server-a"));
+        let journal = ds.list_authorities().await.expect("journal");
+        let b_rows: Vec<_> = journal
+            .iter()
+            .filter(|row| row.owner == "server-b")
+            .collect();
+        assert_eq!(b_rows.len(), 2, "b's CA and JWT key");
+        assert!(
+            b_rows.iter().all(|row| row.state == AuthorityState::Active),
+            "{b_rows:?}"
+        );
+        assert!(
+            a.bundle()
+                .x509_authorities
+                .iter()
+                .any(|der| certificate_facts(der).expect("facts").subject_key_id == b_ca),
+            "b's CA stays in the bundle"
+        );
+        let b_again = load("server-b", b_keys).await.expect("b again");
+        assert_eq!(
+            b_again.x509.load().id,
+            b_ca,
+            "b keeps signing with its own CA"
+        );
     }
 
     #[tokio::test]

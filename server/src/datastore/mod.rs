@@ -148,6 +148,9 @@ pub struct Authority {
     pub not_after: i64,
     /// Unix seconds.
     pub created_at: i64,
+    /// The server instance that holds its key and acts on it (prepares, activates, signs);
+    /// empty for rows written before servers were told apart, until their server adopts them.
+    pub owner: String,
 }
 
 /// A record of one signed SVID. Never holds a key.

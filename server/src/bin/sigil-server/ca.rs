@@ -69,6 +69,7 @@ fn print_authorities(format: Format, authorities: &[Authority]) {
             ("ID", a.id.clone()),
             ("Kind", a.kind.clone()),
             ("State", a.state.clone()),
+            ("Owner", a.owner.clone()),
             ("Created at", a.created_at.to_string()),
             ("Not after", a.not_after.to_string()),
         ]
@@ -79,6 +80,7 @@ fn print_authorities(format: Format, authorities: &[Authority]) {
             "id": a.id,
             "kind": a.kind,
             "state": a.state,
+            "owner": a.owner,
             "created_at": a.created_at,
             "not_after": a.not_after,
         })

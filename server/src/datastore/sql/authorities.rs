@@ -22,19 +22,20 @@ fn authority_from_row(row: &AnyRow) -> Result<Authority> {
             .map_err(|e| corrupt("authority state", e))?,
         not_after: row.int("not_after")?,
         created_at: row.int("created_at")?,
+        owner: row.text("owner")?,
     })
 }
 
 impl AuthorityJournal for SqlDataStore {
     async fn list_authorities(&self) -> Result<Vec<Authority>> {
         let query = sqlx::query(
-            "SELECT id, kind, key_ref, public_data, state, not_after, created_at FROM authorities ORDER BY created_at, id",
+            "SELECT id, kind, key_ref, public_data, state, not_after, created_at, owner FROM authorities ORDER BY created_at, id",
         );
         fetch_all(&self.pool, query, authority_from_row).await
     }
 
     async fn put_authority(&self, authority: &Authority) -> Result<()> {
-        sqlx::query("INSERT INTO authorities (id, kind, key_ref, public_data, state, not_after, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET state = $5")
+        sqlx::query("INSERT INTO authorities (id, kind, key_ref, public_data, state, not_after, created_at, owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET state = $5, owner = $8")
             .bind(&authority.id)
             .bind(authority.kind.as_str())
             .bind(&authority.key_ref)
@@ -42,6 +43,7 @@ impl AuthorityJournal for SqlDataStore {
             .bind(authority.state.as_str())
             .bind(authority.not_after)
             .bind(authority.created_at)
+            .bind(&authority.owner)
             .execute(&self.pool)
             .await?;
         Ok(())
