@@ -65,6 +65,9 @@ pub async fn start(
     )
     .await?;
     let ca = Arc::new(load_ca(&config, &trust_domain, &clock, datastore.as_ref()).await?);
+    if config.datastore_url().starts_with("sqlite:") {
+        warn_of_other_servers(ca.owner(), datastore.as_ref()).await?;
+    }
     let kube_client = if config.kubernetes.enabled() {
         Some(config.kubernetes.client().await?)
     } else {
@@ -187,6 +190,28 @@ async fn load_ca<D: DataStore>(
         datastore,
     )
     .await
+}
+
+/// SQLite serves one server: several on one file would each see the others' writes only by
+/// polling, and one file cannot be shared across machines. A journal holding another instance's
+/// authorities means another server uses (or used) this file; say so, since nothing else would.
+async fn warn_of_other_servers<D: DataStore>(own: &str, datastore: &D) -> Result<()> {
+    let mut others: Vec<String> = datastore
+        .list_authorities()
+        .await?
+        .into_iter()
+        .map(|authority| authority.owner)
+        .filter(|owner| !owner.is_empty() && owner != own)
+        .collect();
+    others.sort();
+    others.dedup();
+    if !others.is_empty() {
+        tracing::warn!(
+            others = %others.join(","),
+            "this SQLite datastore holds the CA of another server instance: SQLite serves one server at a time; run several servers of a trust domain on Postgres"
+        );
+    }
+    Ok(())
 }
 
 /// The automatic ServiceAccount identities, when `[kubernetes] auto_identity` is on.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use futures::StreamExt;
-use sigil_tests::Node;
+use sigil_tests::{Node, ServerProcess};
 
 fn issuer_of(svid: &spiffe::X509Svid) -> anyhow::Result<String> {
     Ok(sigil_core::x509::certificate_facts(svid.leaf().as_ref())?.authority_key_id)
@@ -113,5 +113,33 @@ async fn a_tainted_ca_is_replaced_at_once_and_then_revoked() -> anyhow::Result<(
         server.trust()?.roots.len() == 1,
         "the revoked root left the bundle"
     );
+    Ok(())
+}
+
+/// Two servers of one trust domain on one SQLite file: each keeps its own CA in the shared
+/// journal (named by its instance id), both are published, and the second is told that SQLite
+/// serves one server at a time.
+#[tokio::test]
+async fn servers_on_one_sqlite_file_keep_their_own_cas_and_are_told_to_use_postgres()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}", dir.path().join("shared.sqlite3").display());
+    let one_server = "SQLite serves one server at a time";
+    let first = ServerProcess::start(&dir.path().join("a"), Some(&url), "")?;
+    ensure!(!first.logs().contains(one_server), "{}", first.logs());
+    let second = ServerProcess::start(&dir.path().join("b"), Some(&url), "")?;
+    ensure!(second.logs().contains(one_server), "{}", second.logs());
+
+    let shown = second.cli_json(&["ca", "show"])?;
+    let authorities = shown["authorities"].as_array().context("no authorities")?;
+    let mut owners: Vec<&str> = authorities
+        .iter()
+        .filter(|a| a["kind"] == "x509" && a["state"] == "active")
+        .filter_map(|a| a["owner"].as_str())
+        .collect();
+    owners.sort_unstable();
+    owners.dedup();
+    ensure!(owners.len() == 2, "one active CA per server: {shown}");
+    ensure!(second.trust()?.roots.len() == 2, "both CAs are published");
     Ok(())
 }

@@ -204,6 +204,11 @@ impl Ca {
         Ok(ca)
     }
 
+    /// This server's instance id, the owner of its journal rows.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
     /// The trust domain.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.settings.trust_domain
