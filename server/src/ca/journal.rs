@@ -374,25 +374,25 @@ pub(super) async fn owned_by<D: DataStore>(datastore: &D, owner: &str) -> Result
     Ok(journal)
 }
 
-/// Rows from before owners were recorded belong to the server that holds their key: `owner`
-/// adopts those whose key `keys` has.
-pub(super) async fn adopt_unowned<D: DataStore>(
+/// The journal rows `owner` owns, oldest first, after adopting the rows from before owners were
+/// recorded whose key `keys` holds (they belong to the server that has their key).
+pub(super) async fn adopt_and_list_own<D: DataStore>(
     datastore: &D,
     owner: &str,
     keys: &dyn KeyManager,
-) -> Result<()> {
-    for authority in datastore.list_authorities().await? {
+) -> Result<Vec<Authority>> {
+    let mut own = Vec::new();
+    for mut authority in datastore.list_authorities().await? {
         if authority.owner.is_empty() && keys.load(&authority.key_ref)?.is_some() {
             tracing::info!(authority = %authority.id, "adopting an authority written before servers were told apart");
-            datastore
-                .put_authority(&Authority {
-                    owner: owner.to_string(),
-                    ..authority
-                })
-                .await?;
+            authority.owner = owner.to_string();
+            datastore.put_authority(&authority).await?;
+        }
+        if authority.owner == owner {
+            own.push(authority);
         }
     }
-    Ok(())
+    Ok(own)
 }
 
 async fn find<D: DataStore>(datastore: &D, id: &str) -> Result<Authority> {

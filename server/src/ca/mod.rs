@@ -148,8 +148,7 @@ impl Ca {
         clock: SharedClock,
         datastore: &D,
     ) -> Result<Self> {
-        journal::adopt_unowned(datastore, &owner, keys.as_ref()).await?;
-        let journal = journal::owned_by(datastore, &owner).await?;
+        let journal = journal::adopt_and_list_own(datastore, &owner, keys.as_ref()).await?;
         let now = clock.unix_now();
         let min_life = settings.minimum_remaining_life();
         let x509 = match journal::usable(&journal, AuthorityKind::X509, now, min_life)
