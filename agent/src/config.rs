@@ -55,10 +55,16 @@ const HEADER_LIST_SIZE_RANGE: std::ops::RangeInclusive<usize> = 1024..=16 * 1024
 pub struct AgentConfig {
     /// The trust domain of the server. Required.
     pub trust_domain: Option<String>,
-    /// The server's agent API, `host:port`. Default `127.0.0.1:8081`.
-    pub server_address: String,
+    /// The servers' agent API: one `host:port` or a list of them; a name may resolve to several
+    /// servers (a headless Service). Default `127.0.0.1:8081`.
+    #[serde(deserialize_with = "one_or_many")]
+    pub server_address: Vec<String>,
     /// Where the agent keeps its key, SVID and the last bundle. Default `.sigil/agent`.
     pub data_dir: PathBuf,
+    /// Keep the workload SVIDs (keys included, mode 0600) and the entries they were signed for in
+    /// `data_dir`, so an agent restarted while no server answers serves them until they expire.
+    /// Default true; when false any stored cache is deleted at start.
+    pub persist_svid_cache: bool,
     /// The Workload API socket. Default `/run/sigil-agent/public/api.sock` for an agent running
     /// as root, else `<data_dir>/public/api.sock`; see [`AgentConfig::socket`].
     pub socket_path: Option<PathBuf>,
@@ -226,9 +232,9 @@ pub struct AgentFlags {
     /// The server's trust domain, e.g. example.org.
     #[arg(long)]
     pub trust_domain: Option<String>,
-    /// The server's agent API, host:port.
-    #[arg(long)]
-    pub server_address: Option<String>,
+    /// A server's agent API, host:port; repeat for several servers.
+    #[arg(long = "server-address")]
+    pub server_address: Vec<String>,
     /// Where the agent keeps its key, SVID and bundle.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -261,8 +267,8 @@ impl AgentFlags {
         config.join_token = self.join_token.or(config.join_token.take());
         config.insecure_bootstrap |= self.insecure_bootstrap;
         config.health_address = self.health_address.unwrap_or(config.health_address);
-        if let Some(server_address) = self.server_address {
-            config.server_address = server_address;
+        if !self.server_address.is_empty() {
+            config.server_address = self.server_address;
         }
         if let Some(data_dir) = self.data_dir {
             config.data_dir = data_dir;
@@ -277,8 +283,9 @@ impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             trust_domain: None,
-            server_address: "127.0.0.1:8081".into(),
+            server_address: vec!["127.0.0.1:8081".into()],
             data_dir: PathBuf::from(".sigil/agent"),
+            persist_svid_cache: true,
             socket_path: None,
             trust_bundle_path: None,
             insecure_bootstrap: false,
@@ -346,6 +353,16 @@ impl AgentConfig {
                 sigil_workload_api::authority::DEFAULT_MAX_HEADER_LIST_SIZE
             )));
         }
+        if self.server_address.is_empty() {
+            return Err(bad(
+                "server_address is empty: name at least one server, e.g. \"sigil-server:8081\"",
+            ));
+        }
+        if let Some(address) = self.server_address.iter().find(|a| !is_host_port(a)) {
+            return Err(bad(&format!(
+                "server_address `{address}` is not host:port (e.g. \"sigil-server:8081\", \"10.0.0.1:8081\", \"[fd00::1]:8081\")"
+            )));
+        }
         if self.trust_bundle_path.is_some() && self.insecure_bootstrap {
             return Err(bad(
                 "set either trust_bundle_path or insecure_bootstrap, not both",
@@ -353,6 +370,32 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+/// `server_address` as a single string or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    match OneOrMany::deserialize(deserializer) {
+        Ok(OneOrMany::One(address)) => Ok(vec![address]),
+        Ok(OneOrMany::Many(addresses)) => Ok(addresses),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected a \"host:port\" string or a list of them",
+        )),
+    }
+}
+
+/// Whether `address` is `host:port` with a non-empty host and a port number.
+fn is_host_port(address: &str) -> bool {
+    address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
 #[cfg(test)]
@@ -424,7 +467,48 @@ mod tests {
         );
         let (config, source) = AgentConfig::load(None, AgentFlags::default()).expect("defaults");
         assert_eq!(source, Path::new("<flags>"));
-        assert_eq!(config.server_address, "127.0.0.1:8081");
+        assert_eq!(config.server_address, ["127.0.0.1:8081"]);
+        assert!(config.persist_svid_cache);
+    }
+
+    #[test]
+    fn server_address_takes_one_address_or_a_list_and_the_flag_repeats() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "server_address = \"a.test:8081\"\n").expect("write");
+        let one = AgentConfig::from_file(&path).expect("one address");
+        assert_eq!(one.server_address, ["a.test:8081"]);
+        std::fs::write(
+            &path,
+            "server_address = [\"a.test:8081\", \"10.0.0.2:8081\", \"[fd00::1]:8081\"]\n",
+        )
+        .expect("write");
+        let many = AgentConfig::from_file(&path).expect("a list");
+        assert_eq!(
+            many.server_address,
+            ["a.test:8081", "10.0.0.2:8081", "[fd00::1]:8081"]
+        );
+        many.validate(&path).expect("valid addresses");
+
+        let flags = AgentFlags {
+            server_address: vec!["b.test:1".into(), "c.test:2".into()],
+            ..AgentFlags::default()
+        };
+        let (config, _) = AgentConfig::load(Some(&path), flags).expect("flags");
+        assert_eq!(config.server_address, ["b.test:1", "c.test:2"]);
+
+        std::fs::write(&path, "server_address = 8081\n").expect("write");
+        let err = AgentConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("host:port"), "{err}");
+        for bad in ["[]", "[\"sigil-server\"]", "\"a.test:http\""] {
+            std::fs::write(&path, format!("server_address = {bad}\n")).expect("write");
+            let err = AgentConfig::from_file(&path)
+                .expect("parses")
+                .validate(&path)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("server_address"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub workload_attestations: Family<ResultLabels, Counter>,
     /// X509-SVIDs currently cached.
     pub svids_cached: Gauge,
+    /// Unix seconds at which the soonest-expiring cached X509-SVID expires; 0 when none is
+    /// cached. An alert on it sees an agent that stopped renewing before its workloads notice.
+    pub svid_earliest_expiry: Gauge,
     /// X509-SVIDs renewed before expiry.
     pub svid_renewals: Counter,
     /// X509-SVIDs signed (first issue and renewals).
@@ -42,6 +45,10 @@ impl Default for Metrics {
             workload_attestations: registry
                 .series("workload_attestations", "Workload attestations by result"),
             svids_cached: registry.series("svids_cached", "X509-SVIDs held in the cache"),
+            svid_earliest_expiry: registry.series(
+                "svid_earliest_expiry_timestamp_seconds",
+                "Unix seconds at which the soonest-expiring cached X509-SVID expires (0: none)",
+            ),
             svid_renewals: registry.series("svid_renewals", "X509-SVIDs renewed before expiry"),
             svids_signed: registry.series("svids_signed", "X509-SVIDs obtained from the server"),
             sync_connected: registry.series(

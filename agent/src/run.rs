@@ -15,11 +15,15 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::attest::{Startup, WorkloadAttestors};
-use crate::cache::{Cache, Signer, SignerSettings, keep_svids_fresh};
+use crate::cache::{
+    Cache, CacheStore, Signer, SignerSettings, keep_cache_on_disk, keep_svids_fresh,
+};
 use crate::config::{AgentConfig, NodeAttestorKind};
 use crate::health::{Health, router};
 use crate::metrics::Metrics;
-use crate::node::{Bootstrap, LinkSettings, NodeAttestation, ServerLink, keep_agent_svid_fresh};
+use crate::node::{
+    Bootstrap, IdentityStore, LinkSettings, NodeAttestation, ServerLink, keep_agent_svid_fresh,
+};
 use crate::workload::AgentSource;
 use crate::{Error, Result, sync};
 
@@ -51,6 +55,8 @@ pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Re
         metrics.clone(),
         Some(bundle),
     ));
+    let cache_store = CacheStore::new(IdentityStore::open(&config.data_dir)?);
+    load_cache(&config, &cache_store, &cache)?;
     let signer = Signer::start(
         link.clone(),
         cache.clone(),
@@ -66,6 +72,13 @@ pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Re
     spawn_upkeep(
         &mut tasks, &link, &cache, &signer, &metrics, &clock, &stopping,
     );
+    if config.persist_svid_cache {
+        tasks.spawn(keep_cache_on_disk(
+            cache.clone(),
+            cache_store,
+            stopping.clone(),
+        ));
+    }
 
     let attestors = WorkloadAttestors::from_config(Startup {
         config: &config,
@@ -105,6 +118,27 @@ pub async fn start(config: AgentConfig, source: &Path, clock: SharedClock) -> Re
         stop,
         tasks,
     })
+}
+
+/// Loads the stored SVID cache, so the agent serves it until a server answers; or, with
+/// `persist_svid_cache = false`, deletes any stored one, so no workload key stays on disk.
+fn load_cache(config: &AgentConfig, store: &CacheStore, cache: &Cache) -> Result<()> {
+    if !config.persist_svid_cache {
+        if store.remove()? {
+            tracing::info!(
+                "persist_svid_cache is off: deleted the SVID cache stored in the data directory"
+            );
+        }
+        return Ok(());
+    }
+    if let Some(restored) = store.restore(cache)? {
+        tracing::info!(
+            svids = restored,
+            entries = cache.entry_count(),
+            "loaded the stored SVID cache; serving it until a server answers"
+        );
+    }
+    Ok(())
 }
 
 /// Spawns the sync stream from the server and the rotation of the workload SVIDs and of the
@@ -147,7 +181,7 @@ fn link_settings(config: &AgentConfig, trust_domain: TrustDomain) -> LinkSetting
         (None, false) => Bootstrap::None,
     };
     LinkSettings {
-        address: config.server_address.clone(),
+        addresses: config.server_address.clone(),
         trust_domain,
         data_dir: config.data_dir.clone(),
         bootstrap,

@@ -105,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
     let socket_path = socket_path(&agent_dir, uid);
     let agent_config = AgentConfig {
         trust_domain: Some(args.trust_domain.clone()),
-        server_address: server.agent_api_address.to_string(),
+        server_address: vec![server.agent_api_address.to_string()],
         data_dir: agent_dir,
         socket_path: Some(socket_path.clone()),
         trust_bundle_path: Some(bundle_path),

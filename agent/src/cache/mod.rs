@@ -8,6 +8,7 @@
 //!
 //! Every change bumps a counter on a watch channel: Workload API streams resend on it.
 
+mod persist;
 mod rotation;
 mod signer;
 
@@ -28,6 +29,7 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 use sigil_core::sync::RwLockExt;
 
+pub use persist::{CACHE_FILE, CacheStore, keep_cache_on_disk};
 pub use rotation::keep_svids_fresh;
 pub use signer::{Signer, SignerSettings};
 
@@ -129,6 +131,15 @@ impl Cache {
         self.changes.send_modify(|n| *n += 1);
     }
 
+    /// Sets the SVID gauges from what `state` holds.
+    fn count_svids(&self, state: &State) {
+        self.metrics
+            .svids_cached
+            .set(i64::try_from(state.svids.len()).unwrap_or(i64::MAX));
+        let earliest = state.svids.values().map(|svid| svid.not_after).min();
+        self.metrics.svid_earliest_expiry.set(earliest.unwrap_or(0));
+    }
+
     /// A receiver that changes whenever the cache does.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
@@ -219,9 +230,7 @@ impl Cache {
                 }
             }
         }
-        self.metrics
-            .svids_cached
-            .set(i64::try_from(state.svids.len()).unwrap_or(i64::MAX));
+        self.count_svids(&state);
         self.metrics
             .entries
             .set(i64::try_from(state.entries.len()).unwrap_or(i64::MAX));
@@ -284,6 +293,11 @@ impl Cache {
         found
     }
 
+    /// How many entries the agent holds.
+    pub fn entry_count(&self) -> usize {
+        self.read().entries.len()
+    }
+
     /// The entry with this id, if the agent still has it.
     pub fn entry(&self, id: &str) -> Option<Arc<Entry>> {
         self.read().entries.get(id).cloned()
@@ -316,9 +330,7 @@ impl Cache {
             return;
         }
         state.svids.insert(svid.entry_id.clone(), Arc::new(svid));
-        self.metrics
-            .svids_cached
-            .set(i64::try_from(state.svids.len()).unwrap_or(i64::MAX));
+        self.count_svids(&state);
         drop(state);
         self.bump();
     }

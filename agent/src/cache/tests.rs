@@ -183,3 +183,38 @@ fn a_jwt_svid_is_reused_for_the_same_audience_until_half_its_life() {
     });
     assert!(cache.jwt("web", &audience).is_none());
 }
+
+#[test]
+fn the_earliest_expiry_gauge_follows_the_soonest_cached_svid_and_is_0_without_any() {
+    let metrics = Arc::new(Metrics::default());
+    let clock = Arc::new(ManualClock::new(
+        UNIX_EPOCH + Duration::from_secs(NOW.unsigned_abs()),
+    ));
+    let cache = empty_cache(clock, metrics.clone(), None);
+    cache.apply_sync(&snapshot(vec![
+        unix_entry("web", &["uid:1000"], 1, 0),
+        unix_entry("db", &["uid:2000"], 1, 0),
+    ]));
+    assert_eq!(metrics.svid_earliest_expiry.get(), 0);
+    cache.store_svid(CachedSvid {
+        not_after: NOW + 500,
+        ..svid("web", 1, NOW + 50, "ca1")
+    });
+    cache.store_svid(svid("db", 1, NOW + 50, "ca1"));
+    assert_eq!(metrics.svid_earliest_expiry.get(), NOW + 100);
+    cache.apply_sync(&SyncResponse {
+        removed_entry_ids: vec!["db".into()],
+        ..SyncResponse::default()
+    });
+    assert_eq!(metrics.svid_earliest_expiry.get(), NOW + 500);
+    cache.apply_sync(&snapshot(Vec::new()));
+    assert_eq!(metrics.svid_earliest_expiry.get(), 0);
+    // The name an alert rule uses.
+    assert!(
+        metrics
+            .encode()
+            .contains("sigil_agent_svid_earliest_expiry_timestamp_seconds 0"),
+        "{}",
+        metrics.encode()
+    );
+}

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
@@ -35,6 +35,10 @@ pub(crate) struct FakeServer {
     pub(crate) sync_messages: Mutex<Vec<SyncResponse>>,
     /// The entry ids of each `SignJwtSvid` call, in call order.
     pub(crate) jwt_calls: Mutex<Vec<String>>,
+    /// How many `Sync` calls were made (answered or not).
+    pub(crate) sync_opens: AtomicUsize,
+    /// Ends every open `Sync` stream with an error, as a server that dies would.
+    breaker: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for FakeServer {
@@ -61,7 +65,14 @@ impl FakeServer {
             down: AtomicBool::new(false),
             sync_messages: Mutex::default(),
             jwt_calls: Mutex::default(),
+            sync_opens: AtomicUsize::new(0),
+            breaker: Arc::default(),
         }
+    }
+
+    /// Breaks every open `Sync` stream.
+    pub(crate) fn break_streams(&self) {
+        self.breaker.notify_waiters();
     }
 
     /// The entry ids of every call so far, each batch sorted.
@@ -144,6 +155,7 @@ impl ServerApi for FakeServer {
     }
 
     async fn sync(&self) -> Result<SyncStream> {
+        self.sync_opens.fetch_add(1, Ordering::SeqCst);
         self.check_up("Sync")?;
         let messages: Vec<Result<SyncResponse>> = self
             .sync_messages
@@ -153,9 +165,16 @@ impl ServerApi for FakeServer {
             .cloned()
             .map(Ok)
             .collect();
-        Ok(Box::pin(
-            futures::stream::iter(messages).chain(futures::stream::pending()),
-        ))
+        // Registered now, so a break that comes before the stream is polled still ends it.
+        let broken = self.breaker.clone().notified_owned();
+        let broken = futures::stream::once(async move {
+            broken.await;
+            Err(Error::Refused {
+                call: "Sync",
+                status: Status::unavailable("connection reset"),
+            })
+        });
+        Ok(Box::pin(futures::stream::iter(messages).chain(broken)))
     }
 
     async fn trust(&self, _bundle: &TrustBundle) -> Result<()> {

@@ -18,9 +18,14 @@ use crate::cache::Cache;
 use tonic::transport::Channel;
 
 use super::{
-    AgentIdentity, IdentityStore, ServerConnection, attest_node, connect, connect_insecure, renew,
+    AgentIdentity, IdentityStore, ServerConnection, Servers, attest_node, connect,
+    connect_insecure, renew,
 };
 use crate::{Error, Result};
+
+/// The longest wait between two tries to renew the agent SVID: a server that answers again is
+/// used within this.
+const MAX_RENEW_RETRY: Duration = Duration::from_secs(5);
 
 /// How the agent trusts the server before it holds the server's bundle.
 #[derive(Debug, Clone)]
@@ -75,8 +80,8 @@ impl NodeAttestation {
 /// What the link needs to know.
 #[derive(Debug, Clone)]
 pub struct LinkSettings {
-    /// `host:port` of the agent API.
-    pub address: String,
+    /// The servers' agent API: `host:port`s, each name possibly resolving to several servers.
+    pub addresses: Vec<String>,
     /// The server's trust domain.
     pub trust_domain: TrustDomain,
     /// Where the identity is stored.
@@ -91,6 +96,7 @@ pub struct LinkSettings {
 #[derive(Debug)]
 pub struct ServerLink {
     settings: LinkSettings,
+    servers: Servers,
     store: IdentityStore,
     identity: ArcSwap<AgentIdentity>,
     connection: ArcSwap<ServerConnection>,
@@ -105,6 +111,7 @@ impl ServerLink {
         clock: &SharedClock,
     ) -> Result<(Self, TrustBundle)> {
         let store = IdentityStore::open(&settings.data_dir)?;
+        let servers = Servers::new(settings.addresses.clone());
         let now = clock.unix_now();
         let stored = store.load(&settings.trust_domain)?;
         let (identity, bundle) = match stored {
@@ -135,9 +142,9 @@ impl ServerLink {
                                 path.display()
                             ))
                         })?;
-                        connect(&settings.address, &settings.trust_domain, &roots, None).await?
+                        connect(&servers, &settings.trust_domain, &roots, None).await?
                     }
-                    Bootstrap::Insecure => connect_insecure(&settings.address).await?,
+                    Bootstrap::Insecure => connect_insecure(&servers).await?,
                     Bootstrap::None => {
                         return Err(Error::Startup(
                             "a first attestation needs trust_bundle_path (the PEM `sigil-server bundle show` prints) or, for development only, insecure_bootstrap = true".into(),
@@ -153,16 +160,11 @@ impl ServerLink {
             }
         };
         let roots = bundle.x509_authorities.clone();
-        let connection = connect(
-            &settings.address,
-            &settings.trust_domain,
-            &roots,
-            Some(&identity),
-        )
-        .await?;
+        let connection = connect(&servers, &settings.trust_domain, &roots, Some(&identity)).await?;
         Ok((
             ServerLink {
                 settings,
+                servers,
                 store,
                 identity: ArcSwap::from_pointee(identity),
                 connection: ArcSwap::from_pointee(connection),
@@ -177,21 +179,40 @@ impl ServerLink {
         self.connection.load().client.clone()
     }
 
+    /// The current connection, to hand to [`ServerLink::fail_over`] when a call on it fails.
+    pub(super) fn connection(&self) -> Arc<ServerConnection> {
+        self.connection.load_full()
+    }
+
+    /// A call on `failed` could not reach its server (or the server could not serve it): puts
+    /// that server last and starts a new channel, so the next call connects afresh, to another
+    /// server if one answers. Calls that failed together on one connection replace it once.
+    pub(super) fn fail_over(&self, failed: &Arc<ServerConnection>) {
+        if !Arc::ptr_eq(&self.connection.load(), failed) {
+            return;
+        }
+        self.servers.demote_current();
+        if let Err(e) = self.reconnect() {
+            tracing::warn!(error = %e, "cannot make a new channel to the servers");
+        }
+    }
+
     /// The agent's current identity.
     pub fn identity(&self) -> Arc<AgentIdentity> {
         self.identity.load_full()
     }
 
-    async fn reconnect(&self) -> Result<()> {
+    fn reconnect(&self) -> Result<()> {
         let identity = self.identity.load();
-        let connection = connect(
-            &self.settings.address,
+        let channel = super::server_channel(
+            &self.servers,
             &self.settings.trust_domain,
             &self.roots.load(),
             Some(&identity),
-        )
-        .await?;
-        self.connection.store(Arc::new(connection));
+        )?;
+        self.connection.store(Arc::new(ServerConnection {
+            client: AgentApiClient::new(channel),
+        }));
         Ok(())
     }
 
@@ -201,24 +222,36 @@ impl ServerLink {
         self.store.save_bundle(bundle)?;
         if **self.roots.load() != bundle.x509_authorities {
             self.roots.store(Arc::new(bundle.x509_authorities.clone()));
-            self.reconnect().await?;
+            // A server that did not verify against the old roots may against the new ones.
+            self.servers.forget_skipped();
+            self.reconnect()?;
         }
         Ok(())
     }
 
     /// Renews the agent SVID, stores it and reconnects with it.
     pub async fn renew(&self) -> Result<()> {
-        let mut connection = (**self.connection.load()).clone();
-        let identity = renew(&mut connection).await?;
+        let used = self.connection();
+        let mut connection = (*used).clone();
+        let identity = match renew(&mut connection).await {
+            Ok(identity) => identity,
+            Err(e) => {
+                if super::api::another_server_may_answer(e.code()) {
+                    self.fail_over(&used);
+                }
+                return Err(e);
+            }
+        };
         self.store.save_identity(&identity)?;
         tracing::info!(agent = %identity.spiffe_id, expires_at = identity.expires_at, "renewed the agent SVID");
         self.identity.store(Arc::new(identity));
-        self.reconnect().await
+        self.reconnect()
     }
 }
 
 /// Renews the agent SVID at half its remaining life, or at once when its CA is tainted, retrying
-/// with backoff when the server is away; runs until `stopping` turns true.
+/// with backoff (at most [`MAX_RENEW_RETRY`]) when no server answers; runs until `stopping` turns
+/// true.
 pub async fn keep_agent_svid_fresh(
     link: Arc<ServerLink>,
     cache: Arc<Cache>,
@@ -267,7 +300,7 @@ pub async fn keep_agent_svid_fresh(
                     () = tokio::time::sleep(backoff) => {}
                     _ = stopping.wait_for(|stop| *stop) => return,
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(60));
+                backoff = (backoff * 2).min(MAX_RENEW_RETRY);
             }
         }
     }

@@ -10,6 +10,7 @@ mod connect;
 #[cfg(test)]
 pub(crate) mod fake;
 mod link;
+mod servers;
 mod store;
 
 use rcgen::KeyPair;
@@ -22,6 +23,7 @@ use sigil_proto::common;
 pub use api::{ServerApi, SyncStream};
 pub use connect::{ServerConnection, connect, connect_insecure, server_channel};
 pub use link::{Bootstrap, LinkSettings, NodeAttestation, ServerLink, keep_agent_svid_fresh};
+pub use servers::{CONNECT_TIMEOUT, SKIP_FOR, Servers};
 pub use store::IdentityStore;
 
 use crate::{Error, Result};

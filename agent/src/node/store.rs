@@ -60,6 +60,27 @@ impl IdentityStore {
         write_private(&self.bundle_path(), bundle.to_spiffe_json()?.as_bytes())
     }
 
+    /// Writes `bytes` to the file `name` in the directory: mode 0600, through a synced temporary
+    /// file and a rename, as the identity is. For the agent's other private state (the SVID cache).
+    pub(crate) fn write_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        write_private(&self.dir.join(name), bytes)
+    }
+
+    /// The content of the file `name` in the directory, if it exists.
+    pub(crate) fn read_file(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        read_optional(&self.dir.join(name))
+    }
+
+    /// Removes the file `name` from the directory; returns whether it was there.
+    pub(crate) fn remove_file(&self, name: &str) -> Result<bool> {
+        let path = self.dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(format!("removing {}", path.display()), e)),
+        }
+    }
+
     /// The stored identity and bundle, if both are there.
     pub fn load(&self, trust_domain: &TrustDomain) -> Result<Option<(AgentIdentity, TrustBundle)>> {
         let (Some(key), Some(pem), Some(bundle)) = (

@@ -1,6 +1,8 @@
 //! The entry stream from the server: one long-lived `Sync` call that delivers a full snapshot, then
-//! every change, into the cache. When the server is away the agent keeps serving what it has and
-//! reconnects with exponential backoff and jitter.
+//! every change, into the cache. When the stream breaks the agent opens it again at once (on
+//! another server when its own is gone: the link fails over); while no server answers it keeps
+//! serving what it has and retries with exponential backoff and jitter, never waiting more than
+//! [`MAX_RETRY`], so a server that answers again is used within that.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +15,10 @@ use crate::cache::Cache;
 use crate::metrics::Metrics;
 use crate::node::ServerApi;
 
+/// The backoff after the first failure (the wait is between half of it and all of it).
 const FIRST_RETRY: Duration = Duration::from_millis(250);
-const MAX_RETRY: Duration = Duration::from_secs(30);
+/// The longest wait between two tries, jitter included.
+pub const MAX_RETRY: Duration = Duration::from_secs(5);
 
 /// Follows the server's sync stream until `stopping` turns true.
 pub async fn follow(
@@ -74,8 +78,8 @@ pub async fn follow(
     }
 }
 
-/// `base` plus up to half of it again, so agents that lost the server together do not return
-/// together.
+/// Between half of `base` and all of it, so agents that lost their servers together do not
+/// return together, and the wait never exceeds `base`.
 fn with_jitter(base: Duration) -> Duration {
     let mut random = [0u8; 2];
     let fraction = if SystemRandom::new().fill(&mut random).is_ok() {
@@ -83,7 +87,7 @@ fn with_jitter(base: Duration) -> Duration {
     } else {
         0.5
     };
-    base + base.mul_f64(fraction / 2.0)
+    base / 2 + (base / 2).mul_f64(fraction)
 }
 
 #[cfg(test)]
@@ -118,8 +122,8 @@ mod tests {
         assert!(!cache.wait_synced(Duration::from_secs(10)).await);
         assert_eq!(metrics.sync_connected.get(), 0);
         server.down.store(false, Ordering::SeqCst);
-        // Back: within the longest backoff (30 s plus half of it as jitter) the snapshot is in.
-        assert!(cache.wait_synced(Duration::from_secs(46)).await);
+        // Back: within the longest backoff (5 s, jitter included) the snapshot is in.
+        assert!(cache.wait_synced(MAX_RETRY).await);
         assert!(cache.entry("web").is_some());
         assert_eq!(metrics.sync_connected.get(), 1);
         assert_eq!(metrics.sync_updates.get(), 1);
@@ -127,5 +131,57 @@ mod tests {
         stop.send(true).expect("follower listening");
         follower.await.expect("follower ends");
         assert_eq!(metrics.sync_connected.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broken_stream_is_opened_again_within_a_second_and_retries_never_wait_over_5_s() {
+        let server = Arc::new(FakeServer::new());
+        server
+            .sync_messages
+            .lock()
+            .expect("lock")
+            .push(snapshot(vec![sync_entry("web", "1000", 1)]));
+        let metrics = Arc::new(Metrics::default());
+        let cache = empty_cache(
+            Arc::new(ManualClock::new(std::time::SystemTime::now())),
+            metrics.clone(),
+            None,
+        );
+        let (stop, follower) = spawn_stoppable(|stopping| {
+            follow(server.clone(), cache.clone(), metrics.clone(), stopping)
+        });
+        assert!(cache.wait_synced(Duration::from_secs(1)).await);
+        assert_eq!(server.sync_opens.load(Ordering::SeqCst), 1);
+
+        // The stream breaks (its server died): a new one is open within a second.
+        server.break_streams();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(server.sync_opens.load(Ordering::SeqCst), 2);
+        assert_eq!(metrics.sync_connected.get(), 1);
+
+        // No server for a minute: the backoff grows, but never past 5 s.
+        server.down.store(true, Ordering::SeqCst);
+        server.break_streams();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let tries = server.sync_opens.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let later = server.sync_opens.load(Ordering::SeqCst);
+        assert!(later - tries >= 4, "{tries} then {later} tries in 20 s");
+        server.down.store(false, Ordering::SeqCst);
+        let updates = metrics.sync_updates.get();
+        tokio::time::sleep(MAX_RETRY).await;
+        assert_eq!(metrics.sync_connected.get(), 1);
+        assert_eq!(metrics.sync_updates.get(), updates + 1, "a new snapshot");
+
+        stop.send(true).expect("follower listening");
+        follower.await.expect("follower ends");
+    }
+
+    #[test]
+    fn the_jittered_wait_lies_between_half_the_backoff_and_all_of_it() {
+        for _ in 0..200 {
+            let wait = with_jitter(MAX_RETRY);
+            assert!(wait >= MAX_RETRY / 2 && wait <= MAX_RETRY, "{wait:?}");
+        }
     }
 }
