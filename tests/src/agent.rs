@@ -35,6 +35,49 @@ impl AgentProcess {
         join_token: Option<&str>,
         extra_config: &str,
     ) -> anyhow::Result<Self> {
+        let address = format!("\"{}\"", server.agent_api);
+        Self::start_with_address(
+            dir,
+            &server.trust_domain,
+            &address,
+            bundle_pem,
+            join_token,
+            extra_config,
+        )
+    }
+
+    /// Like [`AgentProcess::start`], with every one of `servers` (`host:port` of their agent APIs)
+    /// given as the TOML list `server_address = [...]`, for an agent that fails over between them.
+    pub fn start_with_servers(
+        dir: &Path,
+        trust_domain: &str,
+        servers: &[String],
+        bundle_pem: &Path,
+        join_token: Option<&str>,
+        extra_config: &str,
+    ) -> anyhow::Result<Self> {
+        let quoted: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+        let list = format!("[{}]", quoted.join(", "));
+        Self::start_with_address(
+            dir,
+            trust_domain,
+            &list,
+            bundle_pem,
+            join_token,
+            extra_config,
+        )
+    }
+
+    /// Writes the agent's configuration with `server_address` set to the TOML value `address`
+    /// (a string or a list) and starts it.
+    fn start_with_address(
+        dir: &Path,
+        trust_domain: &str,
+        address: &str,
+        bundle_pem: &Path,
+        join_token: Option<&str>,
+        extra_config: &str,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let data_dir = dir.join("agent");
         let socket = dir.join("public/api.sock");
@@ -43,9 +86,7 @@ impl AgentProcess {
         std::fs::write(
             &config,
             format!(
-                "trust_domain = \"{}\"\nserver_address = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\nhealth_address = \"{health}\"\nlog_level = \"info,sigil_agent=debug\"\n",
-                server.trust_domain,
-                server.agent_api,
+                "trust_domain = \"{trust_domain}\"\nserver_address = {address}\ndata_dir = \"{}\"\nsocket_path = \"{}\"\ntrust_bundle_path = \"{}\"\nhealth_address = \"{health}\"\nlog_level = \"info,sigil_agent=debug\"\n",
                 data_dir.display(),
                 socket.display(),
                 bundle_pem.display()

@@ -11,6 +11,7 @@ pub mod echo;
 pub mod envoy;
 pub mod federation;
 pub mod forwarder;
+pub mod ha;
 pub mod kubernetes;
 mod node;
 pub mod postgres;

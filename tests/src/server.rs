@@ -162,7 +162,23 @@ impl ServerProcess {
         }
     }
 
-    /// Starts a server that [`ServerProcess::stop`] stopped, on the same directory and ports.
+    /// Kills the server with SIGKILL, as a crash or `kill -9` would: nothing is flushed, its
+    /// admin socket file stays behind.
+    pub fn crash(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// True while the server process runs (it was started and not stopped or crashed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Starts a server that [`ServerProcess::stop`] stopped (or [`ServerProcess::crash`] killed), on
+    /// the same directory and ports.
     pub fn restart_stopped(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.child.is_none(), "the server is still running");
         self.spawn()
