@@ -30,9 +30,9 @@ def config(path, key):
     return tomllib.loads(load(path)[0]["data"][key])
 
 
-agent = config("deploy/kubernetes/agent-config.yaml", "agent.toml")
-base_server = config("deploy/kubernetes/server-config.yaml", "server.toml")
-daemonset = load("deploy/kubernetes/agent-daemonset.yaml")[0]
+agent = config("deploy/kubernetes/base/agent-config.yaml", "agent.toml")
+base_server = config("deploy/kubernetes/base/server-config.yaml", "server.toml")
+daemonset = load("deploy/kubernetes/base/agent-daemonset.yaml")[0]
 host_socket_dir = next(
     v["hostPath"]["path"] for v in daemonset["spec"]["template"]["spec"]["volumes"] if v["name"] == "sockets"
 )
@@ -97,7 +97,7 @@ expect(ca["meshConfig"]["trustDomain"] == trust_domain, "ca-mode: meshConfig.tru
 ca_host, _, ca_port = ca["values"]["global"]["caAddress"].rpartition(":")
 env = {e["name"]: e["value"] for e in ca["components"]["pilot"]["k8s"]["env"]}
 expect(env.get("ENABLE_CA_SERVER") == "false", "ca-mode: istiod's own CA is not turned off")
-service = load("deploy/kubernetes/server-service.yaml")[0]
+service = load("deploy/kubernetes/base/server-service.yaml")[0]
 expect(
     ca_host.split(".")[:2] == [service["metadata"]["name"], service["metadata"]["namespace"]],
     f"ca-mode: caAddress {ca_host} is not the server's Service",

@@ -1,6 +1,8 @@
 //! The Kubernetes manifests in deploy/kubernetes validate (strictly) against the Kubernetes schema
 //! with PyPI's kubernetes-validate, and carry the probes, volumes and RBAC docs/kubernetes.md
-//! describes; the Istio overlays in deploy/istio agree with them and with what istio-agent needs;
+//! describes; so does the HA overlay deploy/kubernetes/ha, rendered by tests/python/kustomize.py
+//! (and compared with `kubectl kustomize` where kubectl is installed), which also carries the
+//! topology docs/operations.md describes; the Istio overlays in deploy/istio agree with them and with what istio-agent needs;
 //! the federation example is valid and consistent.
 
 use std::path::{Path, PathBuf};
@@ -38,6 +40,15 @@ fn kubernetes_manifests_validate_and_carry_what_the_docs_promise() -> anyhow::Re
         "kubernetes_manifests_validate_and_carry_what_the_docs_promise",
         "check_manifests.py",
         &repository().join("deploy/kubernetes"),
+    )
+}
+
+#[test]
+fn ha_overlay_renders_validates_and_runs_three_servers_on_postgres() -> anyhow::Result<()> {
+    python_check(
+        "ha_overlay_renders_validates_and_runs_three_servers_on_postgres",
+        "check_ha_overlay.py",
+        &repository().join("deploy/kubernetes/ha"),
     )
 }
 
