@@ -2,21 +2,25 @@
 //!
 //! The server answers from two in-memory mirrors of the datastore so that no signing request
 //! waits on the database: [`Authorizations`] (entries and agents: who may obtain what) and
-//! [`TrustBundles`] (the own and the federated bundles). Every write to entries, agents or
-//! bundles appends an event to the change feed in the same transaction; [`Feed`] reads the
-//! events it has not applied yet and reloads the row each one names into the mirror it concerns.
-//! It runs after the server's own writes (so they are visible at once), on a timer (to see other
-//! servers' writes) and, rate-limited, when a request missed in the cache.
+//! [`TrustBundles`] (the own and the federated bundles). Every write another server must see
+//! appends an event to the change feed in the same transaction; [`Feed`] reads the events it has
+//! not applied yet and reloads the row each one names into the mirror it concerns. It runs after
+//! the server's own writes (so they are visible at once), when Postgres notifies that another
+//! server committed events, on a timer as a safety net (`follow_changes` in
+//! `server/tasks.rs`) and, rate-limited, when a request missed in the cache.
 //!
 //! Every applied change bumps a revision; sync streams wake on it and send each agent the
-//! difference between what it holds and what it may now use.
+//! difference between what it holds and what it may now use. Changes to the CA journal and to
+//! federation relationships concern no mirror: they wake the CA's maintenance (which rebuilds the
+//! own bundle and the tainted set from every server's authorities) and the federation refresher.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sigil_core::sync::MutexExt;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::futures::Notified;
+use tokio::sync::{Mutex, Notify, watch};
 
 use crate::Result;
 use crate::authz::{Authorizations, AuthzSources};
@@ -54,6 +58,10 @@ pub struct Feed {
     revision: watch::Sender<u64>,
     /// When a caller last made the feed be read on a miss ([`Feed::catch_up_on_miss`]).
     last_miss_catch_up: std::sync::Mutex<Option<Instant>>,
+    /// An authority of the journal changed ([`Feed::journal_changed`]).
+    journal: Notify,
+    /// A federation relationship changed ([`Feed::relationships_changed`]).
+    relationships: Notify,
 }
 
 impl Feed {
@@ -80,6 +88,8 @@ impl Feed {
             position: Mutex::new(Position { newest, recent }),
             revision: watch::channel(newest).0,
             last_miss_catch_up: std::sync::Mutex::new(None),
+            journal: Notify::new(),
+            relationships: Notify::new(),
         })
     }
 
@@ -102,6 +112,18 @@ impl Feed {
     /// A receiver that changes whenever either mirror does.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.revision.subscribe()
+    }
+
+    /// Resolves once the feed has applied a change to the CA journal (made by any server) since
+    /// the last time it resolved; the CA's maintenance is its one waiter.
+    pub fn journal_changed(&self) -> Notified<'_> {
+        self.journal.notified()
+    }
+
+    /// Resolves once the feed has applied a change to a federation relationship since the last
+    /// time it resolved; the federation refresher is its one waiter.
+    pub fn relationships_changed(&self) -> Notified<'_> {
+        self.relationships.notified()
     }
 
     /// Applies every change-feed event not yet applied.
@@ -168,8 +190,9 @@ impl Feed {
                 self.authz.apply_agent(subject, agent);
             }
             EventKind::Bundle => self.bundles.reload(datastore, subject).await?,
-            // Relationships concern the refresher, not either mirror.
-            EventKind::Federation => {}
+            // One stored permit per waiter: a burst of events wakes it once.
+            EventKind::Federation => self.relationships.notify_one(),
+            EventKind::Authority => self.journal.notify_one(),
         }
         Ok(())
     }

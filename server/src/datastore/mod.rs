@@ -9,9 +9,12 @@
 //! through sqlx's Any driver. Each trait has its own conformance suite
 //! (`server/tests/datastore/<concern>.rs`), written against the trait and run on both databases.
 //!
-//! Every write to entries, agents or bundles appends an [`Event`] in the same transaction: the
-//! change feed that lets in-memory caches (and, later, other servers sharing the database) follow
-//! without rescanning tables.
+//! Every write that another server must see (entries, agents and bans, bundles, federation
+//! relationships, the CA journal) appends an [`Event`] in the same transaction: the change feed
+//! that lets in-memory caches, this server's and those of other servers sharing the database,
+//! follow without rescanning tables. On Postgres the commit also sends a `NOTIFY` (migration
+//! `0005_event_notify.sql`), which [`ChangeFeed::listen`] turns into a wake-up, so other servers
+//! read the feed at once instead of on their next poll.
 
 mod sql;
 
@@ -25,7 +28,7 @@ use sigil_core::selector::Selector;
 use crate::Result;
 use crate::ca::AuthorityState;
 
-pub use sql::SqlDataStore;
+pub use sql::{ChangeListener, SqlDataStore};
 
 /// An attested agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,6 +211,9 @@ pub enum EventKind {
     /// A federation relationship was created, updated or deleted; the subject is its trust
     /// domain.
     Federation,
+    /// An authority of the CA journal was made or changed state (on any server); the subject is
+    /// its id.
+    Authority,
 }
 
 /// One change-feed event.
@@ -346,7 +352,8 @@ pub trait BundleStore {
     ) -> impl Future<Output = Result<Option<FederationRelationship>>> + Send;
 }
 
-/// The CA journal: every X.509 CA certificate and JWT key, and where it is in its life.
+/// The CA journal: every X.509 CA certificate and JWT key, and where it is in its life. Each
+/// write appends an [`EventKind::Authority`] event.
 pub trait AuthorityJournal {
     /// The whole CA journal, oldest first.
     fn list_authorities(&self) -> impl Future<Output = Result<Vec<Authority>>> + Send;
@@ -384,4 +391,8 @@ pub trait ChangeFeed {
     fn latest_event_id(&self) -> impl Future<Output = Result<u64>> + Send;
     /// Deletes events created before `before` (Unix seconds); returns how many.
     fn prune_events(&self, before: i64) -> impl Future<Output = Result<u64>> + Send;
+    /// A connection that is told whenever a transaction that appended events commits, from any
+    /// handle on the same database; `None` where the database cannot push (SQLite, which the
+    /// poll serves alone). Fails when the database cannot be reached; the caller tries again.
+    fn listen(&self) -> impl Future<Output = Result<Option<ChangeListener>>> + Send;
 }

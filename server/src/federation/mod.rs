@@ -362,6 +362,8 @@ impl Federation {
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = self.wake.notified() => {}
+                // Another server (or this one) changed a relationship.
+                () = self.feed.relationships_changed() => {}
                 _ = stopping.wait_for(|stop| *stop) => return,
             }
         }

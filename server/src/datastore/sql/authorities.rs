@@ -1,12 +1,14 @@
 //! The CA journal: the `authorities` table, one row per X.509 CA certificate or JWT key and
-//! where it is in its life.
+//! where it is in its life. Every write appends an [`EventKind::Authority`] event, so the other
+//! servers sharing the journal rebuild the bundle (which publishes every server's authorities)
+//! and the tainted set as soon as one of them prepares, activates, taints or revokes.
 
 use std::str::FromStr;
 
 use sqlx::any::AnyRow;
 
-use super::{Columns, SqlDataStore, corrupt, fetch_all};
-use crate::datastore::{Authority, AuthorityJournal, AuthorityKind};
+use super::{Columns, SqlDataStore, append_event, corrupt, fetch_all};
+use crate::datastore::{Authority, AuthorityJournal, AuthorityKind, EventKind};
 use crate::{Error, Result};
 
 fn authority_from_row(row: &AnyRow) -> Result<Authority> {
@@ -35,6 +37,14 @@ impl AuthorityJournal for SqlDataStore {
     }
 
     async fn put_authority(&self, authority: &Authority) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        append_event(
+            &mut tx,
+            EventKind::Authority,
+            &authority.id,
+            self.clock.unix_now(),
+        )
+        .await?;
         sqlx::query("INSERT INTO authorities (id, kind, key_ref, public_data, state, not_after, created_at, owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE SET state = $5, owner = $8")
             .bind(&authority.id)
             .bind(authority.kind.as_str())
@@ -44,8 +54,9 @@ impl AuthorityJournal for SqlDataStore {
             .bind(authority.not_after)
             .bind(authority.created_at)
             .bind(&authority.owner)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 }
