@@ -80,11 +80,24 @@ pub enum KeyManagerKind {
 }
 
 /// The `[datastore]` section.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatastoreConfig {
     /// `sqlite://<path>` or `postgres://user@host/db`. Default: SQLite in the data directory.
     pub url: Option<String>,
+    /// How long a call waits for a datastore connection before it fails with `datastore
+    /// unavailable`. Default 2 s: during an outage admin calls fail fast instead of hanging,
+    /// while signing and sync go on from the server's mirrors.
+    pub timeout: HumanDuration,
+}
+
+impl Default for DatastoreConfig {
+    fn default() -> Self {
+        DatastoreConfig {
+            url: None,
+            timeout: HumanDuration::from_secs(2),
+        }
+    }
 }
 
 /// The `[join_token]` section.
@@ -458,6 +471,7 @@ impl ServerConfig {
             bundle_refresh_hint: self.ca.bundle_refresh_hint.0,
             upstream,
             reserved_dns_names: self.server_dns_names.clone(),
+            publication_wait: self.change_poll_interval.0.saturating_mul(2),
         })
     }
 
@@ -521,7 +535,7 @@ impl ServerConfig {
     }
 
     /// Every duration of the file, by key: none may be zero.
-    fn durations(&self) -> [(&'static str, HumanDuration); 15] {
+    fn durations(&self) -> [(&'static str, HumanDuration); 16] {
         let (ca, api, k8s) = (&self.ca, &self.agent_api, &self.kubernetes);
         [
             ("ca.ttl", ca.ttl),
@@ -530,6 +544,7 @@ impl ServerConfig {
             ("ca.agent_svid_ttl", ca.agent_svid_ttl),
             ("ca.bundle_refresh_hint", ca.bundle_refresh_hint),
             ("change_poll_interval", self.change_poll_interval),
+            ("datastore.timeout", self.datastore.timeout),
             ("join_token.default_ttl", self.join_token.default_ttl),
             ("agent_api.handshake_timeout", api.handshake_timeout),
             (

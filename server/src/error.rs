@@ -32,6 +32,11 @@ pub enum Error {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+    /// The datastore cannot be reached (down, restarting, or no connection free within
+    /// `[datastore] timeout`); nothing was written. Signing and sync go on from the server's
+    /// mirrors meanwhile; admin calls and attestation need the datastore.
+    #[error("datastore unavailable: {0} (retry when it is back)")]
+    DatastoreUnavailable(String),
     /// The CA, a key or the server's TLS could not be created, loaded or used.
     #[error("CA: {}", with_cause(context, source.as_deref()))]
     Ca {
@@ -119,7 +124,9 @@ impl Error {
             Error::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             Error::NotFound(_) => tonic::Status::not_found(message),
             Error::AlreadyExists(_) => tonic::Status::already_exists(message),
-            Error::Unavailable(_) => tonic::Status::unavailable(message),
+            Error::Unavailable(_) | Error::DatastoreUnavailable(_) => {
+                tonic::Status::unavailable(message)
+            }
             Error::Datastore { .. } | Error::Ca { .. } | Error::Io { .. } | Error::Integrity(_) => {
                 tonic::Status::internal(message)
             }
@@ -135,7 +142,26 @@ impl From<Error> for tonic::Status {
 
 impl From<sqlx::Error> for Error {
     fn from(error: sqlx::Error) -> Self {
-        Error::datastore_caused("", error)
+        if is_unreachable(&error) {
+            Error::DatastoreUnavailable(error.to_string())
+        } else {
+            Error::datastore_caused("", error)
+        }
+    }
+}
+
+/// Whether `error` says the database could not be reached rather than that a query failed: no
+/// connection within the acquire timeout, a broken socket, or Postgres shutting down or refusing
+/// connections (SQLSTATE classes 08, connection exception, and 57, operator intervention). Those
+/// are worth a retry once the database is back; a failed query is not.
+fn is_unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code.starts_with("57")),
+        _ => false,
     }
 }
 

@@ -34,6 +34,13 @@ pub struct BundleRefreshLabels {
     pub result: &'static str,
 }
 
+/// Labels of the CA expiry gauge.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthorityLabels {
+    /// `x509` (the X.509 CA) or `jwt` (the JWT signing key).
+    pub kind: &'static str,
+}
+
 /// Every series the server exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -50,6 +57,12 @@ pub struct Metrics {
     pub sync_streams: Gauge,
     /// Federated bundle refreshes, by trust domain and result.
     pub bundle_refreshes: Family<BundleRefreshLabels, Counter>,
+    /// 1 while the datastore answers, 0 while it does not.
+    pub datastore_up: Gauge,
+    /// Datastore calls that failed because it could not be reached, and failed health probes.
+    pub datastore_errors: Counter,
+    /// When this server's active authority of each kind expires, in Unix seconds.
+    pub ca_expiry: Family<AuthorityLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -72,6 +85,15 @@ impl Default for Metrics {
             bundle_refreshes: registry.series(
                 "federated_bundle_refreshes",
                 "Fetches of federated trust domains' bundles, by result",
+            ),
+            datastore_up: registry.series("datastore_up", "1 while the datastore answers"),
+            datastore_errors: registry.series(
+                "datastore_errors",
+                "Datastore calls and probes that failed to reach the datastore",
+            ),
+            ca_expiry: registry.series(
+                "ca_expiry_timestamp_seconds",
+                "When the server's active authority expires, by kind, in Unix seconds",
             ),
             registry,
         }

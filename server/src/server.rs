@@ -57,7 +57,14 @@ pub async fn start(
     let trust_domain = config.trust_domain(source)?;
     listeners::create_private_dir(&config.data_dir)?;
 
-    let datastore = Arc::new(SqlDataStore::connect(&config.datastore_url(), clock.clone()).await?);
+    let datastore = Arc::new(
+        SqlDataStore::connect_within(
+            &config.datastore_url(),
+            clock.clone(),
+            config.datastore.timeout.0,
+        )
+        .await?,
+    );
     crate::authz::reserved::check_stored_rows(
         datastore.as_ref(),
         &trust_domain,

@@ -21,6 +21,11 @@ impl Ca {
         self.x509.load().id.clone()
     }
 
+    /// When the active X.509 CA and the active JWT key expire, in Unix seconds.
+    pub fn active_expiry(&self) -> (i64, i64) {
+        (self.x509.load().not_after, self.jwt.load().not_after)
+    }
+
     /// Ids of tainted authorities (X.509 subject key ids and JWT key ids) not yet expired:
     /// agents renew at once whatever these signed.
     pub fn tainted(&self) -> Arc<Vec<String>> {

@@ -354,7 +354,6 @@ pub(super) fn usable(
     })
 }
 
-/// The authority `id` of the journal.
 /// The refusal of a transition `authority`'s state does not allow; `what_to_do` says which state
 /// it needs and how to get there.
 fn wrong_state(authority: &Authority, what_to_do: &str) -> Error {
@@ -365,6 +364,25 @@ fn wrong_state(authority: &Authority, what_to_do: &str) -> Error {
             authority.id, authority.state
         ),
     ))
+}
+
+/// The unexpired active authorities of `journal` whose key `keys` no longer holds: the server
+/// lost its data dir, or it was replaced by another's.
+pub(super) fn active_without_key(
+    journal: &[Authority],
+    now: i64,
+    keys: &dyn KeyManager,
+) -> Result<Vec<Authority>> {
+    let mut lost = Vec::new();
+    for authority in journal {
+        if authority.state == AuthorityState::Active
+            && authority.not_after > now
+            && keys.load(&authority.key_ref)?.is_none()
+        {
+            lost.push(authority.clone());
+        }
+    }
+    Ok(lost)
 }
 
 /// The journal rows `owner` owns, oldest first.

@@ -35,7 +35,7 @@ use sigil_core::x509::KeyType;
 use tokio::sync::Mutex;
 
 use crate::Result;
-use crate::datastore::{AuthorityKind, DataStore};
+use crate::datastore::{Authority, AuthorityKind, DataStore};
 
 pub use issue::{Issuer, Recipient};
 pub use journal::{AuthorityState, Plan, plan};
@@ -66,6 +66,10 @@ pub struct CaSettings {
     /// server by host name (istio-agent does) must never accept a workload in its place, so no
     /// workload SVID carries one of them.
     pub reserved_dns_names: Vec<String>,
+    /// How long a new authority made because the key of the active one is gone is published
+    /// before it signs: the time the bundle takes to reach every server and, through them, every
+    /// agent and workload (twice the change feed's poll interval).
+    pub publication_wait: Duration,
 }
 
 impl CaSettings {
@@ -151,6 +155,7 @@ impl Ca {
         let journal = journal::adopt_and_list_own(datastore, &owner, keys.as_ref()).await?;
         let now = clock.unix_now();
         let min_life = settings.minimum_remaining_life();
+        let lost = journal::active_without_key(&journal, now, keys.as_ref())?;
         let x509 = match journal::usable(&journal, AuthorityKind::X509, now, min_life)
             .filter(|a| settings.fits(&a.public_data))
             .find_map(|a| create::load_x509(a, &settings, keys.as_ref()).transpose())
@@ -199,8 +204,36 @@ impl Ca {
             tainted: ArcSwap::from_pointee(Vec::new()),
             rotation: Mutex::new(()),
         };
+        if !lost.is_empty() {
+            ca.replace_lost(datastore, &lost).await?;
+        }
         ca.publish_bundle(datastore).await?;
+        if !lost.is_empty() {
+            // Agents and workloads of other servers check what this one signs against the bundle
+            // they hold: they must hold the new authority before the first SVID it signs.
+            tracing::warn!(
+                wait = ?ca.settings.publication_wait,
+                "the new authorities are published; waiting for the bundle to reach every server before signing with them"
+            );
+            tokio::time::sleep(ca.settings.publication_wait).await;
+        }
         Ok(ca)
+    }
+
+    /// Retires this server's active authorities whose key is gone (`lost`), now that new ones
+    /// are active: they stay published as `old`, so what they signed verifies until it expires.
+    async fn replace_lost<D: DataStore>(&self, datastore: &D, lost: &[Authority]) -> Result<()> {
+        for authority in lost {
+            tracing::warn!(
+                authority = %authority.id,
+                kind = ?authority.kind,
+                "the key of this server's active authority is gone (the data dir was lost or replaced); it is retired, still published until it expires, and a new one replaces it"
+            );
+            let mut retired = authority.clone();
+            retired.state = AuthorityState::Old;
+            datastore.put_authority(&retired).await?;
+        }
+        Ok(())
     }
 
     /// This server's instance id, the owner of its journal rows.

@@ -10,7 +10,7 @@ use sigil_core::x509::certificate_facts;
 use super::sign::Holder;
 use super::*;
 use crate::Error;
-use crate::datastore::{AuthorityJournal, IssuedSvid, IssuedSvidStore, SqlDataStore};
+use crate::datastore::{AuthorityJournal, BundleStore, IssuedSvid, IssuedSvidStore, SqlDataStore};
 
 fn settings() -> CaSettings {
     CaSettings {
@@ -22,6 +22,7 @@ fn settings() -> CaSettings {
         bundle_refresh_hint: Duration::from_secs(300),
         upstream: None,
         reserved_dns_names: vec!["sigil-server.sigil.svc".into()],
+        publication_wait: Duration::ZERO,
     }
 }
 
@@ -346,16 +347,52 @@ async fn the_schedule_prepares_at_half_life_and_activates_after_a_refresh_hint()
 }
 
 #[tokio::test]
-async fn a_missing_key_means_a_new_ca_not_a_crash() {
+async fn a_lost_key_means_a_new_ca_published_before_it_signs() {
     let (_dir, clock, ds) = fixture().await;
     let first = memory_ca(&clock, &ds).await;
-    let second = memory_ca(&clock, &ds).await;
-    assert_ne!(first.x509.load().id, second.x509.load().id);
-    assert_eq!(
-        second.bundle().x509_authorities.len(),
-        2,
-        "the lost CA stays trusted until it expires"
+    // The same server (owner) again, but its keys are gone: a lost data dir.
+    // Real time: the datastore's pool times out at once under tokio's paused clock. The bound
+    // is a lower one (load waited at least this), which no slow machine can break.
+    let wait = Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let second = Ca::load(
+        CaSettings {
+            publication_wait: wait,
+            ..settings()
+        },
+        "server-a".into(),
+        Arc::new(MemoryKeyManager::default()),
+        clock.clone(),
+        &ds,
+    )
+    .await
+    .expect("ca");
+    assert!(
+        started.elapsed() >= wait,
+        "the new CA waited for its publication before it could sign"
     );
+    let (lost, new) = (first.x509.load().id.clone(), second.x509.load().id.clone());
+    assert_ne!(lost, new);
+    let journal = ds.list_authorities().await.expect("journal");
+    let state_of = |id: &str| journal.iter().find(|a| a.id == id).map(|a| a.state);
+    assert_eq!(state_of(&lost), Some(AuthorityState::Old));
+    assert_eq!(state_of(&new), Some(AuthorityState::Active));
+    assert_eq!(
+        state_of(&first.jwt.load().key_id),
+        Some(AuthorityState::Old),
+        "the lost JWT key is retired too"
+    );
+    let stored = ds
+        .get_bundle(second.trust_domain())
+        .await
+        .expect("bundle")
+        .expect("stored");
+    assert_eq!(
+        stored.x509_authorities.len(),
+        2,
+        "the new CA is in the stored bundle, and the lost one stays trusted until it expires"
+    );
+    assert_eq!(stored.jwt_authorities.len(), 2);
 }
 
 #[tokio::test]

@@ -33,6 +33,7 @@ mod issued_svids;
 mod join_tokens;
 
 use std::path::Path;
+use std::time::Duration;
 
 use sigil_core::clock::SharedClock;
 use sigil_core::id::{SpiffeId, TrustDomain, parse_spiffe_id, parse_trust_domain};
@@ -42,6 +43,8 @@ use sqlx::{AnyPool, Executor, Row};
 
 use super::{DataStore, EventKind};
 use crate::{Error, Result};
+
+pub use events::ChangeListener;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
@@ -53,9 +56,20 @@ pub struct SqlDataStore {
     clock: SharedClock,
 }
 
+/// How long a call waits for a connection unless told otherwise (`[datastore] timeout`).
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl SqlDataStore {
-    /// Opens the database at `url` (`sqlite://path` or `postgres://...`) and applies migrations.
+    /// Opens the database at `url` (`sqlite://path` or `postgres://...`) and applies migrations;
+    /// calls wait at most [`DEFAULT_TIMEOUT`] for a connection.
     pub async fn connect(url: &str, clock: SharedClock) -> Result<Self> {
+        Self::connect_within(url, clock, DEFAULT_TIMEOUT).await
+    }
+
+    /// [`SqlDataStore::connect`], with calls failing as [`Error::DatastoreUnavailable`] when no
+    /// connection can be had within `timeout` (the database down or every connection busy),
+    /// rather than after sqlx's default of 30 s.
+    pub async fn connect_within(url: &str, clock: SharedClock, timeout: Duration) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let (pool, migrator) = if url.starts_with("sqlite:") {
             ensure_sqlite_dir(url)?;
@@ -68,6 +82,7 @@ impl SqlDataStore {
             // `database is locked` when two deferred transactions both try to upgrade.
             let pool = AnyPoolOptions::new()
                 .max_connections(1)
+                .acquire_timeout(timeout)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
                         conn.execute(
@@ -84,6 +99,7 @@ impl SqlDataStore {
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let pool = AnyPoolOptions::new()
                 .max_connections(16)
+                .acquire_timeout(timeout)
                 .connect(url)
                 .await
                 .map_err(|e| {
@@ -261,6 +277,7 @@ fn event_kind(kind: EventKind) -> &'static str {
         EventKind::Agent => "agent",
         EventKind::Bundle => "bundle",
         EventKind::Federation => "federation",
+        EventKind::Authority => "authority",
     }
 }
 
