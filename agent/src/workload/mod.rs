@@ -109,6 +109,7 @@ impl AgentSource {
         let signed =
             futures::future::join_all(entries.iter().map(|entry| self.svid_for(entry))).await;
         let mut svids = Vec::with_capacity(signed.len());
+        let mut cannot_sign = None;
         for (entry, outcome) in entries.iter().zip(signed) {
             match outcome {
                 Ok(svid) => svids.push(X509Svid {
@@ -121,8 +122,17 @@ impl AgentSource {
                 Err(e) if e.code() == Code::PermissionDenied => {
                     tracing::warn!(entry = %entry.id, error = %e, "the server refused an SVID");
                 }
-                Err(e) => return Err(e),
+                // No valid SVID for this entry and no server to sign one (they are all away and
+                // its SVID expired): the workload keeps the identities that are still valid,
+                // and fails only when it has none.
+                Err(e) => {
+                    tracing::warn!(entry = %entry.id, error = %e, "no valid SVID for this entry until a server answers; serving the workload's others");
+                    cannot_sign.get_or_insert(e);
+                }
             }
+        }
+        if let (true, Some(e)) = (svids.is_empty(), cannot_sign) {
+            return Err(e);
         }
         Ok(X509View {
             svids,
