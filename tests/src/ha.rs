@@ -230,7 +230,7 @@ impl Cluster {
             .context("no server is running")
     }
 
-    /// Marks in every workload's answers, for [`check::Cluster::check_answers`].
+    /// Marks in every workload's answers, for [`Cluster::check_answers`].
     pub fn marks(&self) -> Vec<usize> {
         self.watchers.iter().map(Watcher::mark).collect()
     }

@@ -102,7 +102,7 @@ impl CacheStore {
     }
 }
 
-/// Writes the cache to disk after every change (coalesced over [`WRITE_DELAY`]) until `stopping`
+/// Writes the cache to disk after every change (coalesced over `WRITE_DELAY`, 200 ms) until `stopping`
 /// turns true; a change pending then is still written.
 pub async fn keep_cache_on_disk(
     cache: Arc<Cache>,

@@ -250,7 +250,7 @@ impl ServerLink {
 }
 
 /// Renews the agent SVID at half its remaining life, or at once when its CA is tainted, retrying
-/// with backoff (at most [`MAX_RENEW_RETRY`]) when no server answers; runs until `stopping` turns
+/// with backoff (at most `MAX_RENEW_RETRY`, 5 s) when no server answers; runs until `stopping` turns
 /// true.
 pub async fn keep_agent_svid_fresh(
     link: Arc<ServerLink>,

@@ -61,7 +61,7 @@ pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl SqlDataStore {
     /// Opens the database at `url` (`sqlite://path` or `postgres://...`) and applies migrations;
-    /// calls wait at most [`DEFAULT_TIMEOUT`] for a connection.
+    /// calls wait at most `DEFAULT_TIMEOUT` (2 s) for a connection.
     pub async fn connect(url: &str, clock: SharedClock) -> Result<Self> {
         Self::connect_within(url, clock, DEFAULT_TIMEOUT).await
     }
