@@ -160,12 +160,17 @@ impl Default for AgentApiConfig {
 pub struct IssuanceRecordConfig {
     /// How long a record is kept after its SVID expired. Default 7 days.
     pub retention: HumanDuration,
+    /// The most the local spool (records written while the datastore is away) may hold, in MiB;
+    /// once full, signing is refused until the datastore is back. Default 256 (about a million
+    /// records).
+    pub spool_max_mib: u64,
 }
 
 impl Default for IssuanceRecordConfig {
     fn default() -> Self {
         IssuanceRecordConfig {
             retention: HumanDuration::from_secs(7 * 24 * 3600),
+            spool_max_mib: 256,
         }
     }
 }
@@ -490,6 +495,12 @@ impl ServerConfig {
         }
         if self.max_message_bytes < 64 * 1024 {
             return Err(bad("max_message_bytes must be at least 65536".into()));
+        }
+        if !(1..=1024 * 1024).contains(&self.issuance_record.spool_max_mib) {
+            return Err(bad(format!(
+                "issuance_record.spool_max_mib is {}; give a size from 1 to 1048576 MiB",
+                self.issuance_record.spool_max_mib
+            )));
         }
         let agent_api = &self.agent_api;
         if agent_api.max_connections == 0

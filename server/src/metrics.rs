@@ -63,6 +63,8 @@ pub struct Metrics {
     pub datastore_errors: Counter,
     /// When this server's active authority of each kind expires, in Unix seconds.
     pub ca_expiry: Family<AuthorityLabels, Gauge>,
+    /// Issuance records in the local spool, waiting for the datastore.
+    pub issuance_spool_records: Gauge,
 }
 
 impl Default for Metrics {
@@ -94,6 +96,10 @@ impl Default for Metrics {
             ca_expiry: registry.series(
                 "ca_expiry_timestamp_seconds",
                 "When the server's active authority expires, by kind, in Unix seconds",
+            ),
+            issuance_spool_records: registry.series(
+                "issuance_spool_records",
+                "Issuance records in the local spool, waiting for the datastore to come back",
             ),
             registry,
         }

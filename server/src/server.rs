@@ -21,7 +21,9 @@ use crate::api::ServerState;
 use crate::api::tls::ServerTls;
 use crate::attest::{JoinTokenAttestor, NodeAttestor, PsatAttestor};
 use crate::authz::AuthzSources;
-use crate::ca::{Ca, DiskKeyManager, IssuanceRecorder, Issuer, KeyManager, MemoryKeyManager};
+use crate::ca::{
+    Ca, DiskKeyManager, IssuanceRecorder, Issuer, KeyManager, MemoryKeyManager, RecorderSettings,
+};
 use crate::config::{KeyManagerKind, ServerConfig};
 use crate::datastore::{DataStore, SqlDataStore};
 use crate::federation::{Federation, RefreshBounds, check_foreign_bundle};
@@ -92,7 +94,6 @@ pub async fn start(
         )
         .await?,
     );
-    let (recorder, recorder_task) = IssuanceRecorder::start(datastore.clone());
     let (stop, stopped) = watch::channel(false);
     let attestors = node_attestors(
         &config,
@@ -103,6 +104,15 @@ pub async fn start(
     );
 
     let metrics = Arc::new(Metrics::default());
+    let (recorder, recorder_task) = IssuanceRecorder::start(
+        datastore.clone(),
+        &RecorderSettings {
+            data_dir: config.data_dir.clone(),
+            spool_max_bytes: config.issuance_record.spool_max_mib * 1024 * 1024,
+            write_timeout: config.datastore.timeout.0,
+        },
+        metrics.clone(),
+    )?;
     let federation = Arc::new(Federation::new(
         trust_domain.clone(),
         RefreshBounds {
@@ -131,7 +141,7 @@ pub async fn start(
         server_dns_names: config.server_dns_names.clone(),
         stopping: stopped.clone(),
     });
-    let server_tls = Arc::new(ServerTls::new(&state)?);
+    let server_tls = Arc::new(ServerTls::new(&state).await?);
 
     let mut tasks = JoinSet::new();
     let agent_api_address = listeners::serve_agent_api(

@@ -271,7 +271,9 @@ async fn restart_postgres(cluster: &mut Cluster, times: &mut Recovery) -> anyhow
 
 /// Postgres is down for 20 s: admin calls fail fast, `/ready` answers at once, signing goes on
 /// (the fast SVIDs rotate during the outage) with the records spooled on the servers' disks, and
-/// once Postgres is back the records are replayed and writes work again.
+/// once Postgres is back the records are replayed and writes work again. At the end of the
+/// outage the server agent 0 syncs with is killed with `kill -9` while its spool holds records,
+/// and started again after Postgres: what it spooled must still reach the datastore.
 async fn stop_postgres(cluster: &mut Cluster, times: &mut Recovery) -> anyhow::Result<()> {
     let marks = cluster.marks();
     let before: Vec<_> = cluster.watchers.iter().map(|w| w.serials()).collect();
@@ -302,8 +304,27 @@ async fn stop_postgres(cluster: &mut Cluster, times: &mut Recovery) -> anyhow::R
             "agent {agent}'s {fast} did not rotate during the 20 s outage: signing stopped"
         );
     }
+    let victim = cluster.connected_server(0)?;
+    let spool = cluster.servers[victim]
+        .data_dir
+        .join("issuance-spool.jsonl");
+    let spooled = std::fs::read_to_string(&spool)
+        .map(|s| s.lines().count())
+        .unwrap_or(0);
+    ensure!(
+        spooled > 0,
+        "server {victim} signed during the outage but its spool {} is empty",
+        spool.display()
+    );
+    cluster.servers[victim].crash()?;
+    eprintln!("    server {victim} killed with {spooled} records in its spool");
     cluster.postgres.start_again()?;
     let back = Instant::now();
+    cluster.servers[victim].restart_stopped()?;
+    times.push((
+        format!("Postgres back to server {victim} restarted after its kill -9"),
+        back.elapsed(),
+    ));
     writes_reach_workloads(cluster, back, "after-postgres-outage", times).await?;
     lost_nothing(cluster, &marks, &[], times).await?;
     Ok(())

@@ -160,6 +160,7 @@ fn every_series_the_alerts_and_dashboard_use_exists_on_a_running_server_and_agen
     }
     for (exposition, series, wanted) in [
         (&server, "sigil_server_datastore_up", 1.0),
+        (&server, "sigil_server_issuance_spool_records", 0.0),
         (&server, "sigil_server_agents_connected", 1.0),
         (&agent, "sigil_agent_sync_connected", 1.0),
     ] {

@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status};
 
 use super::ServerState;
 use super::convert::{entry_to_proto, svid_to_proto};
-use crate::ca::Recipient;
+use crate::ca::{Recipient, Unrecorded};
 use crate::datastore::{AgentRecord, DataStore};
 use crate::metrics::AttestationLabels;
 use crate::{Error, Result};
@@ -111,8 +111,8 @@ async fn caller_agent<T, D: DataStore>(
 }
 
 impl<D: DataStore> AgentService<D> {
-    /// Signs an agent SVID for the key in `csr`.
-    fn sign_agent_svid(
+    /// Signs an agent SVID for the key in `csr` and waits for its issuance record.
+    async fn sign_agent_svid(
         &self,
         agent_id: &sigil_core::id::SpiffeId,
         csr: &[u8],
@@ -125,7 +125,9 @@ impl<D: DataStore> AgentService<D> {
         let csr = check_csr(csr)?;
         self.state
             .issuer
-            .agent_x509(&csr.public_key, agent_id, self.state.agent_svid_ttl)
+            .agent_x509(&csr.public_key, agent_id, self.state.agent_svid_ttl)?
+            .recorded()
+            .await
     }
 
     async fn attest(&self, request: AttestNodeRequest) -> Result<AttestNodeResponse> {
@@ -155,7 +157,7 @@ impl<D: DataStore> AgentService<D> {
                 "agent {agent_id} is banned; an operator must evict it before it can attest again"
             )));
         }
-        let svid = self.sign_agent_svid(&node.agent_id, &request.csr)?;
+        let svid = self.sign_agent_svid(&node.agent_id, &request.csr).await?;
         let now = self.state.clock.unix_now();
         // No previous serial: a certificate from before this attestation (an evicted agent's, say)
         // must not work again. `put_agent` refuses if a ban landed since the read above.
@@ -183,12 +185,14 @@ impl<D: DataStore> AgentService<D> {
         })
     }
 
+    /// Checks one CSR of a batch against the caller's authorizations and signs it; the record
+    /// is awaited by the batch, so a whole batch's records are written together.
     fn sign_one(
         &self,
         agent_id: &str,
         entry_id: &str,
         csr: &[u8],
-    ) -> Result<sigil_proto::common::X509Svid> {
+    ) -> Result<Unrecorded<sigil_proto::common::X509Svid>> {
         let started = Instant::now();
         let entry = self.state.authz.authorize(agent_id, entry_id)?;
         let csr = check_csr(csr)?;
@@ -211,7 +215,8 @@ impl<D: DataStore> AgentService<D> {
             .metrics
             .signing_seconds
             .observe(started.elapsed().as_secs_f64());
-        Ok(svid_to_proto(entry.spiffe_id.to_string(), &svid))
+        let spiffe_id = entry.spiffe_id.to_string();
+        Ok(svid.map(|svid| svid_to_proto(spiffe_id, &svid)))
     }
 }
 
@@ -258,6 +263,7 @@ impl<D: DataStore> AgentApi for AgentService<D> {
         let id = sigil_core::id::parse_spiffe_id("agent_id", &agent_id).map_err(Error::from)?;
         let svid = self
             .sign_agent_svid(&id, &request.get_ref().csr)
+            .await
             .inspect_err(|e| {
                 tracing::warn!(agent = %agent_id, error = %e, "agent SVID renewal refused");
             })?;
@@ -310,27 +316,42 @@ impl<D: DataStore> AgentApi for AgentService<D> {
                 requests.len()
             )));
         }
-        let results = requests
+        // Sign the whole batch first: its records then reach the recorder together and are
+        // written in one transaction before any SVID of the batch is answered.
+        let signed: Vec<_> = requests
             .into_iter()
-            .map(|item| match self.sign_one(&agent_id, &item.entry_id, &item.csr) {
+            .map(|item| {
+                let svid = self.sign_one(&agent_id, &item.entry_id, &item.csr);
+                (item.entry_id, svid)
+            })
+            .collect();
+        let mut results = Vec::with_capacity(signed.len());
+        for (entry_id, svid) in signed {
+            let outcome = match svid {
+                // A record that cannot be written fails the whole call (the batch shares one
+                // transaction or spool append), as Unavailable, so the agent asks another server.
+                Ok(unrecorded) => Ok(unrecorded.recorded().await?),
+                Err(e) => Err(e),
+            };
+            results.push(match outcome {
                 Ok(svid) => X509SvidResult {
-                    entry_id: item.entry_id,
+                    entry_id,
                     svid: Some(svid),
                     error_code: 0,
                     error_message: String::new(),
                 },
                 Err(e) => {
-                    tracing::warn!(agent = %agent_id, entry = %untrusted(&item.entry_id), error = %e, "X509-SVID request refused");
+                    tracing::warn!(agent = %agent_id, entry = %untrusted(&entry_id), error = %e, "X509-SVID request refused");
                     let status = e.status();
                     X509SvidResult {
-                        entry_id: item.entry_id,
+                        entry_id,
                         svid: None,
                         error_code: status.code() as i32,
                         error_message: status.message().to_string(),
                     }
                 }
-            })
-            .collect();
+            });
+        }
         Ok(Response::new(BatchSignX509SvidResponse { results }))
     }
 
@@ -342,15 +363,20 @@ impl<D: DataStore> AgentApi for AgentService<D> {
         let request = request.into_inner();
         let entry = self.state.authz.authorize(&agent_id, &request.entry_id)?;
         let ttl = Duration::from_secs(u64::try_from(entry.jwt_svid_ttl).unwrap_or(0));
-        let signed = self.state.issuer.workload_jwt(
-            &entry.spiffe_id,
-            &request.audience,
-            ttl,
-            Recipient {
-                agent_id: &agent_id,
-                entry_id: &entry.id,
-            },
-        )?;
+        let signed = self
+            .state
+            .issuer
+            .workload_jwt(
+                &entry.spiffe_id,
+                &request.audience,
+                ttl,
+                Recipient {
+                    agent_id: &agent_id,
+                    entry_id: &entry.id,
+                },
+            )?
+            .recorded()
+            .await?;
         let spiffe_id = entry.spiffe_id.to_string();
         Ok(Response::new(SignJwtSvidResponse {
             spiffe_id,

@@ -96,16 +96,21 @@ impl<D: DataStore> IstioCa<D> {
         } else {
             requested.min(self.max_validity)
         };
-        let svid = self.state.issuer.workload_x509(
-            &csr.public_key,
-            &id,
-            &[],
-            validity,
-            Recipient {
-                agent_id: "",
-                entry_id: "istio-ca",
-            },
-        )?;
+        let svid = self
+            .state
+            .issuer
+            .workload_x509(
+                &csr.public_key,
+                &id,
+                &[],
+                validity,
+                Recipient {
+                    agent_id: "",
+                    entry_id: "istio-ca",
+                },
+            )?
+            .recorded()
+            .await?;
         let bundle = self.state.ca.bundle();
         let mut cert_chain: Vec<String> = svid
             .chain

@@ -9,8 +9,8 @@
 //! A signing request flows: TLS handshake ([`tls`]) -> [`agent::AgentService`] finds the calling
 //! agent from its certificate -> [`crate::authz`] says whether the agent may obtain the entry ->
 //! [`sigil_core::x509::check_csr`] checks the CSR -> [`crate::ca::Issuer`] has the
-//! [`crate::ca::Ca`] sign, and the [`crate::ca::IssuanceRecorder`] write the record in the
-//! background. Every path that hands out an SVID (agent API, server TLS, Istio CA) goes through
+//! [`crate::ca::Ca`] sign, and the [`crate::ca::IssuanceRecorder`] write the record (to the
+//! datastore, or to the local spool while it is away) before the SVID is answered. Every path that hands out an SVID (agent API, server TLS, Istio CA) goes through
 //! the one [`crate::ca::Issuer`].
 
 pub mod admin;

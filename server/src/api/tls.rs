@@ -42,8 +42,8 @@ pub struct ServerTls {
 
 impl ServerTls {
     /// Issues the server's first SVID.
-    pub fn new<D: DataStore>(state: &ServerState<D>) -> Result<Self> {
-        let (config, expires_at, sequence, authority) = build(state)?;
+    pub async fn new<D: DataStore>(state: &ServerState<D>) -> Result<Self> {
+        let (config, expires_at, sequence, authority) = build(state).await?;
         Ok(ServerTls {
             config: ArcSwap::from_pointee(config),
             expires_at: expires_at.into(),
@@ -54,7 +54,7 @@ impl ServerTls {
 
     /// Renews the server SVID when half its life has passed, the bundle changed, or another CA
     /// became active (so a tainted CA's SVID does not outlive the taint).
-    pub fn refresh_if_due<D: DataStore>(&self, state: &ServerState<D>) -> Result<()> {
+    pub async fn refresh_if_due<D: DataStore>(&self, state: &ServerState<D>) -> Result<()> {
         use std::sync::atomic::Ordering;
         let now = state.clock.unix_now();
         let expires_at = self.expires_at.load(Ordering::SeqCst);
@@ -64,7 +64,7 @@ impl ServerTls {
             state.ca.bundle().sequence != self.bundle_sequence.load(Ordering::SeqCst);
         let other_ca = *self.authority.load_full() != state.ca.active_x509_id();
         if bundle_changed || other_ca || expires_at - now <= lifetime / 2 {
-            let (config, expires_at, sequence, authority) = build(state)?;
+            let (config, expires_at, sequence, authority) = build(state).await?;
             self.config.store(Arc::new(config));
             self.expires_at.store(expires_at, Ordering::SeqCst);
             self.bundle_sequence.store(sequence, Ordering::SeqCst);
@@ -211,13 +211,17 @@ impl AsyncWrite for LimitedConnection {
 
 /// A fresh server SVID in a TLS configuration, with its expiry, the bundle sequence it was made
 /// under, and the CA that signed it.
-fn build<D: DataStore>(state: &ServerState<D>) -> Result<(rustls::ServerConfig, i64, u64, String)> {
+async fn build<D: DataStore>(
+    state: &ServerState<D>,
+) -> Result<(rustls::ServerConfig, i64, u64, String)> {
     let provider = crypto_provider();
     let key = KeyType::EcP256.generate()?;
     let id = server_id(state.ca.trust_domain());
     let svid = state
         .issuer
-        .server_x509(&key, &id, &state.server_dns_names)?;
+        .server_x509(&key, &id, &state.server_dns_names)?
+        .recorded()
+        .await?;
     let bundle = state.ca.bundle();
     let mut roots = RootCertStore::empty();
     for der in &bundle.x509_authorities {

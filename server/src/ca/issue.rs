@@ -1,6 +1,8 @@
 //! Issuing: the one door every SVID the server hands out goes through. It signs with the CA,
-//! writes the issuance record (which `ca revoke` trusts to know what a CA still has out there)
-//! and counts the SVID, so no path can sign without recording.
+//! hands the issuance record (which `ca revoke` trusts to know what a CA still has out there) to
+//! the recorder and counts the SVID, so no path can sign without recording. What it returns is
+//! [`Unrecorded`]: the caller gets the SVID only by awaiting the record, and may sign a whole
+//! batch first so the batch's records are written together.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use rcgen::PublicKeyData;
 use sigil_core::id::SpiffeId;
 
 use super::sign::Holder;
-use super::{Ca, IssuanceRecorder, SignedJwtSvid, SignedX509Svid};
+use super::{Ca, IssuanceRecorder, SignedJwtSvid, SignedX509Svid, Unrecorded};
 use crate::Result;
 use crate::datastore::IssuedSvid;
 use crate::metrics::{Metrics, SvidLabels};
@@ -50,12 +52,11 @@ impl Issuer {
         dns_names: &[String],
         ttl: Duration,
         to: Recipient<'_>,
-    ) -> Result<SignedX509Svid> {
+    ) -> Result<Unrecorded<SignedX509Svid>> {
         let svid =
             self.ca
                 .sign_x509_svid(Holder::Workload, public_key, spiffe_id, dns_names, ttl)?;
-        self.record_x509("x509", spiffe_id, &svid, to);
-        Ok(svid)
+        Ok(self.record_x509("x509", spiffe_id, svid, to))
     }
 
     /// An agent's own SVID, valid for `ttl`.
@@ -64,7 +65,7 @@ impl Issuer {
         public_key: &impl PublicKeyData,
         agent_id: &SpiffeId,
         ttl: Duration,
-    ) -> Result<SignedX509Svid> {
+    ) -> Result<Unrecorded<SignedX509Svid>> {
         let svid = self
             .ca
             .sign_x509_svid(Holder::Component, public_key, agent_id, &[], ttl)?;
@@ -73,8 +74,7 @@ impl Issuer {
             agent_id: &agent,
             entry_id: "",
         };
-        self.record_x509("agent", agent_id, &svid, to);
-        Ok(svid)
+        Ok(self.record_x509("agent", agent_id, svid, to))
     }
 
     /// The server's own TLS certificate, with its DNS names, for the CA's default lifetime.
@@ -83,7 +83,7 @@ impl Issuer {
         public_key: &impl PublicKeyData,
         server_id: &SpiffeId,
         dns_names: &[String],
-    ) -> Result<SignedX509Svid> {
+    ) -> Result<Unrecorded<SignedX509Svid>> {
         let svid = self.ca.sign_x509_svid(
             Holder::Component,
             public_key,
@@ -91,8 +91,7 @@ impl Issuer {
             dns_names,
             Duration::ZERO,
         )?;
-        self.record_x509("server", server_id, &svid, Recipient::default());
-        Ok(svid)
+        Ok(self.record_x509("server", server_id, svid, Recipient::default()))
     }
 
     /// A workload's JWT-SVID for `audience`.
@@ -102,10 +101,10 @@ impl Issuer {
         audience: &[String],
         ttl: Duration,
         to: Recipient<'_>,
-    ) -> Result<SignedJwtSvid> {
+    ) -> Result<Unrecorded<SignedJwtSvid>> {
         let signed = self.ca.sign_jwt_svid(spiffe_id, audience, ttl)?;
         self.count("jwt");
-        self.recorder.record(IssuedSvid {
+        let record = IssuedSvid {
             serial: signed.token_id.clone(),
             kind: "jwt".into(),
             spiffe_id: spiffe_id.to_string(),
@@ -114,19 +113,19 @@ impl Issuer {
             authority_id: signed.key_id.clone(),
             not_before: signed.issued_at,
             not_after: signed.expires_at,
-        });
-        Ok(signed)
+        };
+        Ok(self.recorder.record(signed, record))
     }
 
     fn record_x509(
         &self,
         kind: &'static str,
         spiffe_id: &SpiffeId,
-        svid: &SignedX509Svid,
+        svid: SignedX509Svid,
         to: Recipient<'_>,
-    ) {
+    ) -> Unrecorded<SignedX509Svid> {
         self.count(kind);
-        self.recorder.record(IssuedSvid {
+        let record = IssuedSvid {
             serial: svid.serial.clone(),
             kind: "x509".into(),
             spiffe_id: spiffe_id.to_string(),
@@ -135,7 +134,8 @@ impl Issuer {
             authority_id: svid.authority_id.clone(),
             not_before: svid.not_before,
             not_after: svid.not_after,
-        });
+        };
+        self.recorder.record(svid, record)
     }
 
     fn count(&self, kind: &'static str) {

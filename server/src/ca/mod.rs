@@ -11,7 +11,7 @@
 //! | `sign.rs` | signing X509-SVIDs and JWT-SVIDs, and the reserved-namespace checks |
 //! | `bundle.rs` | the own bundle, rebuilt from the journal |
 //! | `create.rs` | making and loading authorities |
-//! | `keys.rs`, `jwt.rs`, `upstream.rs`, `record.rs` | key managers, the JWT key, the upstream CA, the issuance record |
+//! | `keys.rs`, `jwt.rs`, `upstream.rs`, `record.rs` | key managers, the JWT key, the upstream CA, the issuance record and its spool (`record/spool.rs`) |
 
 mod bundle;
 mod create;
@@ -41,7 +41,7 @@ pub use issue::{Issuer, Recipient};
 pub use journal::{AuthorityState, Plan, plan};
 pub use jwt::JwtKey;
 pub use keys::{DiskKeyManager, KeyManager, MemoryKeyManager};
-pub use record::IssuanceRecorder;
+pub use record::{IssuanceRecorder, RecorderSettings, SPOOL_FILE, Unrecorded};
 pub use sign::{SignedJwtSvid, SignedX509Svid};
 pub use upstream::{DiskUpstream, UpstreamAuthority, is_self_issued};
 

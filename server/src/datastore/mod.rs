@@ -156,8 +156,8 @@ pub struct Authority {
     pub owner: String,
 }
 
-/// A record of one signed SVID. Never holds a key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A record of one signed SVID. Never holds a key. Serialised as JSON in the issuance spool.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IssuedSvid {
     /// X.509: hex serial; JWT: the `jti`.
     pub serial: String,

@@ -159,7 +159,7 @@ pub(super) async fn maintain_ca<D: DataStore>(
             _ = stopped.wait_for(|stop| *stop) => return,
         }
         keep_ca_in_step(&state.ca, &state.feed, state.datastore.as_ref()).await;
-        if let Err(e) = tls.refresh_if_due(&state) {
+        if let Err(e) = tls.refresh_if_due(&state).await {
             tracing::error!(error = %e, "cannot renew the server SVID; retrying");
         }
     }
