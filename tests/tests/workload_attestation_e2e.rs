@@ -68,7 +68,12 @@ async fn an_execve_after_connect_is_not_attested_as_the_new_program() -> anyhow:
         "a connection made before execve was attested as the new program: {after_exec}"
     );
     ensure!(
-        node.agent.logs().contains("workload attestation failed"),
+        // The agent may answer before its log line is flushed: wait for it.
+        node.agent.wait_for_log(
+            "workload attestation failed",
+            1,
+            Duration::from_secs(5)
+        ),
         "the refusal is logged"
     );
 
