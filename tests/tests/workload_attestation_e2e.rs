@@ -69,11 +69,8 @@ async fn an_execve_after_connect_is_not_attested_as_the_new_program() -> anyhow:
     );
     ensure!(
         // The agent may answer before its log line is flushed: wait for it.
-        node.agent.wait_for_log(
-            "workload attestation failed",
-            1,
-            Duration::from_secs(5)
-        ),
+        node.agent
+            .wait_for_log("workload attestation failed", 1, Duration::from_secs(5)),
         "the refusal is logged"
     );
 
