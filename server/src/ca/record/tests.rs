@@ -111,6 +111,18 @@ impl Fixture {
     fn spool_gauge(&self) -> i64 {
         self.metrics.issuance_spool_records.get()
     }
+
+    /// Waits (real time: the datastore's pool needs it) until a replay has emptied the spool.
+    async fn wait_drained(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.spool_gauge() != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the spool never drained"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 fn record(n: usize) -> IssuedSvid {
@@ -175,14 +187,7 @@ async fn an_outage_spools_records_and_they_reach_the_datastore_when_it_is_back()
 
         fixture.store.set(UP);
         // The next replay (within REPLAY_INTERVAL) moves everything; wait for the gauge to drop.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while fixture.spool_gauge() != 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the spool never drained"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        fixture.wait_drained().await;
         assert_eq!(fixture.stored().await, 60);
         assert_eq!(
             fixture.spool_lines(),
@@ -220,14 +225,7 @@ async fn records_spooled_before_a_crash_are_replayed_by_the_next_run() {
             .iter()
             .all(Result::is_ok)
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while fixture.spool_gauge() != 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the spool never drained"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    fixture.wait_drained().await;
     assert_eq!(fixture.stored().await, 41);
     drop(recorder);
     task.await.expect("writer");
