@@ -8,6 +8,7 @@
 //! - [`x509`]: the X509-SVID profile: CSR checks, leaf and CA certificate parameters, parsing.
 //! - [`tls`]: rustls verifiers that authenticate peers by SPIFFE ID against a bundle.
 //! - [`config`]: the duration type of settings and flags, and the TOML loader every binary uses.
+//! - [`resume`]: digests of what an agent holds, so a reopened sync stream sends only what differs.
 //! - [`clock`]: the injectable clock that every expiry and rotation decision reads.
 //! - [`health`]: the `/ready` probe behind both `healthcheck` commands.
 //! - [`metrics`]: registering Prometheus series and rendering them for `/metrics`.
@@ -28,6 +29,7 @@ pub mod health;
 pub mod id;
 mod io;
 pub mod metrics;
+pub mod resume;
 pub mod secret;
 pub mod selector;
 pub mod sync;

@@ -6,13 +6,18 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use prost::Message;
 use rcgen::KeyPair;
 use sigil_agent::node::{AgentIdentity, ServerConnection, attest_with_join_token, renew};
 use sigil_core::bundle::TrustBundle;
 use sigil_core::id::SpiffeId;
+use sigil_core::resume::{
+    EntryDigests, bundle_digest, entry_bucket, federated_digest, tainted_digest,
+};
 use sigil_core::x509::{KeyType, check_leaf_profile, csr_for};
 use sigil_proto::agent::{
-    BatchSignX509SvidRequest, SignJwtSvidRequest, SyncRequest, SyncResponse, X509SvidRequest,
+    BatchSignX509SvidRequest, SignJwtSvidRequest, SyncRequest, SyncResponse, SyncResume,
+    X509SvidRequest,
 };
 use sigil_tests::steps::{ServerTrust, refused, refused_because, refused_with};
 use sigil_tests::{ServerProcess, entry_create, postgres};
@@ -183,7 +188,7 @@ async fn attest_once_with_the_join_token(
     let unknown = attest_with_join_token(&mut anonymous, "not-a-token").await;
     refused_because(unknown, "unknown join token", "unknown token accepted")?;
 
-    let denied = anonymous.client.sync(SyncRequest {}).await;
+    let denied = anonymous.client.sync(SyncRequest::default()).await;
     refused_with(denied, Code::Unauthenticated, "anonymous sync")?;
     Ok((agent, bundle))
 }
@@ -194,7 +199,11 @@ async fn the_sync_stream_follows_new_entries(
     s: &Scenario<'_>,
     connection: &mut ServerConnection,
 ) -> anyhow::Result<Streaming<SyncResponse>> {
-    let mut stream = connection.client.sync(SyncRequest {}).await?.into_inner();
+    let mut stream = connection
+        .client
+        .sync(SyncRequest::default())
+        .await?
+        .into_inner();
     let snapshot = stream.message().await?.context("no snapshot")?;
     ensure!(snapshot.full_snapshot, "first message is the snapshot");
     let ids: Vec<&str> = snapshot
@@ -227,7 +236,69 @@ async fn the_sync_stream_follows_new_entries(
         "it is the new entry"
     );
     eprintln!("entry create (CLI process included) to sync delivery: {delivery:?}");
+    let mut held = snapshot.entries.clone();
+    held.extend(change.entries.iter().cloned());
+    let bundle = TrustBundle::try_from(snapshot.bundle.as_ref().context("bundle")?)?;
+    a_reopened_stream_sends_only_what_differs(connection, &held, &bundle).await?;
     Ok(stream)
+}
+
+/// A second stream opened with the digests of what the agent holds moves almost nothing when
+/// nothing changed, and only the stale bucket's entries when one entry's revision is off.
+async fn a_reopened_stream_sends_only_what_differs(
+    connection: &mut ServerConnection,
+    held: &[sigil_proto::common::Entry],
+    bundle: &TrustBundle,
+) -> anyhow::Result<()> {
+    let resume = |entries: &[sigil_proto::common::Entry]| SyncResume {
+        entry_buckets: EntryDigests::of(entries.iter().map(|e| (e.id.as_str(), e.revision)))
+            .buckets()
+            .to_vec(),
+        bundle_digest: bundle_digest(Some(bundle)),
+        federated_digest: federated_digest([]),
+        tainted_digest: tainted_digest([]),
+    };
+    let request = SyncRequest {
+        resume: Some(resume(held)),
+    };
+    let request_bytes = request.encoded_len();
+    let mut stream = connection.client.sync(request).await?.into_inner();
+    let first = stream.message().await?.context("no first message")?;
+    ensure!(
+        first.resumed && !first.full_snapshot && !first.more,
+        "resumed: {first:?}"
+    );
+    ensure!(
+        first.entries.is_empty() && first.replaced_buckets.is_empty() && first.bundle.is_none(),
+        "nothing differs, nothing sent: {first:?}"
+    );
+    let moved = request_bytes + first.encoded_len();
+    ensure!(
+        moved < 1024,
+        "a resume with nothing changed moved {moved} bytes"
+    );
+    drop(stream);
+
+    let mut stale = held.to_vec();
+    stale[0].revision += 1;
+    let mut stream = connection
+        .client
+        .sync(SyncRequest {
+            resume: Some(resume(&stale)),
+        })
+        .await?
+        .into_inner();
+    let first = stream.message().await?.context("no first message")?;
+    let bucket = u32::try_from(entry_bucket(&held[0].id))?;
+    ensure!(
+        first.resumed && first.replaced_buckets == [bucket],
+        "one bucket replaced: {first:?}"
+    );
+    ensure!(
+        first.entries.iter().any(|e| e.id == held[0].id),
+        "the stale entry is sent again: {first:?}"
+    );
+    Ok(())
 }
 
 /// Signing: one good CSR and three bad ones in one batch; each item succeeds or fails alone. The

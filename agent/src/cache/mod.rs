@@ -12,7 +12,7 @@ mod persist;
 mod rotation;
 mod signer;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -20,9 +20,12 @@ use sigil_core::bundle::TrustBundle;
 use sigil_core::clock::SharedClock;
 use sigil_core::entry::{Entry, EntryInput};
 use sigil_core::id::TrustDomain;
+use sigil_core::resume::{
+    EntryDigests, bundle_digest, entry_bucket, federated_digest, tainted_digest,
+};
 use sigil_core::secret::PrivateKey;
 use sigil_core::selector::{Selector, all_present};
-use sigil_proto::agent::SyncResponse;
+use sigil_proto::agent::{SyncResponse, SyncResume};
 use sigil_proto::common;
 use tokio::sync::watch;
 
@@ -157,6 +160,18 @@ impl Cache {
         if message.full_snapshot {
             state.entries.clear();
             state.synced = true;
+        } else if message.resumed {
+            // The server found these buckets differ from what the agent holds; the entries it sent
+            // are all the buckets now hold.
+            let replaced: HashSet<usize> = message
+                .replaced_buckets
+                .iter()
+                .filter_map(|bucket| usize::try_from(*bucket).ok())
+                .collect();
+            state
+                .entries
+                .retain(|id, _| !replaced.contains(&entry_bucket(id)));
+            state.synced = true;
         }
         for entry in &message.entries {
             match entry_from_proto(entry, &self.trust_domain, now) {
@@ -179,9 +194,8 @@ impl Cache {
             ..
         } = &mut *state;
         svids.retain(|id, _| entries.contains_key(id));
-        jwts.retain(|(id, _), _| {
-            entries.contains_key(id) && !message.entries.iter().any(|e| &e.id == id)
-        });
+        let sent: HashSet<&str> = message.entries.iter().map(|e| e.id.as_str()).collect();
+        jwts.retain(|(id, _), _| entries.contains_key(id) && !sent.contains(id.as_str()));
         let mut new_bundle = None;
         if let Some(bundle) = &message.bundle {
             match TrustBundle::try_from(bundle) {
@@ -237,6 +251,27 @@ impl Cache {
         drop(state);
         self.bump();
         new_bundle
+    }
+
+    /// What the cache holds, as digests for the next `Sync` call, so the server sends only what
+    /// differs; `None` before any snapshot (from a server or from disk): then a whole one.
+    pub fn resume(&self) -> Option<SyncResume> {
+        let state = self.read();
+        if !state.synced {
+            return None;
+        }
+        let entries = EntryDigests::of(
+            state
+                .entries
+                .values()
+                .map(|entry| (entry.id.as_str(), entry.revision)),
+        );
+        Some(SyncResume {
+            entry_buckets: entries.buckets().to_vec(),
+            bundle_digest: bundle_digest(state.bundle.as_deref()),
+            federated_digest: federated_digest(state.federated.values().map(AsRef::as_ref)),
+            tainted_digest: tainted_digest(state.tainted.iter().map(String::as_str)),
+        })
     }
 
     /// Whether the first full snapshot has arrived.

@@ -218,3 +218,43 @@ fn the_earliest_expiry_gauge_follows_the_soonest_cached_svid_and_is_0_without_an
         metrics.encode()
     );
 }
+
+#[test]
+fn a_resumed_update_replaces_the_buckets_it_names_and_keeps_the_rest() {
+    let (_clock, cache) = cache();
+    assert_eq!(cache.resume(), None, "nothing held: a whole snapshot");
+    let many: Vec<common::Entry> = (0..200)
+        .map(|n| unix_entry(&format!("e{n}"), &["uid:1000"], 1, 0))
+        .collect();
+    cache.apply_sync(&snapshot(many));
+    let held = cache.resume().expect("synced");
+    let ids: Vec<String> = (0..200).map(|n| format!("e{n}")).collect();
+    let expected = EntryDigests::of(ids.iter().map(|id| (id.as_str(), 1)));
+    assert_eq!(held.entry_buckets, expected.buckets());
+
+    // The server's view: e0 changed, e1 is gone; both their buckets come again whole.
+    let buckets: BTreeSet<usize> = [entry_bucket("e0"), entry_bucket("e1")].into();
+    let resent: Vec<common::Entry> = (2..200)
+        .map(|n| format!("e{n}"))
+        .filter(|id| buckets.contains(&entry_bucket(id)))
+        .map(|id| unix_entry(&id, &["uid:1000"], 1, 0))
+        .chain([unix_entry("e0", &["uid:1000"], 2, 0)])
+        .collect();
+    cache.apply_sync(&SyncResponse {
+        resumed: true,
+        replaced_buckets: buckets
+            .iter()
+            .map(|b| u32::try_from(*b).expect("small"))
+            .collect(),
+        entries: resent,
+        ..SyncResponse::default()
+    });
+    assert_eq!(cache.entry_count(), 199);
+    assert!(cache.entry("e1").is_none(), "dropped with its bucket");
+    assert_eq!(cache.entry("e0").map(|e| e.revision), Some(2));
+    let untouched = (2..200)
+        .map(|n| format!("e{n}"))
+        .find(|id| !buckets.contains(&entry_bucket(id)))
+        .expect("some entry in another bucket");
+    assert!(cache.entry(&untouched).is_some(), "other buckets are kept");
+}

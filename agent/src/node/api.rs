@@ -32,8 +32,8 @@ pub trait ServerApi: std::fmt::Debug + Send + Sync + 'static {
     /// `SignJwtSvid` for the entry and audience.
     async fn sign_jwt(&self, entry_id: &str, audience: &[String]) -> Result<SignJwtSvidResponse>;
 
-    /// Opens the `Sync` stream.
-    async fn sync(&self) -> Result<SyncStream>;
+    /// Opens the `Sync` stream; `request` may say what the agent already holds.
+    async fn sync(&self, request: SyncRequest) -> Result<SyncStream>;
 
     /// Keeps a bundle the server sent and trusts its roots from the next connection on.
     async fn trust(&self, bundle: &TrustBundle) -> Result<()>;
@@ -110,10 +110,11 @@ impl ServerApi for ServerLink {
         Ok(answer.into_inner())
     }
 
-    async fn sync(&self) -> Result<SyncStream> {
+    async fn sync(&self, request: SyncRequest) -> Result<SyncStream> {
         let answer = self
-            .with_failover("Sync", |connection| async move {
-                connection.client.clone().sync(SyncRequest {}).await
+            .with_failover("Sync", |connection| {
+                let request = request.clone();
+                async move { connection.client.clone().sync(request).await }
             })
             .await?;
         Ok(answer

@@ -13,7 +13,9 @@ use sigil_core::bundle::TrustBundle;
 use sigil_core::clock::SharedClock;
 use sigil_core::id::parse_trust_domain;
 use sigil_core::x509::{KeyType, check_csr, leaf_params, root_ca_params};
-use sigil_proto::agent::{SignJwtSvidResponse, SyncResponse, X509SvidRequest, X509SvidResult};
+use sigil_proto::agent::{
+    SignJwtSvidResponse, SyncRequest, SyncResponse, X509SvidRequest, X509SvidResult,
+};
 use sigil_proto::common;
 use tonic::{Code, Status};
 
@@ -37,6 +39,8 @@ pub(crate) struct FakeServer {
     pub(crate) jwt_calls: Mutex<Vec<String>>,
     /// How many `Sync` calls were made (answered or not).
     pub(crate) sync_opens: AtomicUsize,
+    /// The request of every `Sync` call, in call order.
+    pub(crate) sync_requests: Mutex<Vec<SyncRequest>>,
     /// Ends every open `Sync` stream with an error, as a server that dies would.
     breaker: Arc<tokio::sync::Notify>,
 }
@@ -66,6 +70,7 @@ impl FakeServer {
             sync_messages: Mutex::default(),
             jwt_calls: Mutex::default(),
             sync_opens: AtomicUsize::new(0),
+            sync_requests: Mutex::default(),
             breaker: Arc::default(),
         }
     }
@@ -154,8 +159,9 @@ impl ServerApi for FakeServer {
         })
     }
 
-    async fn sync(&self) -> Result<SyncStream> {
+    async fn sync(&self, request: SyncRequest) -> Result<SyncStream> {
         self.sync_opens.fetch_add(1, Ordering::SeqCst);
+        self.sync_requests.lock().expect("lock").push(request);
         self.check_up("Sync")?;
         let messages: Vec<Result<SyncResponse>> = self
             .sync_messages

@@ -3,6 +3,11 @@
 //! another server when its own is gone: the link fails over); while no server answers it keeps
 //! serving what it has and retries with exponential backoff and jitter, never waiting more than
 //! [`MAX_RETRY`], so a server that answers again is used within that.
+//!
+//! Each stream is opened with the digests of what the cache holds (`sigil_core::resume`), so a
+//! server sends only the buckets of entries that differ instead of a whole snapshot. Updates come
+//! in pages; [`PendingUpdate`] collects them and the cache applies an update only whole, so a
+//! workload never sees half a snapshot.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +15,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::watch;
+
+use sigil_proto::agent::{SyncRequest, SyncResponse};
 
 use crate::cache::Cache;
 use crate::metrics::Metrics;
@@ -20,6 +27,46 @@ const FIRST_RETRY: Duration = Duration::from_millis(250);
 /// The longest wait between two tries, jitter included.
 pub const MAX_RETRY: Duration = Duration::from_secs(5);
 
+/// The most entries plus removed ids one update may carry across its pages (the server sends at
+/// most 5 000 per page): a bound on what a server, or something posing as one, can make the agent
+/// hold before it applies anything. Ten times the 100 000 entries per node Sigil is measured at.
+pub const MAX_UPDATE_ITEMS: usize = 1_000_000;
+
+/// An update whose pages are still arriving.
+#[derive(Debug, Default)]
+struct PendingUpdate {
+    update: Option<SyncResponse>,
+}
+
+impl PendingUpdate {
+    /// Adds one page; returns the whole update once its last page is in. The first page's flags
+    /// and bundles are the update's; later pages add entries and removed ids.
+    fn add(&mut self, page: SyncResponse) -> Result<Option<SyncResponse>, String> {
+        let more = page.more;
+        let update = match self.update.take() {
+            None => page,
+            Some(mut update) => {
+                update.entries.extend(page.entries);
+                update.removed_entry_ids.extend(page.removed_entry_ids);
+                update.revision = page.revision;
+                update
+            }
+        };
+        let items = update.entries.len() + update.removed_entry_ids.len();
+        if items > MAX_UPDATE_ITEMS {
+            return Err(format!(
+                "the server's update holds over {MAX_UPDATE_ITEMS} entries and removals (the agent's limit, MAX_UPDATE_ITEMS)"
+            ));
+        }
+        if more {
+            self.update = Some(update);
+            Ok(None)
+        } else {
+            Ok(Some(update))
+        }
+    }
+}
+
 /// Follows the server's sync stream until `stopping` turns true.
 pub async fn follow(
     server: Arc<dyn ServerApi>,
@@ -29,9 +76,13 @@ pub async fn follow(
 ) {
     let mut backoff = FIRST_RETRY;
     loop {
-        match server.sync().await {
+        let request = SyncRequest {
+            resume: cache.resume(),
+        };
+        match server.sync(request).await {
             Ok(mut stream) => {
                 metrics.sync_connected.set(1);
+                let mut pending = PendingUpdate::default();
                 loop {
                     let message = tokio::select! {
                         message = stream.next() => message.transpose(),
@@ -41,8 +92,17 @@ pub async fn follow(
                         }
                     };
                     match message {
-                        Ok(Some(update)) => {
+                        Ok(Some(page)) => {
                             backoff = FIRST_RETRY;
+                            let update = match pending.add(page) {
+                                Ok(Some(update)) => update,
+                                Ok(None) => continue,
+                                Err(why) => {
+                                    tracing::error!(reason = %why, "refusing the server's update; reconnecting");
+                                    backoff = MAX_RETRY;
+                                    break;
+                                }
+                            };
                             metrics.sync_updates.inc();
                             if let Some(bundle) = cache.apply_sync(&update)
                                 && let Err(e) = server.trust(&bundle).await
@@ -175,6 +235,70 @@ mod tests {
 
         stop.send(true).expect("follower listening");
         follower.await.expect("follower ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pages_are_applied_together_and_a_reopened_stream_says_what_the_cache_holds() {
+        let server = Arc::new(FakeServer::new());
+        let mut pages = vec![
+            snapshot(vec![sync_entry("a", "1000", 1)]),
+            SyncResponse {
+                entries: vec![sync_entry("b", "1000", 1)],
+                ..SyncResponse::default()
+            },
+            SyncResponse {
+                entries: vec![sync_entry("c", "1000", 1)],
+                ..SyncResponse::default()
+            },
+        ];
+        pages[0].more = true;
+        pages[1].more = true;
+        *server.sync_messages.lock().expect("lock") = pages;
+        let metrics = Arc::new(Metrics::default());
+        let cache = empty_cache(
+            Arc::new(ManualClock::new(std::time::SystemTime::now())),
+            metrics.clone(),
+            None,
+        );
+        let (stop, follower) = spawn_stoppable(|stopping| {
+            follow(server.clone(), cache.clone(), metrics.clone(), stopping)
+        });
+        assert!(cache.wait_synced(Duration::from_secs(1)).await);
+        assert_eq!(cache.entry_count(), 3, "synced means every page is in");
+        assert_eq!(metrics.sync_updates.get(), 1, "three pages, one update");
+
+        server.break_streams();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let requests = server.sync_requests.lock().expect("lock").clone();
+        assert_eq!(requests.len(), 2);
+        assert_eq!(
+            requests[0].resume, None,
+            "an empty cache asks for a snapshot"
+        );
+        assert_eq!(
+            requests[1].resume,
+            cache.resume(),
+            "the second stream says what the cache holds"
+        );
+        assert!(requests[1].resume.is_some());
+
+        stop.send(true).expect("follower listening");
+        follower.await.expect("follower ends");
+    }
+
+    #[test]
+    fn an_update_whose_pages_hold_too_much_is_refused() {
+        let mut pending = PendingUpdate::default();
+        let mut page = SyncResponse {
+            more: true,
+            removed_entry_ids: vec![String::new(); MAX_UPDATE_ITEMS / 2],
+            ..SyncResponse::default()
+        };
+        assert_eq!(pending.add(page.clone()), Ok(None));
+        assert_eq!(pending.add(page.clone()), Ok(None));
+        page.removed_entry_ids.truncate(1);
+        let refused = pending.add(page).expect_err("over the limit");
+        assert!(refused.contains("MAX_UPDATE_ITEMS"), "{refused}");
     }
 
     #[test]

@@ -5,15 +5,12 @@
 //! bundle), then checked against the in-memory authorizations: no call on this path waits on the
 //! database except the writes that record an attestation or renewal.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use sigil_core::bundle::TrustBundle;
 use sigil_core::id::is_agent_id;
-use sigil_core::sync::MutexExt;
 use sigil_core::untrusted::untrusted;
 use sigil_core::x509::{certificate_facts, check_csr};
 use sigil_proto::agent::agent_api_server::AgentApi;
@@ -26,8 +23,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+mod sync;
+
+pub use sync::{PAGE_BYTES, PAGE_ENTRIES};
+
 use super::ServerState;
-use super::convert::{entry_to_proto, svid_to_proto};
+use super::convert::svid_to_proto;
 use crate::ca::{Recipient, Unrecorded};
 use crate::datastore::{AgentRecord, DataStore};
 use crate::metrics::AttestationLabels;
@@ -40,7 +41,7 @@ pub const MAX_BATCH: usize = 1000;
 #[derive(Debug)]
 pub struct AgentService<D> {
     state: Arc<ServerState<D>>,
-    streams: Arc<StreamCounts>,
+    streams: Arc<sync::StreamCounts>,
 }
 
 impl<D> AgentService<D> {
@@ -286,7 +287,8 @@ impl<D: DataStore> AgentApi for AgentService<D> {
         request: Request<SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let caller = caller_agent(&request, &self.state).await?;
-        let (sender, receiver) = mpsc::channel(16);
+        let resume = request.into_inner().resume;
+        let (sender, receiver) = mpsc::channel(sync::PAGES_IN_FLIGHT);
         let state = self.state.clone();
         let streams = self.streams.clone();
         tokio::spawn(async move {
@@ -295,7 +297,7 @@ impl<D: DataStore> AgentApi for AgentService<D> {
             if first_stream {
                 state.metrics.agents_connected.inc();
             }
-            stream_changes(&state, &caller, sender).await;
+            sync::stream_changes(&state, &caller, resume, sender).await;
             state.metrics.sync_streams.dec();
             if streams.close(&caller.id) {
                 state.metrics.agents_connected.dec();
@@ -383,126 +385,5 @@ impl<D: DataStore> AgentApi for AgentService<D> {
             token: signed.token,
             expires_at: signed.expires_at,
         }))
-    }
-}
-
-/// Sends the agent its snapshot, then every difference, until the agent goes away or loses its
-/// right to call (evicted, banned, or the certificate the stream was opened with is no longer
-/// its current or previous SVID).
-async fn stream_changes<D: DataStore>(
-    state: &ServerState<D>,
-    caller: &CallerAgent,
-    sender: mpsc::Sender<Result<SyncResponse, Status>>,
-) {
-    let agent_id = caller.id.as_str();
-    let mut changes = state.feed.subscribe();
-    let mut stopping = state.stopping.clone();
-    let mut sent: HashMap<String, u64> = HashMap::new();
-    let mut bundle_sequence = None;
-    // Every foreign bundle last sent (compared whole: a bundle set by hand may keep its sequence).
-    let mut federated_sent: Option<Vec<Arc<TrustBundle>>> = None;
-    let mut tainted_sent: Option<Arc<Vec<String>>> = None;
-    let mut first = true;
-    loop {
-        let revision = *changes.borrow_and_update();
-        if let Err(e) = state.authz.check_agent_serial(agent_id, &caller.serial) {
-            let _ = sender.send(Err(e.status())).await;
-            return;
-        }
-        let entries = state.authz.entries_for_agent(agent_id);
-        let mut message = SyncResponse {
-            full_snapshot: first,
-            revision,
-            ..SyncResponse::default()
-        };
-        let mut current = HashMap::with_capacity(entries.len());
-        for entry in &entries {
-            current.insert(entry.id.clone(), entry.revision);
-            if first || sent.get(&entry.id) != Some(&entry.revision) {
-                message.entries.push(entry_to_proto(entry));
-            }
-        }
-        if !first {
-            message.removed_entry_ids = sent
-                .keys()
-                .filter(|id| !current.contains_key(*id))
-                .cloned()
-                .collect();
-            message.removed_entry_ids.sort();
-        }
-        let bundle = state.bundles.own().unwrap_or_else(|| state.ca.bundle());
-        if bundle_sequence != Some(bundle.sequence) {
-            bundle_sequence = Some(bundle.sequence);
-            message.bundle = Some(sigil_proto::common::Bundle::from(bundle.as_ref()));
-        }
-        let federated = state.bundles.federated();
-        if federated_sent.as_ref() != Some(&federated) {
-            message.federated_bundles_set = true;
-            message.federated_bundles = federated
-                .iter()
-                .map(|b| sigil_proto::common::Bundle::from(b.as_ref()))
-                .collect();
-            federated_sent = Some(federated);
-        }
-        let tainted = state.ca.tainted();
-        if tainted_sent.as_ref() != Some(&tainted) {
-            message.tainted_set = true;
-            message.tainted_authority_ids = tainted.as_ref().clone();
-            tainted_sent = Some(tainted);
-        }
-        let changed = first
-            || message.tainted_set
-            || !message.entries.is_empty()
-            || !message.removed_entry_ids.is_empty()
-            || message.bundle.is_some()
-            || message.federated_bundles_set;
-        if changed && sender.send(Ok(message)).await.is_err() {
-            return;
-        }
-        sent = current;
-        first = false;
-        let server_stopping = tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return } else { false },
-            () = sender.closed() => return,
-            _ = stopping.wait_for(|stop| *stop) => true,
-        };
-        if server_stopping {
-            let _ = sender
-                .send(Err(Status::unavailable(
-                    "the server is stopping; reconnect",
-                )))
-                .await;
-            return;
-        }
-    }
-}
-
-/// Counts open sync streams per agent, for the `agents_connected` gauge.
-#[derive(Debug, Default)]
-struct StreamCounts(std::sync::Mutex<HashMap<String, usize>>);
-
-impl StreamCounts {
-    /// Returns true when this is the agent's first open stream.
-    fn open(&self, agent_id: &str) -> bool {
-        let mut guard = self.0.lock_unpoisoned();
-        let count = guard.entry(agent_id.to_string()).or_insert(0);
-        *count += 1;
-        *count == 1
-    }
-
-    /// Returns true when this was the agent's last open stream.
-    fn close(&self, agent_id: &str) -> bool {
-        let mut guard = self.0.lock_unpoisoned();
-        match guard.get_mut(agent_id) {
-            Some(count) if *count > 1 => {
-                *count -= 1;
-                false
-            }
-            Some(_) => {
-                guard.remove(agent_id);
-                true
-            }
-            None => false,
-        }
     }
 }

@@ -1,0 +1,294 @@
+//! The `Sync` stream: what the agent may use (its entries, the trust bundle, federated bundles,
+//! tainted authorities), first whole, then every difference, until the agent goes away or loses
+//! its right to call.
+//!
+//! Two things keep it cheap at scale. Every update goes out in pages bounded by [`PAGE_BYTES`]
+//! and [`PAGE_ENTRIES`] (encoded one page at a time, so a 100 000-entry snapshot never exists as
+//! one message, here or on the wire; the agent applies the pages together). And an agent that
+//! says what it holds ([`SyncResume`]) gets only the buckets of entries that differ and the
+//! bundles whose digests differ, so a reconnect with nothing changed moves a few hundred bytes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use prost::Message;
+use sigil_core::bundle::TrustBundle;
+use sigil_core::entry::Entry;
+use sigil_core::resume::{
+    EntryDigests, bundle_digest, entry_bucket, federated_digest, tainted_digest,
+};
+use sigil_core::sync::MutexExt;
+use sigil_proto::agent::{SyncResponse, SyncResume};
+use sigil_proto::common;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::super::ServerState;
+use super::super::convert::entry_to_proto;
+use super::CallerAgent;
+use crate::datastore::DataStore;
+
+/// The most encoded bytes of entries and removed ids in one page: a quarter of gRPC's default
+/// 4 MiB message limit, so every client accepts it.
+pub const PAGE_BYTES: usize = 1 << 20;
+
+/// The most entries plus removed ids in one page.
+pub const PAGE_ENTRIES: usize = 5_000;
+
+/// Pages in flight to one agent: the stream encodes the next page only when the agent has taken
+/// one, so a slow agent holds at most this many pages of the server's memory.
+pub(super) const PAGES_IN_FLIGHT: usize = 2;
+
+/// One update to send: the first page's fields (flags, bundles, revision), then the entries to add
+/// or replace and the ids to drop, which go out across as many pages as they need.
+struct Update {
+    header: SyncResponse,
+    entries: Vec<Arc<Entry>>,
+    removed: Vec<String>,
+}
+
+/// What the stream last told its agent.
+#[derive(Default)]
+struct Sent {
+    entries: HashMap<String, u64>,
+    bundle_sequence: Option<u64>,
+    /// Every foreign bundle (compared whole: a bundle set by hand may keep its sequence).
+    federated: Option<Vec<Arc<TrustBundle>>>,
+    tainted: Option<Arc<Vec<String>>>,
+}
+
+/// Sends the agent its snapshot (or, with `resume`, what differs from what it holds), then every
+/// difference, until the agent goes away or loses its right to call (evicted, banned, or the
+/// certificate the stream was opened with is no longer its current or previous SVID).
+pub(super) async fn stream_changes<D: DataStore>(
+    state: &ServerState<D>,
+    caller: &CallerAgent,
+    resume: Option<SyncResume>,
+    sender: mpsc::Sender<Result<SyncResponse, Status>>,
+) {
+    let agent_id = caller.id.as_str();
+    let mut changes = state.feed.subscribe();
+    let mut stopping = state.stopping.clone();
+    let mut sent = Sent::default();
+    let mut resume = resume;
+    let mut first = true;
+    loop {
+        let revision = *changes.borrow_and_update();
+        if let Err(e) = state.authz.check_agent_serial(agent_id, &caller.serial) {
+            let _ = sender.send(Err(e.status())).await;
+            return;
+        }
+        let entries = state.authz.entries_for_agent(agent_id);
+        let mut update = Update {
+            header: SyncResponse {
+                revision,
+                ..SyncResponse::default()
+            },
+            entries: Vec::new(),
+            removed: Vec::new(),
+        };
+        // What the agent said it holds, when it is well formed (otherwise: a full snapshot).
+        let mut held = None;
+        if first {
+            match resume.take().and_then(|resume| {
+                EntryDigests::from_slice(&resume.entry_buckets).map(|digests| (resume, digests))
+            }) {
+                Some((resume, digests)) => {
+                    resumed_entries(&mut update, &entries, &digests);
+                    held = Some(resume);
+                }
+                None => {
+                    update.header.full_snapshot = true;
+                    update.entries.clone_from(&entries);
+                }
+            }
+        } else {
+            update.entries = entries
+                .iter()
+                .filter(|entry| sent.entries.get(&entry.id) != Some(&entry.revision))
+                .cloned()
+                .collect();
+        }
+        let current: HashMap<String, u64> = entries
+            .iter()
+            .map(|entry| (entry.id.clone(), entry.revision))
+            .collect();
+        if !first {
+            update.removed = sent
+                .entries
+                .keys()
+                .filter(|id| !current.contains_key(*id))
+                .cloned()
+                .collect();
+            update.removed.sort();
+        }
+        add_changed_bundles(state, &mut update.header, &mut sent, held.as_ref());
+        let header = &update.header;
+        let changed = first
+            || header.tainted_set
+            || !update.entries.is_empty()
+            || !update.removed.is_empty()
+            || header.bundle.is_some()
+            || header.federated_bundles_set;
+        if changed && !send_paged(&sender, update).await {
+            return;
+        }
+        sent.entries = current;
+        first = false;
+        let server_stopping = tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return } else { false },
+            () = sender.closed() => return,
+            _ = stopping.wait_for(|stop| *stop) => true,
+        };
+        if server_stopping {
+            let _ = sender
+                .send(Err(Status::unavailable(
+                    "the server is stopping; reconnect",
+                )))
+                .await;
+            return;
+        }
+    }
+}
+
+/// The entries of a resumed stream's first update: every entry of each bucket whose digest differs
+/// from the agent's, the agent dropping what it holds in those buckets.
+fn resumed_entries(update: &mut Update, entries: &[Arc<Entry>], theirs: &EntryDigests) {
+    let ours = EntryDigests::of(
+        entries
+            .iter()
+            .map(|entry| (entry.id.as_str(), entry.revision)),
+    );
+    let replaced = ours.differing(theirs);
+    let replaced_set: HashSet<usize> = replaced
+        .iter()
+        .filter_map(|bucket| usize::try_from(*bucket).ok())
+        .collect();
+    update.entries = entries
+        .iter()
+        .filter(|entry| replaced_set.contains(&entry_bucket(&entry.id)))
+        .cloned()
+        .collect();
+    update.header.resumed = true;
+    update.header.replaced_buckets = replaced;
+}
+
+/// Puts into `header` the own bundle, the federated set and the tainted ids where they differ
+/// from what the agent last got, or, on a resumed stream's first update, from what it `held`.
+fn add_changed_bundles<D: DataStore>(
+    state: &ServerState<D>,
+    header: &mut SyncResponse,
+    sent: &mut Sent,
+    held: Option<&SyncResume>,
+) {
+    let bundle = state.bundles.own().unwrap_or_else(|| state.ca.bundle());
+    let bundle_held = held.is_some_and(|held| held.bundle_digest == bundle_digest(Some(&bundle)));
+    if sent.bundle_sequence != Some(bundle.sequence) {
+        sent.bundle_sequence = Some(bundle.sequence);
+        if !bundle_held {
+            header.bundle = Some(common::Bundle::from(bundle.as_ref()));
+        }
+    }
+    let federated = state.bundles.federated();
+    let federated_held = held.is_some_and(|held| {
+        held.federated_digest == federated_digest(federated.iter().map(AsRef::as_ref))
+    });
+    if sent.federated.as_ref() != Some(&federated) {
+        if !federated_held {
+            header.federated_bundles_set = true;
+            header.federated_bundles = federated
+                .iter()
+                .map(|bundle| common::Bundle::from(bundle.as_ref()))
+                .collect();
+        }
+        sent.federated = Some(federated);
+    }
+    let tainted = state.ca.tainted();
+    let tainted_held = held.is_some_and(|held| {
+        held.tainted_digest == tainted_digest(tainted.iter().map(String::as_str))
+    });
+    if sent.tainted.as_ref() != Some(&tainted) {
+        if !tainted_held {
+            header.tainted_set = true;
+            header.tainted_authority_ids = tainted.as_ref().clone();
+        }
+        sent.tainted = Some(tainted);
+    }
+}
+
+/// Sends `update` as pages of at most [`PAGE_BYTES`] and [`PAGE_ENTRIES`], each encoded only once
+/// the previous one is queued; every page but the last has `more` set. False when the agent is
+/// gone.
+async fn send_paged(sender: &mpsc::Sender<Result<SyncResponse, Status>>, update: Update) -> bool {
+    let revision = update.header.revision;
+    let mut page = update.header;
+    let mut bytes = 0;
+    let mut items = 0;
+    let next_page = |page: &mut SyncResponse| {
+        let mut full = std::mem::take(page);
+        full.more = true;
+        page.revision = revision;
+        full
+    };
+    for entry in &update.entries {
+        let entry = entry_to_proto(entry);
+        let size = entry.encoded_len() + LENGTH_PREFIX;
+        if items > 0 && (bytes + size > PAGE_BYTES || items >= PAGE_ENTRIES) {
+            if sender.send(Ok(next_page(&mut page))).await.is_err() {
+                return false;
+            }
+            bytes = 0;
+            items = 0;
+        }
+        bytes += size;
+        items += 1;
+        page.entries.push(entry);
+    }
+    for id in update.removed {
+        let size = id.len() + LENGTH_PREFIX;
+        if items > 0 && (bytes + size > PAGE_BYTES || items >= PAGE_ENTRIES) {
+            if sender.send(Ok(next_page(&mut page))).await.is_err() {
+                return false;
+            }
+            bytes = 0;
+            items = 0;
+        }
+        bytes += size;
+        items += 1;
+        page.removed_entry_ids.push(id);
+    }
+    sender.send(Ok(page)).await.is_ok()
+}
+
+/// An upper bound on the tag and length bytes protobuf puts before one repeated item.
+const LENGTH_PREFIX: usize = 6;
+
+/// Counts open sync streams per agent, for the `agents_connected` gauge.
+#[derive(Debug, Default)]
+pub(super) struct StreamCounts(std::sync::Mutex<HashMap<String, usize>>);
+
+impl StreamCounts {
+    /// Returns true when this is the agent's first open stream.
+    pub(super) fn open(&self, agent_id: &str) -> bool {
+        let mut guard = self.0.lock_unpoisoned();
+        let count = guard.entry(agent_id.to_string()).or_insert(0);
+        *count += 1;
+        *count == 1
+    }
+
+    /// Returns true when this was the agent's last open stream.
+    pub(super) fn close(&self, agent_id: &str) -> bool {
+        let mut guard = self.0.lock_unpoisoned();
+        match guard.get_mut(agent_id) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            Some(_) => {
+                guard.remove(agent_id);
+                true
+            }
+            None => false,
+        }
+    }
+}
