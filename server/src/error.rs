@@ -61,6 +61,10 @@ pub enum Error {
     /// The server cannot serve this now (e.g. shutting down); retry.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// A write clashed with another made at the same moment and nothing of it was written;
+    /// sending it again is safe.
+    #[error("aborted: {0}")]
+    Aborted(String),
 }
 
 impl Error {
@@ -124,6 +128,7 @@ impl Error {
             Error::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             Error::NotFound(_) => tonic::Status::not_found(message),
             Error::AlreadyExists(_) => tonic::Status::already_exists(message),
+            Error::Aborted(_) => tonic::Status::aborted(message),
             Error::Unavailable(_) | Error::DatastoreUnavailable(_) => {
                 tonic::Status::unavailable(message)
             }

@@ -14,7 +14,7 @@
 //! federation relationships concern no mirror: they wake the CA's maintenance (which rebuilds the
 //! own bundle and the tainted set from every server's authorities) and the federation refresher.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,9 @@ use tokio::sync::{Mutex, Notify, watch};
 use crate::Result;
 use crate::authz::{Authorizations, AuthzSources};
 use crate::bundles::TrustBundles;
-use crate::datastore::{DataStore, EventKind};
+use sigil_core::entry::Entry;
+
+use crate::datastore::{DataStore, Event, EventKind};
 
 /// How many change events are read per datastore round trip.
 const EVENT_PAGE: u32 = 1000;
@@ -136,12 +138,34 @@ impl Feed {
             let Some(last) = events.last() else { break };
             after = last.id;
             let page_len = events.len();
-            for event in events {
-                if event.id <= position.newest.saturating_sub(LATE_EVENT_WINDOW)
-                    || position.recent.contains(&event.id)
-                {
-                    continue;
+            let fresh: Vec<Event> = events
+                .into_iter()
+                .filter(|event| {
+                    event.id > position.newest.saturating_sub(LATE_EVENT_WINDOW)
+                        && !position.recent.contains(&event.id)
+                })
+                .collect();
+            // Entries changed in this page are read in one query each 500, not one per event:
+            // a batch of 1 000 writes is then two reads, not a thousand.
+            let entry_ids: Vec<String> = fresh
+                .iter()
+                .filter(|event| event.kind == EventKind::Entry)
+                .map(|event| event.subject.clone())
+                .collect::<BTreeSet<String>>()
+                .into_iter()
+                .collect();
+            if !entry_ids.is_empty() {
+                let mut found: HashMap<String, Entry> = datastore
+                    .get_entries(&entry_ids)
+                    .await?
+                    .into_iter()
+                    .map(|entry| (entry.id.clone(), entry))
+                    .collect();
+                for id in &entry_ids {
+                    self.authz.apply_entry(id, found.remove(id));
                 }
+            }
+            for event in fresh {
                 self.apply(datastore, event.kind, &event.subject).await?;
                 position.recent.insert(event.id);
                 position.newest = position.newest.max(event.id);
@@ -181,10 +205,8 @@ impl Feed {
         subject: &str,
     ) -> Result<()> {
         match kind {
-            EventKind::Entry => {
-                let entry = datastore.get_entry(subject).await?;
-                self.authz.apply_entry(subject, entry);
-            }
+            // Read in batches by `catch_up`, a page of events at a time.
+            EventKind::Entry => {}
             EventKind::Agent => {
                 let agent = datastore.get_agent(subject).await?;
                 self.authz.apply_agent(subject, agent);

@@ -10,23 +10,30 @@ use std::sync::Arc;
 use ring::rand::{SecureRandom, SystemRandom};
 use sigil_core::entry::EntryInput;
 use sigil_core::id::{parse_member_id, parse_trust_domain, server_id};
-use sigil_core::selector::Selector;
 use sigil_proto::admin::admin_api_server::AdminApi;
 use sigil_proto::admin::{
-    Agent, AgentId, Authority, AuthorityId, CreateEntryRequest, CreateJoinTokenRequest,
-    CreateJoinTokenResponse, EntryId, FederationRelationship, GetBundleRequest, IssuedSvid,
-    ListAgentsRequest, ListAgentsResponse, ListAuthoritiesRequest, ListAuthoritiesResponse,
-    ListBundlesRequest, ListBundlesResponse, ListEntriesRequest, ListEntriesResponse,
-    ListFederationsRequest, ListFederationsResponse, ListSvidsRequest, ListSvidsResponse,
-    SetBundleRequest, SvidSerial, TrustDomainName, UpdateEntryRequest,
+    Agent, AgentId, Authority, AuthorityId, BatchCreateEntriesRequest, BatchDeleteEntriesRequest,
+    BatchEntriesResponse, BatchUpdateEntriesRequest, CountAgentsRequest, CountEntriesRequest,
+    CountResponse, CreateEntryRequest, CreateJoinTokenRequest, CreateJoinTokenResponse, EntryId,
+    FederationRelationship, GetBundleRequest, IssuedSvid, ListAgentsRequest, ListAgentsResponse,
+    ListAuthoritiesRequest, ListAuthoritiesResponse, ListBundlesRequest, ListBundlesResponse,
+    ListEntriesRequest, ListEntriesResponse, ListFederationsRequest, ListFederationsResponse,
+    ListSvidsRequest, ListSvidsResponse, SetBundleRequest, SvidSerial, TrustDomainName,
+    UpdateEntryRequest,
 };
 use sigil_proto::common;
 use tonic::{Request, Response, Status};
 
-use super::convert::{agent_to_proto, entry_input, entry_to_proto, issued_to_proto};
+mod entries;
+
+pub use entries::{DEFAULT_PAGE_SIZE, MAX_BATCH, MAX_PAGE_SIZE};
+
+use entries::{BatchItem, entry_filter, into_page, page_size};
+
+use super::convert::{agent_to_proto, entry_to_proto, issued_to_proto};
 use super::{ServerState, federation};
 use crate::attest::{generate_join_token, hash_token, token_agent_id, token_selector};
-use crate::datastore::{DataStore, EntryFilter, JoinToken, SvidFilter};
+use crate::datastore::{DataStore, JoinToken, SvidFilter};
 use crate::{Error, Result};
 
 /// The admin API over a [`ServerState`].
@@ -137,37 +144,6 @@ impl<D: DataStore> AdminService<D> {
             agent_spiffe_id: token_agent_id(trust_domain, &token_hash)?.to_string(),
         })
     }
-
-    async fn write_entry(
-        &self,
-        entry: Option<common::Entry>,
-        create: bool,
-    ) -> Result<common::Entry> {
-        let entry = entry
-            .ok_or_else(|| Error::Invalid(sigil_core::Error::field("entry", "is required")))?;
-        let now = self.state.clock.unix_now();
-        let trust_domain = self.state.ca.trust_domain();
-        let stored = if create {
-            let checked = entry_input(entry).validate(trust_domain, new_entry_id()?, now)?;
-            self.state.ca.check_workload_dns_names(&checked.dns_names)?;
-            self.state.datastore.create_entry(&checked).await?
-        } else {
-            required("id", &entry.id)?;
-            let existing = self
-                .state
-                .datastore
-                .get_entry(&entry.id)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("entry `{}`", entry.id)))?;
-            let id = entry.id.clone();
-            let mut checked = entry_input(entry).validate(trust_domain, id, now)?;
-            self.state.ca.check_workload_dns_names(&checked.dns_names)?;
-            checked.created_at = existing.created_at;
-            self.state.datastore.update_entry(&checked).await?
-        };
-        self.state.catch_up().await?;
-        Ok(entry_to_proto(&stored))
-    }
 }
 
 #[tonic::async_trait]
@@ -210,6 +186,38 @@ impl<D: DataStore> AdminApi for AdminService<D> {
         Ok(Response::new(entry_to_proto(&deleted)))
     }
 
+    async fn batch_create_entries(
+        &self,
+        request: Request<BatchCreateEntriesRequest>,
+    ) -> Result<Response<BatchEntriesResponse>, Status> {
+        let items = request
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(BatchItem::Create);
+        Ok(Response::new(self.write_batch(items.collect()).await?))
+    }
+
+    async fn batch_update_entries(
+        &self,
+        request: Request<BatchUpdateEntriesRequest>,
+    ) -> Result<Response<BatchEntriesResponse>, Status> {
+        let items = request
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(BatchItem::Update);
+        Ok(Response::new(self.write_batch(items.collect()).await?))
+    }
+
+    async fn batch_delete_entries(
+        &self,
+        request: Request<BatchDeleteEntriesRequest>,
+    ) -> Result<Response<BatchEntriesResponse>, Status> {
+        let items = request.into_inner().ids.into_iter().map(BatchItem::Delete);
+        Ok(Response::new(self.write_batch(items.collect()).await?))
+    }
+
     async fn get_entry(
         &self,
         request: Request<EntryId>,
@@ -230,29 +238,54 @@ impl<D: DataStore> AdminApi for AdminService<D> {
         request: Request<ListEntriesRequest>,
     ) -> Result<Response<ListEntriesResponse>, Status> {
         let request = request.into_inner();
-        let selectors: Vec<Selector> = request.selectors.into_iter().map(Selector::from).collect();
-        for selector in &selectors {
-            selector.check().map_err(Error::from)?;
-        }
-        let filter = EntryFilter {
-            spiffe_id: Some(request.spiffe_id).filter(|s| !s.is_empty()),
-            parent_id: Some(request.parent_id).filter(|s| !s.is_empty()),
-            selectors,
-        };
-        let entries = self.state.datastore.list_entries(&filter).await?;
+        let limit = page_size(request.page_size, &request.page_token)?;
+        let filter = entry_filter(request.spiffe_id, request.parent_id, request.selectors)?;
+        let fetched = self
+            .state
+            .datastore
+            .list_entries_page(&filter, &request.page_token, limit + 1)
+            .await?;
+        let (entries, next_page_token) = into_page(fetched, limit, |entry| entry.id.clone());
         Ok(Response::new(ListEntriesResponse {
             entries: entries.iter().map(entry_to_proto).collect(),
+            next_page_token,
         }))
+    }
+
+    async fn count_entries(
+        &self,
+        request: Request<CountEntriesRequest>,
+    ) -> Result<Response<CountResponse>, Status> {
+        let request = request.into_inner();
+        let filter = entry_filter(request.spiffe_id, request.parent_id, request.selectors)?;
+        let count = self.state.datastore.count_entries(&filter).await?;
+        Ok(Response::new(CountResponse { count }))
     }
 
     async fn list_agents(
         &self,
-        _request: Request<ListAgentsRequest>,
+        request: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        let agents = self.state.datastore.list_agents().await?;
+        let request = request.into_inner();
+        let limit = page_size(request.page_size, &request.page_token)?;
+        let fetched = self
+            .state
+            .datastore
+            .list_agents_page(&request.page_token, limit + 1)
+            .await?;
+        let (agents, next_page_token) = into_page(fetched, limit, |agent| agent.spiffe_id.clone());
         Ok(Response::new(ListAgentsResponse {
             agents: agents.iter().map(agent_to_proto).collect(),
+            next_page_token,
         }))
+    }
+
+    async fn count_agents(
+        &self,
+        _request: Request<CountAgentsRequest>,
+    ) -> Result<Response<CountResponse>, Status> {
+        let count = self.state.datastore.count_agents().await?;
+        Ok(Response::new(CountResponse { count }))
     }
 
     async fn get_agent(&self, request: Request<AgentId>) -> Result<Response<Agent>, Status> {

@@ -253,15 +253,46 @@ pub trait EntryStore {
     /// Stores a new entry; refuses an exact duplicate (same SPIFFE ID, parent and selectors).
     /// Returns it with its revision.
     fn create_entry(&self, entry: &Entry) -> impl Future<Output = Result<Entry>> + Send;
-    /// Replaces the entry with the same id.
+    /// Replaces the entry with the same id (keeping its `created_at`).
     fn update_entry(&self, entry: &Entry) -> impl Future<Output = Result<Entry>> + Send;
     /// Deletes an entry and returns what it was.
     fn delete_entry(&self, id: &str) -> impl Future<Output = Result<Entry>> + Send;
+    /// Applies a batch of writes in one transaction: each gets its own result (`AlreadyExists`
+    /// for a duplicate, `NotFound` for a missing id), in the order given, and every write that
+    /// succeeded is committed together. A failure of the database itself fails the whole batch,
+    /// and nothing of it is written.
+    fn write_entries(
+        &self,
+        writes: &[EntryWrite],
+    ) -> impl Future<Output = Result<Vec<Result<Entry>>>> + Send;
     /// One entry by id.
     fn get_entry(&self, id: &str) -> impl Future<Output = Result<Option<Entry>>> + Send;
+    /// The entries among `ids` that exist, in any order.
+    fn get_entries(&self, ids: &[String]) -> impl Future<Output = Result<Vec<Entry>>> + Send;
     /// Entries matching the filter, ordered by id.
     fn list_entries(&self, filter: &EntryFilter)
     -> impl Future<Output = Result<Vec<Entry>>> + Send;
+    /// At most `limit` entries matching the filter whose ids sort after `after` (empty: from the
+    /// start), ordered by id: a page that stays stable while entries are written.
+    fn list_entries_page(
+        &self,
+        filter: &EntryFilter,
+        after: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Entry>>> + Send;
+    /// How many entries match the filter.
+    fn count_entries(&self, filter: &EntryFilter) -> impl Future<Output = Result<u64>> + Send;
+}
+
+/// One write of a batch given to [`EntryStore::write_entries`].
+#[derive(Debug, Clone)]
+pub enum EntryWrite {
+    /// A new entry (its id already assigned).
+    Create(Entry),
+    /// Replaces the stored entry with the same id; its `created_at` is kept.
+    Update(Entry),
+    /// Deletes the entry with this id.
+    Delete(String),
 }
 
 /// Attested agents. Each write appends an [`EventKind::Agent`] event.
@@ -277,6 +308,14 @@ pub trait AgentStore {
     ) -> impl Future<Output = Result<Option<AgentRecord>>> + Send;
     /// All agents, ordered by SPIFFE ID.
     fn list_agents(&self) -> impl Future<Output = Result<Vec<AgentRecord>>> + Send;
+    /// At most `limit` agents whose SPIFFE IDs sort after `after` (empty: from the start).
+    fn list_agents_page(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<AgentRecord>>> + Send;
+    /// How many agents are stored.
+    fn count_agents(&self) -> impl Future<Output = Result<u64>> + Send;
     /// Records a renewed agent SVID, asked for with the certificate of `presented_serial`: it
     /// becomes the previous serial and `serial` the current one. Refused with `PermissionDenied`
     /// unless `presented_serial` is the stored current or previous serial of an agent that is not

@@ -69,9 +69,16 @@ async fn agents_are_attested_renewed_banned_and_evicted(
     ));
     assert!(ds.get_agent(AGENT).await?.expect("agent").banned);
     assert_eq!(ds.list_agents().await?.len(), 1);
+    assert_eq!(ds.count_agents().await?, 1);
+    assert_eq!(ds.list_agents_page("", 10).await?.len(), 1);
+    assert!(
+        ds.list_agents_page(AGENT, 10).await?.is_empty(),
+        "nothing after the last"
+    );
     let evicted = ds.delete_agent(AGENT).await?;
     assert_eq!(evicted.spiffe_id, AGENT);
     assert!(ds.list_agents().await?.is_empty());
+    assert_eq!(ds.count_agents().await?, 0);
     assert!(matches!(
         ds.delete_agent(AGENT).await,
         Err(Error::NotFound(_))

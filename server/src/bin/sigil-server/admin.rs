@@ -12,9 +12,8 @@ use sigil_core::clock::SystemClock;
 use sigil_core::selector::Selector;
 use sigil_proto::admin::admin_api_client::AdminApiClient;
 use sigil_proto::admin::{
-    AgentId, CreateEntryRequest, CreateJoinTokenRequest, EntryId, GetBundleRequest,
-    ListAgentsRequest, ListBundlesRequest, ListEntriesRequest, ListSvidsRequest, SetBundleRequest,
-    SvidSerial, TrustDomainName, UpdateEntryRequest,
+    AgentId, CountAgentsRequest, CreateJoinTokenRequest, GetBundleRequest, ListAgentsRequest,
+    ListBundlesRequest, ListSvidsRequest, SetBundleRequest, SvidSerial, TrustDomainName,
 };
 use sigil_proto::common;
 use sigil_server::config::{LogFormat, ServerConfig, ServerFlags, parse_ttl};
@@ -22,7 +21,8 @@ use tonic::transport::Channel;
 use tracing_subscriber::EnvFilter;
 
 use crate::Command;
-use crate::output::{self, Format};
+use crate::entries;
+use crate::output::{self, Format, ListPrinter};
 
 /// `sigil-server run`
 #[derive(Debug, Args)]
@@ -96,110 +96,12 @@ pub(crate) enum TokenCommand {
     },
 }
 
-/// Flags shared by `entry create` and `entry update`.
-#[derive(Debug, Args)]
-pub(crate) struct EntryFields {
-    /// The SPIFFE ID workloads matching the entry receive.
-    #[arg(long)]
-    spiffe_id: String,
-    /// The agent (or node alias) whose workloads may receive it.
-    #[arg(long)]
-    parent_id: String,
-    /// A selector, type:value (repeat for several; all must match).
-    #[arg(long = "selector", required = true)]
-    selectors: Vec<String>,
-    /// X509-SVID lifetime (e.g. 1h); default: the server's.
-    #[arg(long, value_parser = parse_ttl)]
-    x509_svid_ttl: Option<Duration>,
-    /// JWT-SVID lifetime (e.g. 5m); default: the server's.
-    #[arg(long, value_parser = parse_ttl)]
-    jwt_svid_ttl: Option<Duration>,
-    /// A DNS SAN (repeat for several).
-    #[arg(long = "dns")]
-    dns_names: Vec<String>,
-    /// A foreign trust domain whose bundle the workload receives (repeat for several).
-    #[arg(long = "federates-with")]
-    federates_with: Vec<String>,
-    /// The workload may use the admin API.
-    #[arg(long)]
-    admin: bool,
-    /// The workload is a downstream CA.
-    #[arg(long)]
-    downstream: bool,
-    /// A hint for workloads holding several SVIDs.
-    #[arg(long, default_value = "")]
-    hint: String,
-    /// Unix seconds after which the entry no longer applies.
-    #[arg(long, default_value_t = 0)]
-    expires_at: i64,
-}
-
-impl EntryFields {
-    fn into_proto(self, id: String) -> anyhow::Result<common::Entry> {
-        let selectors = selector_flags(&self.selectors)?;
-        let seconds = |ttl: Option<Duration>| {
-            ttl.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        };
-        Ok(common::Entry {
-            id,
-            spiffe_id: self.spiffe_id,
-            parent_id: self.parent_id,
-            selectors,
-            x509_svid_ttl: seconds(self.x509_svid_ttl),
-            jwt_svid_ttl: seconds(self.jwt_svid_ttl),
-            dns_names: self.dns_names,
-            federates_with: self.federates_with,
-            admin: self.admin,
-            downstream: self.downstream,
-            hint: self.hint,
-            expires_at: self.expires_at,
-            ..common::Entry::default()
-        })
-    }
-}
-
-#[derive(Debug, Subcommand)]
-pub(crate) enum EntryCommand {
-    /// Creates a registration entry.
-    Create(EntryFields),
-    /// Replaces a registration entry (every field is set anew).
-    Update {
-        /// The entry to replace.
-        #[arg(long)]
-        id: String,
-        #[command(flatten)]
-        fields: EntryFields,
-    },
-    /// Deletes a registration entry.
-    Delete {
-        /// The entry to delete.
-        #[arg(long)]
-        id: String,
-    },
-    /// Shows one registration entry.
-    Show {
-        /// The entry to show.
-        #[arg(long)]
-        id: String,
-    },
-    /// Lists registration entries.
-    List {
-        /// Only entries with this SPIFFE ID.
-        #[arg(long)]
-        spiffe_id: Option<String>,
-        /// Only entries with this parent.
-        #[arg(long)]
-        parent_id: Option<String>,
-        /// Only entries having this selector (repeat: all of them).
-        #[arg(long = "selector")]
-        selectors: Vec<String>,
-    },
-}
-
 #[derive(Debug, Subcommand)]
 pub(crate) enum AgentCommand {
-    /// Lists attested agents.
+    /// Lists attested agents (fetched and printed a page at a time).
     List,
+    /// Counts attested agents.
+    Count,
     /// Shows one agent.
     Show {
         /// The agent's SPIFFE ID.
@@ -296,7 +198,7 @@ pub(crate) async fn administer(
     let mut client = connect(socket).await?;
     match command {
         Command::Token(command) => run_token(&mut client, format, command).await?,
-        Command::Entry(command) => run_entry(&mut client, format, command).await?,
+        Command::Entry(command) => entries::run(&mut client, format, command).await?,
         Command::Agent(command) => run_agent(&mut client, format, command).await?,
         Command::Bundle(command) => run_bundle(&mut client, format, command).await?,
         Command::Ca(command) => {
@@ -332,51 +234,6 @@ async fn run_token(
     Ok(())
 }
 
-/// `entry ...`: registration entries.
-async fn run_entry(
-    client: &mut AdminApiClient<Channel>,
-    format: Format,
-    command: EntryCommand,
-) -> anyhow::Result<()> {
-    match command {
-        EntryCommand::Create(fields) => {
-            let entry = fields.into_proto(String::new())?;
-            let created =
-                answer(client.create_entry(CreateEntryRequest { entry: Some(entry) })).await?;
-            output::entries(format, &[created]);
-        }
-        EntryCommand::Update { id, fields } => {
-            let entry = fields.into_proto(id)?;
-            let updated =
-                answer(client.update_entry(UpdateEntryRequest { entry: Some(entry) })).await?;
-            output::entries(format, &[updated]);
-        }
-        EntryCommand::Delete { id } => {
-            let deleted = answer(client.delete_entry(EntryId { id })).await?;
-            output::entries(format, &[deleted]);
-        }
-        EntryCommand::Show { id } => {
-            let entry = answer(client.get_entry(EntryId { id })).await?;
-            output::entries(format, &[entry]);
-        }
-        EntryCommand::List {
-            spiffe_id,
-            parent_id,
-            selectors,
-        } => {
-            let selectors = selector_flags(&selectors)?;
-            let response = answer(client.list_entries(ListEntriesRequest {
-                spiffe_id: spiffe_id.unwrap_or_default(),
-                parent_id: parent_id.unwrap_or_default(),
-                selectors,
-            }))
-            .await?;
-            output::entries(format, &response.entries);
-        }
-    }
-    Ok(())
-}
-
 /// `agent ...`: attested agents.
 async fn run_agent(
     client: &mut AdminApiClient<Channel>,
@@ -385,8 +242,25 @@ async fn run_agent(
 ) -> anyhow::Result<()> {
     match command {
         AgentCommand::List => {
-            let response = answer(client.list_agents(ListAgentsRequest {})).await?;
-            output::agents(format, &response.agents);
+            let mut printer = ListPrinter::new(format, "agents", "No attested agents found");
+            let mut page_token = String::new();
+            loop {
+                let page = answer(client.list_agents(ListAgentsRequest {
+                    page_size: 0,
+                    page_token,
+                }))
+                .await?;
+                printer.agents(&page.agents);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            printer.finish();
+        }
+        AgentCommand::Count => {
+            let count = answer(client.count_agents(CountAgentsRequest {})).await?;
+            output::count(format, "agents", count.count);
         }
         AgentCommand::Show { spiffe_id } => {
             let agent = answer(client.get_agent(AgentId { spiffe_id })).await?;
@@ -489,7 +363,7 @@ pub(crate) fn render_bundle(
 }
 
 /// `--selector` flags as selectors, refusing a malformed one before anything is sent.
-fn selector_flags(flags: &[String]) -> anyhow::Result<Vec<common::Selector>> {
+pub(crate) fn selector_flags(flags: &[String]) -> anyhow::Result<Vec<common::Selector>> {
     flags
         .iter()
         .map(|text| {

@@ -4,6 +4,7 @@
 
 mod admin;
 mod ca;
+mod entries;
 mod federation;
 mod output;
 
@@ -42,7 +43,7 @@ enum Command {
     Token(admin::TokenCommand),
     /// Registration entries.
     #[command(subcommand)]
-    Entry(admin::EntryCommand),
+    Entry(entries::EntryCommand),
     /// Attested agents.
     #[command(subcommand)]
     Agent(admin::AgentCommand),

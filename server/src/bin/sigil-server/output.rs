@@ -40,6 +40,75 @@ pub(crate) fn print_items<T>(
     }
 }
 
+/// Prints a list page by page as the pages arrive, in the same shapes as [`print_items`] (JSON
+/// with one item per line), so a list of 100 000 entries never sits whole in the CLI's memory.
+pub(crate) struct ListPrinter {
+    format: Format,
+    key: &'static str,
+    empty: &'static str,
+    printed: usize,
+}
+
+impl ListPrinter {
+    pub(crate) fn new(format: Format, key: &'static str, empty: &'static str) -> Self {
+        ListPrinter {
+            format,
+            key,
+            empty,
+            printed: 0,
+        }
+    }
+
+    /// Prints one page of entries.
+    pub(crate) fn entries(&mut self, entries: &[common::Entry]) {
+        self.page(entries, entry_rows, entry_json);
+    }
+
+    /// Prints one page of agents.
+    pub(crate) fn agents(&mut self, agents: &[admin::Agent]) {
+        self.page(agents, agent_rows, agent_json);
+    }
+
+    fn page<T>(
+        &mut self,
+        items: &[T],
+        text: impl Fn(&T) -> Vec<(&'static str, String)>,
+        json: impl Fn(&T) -> Value,
+    ) {
+        for item in items {
+            match self.format {
+                Format::Text => {
+                    if self.printed > 0 {
+                        println!();
+                    }
+                    for (key, value) in text(item) {
+                        println!("{key:<16}: {value}");
+                    }
+                }
+                Format::Json => {
+                    let separator = if self.printed == 0 {
+                        format!("{{\"{}\": [\n", self.key)
+                    } else {
+                        ",\n".into()
+                    };
+                    print!("{separator}{}", json(item));
+                }
+            }
+            self.printed += 1;
+        }
+    }
+
+    /// Ends the list (the empty notice, or the JSON document's close).
+    pub(crate) fn finish(self) {
+        match (self.format, self.printed) {
+            (Format::Text, 0) => println!("{}", self.empty),
+            (Format::Text, _) => {}
+            (Format::Json, 0) => println!("{{\"{}\": []}}", self.key),
+            (Format::Json, _) => println!("\n]}}"),
+        }
+    }
+}
+
 fn print_blocks(blocks: &[Vec<(&str, String)>], empty: &str) {
     if blocks.is_empty() {
         println!("{empty}");
@@ -92,25 +161,27 @@ pub(crate) fn entries(format: Format, entries: &[common::Entry]) {
         "entries",
         "No entries found",
         entry_rows,
-        |entry| {
-            json!({
-                "id": entry.id,
-                "spiffe_id": entry.spiffe_id,
-                "parent_id": entry.parent_id,
-                "selectors": selectors_json(&entry.selectors),
-                "x509_svid_ttl": entry.x509_svid_ttl,
-                "jwt_svid_ttl": entry.jwt_svid_ttl,
-                "dns_names": entry.dns_names,
-                "federates_with": entry.federates_with,
-                "admin": entry.admin,
-                "downstream": entry.downstream,
-                "hint": entry.hint,
-                "expires_at": entry.expires_at,
-                "created_at": entry.created_at,
-                "revision": entry.revision,
-            })
-        },
+        entry_json,
     );
+}
+
+fn entry_json(entry: &common::Entry) -> Value {
+    json!({
+        "id": entry.id,
+        "spiffe_id": entry.spiffe_id,
+        "parent_id": entry.parent_id,
+        "selectors": selectors_json(&entry.selectors),
+        "x509_svid_ttl": entry.x509_svid_ttl,
+        "jwt_svid_ttl": entry.jwt_svid_ttl,
+        "dns_names": entry.dns_names,
+        "federates_with": entry.federates_with,
+        "admin": entry.admin,
+        "downstream": entry.downstream,
+        "hint": entry.hint,
+        "expires_at": entry.expires_at,
+        "created_at": entry.created_at,
+        "revision": entry.revision,
+    })
 }
 
 fn entry_rows(entry: &common::Entry) -> Vec<(&'static str, String)> {
@@ -159,36 +230,39 @@ fn selectors_json(selectors: &[common::Selector]) -> Vec<Value> {
 }
 
 pub(crate) fn agents(format: Format, agents: &[admin::Agent]) {
-    let rows = |agent: &admin::Agent| {
-        let mut rows = vec![
-            ("SPIFFE ID", agent.spiffe_id.clone()),
-            ("Attestor", agent.attestor.clone()),
-            ("SVID serial", agent.svid_serial.clone()),
-            ("SVID expires at", agent.svid_expires_at.to_string()),
-            ("Banned", agent.banned.to_string()),
-        ];
-        rows.extend(selector_rows(&agent.selectors));
-        rows
-    };
     print_items(
         format,
         agents,
         "agents",
         "No attested agents found",
-        rows,
-        |agent| {
-            json!({
-                "spiffe_id": agent.spiffe_id,
-                "attestor": agent.attestor,
-                "selectors": selectors_json(&agent.selectors),
-                "svid_serial": agent.svid_serial,
-                "svid_expires_at": agent.svid_expires_at,
-                "banned": agent.banned,
-                "created_at": agent.created_at,
-                "updated_at": agent.updated_at,
-            })
-        },
+        agent_rows,
+        agent_json,
     );
+}
+
+fn agent_rows(agent: &admin::Agent) -> Vec<(&'static str, String)> {
+    let mut rows = vec![
+        ("SPIFFE ID", agent.spiffe_id.clone()),
+        ("Attestor", agent.attestor.clone()),
+        ("SVID serial", agent.svid_serial.clone()),
+        ("SVID expires at", agent.svid_expires_at.to_string()),
+        ("Banned", agent.banned.to_string()),
+    ];
+    rows.extend(selector_rows(&agent.selectors));
+    rows
+}
+
+fn agent_json(agent: &admin::Agent) -> Value {
+    json!({
+        "spiffe_id": agent.spiffe_id,
+        "attestor": agent.attestor,
+        "selectors": selectors_json(&agent.selectors),
+        "svid_serial": agent.svid_serial,
+        "svid_expires_at": agent.svid_expires_at,
+        "banned": agent.banned,
+        "created_at": agent.created_at,
+        "updated_at": agent.updated_at,
+    })
 }
 
 pub(crate) fn svids(format: Format, svids: &[admin::IssuedSvid]) {
@@ -254,4 +328,12 @@ pub(crate) fn bundles(format: Format, bundles: &[common::Bundle]) {
             })
         },
     );
+}
+
+/// A count: `<n>` for people, `{"<key>": <n>}` for scripts.
+pub(crate) fn count(format: Format, key: &str, count: u64) {
+    match format {
+        Format::Text => println!("{count}"),
+        Format::Json => print_json(&json!({ key: count })),
+    }
 }

@@ -90,6 +90,23 @@ impl AgentStore for SqlDataStore {
         fetch_all(&self.pool, query, agent_from_row).await
     }
 
+    async fn list_agents_page(&self, after: &str, limit: usize) -> Result<Vec<AgentRecord>> {
+        let query = sqlx::query(concat!(
+            select_agents!(),
+            " WHERE spiffe_id > $1 ORDER BY spiffe_id LIMIT $2"
+        ))
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX));
+        fetch_all(&self.pool, query, agent_from_row).await
+    }
+
+    async fn count_agents(&self) -> Result<u64> {
+        let row = sqlx::query("SELECT COUNT(*) FROM agents")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(sqlx::Row::try_get::<i64, _>(&row, 0)?).unwrap_or(0))
+    }
+
     async fn set_agent_svid(
         &self,
         spiffe_id: &str,
