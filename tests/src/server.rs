@@ -253,7 +253,8 @@ impl ServerProcess {
         Ok(serde_json::from_str(&self.cli(&all)?)?)
     }
 
-    fn cli_output(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    /// Runs a CLI command and returns what it did, whether it failed or not.
+    pub fn cli_output(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
         Ok(Command::new(crate::binary("sigil-server")?)
             .arg("--socket")
             .arg(&self.socket)

@@ -24,7 +24,14 @@ use crate::Error;
 use crate::hpack::{self, ENTRY_OVERHEAD};
 
 mod io;
-pub(crate) use io::AuthorityRewrite;
+pub use io::AuthorityRewrite;
+
+/// Wraps a connection accepted on a Unix socket so that any gRPC client reaches the server behind
+/// it (see the module docs), for servers that need no facts about the peer at accept: the Sigil
+/// server's admin socket, which operators' Python and Go scripts use.
+pub fn rewrite_authority<S>(stream: S, limits: HeaderLimits) -> AuthorityRewrite<S, ()> {
+    AuthorityRewrite::new(stream, (), limits)
+}
 
 /// The largest HPACK dynamic table a client may make the agent keep, in bytes: the HTTP/2 default
 /// of SETTINGS_HEADER_TABLE_SIZE, which the server advertises unchanged. A table size update above

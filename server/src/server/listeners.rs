@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use sigil_proto::admin::admin_api_server::AdminApiServer;
 use sigil_proto::agent::agent_api_server::AgentApiServer;
 use sigil_proto::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use sigil_workload_api::authority::{HeaderLimits, rewrite_authority};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -98,10 +100,15 @@ pub(super) async fn serve_admin_api<D: DataStore>(
     let admin_service = AdminApiServer::new(AdminService::new(state.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(usize::MAX);
+    let limits = HeaderLimits::default();
     let serving = tonic::transport::Server::builder()
+        .http2_max_header_list_size(u32::try_from(limits.max_header_list_size).unwrap_or(u32::MAX))
         .add_service(admin_service)
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(admin_listener),
+            // grpcio and grpc-go send the socket path as `:authority`, which the HTTP/2 server
+            // refuses; the rewriter makes it `localhost` (as on the agent's Workload API socket).
+            UnixListenerStream::new(admin_listener)
+                .map_ok(move |stream| rewrite_authority(stream, limits)),
             until_stopped(stopped),
         );
     tasks.spawn(logged("the admin API", serving));

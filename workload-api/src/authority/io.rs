@@ -31,7 +31,7 @@ fn goaway_frame(last_stream_id: u32, code: Http2Code, reason: &str) -> BytesMut 
 /// On a refusal the HTTP/2 server is handed what came before the offending frame and then the end
 /// of its input; it flushes its queued frames and shuts the connection down, and the GOAWAY goes
 /// out at that shutdown, after the server's last whole frame.
-pub(crate) struct AuthorityRewrite<S, I> {
+pub struct AuthorityRewrite<S, I> {
     inner: S,
     info: I,
     rewriter: HeaderRewriter,

@@ -29,13 +29,13 @@ const MAX_DATA_FILE: u64 = 256 << 20;
 #[derive(Debug, Args)]
 pub(crate) struct EntryFields {
     /// The SPIFFE ID workloads matching the entry receive.
-    #[arg(long)]
+    #[arg(long, required = false, required_unless_present = "data")]
     spiffe_id: String,
     /// The agent (or node alias) whose workloads may receive it.
-    #[arg(long)]
+    #[arg(long, required = false, required_unless_present = "data")]
     parent_id: String,
     /// A selector, type:value (repeat for several; all must match).
-    #[arg(long = "selector", required = true)]
+    #[arg(long = "selector", required = false, required_unless_present = "data")]
     selectors: Vec<String>,
     /// X509-SVID lifetime (e.g. 1h); default: the server's.
     #[arg(long, value_parser = parse_ttl)]
@@ -116,7 +116,7 @@ pub(crate) enum EntryCommand {
     /// (`--data`, each with its `id`).
     Update {
         /// The entry to replace.
-        #[arg(long, required_unless_present = "data")]
+        #[arg(long, required = false, required_unless_present = "data")]
         id: Option<String>,
         /// A JSON file of entries with their ids (`-` reads standard input).
         #[arg(long, conflicts_with_all = ["id", "spiffe_id"])]
