@@ -24,9 +24,9 @@ fn goaway_frame(last_stream_id: u32, code: Http2Code, reason: &str) -> BytesMut 
 }
 
 /// A connection whose incoming HTTP/2 requests get `:authority: localhost`, and that is refused
-/// with a GOAWAY when its client breaks a rule or a bound. It carries `info` (the server: the
-/// [`Peer`](crate::peer::Peer) held at accept) as tonic's connect info, so that one wrapper, not
-/// two, sits between the socket and the HTTP/2 server.
+/// with a GOAWAY when its client breaks a rule or a bound. It carries `info` (for the Workload
+/// API: the caller's process, held at accept; for the server's admin socket: nothing) as tonic's
+/// connect info, so that one wrapper, not two, sits between the socket and the HTTP/2 server.
 ///
 /// On a refusal the HTTP/2 server is handed what came before the offending frame and then the end
 /// of its input; it flushes its queued frames and shuts the connection down, and the GOAWAY goes
