@@ -6,7 +6,7 @@
 //!
 //! Each stream is opened with the digests of what the cache holds (`sigil_core::resume`), so a
 //! server sends only the buckets of entries that differ instead of a whole snapshot. Updates come
-//! in pages; [`PendingUpdate`] collects them and the cache applies an update only whole, so a
+//! in pages; `PendingUpdate` collects them and the cache applies an update only whole, so a
 //! workload never sees half a snapshot.
 
 use std::sync::Arc;
