@@ -1,8 +1,9 @@
 //! The admin API: join tokens, registration entries, agents, bundles (own and federated),
 //! federation relationships and the issuance record.
 //!
-//! It listens only on a Unix socket with owner-only permissions: whoever can open the socket is
-//! the operator. Every write goes to the datastore first and then into the in-memory
+//! It listens on a Unix socket with owner-only permissions: whoever can open the socket is the
+//! operator. It is also served on the agent API port over mTLS, to workloads whose entry has
+//! `admin = true` only (see `remote`). Every write goes to the datastore first and then into the in-memory
 //! authorizations, so an entry created here is visible to sync streams before the call returns.
 
 use std::sync::Arc;
@@ -25,8 +26,10 @@ use sigil_proto::common;
 use tonic::{Request, Response, Status};
 
 mod entries;
+mod remote;
 
 pub use entries::{DEFAULT_PAGE_SIZE, MAX_BATCH, MAX_PAGE_SIZE};
+pub use remote::admin_workloads_only;
 
 use entries::{BatchItem, entry_filter, into_page, page_size};
 

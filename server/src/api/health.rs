@@ -3,7 +3,7 @@
 //! `/live` answers while the process serves requests. `/ready` answers 200 once the CA is
 //! loaded, whether or not the datastore answers: signing and sync run from the server's mirrors,
 //! so a server whose database is away still serves its agents. Its body lists each component
-//! (`sigil-server healthcheck` prints it), so a degraded datastore is visible there and
+//! (`sigil-server healthcheck --verbose` prints it), so a degraded datastore is visible there and
 //! in the `datastore_up` metric. Every datastore probe here is bounded by `PROBE_TIMEOUT` (500 ms), so
 //! both answer within a second whatever the database does.
 

@@ -53,6 +53,9 @@ struct State {
     children: HashMap<String, BTreeSet<String>>,
     /// Node-alias entry ids by the alias's SPIFFE ID.
     aliases: HashMap<String, BTreeSet<String>>,
+    /// Ids of entries with `admin = true`, by their SPIFFE ID: who may call the admin API over
+    /// mTLS.
+    admins: HashMap<String, BTreeSet<String>>,
     agents: HashMap<String, AgentState>,
 }
 
@@ -127,6 +130,18 @@ impl Authorizations {
                 state.agents.remove(spiffe_id);
             }
         }
+    }
+
+    /// Whether a workload with this SPIFFE ID may call the admin API over mTLS: some unexpired
+    /// entry for that ID has `admin = true` (SPIRE's rule: the flag is on the identity).
+    pub fn is_admin(&self, spiffe_id: &str) -> bool {
+        let state = self.state.read_unpoisoned();
+        let now = self.clock.unix_now();
+        state.admins.get(spiffe_id).is_some_and(|ids| {
+            ids.iter()
+                .filter_map(|id| state.entries.get(id))
+                .any(|entry| !entry.is_expired(now))
+        })
     }
 
     /// Whether an agent may call the server: it must be attested and not banned.
@@ -260,6 +275,12 @@ impl State {
             .entry(parent)
             .or_default()
             .insert(entry.id.clone());
+        if entry.admin {
+            self.admins
+                .entry(entry.spiffe_id.to_string())
+                .or_default()
+                .insert(entry.id.clone());
+        }
         self.entries.insert(entry.id.clone(), entry);
     }
 
@@ -274,11 +295,13 @@ impl State {
                 self.children.remove(&parent);
             }
         }
-        let alias = entry.spiffe_id.to_string();
-        if let Some(aliases) = self.aliases.get_mut(&alias) {
-            aliases.remove(id);
-            if aliases.is_empty() {
-                self.aliases.remove(&alias);
+        let spiffe_id = entry.spiffe_id.to_string();
+        for index in [&mut self.aliases, &mut self.admins] {
+            if let Some(ids) = index.get_mut(&spiffe_id) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    index.remove(&spiffe_id);
+                }
             }
         }
     }

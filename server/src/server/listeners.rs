@@ -18,8 +18,9 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::service::interceptor::InterceptedService;
 
-use crate::api::admin::AdminService;
+use crate::api::admin::{AdminService, admin_workloads_only};
 use crate::api::agent::AgentService;
 use crate::api::istio::IstioCa;
 use crate::api::tls::ServerTls;
@@ -69,6 +70,13 @@ pub(super) async fn serve_agent_api<D: DataStore>(
         ))
         .max_decoding_message_size(config.max_message_bytes)
     });
+    // Workloads whose entry has `admin = true` manage entries over mTLS on this port.
+    let remote_admin = InterceptedService::new(
+        AdminApiServer::new(AdminService::new(state.clone()))
+            .max_decoding_message_size(config.max_message_bytes)
+            .max_encoding_message_size(config.max_message_bytes),
+        admin_workloads_only(state.clone()),
+    );
     let agent_api_limits = config.agent_api.clone();
     // tonic leaves hyper's HTTP/2 stream and reset limits off unless told: every node can reach
     // this port, so each is set.
@@ -81,6 +89,7 @@ pub(super) async fn serve_agent_api<D: DataStore>(
         .http2_max_header_list_size(Some(16 * 1024))
         .timeout(agent_api_limits.request_timeout.0)
         .add_service(agent_service)
+        .add_service(remote_admin)
         .add_optional_service(istio_service)
         .serve_with_incoming_shutdown(ReceiverStream::new(incoming), until_stopped(stopped));
     tasks.spawn(logged("the agent API", serving));

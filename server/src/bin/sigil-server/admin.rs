@@ -73,13 +73,22 @@ pub(crate) struct HealthcheckArgs {
     /// The server's health address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     health_address: SocketAddr,
+    /// Print every component's state (`ca: ok`, `datastore: ok`), not only the verdict and the
+    /// components that are degraded.
+    #[arg(long)]
+    verbose: bool,
 }
 
-/// A one-shot command with nothing else to do, so the probe blocks.
+/// A one-shot command with nothing else to do, so the probe blocks. Without `--verbose` it
+/// prints the verdict and any component that is not ok, so a degraded datastore always shows.
 pub(crate) fn healthcheck(args: HealthcheckArgs) -> anyhow::Result<()> {
     let body = sigil_core::health::probe_ready(args.health_address, Duration::from_secs(5))
         .map_err(anyhow::Error::msg)?;
-    println!("{body}");
+    for (index, line) in body.lines().enumerate() {
+        if args.verbose || index == 0 || !line.ends_with(": ok") {
+            println!("{line}");
+        }
+    }
     Ok(())
 }
 
