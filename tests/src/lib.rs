@@ -16,6 +16,7 @@ pub mod kubernetes;
 mod node;
 pub mod postgres;
 pub mod python;
+pub mod scale;
 mod server;
 pub mod steps;
 pub mod svid;

@@ -5,16 +5,14 @@
 //! `spiffe` crate's client fetches. On SQLite and on a fresh Postgres database; the times are
 //! printed, the targets live in `bench-agents` and docs/PERFORMANCE.md.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{Context, ensure};
-use sigil_proto::admin::BatchCreateEntriesRequest;
-use sigil_proto::common;
+use anyhow::ensure;
+use sigil_tests::scale::{create_node_entries, wait_served};
 use sigil_tests::steps::metric;
-use sigil_tests::{AgentProcess, NODE_ALIAS, PATIENCE, ServerProcess, postgres, this_uid_selector};
+use sigil_tests::{AgentProcess, NODE_ALIAS, PATIENCE, ServerProcess, postgres};
 
 const ENTRIES: usize = 100_000;
-const WEB: &str = "spiffe://example.org/scale/web";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_with_100_000_entries_syncs_and_serves_on_sqlite() -> anyhow::Result<()> {
@@ -33,43 +31,8 @@ async fn hundred_thousand_entries(datastore_url: Option<&str>) -> anyhow::Result
     let dir = tempfile::tempdir()?;
     let server = ServerProcess::start(&dir.path().join("server"), datastore_url, "")?;
     let token = server.join_token(NODE_ALIAS)?;
-    let mut admin = sigil_server::api::admin::connect(&server.socket).await?;
-    let this_uid = this_uid_selector()?;
-    let entry = |n: usize| {
-        let (spiffe_id, selector) = if n == 0 {
-            (WEB.to_string(), this_uid.clone())
-        } else {
-            (
-                format!("spiffe://example.org/scale/w{n}"),
-                format!("unix:uid:{}", 2_000_000 + n),
-            )
-        };
-        let (kind, value) = selector.split_once(':').unwrap_or_default();
-        common::Entry {
-            spiffe_id,
-            parent_id: NODE_ALIAS.into(),
-            selectors: vec![common::Selector {
-                r#type: kind.into(),
-                value: value.into(),
-            }],
-            ..common::Entry::default()
-        }
-    };
-    let created_at = Instant::now();
-    for start in (0..ENTRIES).step_by(1000) {
-        let entries = (start..start + 1000).map(entry).collect();
-        let results = admin
-            .batch_create_entries(BatchCreateEntriesRequest { entries })
-            .await?
-            .into_inner()
-            .results;
-        ensure!(
-            results.iter().all(|r| r.code == 0),
-            "batch at {start}: {:?}",
-            results.iter().find(|r| r.code != 0)
-        );
-    }
-    eprintln!("{ENTRIES} entries created in {:?}", created_at.elapsed());
+    let created = create_node_entries(&server.socket, ENTRIES, 1).await?;
+    eprintln!("{ENTRIES} entries created in {created:?}");
 
     let bundle = dir.path().join("bundle.pem");
     server.write_trust(&bundle)?;
@@ -82,18 +45,8 @@ async fn hundred_thousand_entries(datastore_url: Option<&str>) -> anyhow::Result
         "",
     )?;
     let client = agent.workload_client().await?;
-    let deadline = Instant::now() + PATIENCE;
-    let served = loop {
-        match client.fetch_x509_svid().await {
-            Ok(svid) if svid.spiffe_id().to_string() == WEB => break started.elapsed(),
-            Ok(other) => anyhow::bail!("served {} instead of {WEB}", other.spiffe_id()),
-            // Not synced yet: the agent answers only once the whole snapshot is in.
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(e).context("the agent never served the workload"),
-        }
-    };
+    wait_served(&client, PATIENCE).await?;
+    let served = started.elapsed();
     eprintln!("agent start to the workload's SVID with {ENTRIES} entries on the node: {served:?}");
     let held = metric(&agent.health, "sigil_agent_entries")?;
     ensure!(
