@@ -1,5 +1,5 @@
 //! Many entries on one node, for the scale test and `bench-entries`: entries under
-//! [`NODE_ALIAS`](crate::NODE_ALIAS) written through the batch admin API, the first for this
+//! [`NODE_ALIAS`] written through the batch admin API, the first for this
 //! process's uid (so the test can fetch its SVID), the rest for uids nobody has.
 
 use std::path::Path;
