@@ -9,7 +9,7 @@ use anyhow::ensure;
 use sigil_proto::admin::BatchCreateEntriesRequest;
 use sigil_proto::common;
 
-use crate::{NODE_ALIAS, this_uid_selector};
+use crate::{AgentProcess, NODE_ALIAS, PATIENCE, ServerProcess, this_uid_selector};
 
 /// The SPIFFE ID of the one entry this process matches.
 pub const SCALE_WORKLOAD: &str = "spiffe://example.org/scale/web";
@@ -86,10 +86,7 @@ fn node_entry(n: usize, this_uid: &str) -> common::Entry {
 
 /// Waits until the agent whose Workload API is `client` serves [`SCALE_WORKLOAD`] (it answers
 /// only once its whole snapshot is in), at most `patience`.
-pub async fn wait_served(
-    client: &spiffe::WorkloadApiClient,
-    patience: Duration,
-) -> anyhow::Result<()> {
+async fn wait_served(client: &spiffe::WorkloadApiClient, patience: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + patience;
     loop {
         match client.fetch_x509_svid().await {
@@ -101,4 +98,20 @@ pub async fn wait_served(
             Err(e) => anyhow::bail!("the agent never served {SCALE_WORKLOAD}: {e}"),
         }
     }
+}
+
+/// Starts a real agent in `dir` attested with `join_token` against `server`, and waits until it
+/// serves [`SCALE_WORKLOAD`]; returns it and the time from its start to that first answer.
+pub async fn start_agent_until_served(
+    dir: &Path,
+    server: &ServerProcess,
+    join_token: &str,
+) -> anyhow::Result<(AgentProcess, Duration)> {
+    let bundle = dir.join("bundle.pem");
+    server.write_trust(&bundle)?;
+    let started = Instant::now();
+    let agent = AgentProcess::start(&dir.join("agent"), server, &bundle, Some(join_token), "")?;
+    let client = agent.workload_client().await?;
+    wait_served(&client, PATIENCE).await?;
+    Ok((agent, started.elapsed()))
 }

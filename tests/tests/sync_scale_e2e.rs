@@ -5,12 +5,10 @@
 //! `spiffe` crate's client fetches. On SQLite and on a fresh Postgres database; the times are
 //! printed, the targets live in `bench-agents` and docs/PERFORMANCE.md.
 
-use std::time::Instant;
-
 use anyhow::ensure;
-use sigil_tests::scale::{create_node_entries, wait_served};
+use sigil_tests::scale::{create_node_entries, start_agent_until_served};
 use sigil_tests::steps::metric;
-use sigil_tests::{AgentProcess, NODE_ALIAS, PATIENCE, ServerProcess, postgres};
+use sigil_tests::{NODE_ALIAS, ServerProcess, postgres};
 
 const ENTRIES: usize = 100_000;
 
@@ -34,19 +32,7 @@ async fn hundred_thousand_entries(datastore_url: Option<&str>) -> anyhow::Result
     let created = create_node_entries(&server.socket, ENTRIES, 1).await?;
     eprintln!("{ENTRIES} entries created in {created:?}");
 
-    let bundle = dir.path().join("bundle.pem");
-    server.write_trust(&bundle)?;
-    let started = Instant::now();
-    let agent = AgentProcess::start(
-        &dir.path().join("agent"),
-        &server,
-        &bundle,
-        Some(&token),
-        "",
-    )?;
-    let client = agent.workload_client().await?;
-    wait_served(&client, PATIENCE).await?;
-    let served = started.elapsed();
+    let (agent, served) = start_agent_until_served(dir.path(), &server, &token).await?;
     eprintln!("agent start to the workload's SVID with {ENTRIES} entries on the node: {served:?}");
     let held = metric(&agent.health, "sigil_agent_entries")?;
     ensure!(

@@ -13,8 +13,8 @@ use anyhow::Context;
 use clap::Parser;
 use sigil_proto::admin::{CountEntriesRequest, ListEntriesRequest};
 use sigil_tests::bench::procfs::rss_kib;
-use sigil_tests::scale::{create_node_entries, wait_served};
-use sigil_tests::{AgentProcess, NODE_ALIAS, PATIENCE, ServerProcess, postgres};
+use sigil_tests::scale::{create_node_entries, start_agent_until_served};
+use sigil_tests::{NODE_ALIAS, ServerProcess, postgres};
 
 #[derive(Debug, Parser)]
 #[command(about = "Entry creation through the batch API, paged reads, and an agent syncing them")]
@@ -90,19 +90,7 @@ async fn main() -> anyhow::Result<()> {
             "listed {listed}, counted {count}"
         );
 
-        let bundle = dir.path().join("bundle.pem");
-        server.write_trust(&bundle)?;
-        let started = Instant::now();
-        let agent = AgentProcess::start(
-            &dir.path().join("agent"),
-            &server,
-            &bundle,
-            Some(&token),
-            "",
-        )?;
-        let client = agent.workload_client().await?;
-        wait_served(&client, PATIENCE).await?;
-        let ready = started.elapsed();
+        let (agent, ready) = start_agent_until_served(dir.path(), &server, &token).await?;
         let agent_rss = rss_kib(agent.pid().context("agent pid")?)?;
         println!(
             "| {datastore} | {} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} / {:.1} | {:.2} | {:.2} | {:.1} |",

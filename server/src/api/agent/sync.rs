@@ -220,44 +220,57 @@ fn add_changed_bundles<D: DataStore>(
 /// the previous one is queued; every page but the last has `more` set. False when the agent is
 /// gone.
 async fn send_paged(sender: &mpsc::Sender<Result<SyncResponse, Status>>, update: Update) -> bool {
-    let revision = update.header.revision;
-    let mut page = update.header;
-    let mut bytes = 0;
-    let mut items = 0;
-    let next_page = |page: &mut SyncResponse| {
-        let mut full = std::mem::take(page);
-        full.more = true;
-        page.revision = revision;
-        full
+    let mut pager = Pager {
+        sender,
+        revision: update.header.revision,
+        page: update.header,
+        bytes: 0,
+        items: 0,
     };
     for entry in &update.entries {
         let entry = entry_to_proto(entry);
-        let size = entry.encoded_len() + LENGTH_PREFIX;
-        if items > 0 && (bytes + size > PAGE_BYTES || items >= PAGE_ENTRIES) {
-            if sender.send(Ok(next_page(&mut page))).await.is_err() {
-                return false;
-            }
-            bytes = 0;
-            items = 0;
+        if !pager.make_room(entry.encoded_len()).await {
+            return false;
         }
-        bytes += size;
-        items += 1;
-        page.entries.push(entry);
+        pager.page.entries.push(entry);
     }
     for id in update.removed {
-        let size = id.len() + LENGTH_PREFIX;
-        if items > 0 && (bytes + size > PAGE_BYTES || items >= PAGE_ENTRIES) {
-            if sender.send(Ok(next_page(&mut page))).await.is_err() {
+        if !pager.make_room(id.len()).await {
+            return false;
+        }
+        pager.page.removed_entry_ids.push(id);
+    }
+    sender.send(Ok(pager.page)).await.is_ok()
+}
+
+/// The page being filled by [`send_paged`].
+struct Pager<'a> {
+    sender: &'a mpsc::Sender<Result<SyncResponse, Status>>,
+    revision: u64,
+    page: SyncResponse,
+    bytes: usize,
+    items: usize,
+}
+
+impl Pager<'_> {
+    /// Counts an item of `size` encoded bytes into the page, sending the page first (with
+    /// `more` set) when the item would not fit. False when the agent is gone.
+    async fn make_room(&mut self, size: usize) -> bool {
+        let size = size + LENGTH_PREFIX;
+        if self.items > 0 && (self.bytes + size > PAGE_BYTES || self.items >= PAGE_ENTRIES) {
+            let mut full = std::mem::take(&mut self.page);
+            full.more = true;
+            self.page.revision = self.revision;
+            if self.sender.send(Ok(full)).await.is_err() {
                 return false;
             }
-            bytes = 0;
-            items = 0;
+            self.bytes = 0;
+            self.items = 0;
         }
-        bytes += size;
-        items += 1;
-        page.removed_entry_ids.push(id);
+        self.bytes += size;
+        self.items += 1;
+        true
     }
-    sender.send(Ok(page)).await.is_ok()
 }
 
 /// An upper bound on the tag and length bytes protobuf puts before one repeated item.
