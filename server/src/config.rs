@@ -138,6 +138,13 @@ pub struct AgentApiConfig {
     pub max_streams_per_connection: u32,
     /// How long one call may take until its answer starts. Default 60 s.
     pub request_timeout: HumanDuration,
+    /// Node attestations verified and written at once; one that finds no slot within a second is
+    /// turned away with `ResourceExhausted` and the agent retries after a backoff. Default 32.
+    pub max_attestations: usize,
+    /// MiB of encoded sync pages queued for all agents together: a page waits for room before it
+    /// is queued, so a reconnect storm cannot make the server hold every agent's snapshot at
+    /// once. Default 256.
+    pub max_sync_page_mib: u64,
 }
 
 impl Default for AgentApiConfig {
@@ -150,6 +157,8 @@ impl Default for AgentApiConfig {
             unauthenticated_connection_lifetime: HumanDuration::from_secs(60),
             max_streams_per_connection: 64,
             request_timeout: HumanDuration::from_secs(60),
+            max_attestations: 32,
+            max_sync_page_mib: 256,
         }
     }
 }
@@ -510,10 +519,19 @@ impl ServerConfig {
             || agent_api.handshake_timeout.0.is_zero()
             || agent_api.unauthenticated_connection_lifetime.0.is_zero()
             || agent_api.request_timeout.0.is_zero()
+            || agent_api.max_attestations == 0
         {
             return Err(bad(
-                "every [agent_api] bound must be above zero (max_connections, max_handshakes, max_unauthenticated_connections, max_streams_per_connection, handshake_timeout, unauthenticated_connection_lifetime, request_timeout)".into(),
+                "every [agent_api] bound must be above zero (max_connections, max_handshakes, max_unauthenticated_connections, max_streams_per_connection, handshake_timeout, unauthenticated_connection_lifetime, request_timeout, max_attestations)".into(),
             ));
+        }
+        // A page is at most PAGE_BYTES (1 MiB) plus one entry; less budget than that would make
+        // every large page wait for the whole budget.
+        if !(1..=65_536).contains(&agent_api.max_sync_page_mib) {
+            return Err(bad(format!(
+                "agent_api.max_sync_page_mib is {}; give a size from 1 to 65536 MiB",
+                agent_api.max_sync_page_mib
+            )));
         }
         let federation = &self.federation;
         match federation.bundle_endpoint_profile.as_str() {

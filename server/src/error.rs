@@ -61,6 +61,10 @@ pub enum Error {
     /// The server cannot serve this now (e.g. shutting down); retry.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The server is at one of its admission limits (the message names it); retry after a
+    /// backoff.
+    #[error("busy: {0}")]
+    Busy(String),
     /// A write clashed with another made at the same moment and nothing of it was written;
     /// sending it again is safe.
     #[error("aborted: {0}")]
@@ -129,6 +133,7 @@ impl Error {
             Error::NotFound(_) => tonic::Status::not_found(message),
             Error::AlreadyExists(_) => tonic::Status::already_exists(message),
             Error::Aborted(_) => tonic::Status::aborted(message),
+            Error::Busy(_) => tonic::Status::resource_exhausted(message),
             Error::Unavailable(_) | Error::DatastoreUnavailable(_) => {
                 tonic::Status::unavailable(message)
             }

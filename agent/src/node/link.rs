@@ -152,7 +152,8 @@ impl ServerLink {
                     }
                 };
                 let (attestor, payload) = attestation.request()?;
-                let (identity, bundle) = attest_node(&mut anonymous, attestor, payload).await?;
+                let (identity, bundle) =
+                    attest_while_busy(&mut anonymous, attestor, &payload).await?;
                 store.save_identity(&identity)?;
                 store.save_bundle(&bundle)?;
                 tracing::info!(agent = %identity.spiffe_id, "node attested");
@@ -316,4 +317,27 @@ fn pem_roots(pem: &str) -> std::result::Result<Vec<Vec<u8>>, String> {
         return Err("it holds no PEM certificate".into());
     }
     Ok(roots)
+}
+
+/// Attests, trying again after a jittered backoff (at most 5 s) while the server answers
+/// `ResourceExhausted`: it is at `agent_api.max_attestations` because a fleet attests at once, and
+/// the node should come up when its turn comes rather than exit. Any other failure is final.
+async fn attest_while_busy(
+    connection: &mut ServerConnection,
+    attestor: &str,
+    payload: &[u8],
+) -> Result<(AgentIdentity, TrustBundle)> {
+    let mut backoff = crate::sync::FIRST_RETRY;
+    loop {
+        match attest_node(connection, attestor, payload.to_vec()).await {
+            Err(Error::Refused { status, .. })
+                if status.code() == tonic::Code::ResourceExhausted =>
+            {
+                tracing::info!(reason = status.message(), retry_in = ?backoff, "the server is busy attesting other nodes; trying again");
+                tokio::time::sleep(crate::sync::with_jitter(backoff)).await;
+                backoff = (backoff * 2).min(crate::sync::MAX_RETRY);
+            }
+            outcome => return outcome,
+        }
+    }
 }

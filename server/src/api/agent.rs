@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use sigil_core::id::is_agent_id;
 use sigil_core::untrusted::untrusted;
 use sigil_core::x509::{certificate_facts, check_csr};
@@ -19,7 +19,7 @@ use sigil_proto::agent::{
     RenewAgentSvidRequest, RenewAgentSvidResponse, SignJwtSvidRequest, SignJwtSvidResponse,
     SyncRequest, SyncResponse, X509SvidResult,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -30,6 +30,7 @@ pub use sync::{PAGE_BYTES, PAGE_ENTRIES};
 use super::ServerState;
 use super::convert::svid_to_proto;
 use crate::ca::{Recipient, Unrecorded};
+use crate::config::AgentApiConfig;
 use crate::datastore::{AgentRecord, DataStore};
 use crate::metrics::AttestationLabels;
 use crate::{Error, Result};
@@ -37,19 +38,78 @@ use crate::{Error, Result};
 /// The most CSRs one batch may carry.
 pub const MAX_BATCH: usize = 1000;
 
+/// How long an attestation waits for one of the `max_attestations` slots before it is turned away
+/// with `ResourceExhausted` (the agent backs off with jitter and tries again).
+const ATTESTATION_WAIT: Duration = Duration::from_secs(1);
+
 /// The agent API over a [`ServerState`].
 #[derive(Debug)]
 pub struct AgentService<D> {
     state: Arc<ServerState<D>>,
     streams: Arc<sync::StreamCounts>,
+    admission: Admission,
+}
+
+/// What the agent API takes on at once, so that a storm (a fleet restarting, a partition
+/// healing: thousands of agents attesting and resyncing together) queues or is turned away with
+/// `ResourceExhausted` instead of exhausting the server's memory or database. Handshakes and
+/// connections are bounded where they are accepted (`api::tls`).
+#[derive(Debug)]
+struct Admission {
+    /// `agent_api.max_attestations`: attestations being verified and written.
+    attestations: Arc<Semaphore>,
+    max_attestations: usize,
+    /// How long an attestation waits for a slot ([`ATTESTATION_WAIT`]).
+    attestation_wait: Duration,
+    /// `agent_api.max_sync_page_mib`, in bytes: encoded sync pages queued for all agents.
+    sync_pages: Arc<Semaphore>,
+    sync_page_bytes: usize,
+}
+
+impl Admission {
+    fn new(limits: &AgentApiConfig) -> Self {
+        let sync_page_bytes = usize::try_from(limits.max_sync_page_mib.saturating_mul(1 << 20))
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        Admission {
+            attestations: Arc::new(Semaphore::new(limits.max_attestations)),
+            max_attestations: limits.max_attestations,
+            attestation_wait: ATTESTATION_WAIT,
+            sync_pages: Arc::new(Semaphore::new(sync_page_bytes)),
+            sync_page_bytes,
+        }
+    }
+
+    /// One of the attestation slots, waiting at most `attestation_wait`; held until the
+    /// attestation is answered.
+    async fn attestation_slot(&self) -> Result<OwnedSemaphorePermit> {
+        let slot = self.attestations.clone().acquire_owned();
+        match tokio::time::timeout(self.attestation_wait, slot).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => Err(Error::Busy(format!(
+                "{} node attestations are in flight (agent_api.max_attestations); retry after a backoff",
+                self.max_attestations
+            ))),
+        }
+    }
+
+    /// The sending half of a new sync stream, drawing on the shared page budget.
+    fn outbox(&self, sender: mpsc::Sender<sync::Outgoing>) -> sync::Outbox {
+        sync::Outbox {
+            sender,
+            budget: self.sync_pages.clone(),
+            budget_bytes: self.sync_page_bytes,
+        }
+    }
 }
 
 impl<D> AgentService<D> {
-    /// The service over shared server state.
-    pub fn new(state: Arc<ServerState<D>>) -> Self {
+    /// The service over shared server state, admitting what `limits` allow.
+    pub fn new(state: Arc<ServerState<D>>, limits: &AgentApiConfig) -> Self {
         AgentService {
             state,
             streams: Arc::default(),
+            admission: Admission::new(limits),
         }
     }
 }
@@ -236,9 +296,13 @@ impl<D: DataStore> AgentApi for AgentService<D> {
             .attestors
             .get_key_value(request.attestor.as_str())
             .map_or("unknown", |(name, _)| *name);
-        let outcome = self.attest(request).await;
+        let outcome = match self.admission.attestation_slot().await {
+            Ok(_slot) => self.attest(request).await,
+            Err(busy) => Err(busy),
+        };
         let result = match &outcome {
             Ok(_) => "success",
+            Err(Error::Busy(_)) => "busy",
             Err(Error::Unauthenticated(_) | Error::PermissionDenied(_) | Error::Invalid(_)) => {
                 "refused"
             }
@@ -289,6 +353,7 @@ impl<D: DataStore> AgentApi for AgentService<D> {
         let caller = caller_agent(&request, &self.state).await?;
         let resume = request.into_inner().resume;
         let (sender, receiver) = mpsc::channel(sync::PAGES_IN_FLIGHT);
+        let outbox = self.admission.outbox(sender);
         let state = self.state.clone();
         let streams = self.streams.clone();
         tokio::spawn(async move {
@@ -297,13 +362,15 @@ impl<D: DataStore> AgentApi for AgentService<D> {
             if first_stream {
                 state.metrics.agents_connected.inc();
             }
-            sync::stream_changes(&state, &caller, resume, sender).await;
+            sync::stream_changes(&state, &caller, resume, outbox).await;
             state.metrics.sync_streams.dec();
             if streams.close(&caller.id) {
                 state.metrics.agents_connected.dec();
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        // A page's share of the budget is given back as it leaves the channel for the wire.
+        let pages = ReceiverStream::new(receiver).map(|(page, _budget)| page);
+        Ok(Response::new(Box::pin(pages)))
     }
 
     async fn batch_sign_x509_svid(
@@ -385,5 +452,74 @@ impl<D: DataStore> AgentApi for AgentService<D> {
             token: signed.token,
             expires_at: signed.expires_at,
         }))
+    }
+}
+
+#[cfg(test)]
+mod admission_tests {
+    use super::*;
+
+    fn limits(max_attestations: usize, max_sync_page_mib: u64) -> AgentApiConfig {
+        AgentApiConfig {
+            max_attestations,
+            max_sync_page_mib,
+            ..AgentApiConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_attestation_past_the_limit_waits_then_is_turned_away_by_name() {
+        let admission = Admission {
+            attestation_wait: Duration::from_millis(20),
+            ..Admission::new(&limits(1, 1))
+        };
+        let held = admission.attestation_slot().await.expect("the first slot");
+        let refused = admission
+            .attestation_slot()
+            .await
+            .expect_err("no slot is free");
+        assert!(matches!(refused, Error::Busy(_)), "{refused}");
+        assert_eq!(refused.status().code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused.to_string().contains("agent_api.max_attestations"),
+            "{refused}"
+        );
+        // Once the slot is given back, the next attestation gets it.
+        drop(held);
+        let _slot = admission.attestation_slot().await.expect("the freed slot");
+    }
+
+    #[tokio::test]
+    async fn sync_pages_wait_for_the_shared_budget_and_return_it_when_taken() {
+        let admission = Admission::new(&limits(1, 1));
+        let (first_sender, mut first) = mpsc::channel(4);
+        let (second_sender, mut second) = mpsc::channel(4);
+        let (one, two) = (
+            admission.outbox(first_sender),
+            admission.outbox(second_sender),
+        );
+        // A page as large as the whole budget (1 MiB) takes all of it while it is queued.
+        let big = SyncResponse {
+            removed_entry_ids: vec!["x".repeat(1 << 20)],
+            ..SyncResponse::default()
+        };
+        assert!(one.send(big).await);
+        let small = SyncResponse {
+            revision: 7,
+            ..SyncResponse::default()
+        };
+        let blocked = tokio::spawn(async move { two.send(small).await });
+        tokio::task::yield_now().await;
+        assert!(second.try_recv().is_err(), "the budget is spent");
+        // The first page leaves its channel (for the wire): its bytes return to the budget.
+        let (page, permit) = first.recv().await.expect("the big page");
+        assert!(page.is_ok());
+        drop(permit);
+        assert!(
+            blocked.await.expect("the sender"),
+            "the small page went out"
+        );
+        let (page, _) = second.recv().await.expect("the small page");
+        assert_eq!(page.expect("a page").revision, 7);
     }
 }

@@ -56,7 +56,7 @@ pub(super) async fn serve_agent_api<D: DataStore>(
         config.agent_api.clone(),
         stopped.clone(),
     ));
-    let agent_service = AgentApiServer::new(AgentService::new(state.clone()))
+    let agent_service = AgentApiServer::new(AgentService::new(state.clone(), &config.agent_api))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     // Istio's certificate service shares the port (and the TLS identity) when enabled.

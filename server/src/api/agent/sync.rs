@@ -20,7 +20,7 @@ use sigil_core::resume::{
 use sigil_core::sync::MutexExt;
 use sigil_proto::agent::{SyncResponse, SyncResume};
 use sigil_proto::common;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::Status;
 
 use super::super::ServerState;
@@ -38,6 +38,38 @@ pub const PAGE_ENTRIES: usize = 5_000;
 /// Pages in flight to one agent: the stream encodes the next page only when the agent has taken
 /// one, so a slow agent holds at most this many pages of the server's memory.
 pub(super) const PAGES_IN_FLIGHT: usize = 2;
+
+/// What a sync stream's channel carries: a page (or the error that ends the stream) and its share
+/// of the server-wide page budget, given back when the page leaves the channel for the wire.
+pub(super) type Outgoing = (Result<SyncResponse, Status>, Option<OwnedSemaphorePermit>);
+
+/// The sending half of one sync stream: pages wait for room in the server-wide budget of encoded
+/// page bytes (`agent_api.max_sync_page_mib`) before they are queued, so ten thousand agents
+/// reconnecting at once, each owed a snapshot, hold at most that budget of encoded pages instead
+/// of one snapshot each.
+pub(super) struct Outbox {
+    pub(super) sender: mpsc::Sender<Outgoing>,
+    pub(super) budget: Arc<Semaphore>,
+    /// The budget's size in bytes (a page larger than all of it waits for all of it).
+    pub(super) budget_bytes: usize,
+}
+
+impl Outbox {
+    /// Queues `page` once its bytes fit in the budget. False when the agent is gone.
+    pub(super) async fn send(&self, page: SyncResponse) -> bool {
+        let cost = page.encoded_len().clamp(1, self.budget_bytes);
+        let permit = tokio::select! {
+            permit = self.budget.clone().acquire_many_owned(u32::try_from(cost).unwrap_or(u32::MAX)) => permit.ok(),
+            () = self.sender.closed() => return false,
+        };
+        self.sender.send((Ok(page), permit)).await.is_ok()
+    }
+
+    /// Ends the stream with `status`.
+    async fn fail(&self, status: Status) {
+        let _ = self.sender.send((Err(status), None)).await;
+    }
+}
 
 /// One update to send: the first page's fields (flags, bundles, revision), then the entries to add
 /// or replace and the ids to drop, which go out across as many pages as they need.
@@ -64,7 +96,7 @@ pub(super) async fn stream_changes<D: DataStore>(
     state: &ServerState<D>,
     caller: &CallerAgent,
     resume: Option<SyncResume>,
-    sender: mpsc::Sender<Result<SyncResponse, Status>>,
+    outbox: Outbox,
 ) {
     let agent_id = caller.id.as_str();
     let mut changes = state.feed.subscribe();
@@ -75,7 +107,7 @@ pub(super) async fn stream_changes<D: DataStore>(
     loop {
         let revision = *changes.borrow_and_update();
         if let Err(e) = state.authz.check_agent_serial(agent_id, &caller.serial) {
-            let _ = sender.send(Err(e.status())).await;
+            outbox.fail(e.status()).await;
             return;
         }
         let entries = state.authz.entries_for_agent(agent_id);
@@ -130,21 +162,19 @@ pub(super) async fn stream_changes<D: DataStore>(
             || !update.removed.is_empty()
             || header.bundle.is_some()
             || header.federated_bundles_set;
-        if changed && !send_paged(&sender, update).await {
+        if changed && !send_paged(&outbox, update).await {
             return;
         }
         sent.entries = current;
         first = false;
         let server_stopping = tokio::select! {
             changed = changes.changed() => if changed.is_err() { return } else { false },
-            () = sender.closed() => return,
+            () = outbox.sender.closed() => return,
             _ = stopping.wait_for(|stop| *stop) => true,
         };
         if server_stopping {
-            let _ = sender
-                .send(Err(Status::unavailable(
-                    "the server is stopping; reconnect",
-                )))
+            outbox
+                .fail(Status::unavailable("the server is stopping; reconnect"))
                 .await;
             return;
         }
@@ -219,9 +249,9 @@ fn add_changed_bundles<D: DataStore>(
 /// Sends `update` as pages of at most [`PAGE_BYTES`] and [`PAGE_ENTRIES`], each encoded only once
 /// the previous one is queued; every page but the last has `more` set. False when the agent is
 /// gone.
-async fn send_paged(sender: &mpsc::Sender<Result<SyncResponse, Status>>, update: Update) -> bool {
+async fn send_paged(outbox: &Outbox, update: Update) -> bool {
     let mut pager = Pager {
-        sender,
+        outbox,
         revision: update.header.revision,
         page: update.header,
         bytes: 0,
@@ -240,12 +270,12 @@ async fn send_paged(sender: &mpsc::Sender<Result<SyncResponse, Status>>, update:
         }
         pager.page.removed_entry_ids.push(id);
     }
-    sender.send(Ok(pager.page)).await.is_ok()
+    outbox.send(pager.page).await
 }
 
 /// The page being filled by [`send_paged`].
 struct Pager<'a> {
-    sender: &'a mpsc::Sender<Result<SyncResponse, Status>>,
+    outbox: &'a Outbox,
     revision: u64,
     page: SyncResponse,
     bytes: usize,
@@ -261,7 +291,7 @@ impl Pager<'_> {
             let mut full = std::mem::take(&mut self.page);
             full.more = true;
             self.page.revision = self.revision;
-            if self.sender.send(Ok(full)).await.is_err() {
+            if !self.outbox.send(full).await {
                 return false;
             }
             self.bytes = 0;
