@@ -7,6 +7,7 @@
 
 mod agent;
 pub mod bench;
+pub mod buf;
 pub mod echo;
 pub mod envoy;
 pub mod federation;

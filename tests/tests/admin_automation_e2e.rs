@@ -2,15 +2,20 @@
 //! Python script with grpcio (stubs generated from our proto files, no `:authority` override)
 //! creates entries one by one and in batches, pages through them and counts them; and the CLI's
 //! `entry create --data` with good and bad entries mixed stores the good ones, names each bad one
-//! with its reason, and changes nothing else. On SQLite and on a fresh Postgres database.
+//! with its reason, and changes nothing else; and `buf curl` (a Go gRPC client, standing in for
+//! grpcurl, see `sigil_tests::buf`) as a shell script would call it, including the limits a
+//! caller can hit, each refused by name. On SQLite and on a fresh Postgres database.
 
 use std::collections::BTreeSet;
 
 use anyhow::{Context, ensure};
+use sigil_tests::buf::{buf_binary, buf_curl_admin};
 use sigil_tests::python::{grpcio_admin_client, grpcio_python};
 use sigil_tests::{ServerProcess, postgres};
 
 const PARENT: &str = "spiffe://example.org/sigil/agent/automation";
+/// The parent of the entries `buf curl` makes, so its pages hold only those.
+const BUF_PARENT: &str = "spiffe://example.org/sigil/agent/buf";
 
 #[test]
 fn automation_drives_the_admin_api_on_sqlite() -> anyhow::Result<()> {
@@ -45,6 +50,148 @@ fn drive(server: &ServerProcess, scratch: &std::path::Path, test: &str) -> anyho
     if let Some(python) = grpcio_python(test)? {
         grpcio_creates_pages_and_counts(server, &python, before)?;
     }
+    if let Some(buf) = buf_binary(test)? {
+        buf_curl_creates_pages_counts_and_hits_the_limits(server, &buf, scratch)?;
+    }
+    Ok(())
+}
+
+/// One admin call through `buf curl` with `request` as its JSON body: the JSON answer, or the
+/// error buf printed (`Err` carries its stderr, which holds the gRPC code and message).
+fn buf_call(
+    server: &ServerProcess,
+    buf: &std::path::Path,
+    scratch: &std::path::Path,
+    method: &str,
+    request: &serde_json::Value,
+) -> anyhow::Result<Result<serde_json::Value, String>> {
+    let data = scratch.join(format!("{method}.json"));
+    std::fs::write(&data, serde_json::to_vec(request)?)?;
+    let output = buf_curl_admin(buf, &server.socket, method, &data).output()?;
+    if !output.status.success() {
+        return Ok(Err(String::from_utf8_lossy(&output.stderr).into_owned()));
+    }
+    Ok(Ok(serde_json::from_slice(&output.stdout).with_context(
+        || format!("buf curl {method} printed no JSON"),
+    )?))
+}
+
+/// `buf curl`: CreateEntry, BatchCreateEntries with one bad item, pages of 2 following the
+/// token, CountEntries, and the three bounds a script can hit (a batch of 1 001, a page of
+/// 5 001, a page token over 2 048 bytes), each refused with InvalidArgument naming the limit.
+fn buf_curl_creates_pages_counts_and_hits_the_limits(
+    server: &ServerProcess,
+    buf: &std::path::Path,
+    scratch: &std::path::Path,
+) -> anyhow::Result<()> {
+    let call =
+        |method: &str, request: serde_json::Value| buf_call(server, buf, scratch, method, &request);
+    let entry = |name: &str, uid: u32| {
+        serde_json::json!({"spiffeId": format!("spiffe://example.org/buf/{name}"),
+            "parentId": BUF_PARENT, "selectors": [{"type": "unix", "value": format!("uid:{uid}")}]})
+    };
+    let filter = serde_json::json!({"parentId": BUF_PARENT});
+    let before = entry_count(server)?;
+
+    let created = call(
+        "CreateEntry",
+        serde_json::json!({"entry": entry("single", 7000)}),
+    )?
+    .map_err(anyhow::Error::msg)?;
+    ensure!(
+        created["id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{created}"
+    );
+    let batch = call(
+        "BatchCreateEntries",
+        serde_json::json!({"entries": [entry("b1", 7001), {"spiffeId": "nope", "parentId": BUF_PARENT},
+            entry("b2", 7002), entry("b3", 7003)]}),
+    )?
+    .map_err(anyhow::Error::msg)?;
+    let results = batch["results"].as_array().context("results")?;
+    ensure!(results.len() == 4, "one result per item: {batch}");
+    // proto3 JSON leaves out a zero code: written items have none.
+    let codes: Vec<i64> = results
+        .iter()
+        .map(|r| r["code"].as_i64().unwrap_or(0))
+        .collect();
+    ensure!(
+        codes == [0, 3, 0, 0],
+        "only the bad item fails, with InvalidArgument: {batch}"
+    );
+    ensure!(
+        results[1]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("spiffe_id"),
+        "the bad item's field is named: {batch}"
+    );
+
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let mut request = filter.clone();
+        request["pageSize"] = 2.into();
+        request["pageToken"] = token.clone().into();
+        let page = call("ListEntries", request)?.map_err(anyhow::Error::msg)?;
+        pages += 1;
+        for entry in page["entries"].as_array().into_iter().flatten() {
+            ids.push(entry["id"].as_str().context("id")?.to_string());
+        }
+        token = page["nextPageToken"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if token.is_empty() {
+            break;
+        }
+        ensure!(pages < 10_000, "the pages never end");
+    }
+    // proto3 JSON writes a uint64 as a string.
+    let counted = call("CountEntries", filter.clone())?.map_err(anyhow::Error::msg)?;
+    let count: u64 = counted["count"].as_str().unwrap_or("0").parse()?;
+    ensure!(count == 4, "CountEntries says {count}, 4 expected");
+    ensure!(ids.len() == 4, "{} listed, 4 expected", ids.len());
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    ensure!(sorted == ids, "pages are in a stable order without repeats");
+    ensure!(pages == 2, "{pages} pages of 2 for 4 entries");
+
+    let refused = |method: &str, request: serde_json::Value, names: &[&str]| {
+        let error = match call(method, request)? {
+            Ok(answer) => anyhow::bail!("{method} over its limit was answered: {answer}"),
+            Err(error) => error,
+        };
+        ensure!(error.contains("invalid_argument"), "{method}: {error}");
+        for name in names {
+            ensure!(error.contains(name), "{method} names {name}: {error}");
+        }
+        anyhow::Ok(())
+    };
+    let too_many: Vec<_> = (0..1001)
+        .map(|n| entry(&format!("over-{n}"), 8000 + n))
+        .collect();
+    refused(
+        "BatchCreateEntries",
+        serde_json::json!({"entries": too_many}),
+        &["1001", "1000"],
+    )?;
+    refused(
+        "ListEntries",
+        serde_json::json!({"pageSize": 5001}),
+        &["page_size", "5000"],
+    )?;
+    refused(
+        "ListEntries",
+        serde_json::json!({"pageToken": "x".repeat(2049)}),
+        &["page_token", "2048"],
+    )?;
+    ensure!(
+        entry_count(server)? == before + 4,
+        "the refused calls stored nothing"
+    );
     Ok(())
 }
 
