@@ -12,13 +12,19 @@ pub const USER_HZ: f64 = 100.0;
 
 /// The resident memory of process `pid` in KiB (`VmRSS` in `/proc/<pid>/status`).
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// A size field of `/proc/<pid>/status` in KiB: `VmRSS` (resident), `RssAnon` (resident and not
+/// backed by a file: the heap), `VmHWM` (the most resident it has been).
+pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// User plus system CPU ticks of a process (`pid`, or `self`; all its threads), from
