@@ -29,7 +29,10 @@ async fn hundred_thousand_entries(datastore_url: Option<&str>) -> anyhow::Result
     let dir = tempfile::tempdir()?;
     let server = ServerProcess::start(&dir.path().join("server"), datastore_url, "")?;
     let token = server.join_token(NODE_ALIAS)?;
-    let created = create_node_entries(&server.socket, ENTRIES, 1).await?;
+    // Four concurrent callers, as automation runs: on Postgres their batches take change-feed ids
+    // when they insert and commit out of order, and the server's feed once lost a whole batch
+    // that committed after a later one had been read (the workload's entry among it).
+    let created = create_node_entries(&server.socket, ENTRIES, 4).await?;
     eprintln!("{ENTRIES} entries created in {created:?}");
 
     let (agent, served) = start_agent_until_served(dir.path(), &server, &token).await?;

@@ -418,6 +418,9 @@ pub trait IssuedSvidStore {
     fn prune_issued_svids(&self, before: i64) -> impl Future<Output = Result<u64>> + Send;
 }
 
+/// The most ids one [`ChangeFeed::events_with_ids`] call takes.
+pub const MAX_EVENT_IDS: usize = 500;
+
 /// The change feed: the [`Event`]s the other stores append with each write.
 pub trait ChangeFeed {
     /// Up to `limit` change-feed events after `after`, oldest first.
@@ -426,6 +429,9 @@ pub trait ChangeFeed {
         after: u64,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Event>>> + Send;
+    /// The events among `ids` that exist (at most [`MAX_EVENT_IDS`] ids), oldest first: how the
+    /// feed looks again for ids it skipped over, whose transactions had not committed yet.
+    fn events_with_ids(&self, ids: &[u64]) -> impl Future<Output = Result<Vec<Event>>> + Send;
     /// The newest event id (0 when there is none).
     fn latest_event_id(&self) -> impl Future<Output = Result<u64>> + Send;
     /// Deletes events created before `before` (Unix seconds); returns how many.

@@ -54,6 +54,23 @@ async fn change_feed_follows_every_write(
         page.iter().map(|e| e.id).collect::<Vec<_>>(),
         [events[2].id, events[3].id]
     );
+    // Looking up ids: those that exist come back in order, missing ones are left out, and
+    // more than the limit is refused by name.
+    let looked_up = ds
+        .events_with_ids(&[events[3].id, events[0].id, events[4].id + 1000])
+        .await?;
+    assert_eq!(
+        looked_up.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [events[0].id, events[3].id]
+    );
+    assert_eq!(looked_up[1].kind, EventKind::Entry);
+    assert!(ds.events_with_ids(&[]).await?.is_empty());
+    let too_many: Vec<u64> = (1..=501).collect();
+    let refused = ds
+        .events_with_ids(&too_many)
+        .await
+        .expect_err("over the limit");
+    assert!(refused.to_string().contains("500"), "{refused}");
     // Pruning keeps the newest event so the feed position never goes back.
     assert_eq!(ds.prune_events(NOW + 1).await?, 4);
     assert_eq!(ds.latest_event_id().await?, events[4].id);

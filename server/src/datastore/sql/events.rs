@@ -9,7 +9,7 @@ use sqlx::any::AnyRow;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 
 use super::{Columns, SqlDataStore, corrupt, count_changed, fetch_all};
-use crate::datastore::{ChangeFeed, Event, EventKind};
+use crate::datastore::{ChangeFeed, Event, EventKind, MAX_EVENT_IDS};
 use crate::{Error, Result};
 
 /// The channel the trigger of migration `0005_event_notify.sql` notifies.
@@ -37,6 +37,32 @@ impl ChangeFeed for SqlDataStore {
             sqlx::query("SELECT id, kind, subject FROM events WHERE id > $1 ORDER BY id LIMIT $2")
                 .bind(i64::try_from(after).unwrap_or(i64::MAX))
                 .bind(i64::from(limit));
+        fetch_all(&self.pool, query, event_from_row).await
+    }
+
+    async fn events_with_ids(&self, ids: &[u64]) -> Result<Vec<Event>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        if ids.len() > MAX_EVENT_IDS {
+            return Err(Error::Invalid(sigil_core::Error::field(
+                "ids",
+                format!(
+                    "{} event ids are over the limit of {MAX_EVENT_IDS} per call",
+                    ids.len()
+                ),
+            )));
+        }
+        // `$n` placeholders, as both engines take them; only numbers are formatted in.
+        let placeholders: Vec<String> = (1..=ids.len()).map(|n| format!("${n}")).collect();
+        let sql = format!(
+            "SELECT id, kind, subject FROM events WHERE id IN ({}) ORDER BY id",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for id in ids {
+            query = query.bind(i64::try_from(*id).unwrap_or(i64::MAX));
+        }
         fetch_all(&self.pool, query, event_from_row).await
     }
 
