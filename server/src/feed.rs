@@ -9,12 +9,15 @@
 //! server committed events, on a timer as a safety net (`follow_changes` in
 //! `server/tasks.rs`) and, rate-limited, when a request missed in the cache.
 //!
-//! Every applied change bumps a revision; sync streams wake on it and send each agent the
-//! difference between what it holds and what it may now use. Changes to the CA journal and to
+//! Every applied change to entries or bundles bumps a revision; sync streams wake on it and send
+//! each agent the difference between what it holds and what it may now use. A change to an agent
+//! record wakes only that agent's streams ([`Feed::watch_agent`]): with 10 000 agents attesting
+//! after a restart, waking every stream for every other agent's attestation made the storm cost
+//! the square of the fleet. Changes to the CA journal and to
 //! federation relationships concern no mirror: they wake the CA's maintenance (which rebuilds the
 //! own bundle and the tainted set from every server's authorities) and the federation refresher.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,16 +30,24 @@ use crate::authz::{Authorizations, AuthzSources};
 use crate::bundles::TrustBundles;
 use sigil_core::entry::Entry;
 
-use crate::datastore::{DataStore, Event, EventKind};
+use crate::datastore::{DataStore, Event, EventKind, MAX_EVENT_IDS};
 
 /// How many change events are read per datastore round trip.
 const EVENT_PAGE: u32 = 1000;
 
-/// Events at most this far behind the newest one seen are re-read on every catch-up: on Postgres a
-/// transaction that took a lower id can commit after a higher id was already read, and re-reading
-/// the recent past is how such a late event is still applied. Applying an event twice is harmless
-/// (it reloads the row).
-const LATE_EVENT_WINDOW: u64 = 256;
+/// How far behind the newest event a server that starts looks for ids not committed yet (ids
+/// missing there become gaps, below).
+const START_WINDOW: u64 = 256;
+
+/// How long the feed keeps looking for an event id it skipped over. On Postgres a transaction
+/// takes its ids when it inserts and becomes visible when it commits, so four servers writing
+/// batches of 1 000 entries at once commit their ids out of order; a reader that has seen a
+/// higher id must look again for the lower ones. An id still missing after this long belonged to
+/// a transaction that rolled back (ids are never reused) and is given up.
+const GAP_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The most skipped ids looked for at once (the oldest are given up first).
+const MAX_GAPS: usize = 100_000;
 
 /// How often a cache miss may make the feed be read at most: refused certificates cost any caller
 /// nothing, so they must not cost the datastore a query each.
@@ -45,9 +56,36 @@ const MISS_CATCH_UP_INTERVAL: Duration = Duration::from_millis(200);
 /// Where the mirrors stand in the change feed.
 #[derive(Debug, Default)]
 struct Position {
+    /// The newest event id read.
     newest: u64,
-    /// Ids already applied within the late-event window.
-    recent: BTreeSet<u64>,
+    /// Ids below `newest` not read yet, and since when they are missing (see [`GAP_PATIENCE`]).
+    gaps: BTreeMap<u64, Instant>,
+}
+
+impl Position {
+    /// Records as gaps the ids between `newest` and `next` (a page's next event) and moves past it.
+    fn skip_to(&mut self, next: u64, now: Instant) {
+        let first_missing = (self.newest + 1).max(next.saturating_sub(MAX_GAPS as u64));
+        for id in first_missing..next {
+            self.gaps.insert(id, now);
+        }
+        self.newest = self.newest.max(next);
+    }
+
+    /// Gives up gaps older than [`GAP_PATIENCE`] and the oldest beyond [`MAX_GAPS`].
+    fn expire_gaps(&mut self) {
+        let before = self.gaps.len();
+        self.gaps.retain(|_, since| since.elapsed() < GAP_PATIENCE);
+        while self.gaps.len() > MAX_GAPS {
+            self.gaps.pop_first();
+        }
+        if self.gaps.len() < before {
+            tracing::debug!(
+                given_up = before - self.gaps.len(),
+                "change-feed ids never committed (rolled-back transactions) are no longer looked for"
+            );
+        }
+    }
 }
 
 /// The change-feed follower that keeps [`Authorizations`] and [`TrustBundles`] current.
@@ -64,34 +102,40 @@ pub struct Feed {
     journal: Notify,
     /// A federation relationship changed ([`Feed::relationships_changed`]).
     relationships: Notify,
+    /// Per agent with an open sync stream: signalled when its own record changed (banned,
+    /// evicted, re-attested, renewed).
+    agent_watches: std::sync::Mutex<HashMap<String, watch::Sender<()>>>,
 }
 
 impl Feed {
     /// Loads both mirrors from `datastore`.
     pub async fn load<D: DataStore>(sources: AuthzSources, datastore: &D) -> Result<Self> {
         // Read the feed position first: anything written after it is applied by the next catch-up.
+        // Ids just below it that are missing may belong to transactions still open: gaps.
         let newest = datastore.latest_event_id().await?;
-        let window_start = newest.saturating_sub(LATE_EVENT_WINDOW);
-        let recent = datastore
-            .events_after(
-                window_start,
-                u32::try_from(LATE_EVENT_WINDOW).unwrap_or(u32::MAX),
-            )
-            .await?
-            .into_iter()
-            .map(|event| event.id)
-            .filter(|id| *id <= newest)
-            .collect();
+        let mut position = Position {
+            newest: newest.saturating_sub(START_WINDOW),
+            gaps: BTreeMap::new(),
+        };
+        let now = Instant::now();
+        let window = u32::try_from(START_WINDOW).unwrap_or(u32::MAX);
+        for event in datastore.events_after(position.newest, window).await? {
+            if event.id <= newest {
+                position.skip_to(event.id, now);
+            }
+        }
+        position.skip_to(newest, now);
         let bundles = TrustBundles::load(sources.trust_domain.clone(), datastore).await?;
         let authz = Authorizations::load(sources, datastore).await?;
         Ok(Feed {
             authz: Arc::new(authz),
             bundles: Arc::new(bundles),
-            position: Mutex::new(Position { newest, recent }),
+            position: Mutex::new(position),
             revision: watch::channel(newest).0,
             last_miss_catch_up: std::sync::Mutex::new(None),
             journal: Notify::new(),
             relationships: Notify::new(),
+            agent_watches: std::sync::Mutex::default(),
         })
     }
 
@@ -111,9 +155,37 @@ impl Feed {
         self.revision.send_modify(|r| *r += 1);
     }
 
-    /// A receiver that changes whenever either mirror does.
+    /// A receiver that changes whenever the entries or the bundles do (agent records: see
+    /// [`Feed::watch_agent`]).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.revision.subscribe()
+    }
+
+    /// A receiver that changes whenever the record of agent `agent_id` does; give it back with
+    /// [`Feed::unwatch_agent`] once dropped.
+    pub fn watch_agent(&self, agent_id: &str) -> watch::Receiver<()> {
+        let mut watches = self.agent_watches.lock_unpoisoned();
+        watches
+            .entry(agent_id.to_string())
+            .or_insert_with(|| watch::channel(()).0)
+            .subscribe()
+    }
+
+    /// Forgets the watch of `agent_id` once nobody holds a receiver of it.
+    pub fn unwatch_agent(&self, agent_id: &str) {
+        let mut watches = self.agent_watches.lock_unpoisoned();
+        if watches
+            .get(agent_id)
+            .is_some_and(|sender| sender.receiver_count() == 0)
+        {
+            watches.remove(agent_id);
+        }
+    }
+
+    fn agent_changed(&self, agent_id: &str) {
+        if let Some(sender) = self.agent_watches.lock_unpoisoned().get(agent_id) {
+            sender.send_replace(());
+        }
     }
 
     /// Resolves once the feed has applied a change to the CA journal (made by any server) since
@@ -128,59 +200,67 @@ impl Feed {
         self.relationships.notified()
     }
 
-    /// Applies every change-feed event not yet applied.
+    /// Applies every change-feed event not yet applied: the ids skipped over before that have
+    /// committed since, then everything after the newest one read.
     pub async fn catch_up<D: DataStore>(&self, datastore: &D) -> Result<()> {
         let mut position = self.position.lock().await;
-        let mut applied_any = false;
-        let mut after = position.newest.saturating_sub(LATE_EVENT_WINDOW);
+        let mut streams_concerned = false;
+        position.expire_gaps();
+        let gaps: Vec<u64> = position.gaps.keys().copied().collect();
+        for ids in gaps.chunks(MAX_EVENT_IDS) {
+            let found = datastore.events_with_ids(ids).await?;
+            for event in &found {
+                position.gaps.remove(&event.id);
+            }
+            streams_concerned |= self.apply_events(datastore, found).await?;
+        }
         loop {
-            let events = datastore.events_after(after, EVENT_PAGE).await?;
-            let Some(last) = events.last() else { break };
-            after = last.id;
+            let events = datastore.events_after(position.newest, EVENT_PAGE).await?;
             let page_len = events.len();
-            let fresh: Vec<Event> = events
-                .into_iter()
-                .filter(|event| {
-                    event.id > position.newest.saturating_sub(LATE_EVENT_WINDOW)
-                        && !position.recent.contains(&event.id)
-                })
-                .collect();
-            // Entries changed in this page are read in one query each 500, not one per event:
-            // a batch of 1 000 writes is then two reads, not a thousand.
-            let entry_ids: Vec<String> = fresh
-                .iter()
-                .filter(|event| event.kind == EventKind::Entry)
-                .map(|event| event.subject.clone())
-                .collect::<BTreeSet<String>>()
-                .into_iter()
-                .collect();
-            if !entry_ids.is_empty() {
-                let mut found: HashMap<String, Entry> = datastore
-                    .get_entries(&entry_ids)
-                    .await?
-                    .into_iter()
-                    .map(|entry| (entry.id.clone(), entry))
-                    .collect();
-                for id in &entry_ids {
-                    self.authz.apply_entry(id, found.remove(id));
-                }
+            let now = Instant::now();
+            for event in &events {
+                position.skip_to(event.id, now);
             }
-            for event in fresh {
-                self.apply(datastore, event.kind, &event.subject).await?;
-                position.recent.insert(event.id);
-                position.newest = position.newest.max(event.id);
-                applied_any = true;
-            }
+            streams_concerned |= self.apply_events(datastore, events).await?;
             if page_len < EVENT_PAGE as usize {
                 break;
             }
         }
-        let floor = position.newest.saturating_sub(LATE_EVENT_WINDOW);
-        position.recent = position.recent.split_off(&floor);
-        if applied_any {
+        if streams_concerned {
             self.bump();
         }
         Ok(())
+    }
+
+    /// Applies `events` to the mirrors; whether any concerns sync streams (anything but an
+    /// agent record, which wakes only that agent's streams).
+    async fn apply_events<D: DataStore>(&self, datastore: &D, events: Vec<Event>) -> Result<bool> {
+        // Entries changed among these are read in one query each 500, not one per event: a batch
+        // of 1 000 writes is then two reads, not a thousand.
+        let entry_ids: Vec<String> = events
+            .iter()
+            .filter(|event| event.kind == EventKind::Entry)
+            .map(|event| event.subject.clone())
+            .collect::<BTreeSet<String>>()
+            .into_iter()
+            .collect();
+        if !entry_ids.is_empty() {
+            let mut found: HashMap<String, Entry> = datastore
+                .get_entries(&entry_ids)
+                .await?
+                .into_iter()
+                .map(|entry| (entry.id.clone(), entry))
+                .collect();
+            for id in &entry_ids {
+                self.authz.apply_entry(id, found.remove(id));
+            }
+        }
+        let mut streams_concerned = false;
+        for event in events {
+            self.apply(datastore, event.kind, &event.subject).await?;
+            streams_concerned |= event.kind != EventKind::Agent;
+        }
+        Ok(streams_concerned)
     }
 
     /// Like [`Feed::catch_up`], for a request the cache refused that a write not yet applied
@@ -210,6 +290,7 @@ impl Feed {
             EventKind::Agent => {
                 let agent = datastore.get_agent(subject).await?;
                 self.authz.apply_agent(subject, agent);
+                self.agent_changed(subject);
             }
             EventKind::Bundle => self.bundles.reload(datastore, subject).await?,
             // One stored permit per waiter: a burst of events wakes it once.

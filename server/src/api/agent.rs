@@ -363,13 +363,17 @@ impl<D: DataStore> AgentApi for AgentService<D> {
                 state.metrics.agents_connected.inc();
             }
             sync::stream_changes(&state, &caller, resume, outbox).await;
+            state.feed.unwatch_agent(&caller.id);
             state.metrics.sync_streams.dec();
             if streams.close(&caller.id) {
                 state.metrics.agents_connected.dec();
             }
         });
         // A page's share of the budget is given back as it leaves the channel for the wire.
-        let pages = ReceiverStream::new(receiver).map(|(page, _budget)| page);
+        let pages = ReceiverStream::new(receiver).map(|outgoing| {
+            let (page, _budget) = *outgoing;
+            page
+        });
         Ok(Response::new(Box::pin(pages)))
     }
 
@@ -512,14 +516,14 @@ mod admission_tests {
         tokio::task::yield_now().await;
         assert!(second.try_recv().is_err(), "the budget is spent");
         // The first page leaves its channel (for the wire): its bytes return to the budget.
-        let (page, permit) = first.recv().await.expect("the big page");
+        let (page, permit) = *first.recv().await.expect("the big page");
         assert!(page.is_ok());
         drop(permit);
         assert!(
             blocked.await.expect("the sender"),
             "the small page went out"
         );
-        let (page, _) = second.recv().await.expect("the small page");
+        let (page, _) = *second.recv().await.expect("the small page");
         assert_eq!(page.expect("a page").revision, 7);
     }
 }

@@ -41,7 +41,9 @@ pub(super) const PAGES_IN_FLIGHT: usize = 2;
 
 /// What a sync stream's channel carries: a page (or the error that ends the stream) and its share
 /// of the server-wide page budget, given back when the page leaves the channel for the wire.
-pub(super) type Outgoing = (Result<SyncResponse, Status>, Option<OwnedSemaphorePermit>);
+/// Boxed because the channel allocates its slots up front (32 of them, whatever its capacity):
+/// unboxed they would take about 9 KiB of every connected agent's share of server memory.
+pub(super) type Outgoing = Box<(Result<SyncResponse, Status>, Option<OwnedSemaphorePermit>)>;
 
 /// The sending half of one sync stream: pages wait for room in the server-wide budget of encoded
 /// page bytes (`agent_api.max_sync_page_mib`) before they are queued, so ten thousand agents
@@ -62,12 +64,12 @@ impl Outbox {
             permit = self.budget.clone().acquire_many_owned(u32::try_from(cost).unwrap_or(u32::MAX)) => permit.ok(),
             () = self.sender.closed() => return false,
         };
-        self.sender.send((Ok(page), permit)).await.is_ok()
+        self.sender.send(Box::new((Ok(page), permit))).await.is_ok()
     }
 
     /// Ends the stream with `status`.
     async fn fail(&self, status: Status) {
-        let _ = self.sender.send((Err(status), None)).await;
+        let _ = self.sender.send(Box::new((Err(status), None))).await;
     }
 }
 
@@ -100,12 +102,14 @@ pub(super) async fn stream_changes<D: DataStore>(
 ) {
     let agent_id = caller.id.as_str();
     let mut changes = state.feed.subscribe();
+    let mut own_record = state.feed.watch_agent(agent_id);
     let mut stopping = state.stopping.clone();
     let mut sent = Sent::default();
     let mut resume = resume;
     let mut first = true;
     loop {
         let revision = *changes.borrow_and_update();
+        own_record.borrow_and_update();
         if let Err(e) = state.authz.check_agent_serial(agent_id, &caller.serial) {
             outbox.fail(e.status()).await;
             return;
@@ -169,6 +173,7 @@ pub(super) async fn stream_changes<D: DataStore>(
         first = false;
         let server_stopping = tokio::select! {
             changed = changes.changed() => if changed.is_err() { return } else { false },
+            changed = own_record.changed() => if changed.is_err() { return } else { false },
             () = outbox.sender.closed() => return,
             _ = stopping.wait_for(|stop| *stop) => true,
         };
