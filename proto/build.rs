@@ -15,6 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ]
     .map(PathBuf::from);
     let includes = [PathBuf::from("proto"), protoc_bin_vendored::include_path()?];
-    tonic_prost_build::configure().compile_with_config(config, &protos, &includes)?;
+    // Small starting buffers per stream (see src/codec.rs): what idle streams hold.
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::LeanCodec")
+        .compile_with_config(config, &protos, &includes)?;
     Ok(())
 }

@@ -10,6 +10,7 @@
 
 #![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 
+pub mod codec;
 mod convert;
 
 /// The generated code, nested as the protobuf packages are so cross-package references resolve.
