@@ -17,7 +17,7 @@ use clap::Parser;
 use sigil_proto::admin::CreateEntryRequest;
 use sigil_proto::admin::admin_api_client::AdminApiClient;
 use sigil_proto::common;
-use sigil_tests::bench::procfs::rss_kib;
+use sigil_tests::bench::procfs::status_kib;
 use sigil_tests::bench::report::LatencyMs;
 use sigil_tests::{AgentProcess, NODE_ALIAS, Node};
 use sigil_workload_api::client::WorkloadClient;
@@ -70,6 +70,12 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "first X509SVIDResponse after agent start (includes signing): {:?}",
         started.elapsed()
+    );
+    let pid = agent.pid().context("agent pid")?;
+    println!(
+        "fresh agent with one SVID: VmRSS {} KiB, RssAnon {} KiB",
+        status_kib(pid, "VmRSS")?,
+        status_kib(pid, "RssAnon")?
     );
     println!();
     println!("| concurrent streams | p50 | p99 | max |");
@@ -161,8 +167,10 @@ async fn report_deliveries(
     Ok(())
 }
 
-/// Prints the agent's resident memory with `args.cached` SVIDs: entries for this uid, fetched
-/// once so each is signed and cached (the entries of the earlier steps count).
+/// Prints the agent's resident memory (all of it, and the anonymous part: heap rather than the
+/// binary's file-backed pages) with `args.cached` SVIDs, after the concurrent streams of the
+/// earlier steps were served and closed: entries for this uid, fetched once so each is signed and
+/// cached (the entries of the earlier steps count).
 async fn report_cached_memory(
     agent: &AgentProcess,
     admin: &mut AdminClient,
@@ -170,7 +178,8 @@ async fn report_cached_memory(
     args: &Args,
 ) -> anyhow::Result<()> {
     let pid = agent.pid().context("agent pid")?;
-    let before = rss_kib(pid)?;
+    let before = status_kib(pid, "VmRSS")?;
+    let before_anon = status_kib(pid, "RssAnon")?;
     let existing = 1 + args.deliveries;
     for n in existing..args.cached.max(existing) {
         admin
@@ -190,13 +199,19 @@ async fn report_cached_memory(
         }
     };
     let signing = started.elapsed();
-    let after = rss_kib(pid)?;
+    let after = status_kib(pid, "VmRSS")?;
+    let after_anon = status_kib(pid, "RssAnon")?;
+    let peak = status_kib(pid, "VmHWM")?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
     println!();
     println!(
-        "agent resident memory: {} KiB before, {} KiB with {} cached SVIDs ({:.1} KiB per SVID); fetching all of them took {signing:?}",
-        before,
-        after,
+        "agent memory after the streams above: VmRSS {:.1} MiB (RssAnon {:.1}); with {} cached SVIDs: VmRSS {:.1} MiB (RssAnon {:.1}), peak VmHWM {:.1} MiB ({:.1} KiB per SVID); fetching all of them took {signing:?}",
+        mib(before),
+        mib(before_anon),
         response.svids.len(),
+        mib(after),
+        mib(after_anon),
+        mib(peak),
         (after.saturating_sub(before)) as f64 / response.svids.len() as f64
     );
     Ok(())
