@@ -19,7 +19,7 @@ const START_BUFFER: usize = 1024;
 /// How much encoded data a stream gathers before it hands it to HTTP/2 (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
-/// prost's codec with [`START_BUFFER`]-sized buffers (named in `build.rs` as the codec of every
+/// prost's codec with 1 KiB starting buffers (named in `build.rs` as the codec of every
 /// generated service and client).
 #[derive(Debug, Clone)]
 pub struct LeanCodec<T, U>(PhantomData<(T, U)>);
