@@ -88,6 +88,11 @@ pub struct Cache {
     changes: watch::Sender<u64>,
 }
 
+/// Seconds an SVID must have left to be handed out. The clock is read in whole seconds, so an
+/// SVID served in its last second could reach the workload already expired (seen when every
+/// server was down past a 20 s SVID's life); one with at most this left is treated as gone.
+pub const USABLE_MARGIN: i64 = 1;
+
 /// When an SVID valid from `not_before` to `not_after` should be renewed: at half its life, less
 /// a random jitter of up to a tenth of it.
 pub fn renewal_time(not_before: i64, not_after: i64) -> i64 {
@@ -338,13 +343,16 @@ impl Cache {
         self.read().entries.get(id).cloned()
     }
 
-    /// The SVID of `entry` if it is still valid and was signed for the entry as it is now.
+    /// The SVID of `entry` if it is still valid (see [`USABLE_MARGIN`]) and was signed for the
+    /// entry as it is now.
     pub fn current_svid(&self, entry: &Entry) -> Option<Arc<CachedSvid>> {
         let now = self.clock.unix_now();
         self.read()
             .svids
             .get(&entry.id)
-            .filter(|svid| svid.not_after > now && svid.entry_revision == entry.revision)
+            .filter(|svid| {
+                svid.not_after > now + USABLE_MARGIN && svid.entry_revision == entry.revision
+            })
             .cloned()
     }
 
@@ -354,7 +362,7 @@ impl Cache {
         self.read()
             .svids
             .get(entry_id)
-            .filter(|svid| svid.not_after > now)
+            .filter(|svid| svid.not_after > now + USABLE_MARGIN)
             .cloned()
     }
 
