@@ -89,3 +89,32 @@ impl Drop for FreshDatabase {
         .join();
     }
 }
+
+/// The datastore a benchmark was asked to measure (`sqlite` or `postgres`).
+#[derive(Debug)]
+pub enum BenchDatastore {
+    /// The server's embedded default.
+    Sqlite,
+    /// A fresh database on the machine's Postgres.
+    Postgres(FreshDatabase),
+}
+
+impl BenchDatastore {
+    /// The `[datastore] url` to start the server with (`None`: the SQLite default).
+    pub fn url(&self) -> Option<&str> {
+        match self {
+            BenchDatastore::Sqlite => None,
+            BenchDatastore::Postgres(database) => Some(&database.url),
+        }
+    }
+}
+
+/// The datastore named `choice` for benchmark `bench`; `None` when it is Postgres and Postgres
+/// cannot be reached on a developer machine (a notice is printed; the benchmark skips it).
+pub async fn bench_datastore(choice: &str, bench: &str) -> anyhow::Result<Option<BenchDatastore>> {
+    match choice {
+        "sqlite" => Ok(Some(BenchDatastore::Sqlite)),
+        "postgres" => Ok(fresh_database(bench).await?.map(BenchDatastore::Postgres)),
+        other => anyhow::bail!("unknown datastore `{other}`; use sqlite or postgres"),
+    }
+}

@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::node::ServerApi;
 
 /// The backoff after the first failure (the wait is between half of it and all of it).
-pub(crate) const FIRST_RETRY: Duration = Duration::from_millis(250);
+pub const FIRST_RETRY: Duration = Duration::from_millis(250);
 /// The longest wait between two tries, jitter included.
 pub const MAX_RETRY: Duration = Duration::from_secs(5);
 
@@ -140,7 +140,7 @@ pub async fn follow(
 
 /// Between half of `base` and all of it, so agents that lost their servers together do not
 /// return together, and the wait never exceeds `base`.
-pub(crate) fn with_jitter(base: Duration) -> Duration {
+pub fn with_jitter(base: Duration) -> Duration {
     let mut random = [0u8; 2];
     let fraction = if SystemRandom::new().fill(&mut random).is_ok() {
         f64::from(u16::from_le_bytes(random)) / f64::from(u16::MAX)

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use sigil_agent::node::{AgentIdentity, ServerConnection, attest_with_join_token, connect};
+use sigil_agent::sync::{FIRST_RETRY, MAX_RETRY, with_jitter};
 use sigil_core::bundle::TrustBundle;
 use sigil_core::id::{TrustDomain, parse_spiffe_id};
 use sigil_core::resume::{
@@ -44,9 +45,6 @@ use tonic::transport::Channel;
 /// The entry every agent holds (parented to the node alias all of them attest under): the one
 /// whose changes are timed on their way to all N.
 const SHARED: &str = "spiffe://example.org/bench/shared";
-
-/// The longest a simulated agent waits between attempts, as the real agent.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Parser)]
 #[command(about = "N simulated agents on one real server: memory, idle CPU, fan-out, restart")]
@@ -90,20 +88,11 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for datastore in &args.datastores {
-        let database = match datastore.as_str() {
-            "sqlite" => None,
-            "postgres" => match postgres::fresh_database("bench-agents").await? {
-                Some(database) => Some(database),
-                None => continue,
-            },
-            other => anyhow::bail!("unknown datastore `{other}`; use sqlite or postgres"),
+        let Some(database) = postgres::bench_datastore(datastore, "bench-agents").await? else {
+            continue;
         };
         let dir = tempfile::tempdir()?;
-        let mut server = ServerProcess::start(
-            &dir.path().join("server"),
-            database.as_ref().map(|d| d.url.as_str()),
-            "",
-        )?;
+        let mut server = ServerProcess::start(&dir.path().join("server"), database.url(), "")?;
         let row = run(&args, &mut server).await?;
         println!("| {datastore} | {row}");
     }
@@ -319,29 +308,24 @@ struct Target {
     roots: Vec<Vec<u8>>,
 }
 
-/// Doubling backoff from 100 ms up to [`MAX_BACKOFF`], each wait drawn between half and all of
-/// the current step, so that agents turned away together do not come back together.
+/// The real agent's backoff: doubling from its first retry up to its cap, each wait jittered by
+/// `sigil_agent::sync::with_jitter`, so agents turned away together do not come back together.
 struct Backoff {
     step: Duration,
 }
 
 impl Backoff {
     fn new() -> Self {
-        Backoff {
-            step: Duration::from_millis(100),
-        }
+        Backoff { step: FIRST_RETRY }
     }
 
     async fn wait(&mut self) {
-        let mut random = [0u8; 2];
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random);
-        let fraction = 0.5 + f64::from(u16::from_le_bytes(random)) / f64::from(u16::MAX) / 2.0;
-        tokio::time::sleep(self.step.mul_f64(fraction)).await;
-        self.step = (self.step * 2).min(MAX_BACKOFF);
+        tokio::time::sleep(with_jitter(self.step)).await;
+        self.step = (self.step * 2).min(MAX_RETRY);
     }
 
     fn reset(&mut self) {
-        self.step = Duration::from_millis(100);
+        self.step = FIRST_RETRY;
     }
 }
 

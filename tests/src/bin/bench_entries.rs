@@ -38,20 +38,11 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for datastore in &args.datastores {
-        let database = match datastore.as_str() {
-            "sqlite" => None,
-            "postgres" => match postgres::fresh_database("bench-entries").await? {
-                Some(database) => Some(database),
-                None => continue,
-            },
-            other => anyhow::bail!("unknown datastore `{other}`; use sqlite or postgres"),
+        let Some(database) = postgres::bench_datastore(datastore, "bench-entries").await? else {
+            continue;
         };
         let dir = tempfile::tempdir()?;
-        let server = ServerProcess::start(
-            &dir.path().join("server"),
-            database.as_ref().map(|d| d.url.as_str()),
-            "",
-        )?;
+        let server = ServerProcess::start(&dir.path().join("server"), database.url(), "")?;
         let pid = server.pid().context("server pid")?;
         let token = server.join_token(NODE_ALIAS)?;
         let empty_rss = rss_kib(pid)?;

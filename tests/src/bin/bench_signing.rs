@@ -56,15 +56,10 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|");
     for datastore in &args.datastores {
-        let database = match datastore.as_str() {
-            "sqlite" => None,
-            "postgres" => match postgres::fresh_database("bench-signing").await? {
-                Some(database) => Some(database),
-                None => continue,
-            },
-            other => anyhow::bail!("unknown datastore `{other}`; use sqlite or postgres"),
+        let Some(database) = postgres::bench_datastore(datastore, "bench-signing").await? else {
+            continue;
         };
-        let result = api_rate(&args, &csrs, database.as_ref().map(|d| d.url.as_str())).await?;
+        let result = api_rate(&args, &csrs, database.url()).await?;
         println!(
             "| {datastore} | {} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} |",
             result.signed,
