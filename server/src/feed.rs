@@ -300,3 +300,41 @@ impl Feed {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skipped_ids_become_gaps_and_a_huge_jump_keeps_only_the_newest_of_them() {
+        let now = Instant::now();
+        let mut position = Position::default();
+        position.skip_to(1, now);
+        position.skip_to(4, now);
+        assert_eq!(position.newest, 4);
+        assert_eq!(position.gaps.keys().copied().collect::<Vec<_>>(), [2, 3]);
+
+        // An id far ahead (a sequence moved on by millions) records at most MAX_GAPS gaps.
+        let far = 4 + 10 * MAX_GAPS as u64;
+        position.skip_to(far, now);
+        position.expire_gaps();
+        assert_eq!(position.gaps.len(), MAX_GAPS);
+        assert_eq!(position.gaps.keys().next_back(), Some(&(far - 1)));
+        assert!(
+            !position.gaps.contains_key(&2),
+            "the oldest gaps went first"
+        );
+    }
+
+    #[test]
+    fn gaps_older_than_the_patience_are_given_up() {
+        let mut position = Position::default();
+        let long_ago = Instant::now()
+            .checked_sub(GAP_PATIENCE + Duration::from_secs(1))
+            .expect("a monotonic clock past the patience");
+        position.skip_to(3, long_ago);
+        position.skip_to(5, Instant::now());
+        position.expire_gaps();
+        assert_eq!(position.gaps.keys().copied().collect::<Vec<_>>(), [4]);
+    }
+}

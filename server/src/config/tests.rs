@@ -67,3 +67,24 @@ fn ca_ttl_must_cover_svids() {
         .expect("parses");
     assert!(config.validate(Path::new("x.toml")).is_err());
 }
+
+#[test]
+fn agent_api_admission_bounds_are_checked_by_name() {
+    let validate = |toml: &str| {
+        ServerConfig::from_toml(&format!("trust_domain = \"example.org\"\n{toml}"))
+            .expect("parses")
+            .validate(Path::new("x.toml"))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let err = validate("[agent_api]\nmax_attestations = 0\n").unwrap_err();
+    assert!(err.contains("max_attestations"), "{err}");
+    for mib in [0, 65_537] {
+        let err = validate(&format!("[agent_api]\nmax_sync_page_mib = {mib}\n")).unwrap_err();
+        assert!(
+            err.contains(&format!("agent_api.max_sync_page_mib is {mib}")),
+            "{err}"
+        );
+    }
+    assert!(validate("[agent_api]\nmax_attestations = 1\nmax_sync_page_mib = 65536\n").is_ok());
+}
