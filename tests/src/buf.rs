@@ -78,11 +78,19 @@ fn fetch(dir: &Path) -> anyhow::Result<()> {
         hex == TARBALL_SHA256,
         "{url} has SHA-256 {hex}, not the pinned {TARBALL_SHA256}"
     );
+    // Unpacked beside the final place and moved there in one rename: a test that finds the
+    // binary before this one has finished must never exec a file tar is still writing (the
+    // kernel refuses that with "Text file busy").
+    let staging = dir.join(format!("staging-{}", std::process::id()));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging)?;
+    }
+    std::fs::create_dir_all(&staging)?;
     let output = Command::new("tar")
         .arg("-xzf")
         .arg(&tarball)
         .arg("-C")
-        .arg(dir)
+        .arg(&staging)
         .output()
         .context("running tar")?;
     ensure!(
@@ -91,6 +99,12 @@ fn fetch(dir: &Path) -> anyhow::Result<()> {
         tarball.display(),
         String::from_utf8_lossy(&output.stderr)
     );
+    // A `package` without the binary is what an interrupted older run left behind.
+    if dir.join("package").exists() {
+        std::fs::remove_dir_all(dir.join("package"))?;
+    }
+    std::fs::rename(staging.join("package"), dir.join("package"))?;
+    std::fs::remove_dir_all(&staging)?;
     std::fs::remove_file(&tarball)?;
     Ok(())
 }
