@@ -41,6 +41,15 @@ pub struct TrustBundle {
     pub refresh_hint_seconds: i64,
 }
 
+// Hashed by domain and sequence (which changes with every change), not by every authority:
+// equal bundles hash alike, and hashing one costs nothing however many authorities it holds.
+impl std::hash::Hash for TrustBundle {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.trust_domain.hash(state);
+        self.sequence.hash(state);
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct Jwks {
     keys: Vec<Jwk>,

@@ -41,9 +41,22 @@ mod generated {
     }
 }
 
-/// The SPIFFE Workload API.
+/// The SPIFFE Workload API: messages and client from workload.proto, the server as `build.rs`
+/// lists it (its streams send [`codec::Encoded`] responses).
 pub mod workload {
     tonic::include_proto!("_");
+
+    /// The server, under the names prost would give it (tonic's manual generator keeps the
+    /// proto's spelling, `SpiffeWorkloadAPI`).
+    pub mod spiffe_workload_api_server {
+        mod generated {
+            include!(concat!(env!("OUT_DIR"), "/.SpiffeWorkloadAPI.rs"));
+        }
+        pub use generated::spiffe_workload_a_p_i_server::{
+            SpiffeWorkloadAPI as SpiffeWorkloadApi,
+            SpiffeWorkloadAPIServer as SpiffeWorkloadApiServer,
+        };
+    }
 }
 
 pub use generated::istio::v1::auth as istio_ca;

@@ -25,6 +25,7 @@ pub mod jwt;
 pub mod peer;
 pub mod sds;
 pub mod server;
+mod shared;
 mod socket;
 pub mod source;
 

@@ -10,7 +10,8 @@
 //! of its content) and a nonce; a request that acknowledges the current version is not answered
 //! again, a NACK (a request with `error_detail`) is logged, and every rotation or bundle change is
 //! pushed. Delta streams (Envoy's `DELTA_GRPC`) track subscriptions and send only the resources
-//! whose version changed, each with its own version.
+//! whose version changed, each with its own version. Each secret is encoded once per content
+//! and the encoding shared by every stream that serves it (see [`crate::shared`]).
 //!
 //! Every request is bounded by [`Sds::with_max_resource_names`] (default
 //! [`DEFAULT_MAX_RESOURCE_NAMES`]): a request naming more resources, or a delta stream subscribing
@@ -28,7 +29,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
@@ -39,6 +39,7 @@ use envoy_types::pb::google::protobuf::Any;
 use futures::Stream;
 use prost::Message;
 use ring::digest::{SHA256, digest};
+use sigil_core::bundle::TrustBundle;
 use sigil_core::selector::Selector;
 use sigil_core::untrusted::untrusted;
 use tokio::sync::{mpsc, watch};
@@ -46,7 +47,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::server::peer_caller;
-use crate::source::{IdentitySource, X509View};
+use crate::shared::{Rendered, SharedResponses};
+use crate::source::{IdentitySource, X509Svid, X509View};
 
 mod bounds;
 mod secrets;
@@ -84,7 +86,33 @@ pub struct Sds<S> {
     names: SdsNames,
     stopping: watch::Receiver<bool>,
     max_resource_names: usize,
+    secrets: Arc<SharedResponses<SecretSource, EncodedSecret>>,
 }
+
+/// What one secret is rendered from: equal sources render equal secrets, so every stream that
+/// needs it shares one encoding (see [`crate::shared`]).
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum SecretSource {
+    Certificate {
+        name: String,
+        svid: X509Svid,
+    },
+    Validation {
+        name: String,
+        bundles: Vec<Arc<TrustBundle>>,
+        plain: bool,
+    },
+}
+
+/// One secret, encoded once, and its version (a digest of the encoding).
+#[derive(Debug)]
+struct EncodedSecret {
+    bytes: Vec<u8>,
+    version: String,
+}
+
+/// The secrets one response carries.
+type Secrets = Vec<Arc<Rendered<SecretSource, EncodedSecret>>>;
 
 // Not derived: a derive would ask `S: Clone`, and only the `Arc` is cloned.
 impl<S> Clone for Sds<S> {
@@ -94,6 +122,7 @@ impl<S> Clone for Sds<S> {
             names: self.names.clone(),
             stopping: self.stopping.clone(),
             max_resource_names: self.max_resource_names,
+            secrets: self.secrets.clone(),
         }
     }
 }
@@ -125,6 +154,7 @@ impl<S: IdentitySource> Sds<S> {
             names,
             stopping,
             max_resource_names: DEFAULT_MAX_RESOURCE_NAMES,
+            secrets: Arc::new(SharedResponses::new()),
         }
     }
 
@@ -144,52 +174,95 @@ impl<S: IdentitySource> Sds<S> {
 }
 
 impl<S: IdentitySource> Sds<S> {
-    /// The secrets `names` resolve to for a caller with `selectors`, and their version; `plain`
-    /// asks for plain `trusted_ca` validation contexts.
+    /// The secrets `names` resolve to for a caller with `selectors`, and their version (of one
+    /// secret its own, of several a digest of theirs); `plain` asks for plain `trusted_ca`
+    /// validation contexts.
     async fn render(
         &self,
         selectors: &[Selector],
         names: &[String],
         plain: bool,
-    ) -> Result<(String, Vec<Secret>), Status> {
+    ) -> Result<(String, Secrets), Status> {
         let view: X509View = self.source.x509_view(selectors).await?;
         let bundles = self.source.bundles(selectors)?;
         let mut secrets = Vec::with_capacity(names.len());
         for name in names {
-            let secret = if *name == self.names.default_svid {
-                let svid = view.svids.first().ok_or_else(|| {
-                    Status::permission_denied(
-                        "no identity issued: no registration entry matches this Envoy",
-                    )
-                })?;
-                tls_certificate(name, &svid.chain, &svid.key)
-            } else if *name == self.names.own_bundle {
-                validation_context(name, std::slice::from_ref(&view.bundle), plain)
-            } else if *name == self.names.all_bundles {
-                validation_context(name, &bundles, plain)
-            } else if let Some(bundle) =
-                bundles.iter().find(|b| b.trust_domain.id_string() == *name)
-            {
-                validation_context(name, std::slice::from_ref(bundle), plain)
-            } else if let Some(svid) = view.svids.iter().find(|s| s.spiffe_id == *name) {
-                tls_certificate(name, &svid.chain, &svid.key)
-            } else {
-                return Err(Status::permission_denied(format!(
-                    "this caller may not have the secret `{}`: it is neither {}, {}, {}, a trust domain it may use, nor one of its SPIFFE IDs",
-                    untrusted(name),
-                    self.names.default_svid,
-                    self.names.own_bundle,
-                    self.names.all_bundles
-                )));
-            };
-            secrets.push(secret);
+            let source = self.secret_source(name, &view, &bundles, plain)?;
+            secrets.push(self.secrets.get_or_render(source, |source| {
+                let bytes = match source {
+                    SecretSource::Certificate { name, svid } => {
+                        tls_certificate(name, &svid.chain, &svid.key)
+                    }
+                    SecretSource::Validation {
+                        name,
+                        bundles,
+                        plain,
+                    } => validation_context(name, bundles, *plain),
+                }
+                .encode_to_vec();
+                let version = hex_digest(&bytes);
+                Ok(EncodedSecret { bytes, version })
+            })?);
         }
-        let mut encoded = Vec::new();
-        for secret in &secrets {
-            encoded.extend(secret.encode_to_vec());
-        }
-        let version = hex_digest(&encoded);
+        let version = match secrets.as_slice() {
+            [one] => one.value().version.clone(),
+            several => hex_digest(
+                several
+                    .iter()
+                    .map(|secret| secret.value().version.as_str())
+                    .collect::<String>()
+                    .as_bytes(),
+            ),
+        };
         Ok((version, secrets))
+    }
+
+    /// What the secret `name` is made of for this caller, or why it may not have it.
+    fn secret_source(
+        &self,
+        name: &str,
+        view: &X509View,
+        bundles: &[Arc<TrustBundle>],
+        plain: bool,
+    ) -> Result<SecretSource, Status> {
+        let validation = |bundles: &[Arc<TrustBundle>]| SecretSource::Validation {
+            name: name.to_owned(),
+            bundles: bundles.to_vec(),
+            plain,
+        };
+        if name == self.names.default_svid {
+            let svid = view.svids.first().ok_or_else(|| {
+                Status::permission_denied(
+                    "no identity issued: no registration entry matches this Envoy",
+                )
+            })?;
+            return Ok(SecretSource::Certificate {
+                name: name.to_owned(),
+                svid: svid.clone(),
+            });
+        }
+        if name == self.names.own_bundle {
+            return Ok(validation(std::slice::from_ref(&view.bundle)));
+        }
+        if name == self.names.all_bundles {
+            return Ok(validation(bundles));
+        }
+        if let Some(bundle) = bundles.iter().find(|b| b.trust_domain.id_string() == name) {
+            return Ok(validation(std::slice::from_ref(bundle)));
+        }
+        if let Some(svid) = view.svids.iter().find(|s| s.spiffe_id == name) {
+            return Ok(SecretSource::Certificate {
+                name: name.to_owned(),
+                svid: svid.clone(),
+            });
+        }
+        Err(Status::permission_denied(format!(
+            "this caller may not have the secret `{}`: it is neither {}, {}, {}, a trust domain it may use, nor one of its SPIFFE IDs",
+            untrusted(name),
+            self.names.default_svid,
+            self.names.own_bundle,
+            self.names.all_bundles
+        )))
     }
 }
 
@@ -244,16 +317,18 @@ fn hex_digest(bytes: &[u8]) -> String {
         .collect()
 }
 
-fn response(version: String, secrets: Vec<Secret>, nonce: u64) -> DiscoveryResponse {
+/// A secret as a resource of a response: the shared encoding, copied into it.
+fn secret_any(secret: &Rendered<SecretSource, EncodedSecret>) -> Any {
+    Any {
+        type_url: SECRET_TYPE.into(),
+        value: secret.value().bytes.clone(),
+    }
+}
+
+fn response(version: String, secrets: &Secrets, nonce: u64) -> DiscoveryResponse {
     DiscoveryResponse {
         version_info: version,
-        resources: secrets
-            .into_iter()
-            .map(|secret| Any {
-                type_url: SECRET_TYPE.into(),
-                value: secret.encode_to_vec(),
-            })
-            .collect(),
+        resources: secrets.iter().map(|secret| secret_any(secret)).collect(),
         type_url: SECRET_TYPE.into(),
         nonce: nonce.to_string(),
         ..DiscoveryResponse::default()
@@ -378,14 +453,11 @@ impl<S: IdentitySource> Sds<S> {
             if held.get(name) == Some(&version) {
                 continue;
             }
-            for secret in secrets {
+            for secret in &secrets {
                 resources.push(Resource {
                     name: name.clone(),
                     version: version.clone(),
-                    resource: Some(Any {
-                        type_url: SECRET_TYPE.into(),
-                        value: secret.encode_to_vec(),
-                    }),
+                    resource: Some(secret_any(secret)),
                     ..Resource::default()
                 });
             }
@@ -433,7 +505,7 @@ impl<S: IdentitySource> Sds<S> {
             if version != sent_version {
                 nonce += 1;
                 sent_version = version.clone();
-                stream.send(response(version, secrets, nonce)).await?;
+                stream.send(response(version, &secrets, nonce)).await?;
             }
         }
     }
@@ -476,7 +548,7 @@ impl<S: IdentitySource> SecretDiscoveryService for Sds<S> {
         let plain = wants_plain_validation(request.node.as_ref());
         let names = distinct(request.resource_names);
         let (version, secrets) = self.render(&selectors, &names, plain).await?;
-        Ok(Response::new(response(version, secrets, 1)))
+        Ok(Response::new(response(version, &secrets, 1)))
     }
 }
 
@@ -494,6 +566,7 @@ mod tests {
             },
             stopping: watch::channel(false).1,
             max_resource_names: max,
+            secrets: Arc::new(SharedResponses::new()),
         }
     }
 

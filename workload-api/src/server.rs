@@ -10,6 +10,7 @@ use std::sync::Arc;
 use futures::{Stream, TryStreamExt};
 use sigil_core::bundle::TrustBundle;
 use sigil_core::selector::Selector;
+use sigil_proto::codec::Encoded;
 use sigil_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
@@ -25,6 +26,7 @@ use tonic::{Request, Response, Status};
 
 use crate::authority::AuthorityRewrite;
 use crate::peer::Peer;
+use crate::shared::{Rendered, SharedResponses};
 pub use crate::socket::bind_socket;
 use crate::source::{Caller, IdentitySource, X509View};
 use crate::{Error, HEADER, Result, jwt};
@@ -39,6 +41,15 @@ pub struct WorkloadApi<S> {
     source: Arc<S>,
     stopping: watch::Receiver<bool>,
     proc_root: PathBuf,
+    responses: Arc<Responses>,
+}
+
+/// The encoded responses the streams send, shared by content (see [`crate::shared`]).
+#[derive(Debug)]
+struct Responses {
+    x509_svids: SharedResponses<X509View, Encoded>,
+    x509_bundles: SharedResponses<Vec<Arc<TrustBundle>>, Encoded>,
+    jwt_bundles: SharedResponses<Vec<Arc<TrustBundle>>, Encoded>,
 }
 
 impl<S: IdentitySource> WorkloadApi<S> {
@@ -48,6 +59,11 @@ impl<S: IdentitySource> WorkloadApi<S> {
             source,
             stopping,
             proc_root: PathBuf::from("/proc"),
+            responses: Arc::new(Responses {
+                x509_svids: SharedResponses::new(),
+                x509_bundles: SharedResponses::new(),
+                jwt_bundles: SharedResponses::new(),
+            }),
         }
     }
 
@@ -173,34 +189,46 @@ fn jwt_bundles(bundles: &[Arc<TrustBundle>]) -> Result<JwtBundlesResponse, Statu
     Ok(JwtBundlesResponse { bundles: documents })
 }
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<Encoded, Status>> + Send>>;
 
-/// Runs `render` now and after every change, sending each result that differs from the last, until
-/// the client leaves, the agent stops, or `render` fails (the error is sent, then the stream ends).
-fn follow<S, T, F>(
+/// What a stream renders on each change: the shared response for the content it may see now.
+type Render<S, K> = Box<
+    dyn for<'a> Fn(
+            &'a S,
+        )
+            -> futures::future::BoxFuture<'a, Result<Arc<Rendered<K, Encoded>>, Status>>
+        + Send
+        + Sync,
+>;
+
+/// Runs `render` now and after every change, sending each response that differs from the last,
+/// until the client leaves, the agent stops, or `render` fails (the error is sent, then the
+/// stream ends). A stream holds only the shared response it sent last.
+fn follow<S, K>(
     source: Arc<S>,
     mut stopping: watch::Receiver<bool>,
-    render: F,
-) -> ResponseStream<T>
+    render: Render<S, K>,
+) -> ResponseStream
 where
     S: IdentitySource,
-    T: PartialEq + Clone + Send + Sync + 'static,
-    F: for<'a> Fn(&'a S) -> futures::future::BoxFuture<'a, Result<T, Status>>
-        + Send
-        + Sync
-        + 'static,
+    K: Send + Sync + 'static,
 {
     let (sender, receiver) = mpsc::channel(4);
     tokio::spawn(async move {
         let mut changes = source.changes();
-        let mut last: Option<T> = None;
+        let mut last: Option<Arc<Rendered<K, Encoded>>> = None;
         loop {
             changes.borrow_and_update();
             match render(&source).await {
-                Ok(message) => {
-                    if last.as_ref() != Some(&message) {
-                        last = Some(message.clone());
-                        if sender.send(Ok(message)).await.is_err() {
+                Ok(rendered) => {
+                    // Equal content is the same shared response while this stream holds it.
+                    if !last
+                        .as_ref()
+                        .is_some_and(|sent| Arc::ptr_eq(sent, &rendered))
+                    {
+                        let bytes = rendered.value().clone();
+                        last = Some(rendered);
+                        if sender.send(Ok(bytes)).await.is_err() {
                             return;
                         }
                     }
@@ -230,32 +258,35 @@ fn no_identity() -> Status {
 }
 
 impl<S: IdentitySource> WorkloadApi<S> {
-    /// The stream of both bundle calls: the trust bundles `caller` may see, as `render` answers
-    /// them, sent again whenever they change.
-    async fn follow_bundles<T>(
+    /// The stream of both bundle calls: the trust bundles `caller` may see, as `encode` answers
+    /// them (shared through `pick`'s table), sent again whenever they change.
+    async fn follow_bundles(
         &self,
         caller: Caller,
-        render: fn(&[Arc<TrustBundle>]) -> Result<T, Status>,
-    ) -> Result<Response<ResponseStream<T>>, Status>
-    where
-        T: PartialEq + Clone + Send + Sync + 'static,
-    {
+        pick: fn(&Responses) -> &SharedResponses<Vec<Arc<TrustBundle>>, Encoded>,
+        encode: fn(&[Arc<TrustBundle>]) -> Result<Encoded, Status>,
+    ) -> Result<Response<ResponseStream>, Status> {
         let selectors: Arc<Vec<Selector>> = Arc::new(self.source.attest(caller).await?);
-        let stream = follow(
+        let responses = self.responses.clone();
+        let render: Render<S, Vec<Arc<TrustBundle>>> = Box::new(move |source: &S| {
+            let selectors = selectors.clone();
+            let responses = responses.clone();
+            Box::pin(async move {
+                let bundles = source.bundles(&selectors)?;
+                pick(&responses).get_or_render(bundles, |bundles| encode(bundles))
+            })
+        });
+        Ok(Response::new(follow(
             self.source.clone(),
             self.stopping.clone(),
-            move |source: &S| {
-                let selectors = selectors.clone();
-                Box::pin(async move { render(&source.bundles(&selectors)?) })
-            },
-        );
-        Ok(Response::new(stream))
+            render,
+        )))
     }
 }
 
 #[tonic::async_trait]
 impl<S: IdentitySource> SpiffeWorkloadApi for WorkloadApi<S> {
-    type FetchX509SVIDStream = ResponseStream<X509svidResponse>;
+    type FetchX509SVIDStream = ResponseStream;
 
     async fn fetch_x509svid(
         &self,
@@ -268,31 +299,39 @@ impl<S: IdentitySource> SpiffeWorkloadApi for WorkloadApi<S> {
         if first.svids.is_empty() {
             return Err(no_identity());
         }
-        let stream = follow(
+        let responses = self.responses.clone();
+        let render: Render<S, X509View> = Box::new(move |source: &S| {
+            let selectors = selectors.clone();
+            let responses = responses.clone();
+            Box::pin(async move {
+                let view = source.x509_view(&selectors).await?;
+                if view.svids.is_empty() {
+                    return Err(no_identity());
+                }
+                responses
+                    .x509_svids
+                    .get_or_render(view, |view| Ok(Encoded::new(&x509_response(view))))
+            })
+        });
+        Ok(Response::new(follow(
             self.source.clone(),
             self.stopping.clone(),
-            move |source: &S| {
-                let selectors = selectors.clone();
-                Box::pin(async move {
-                    let view = source.x509_view(&selectors).await?;
-                    if view.svids.is_empty() {
-                        return Err(no_identity());
-                    }
-                    Ok(x509_response(&view))
-                })
-            },
-        );
-        Ok(Response::new(stream))
+            render,
+        )))
     }
 
-    type FetchX509BundlesStream = ResponseStream<X509BundlesResponse>;
+    type FetchX509BundlesStream = ResponseStream;
 
     async fn fetch_x509_bundles(
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        self.follow_bundles(caller(&request)?, |bundles| Ok(x509_bundles(bundles)))
-            .await
+        self.follow_bundles(
+            caller(&request)?,
+            |responses| &responses.x509_bundles,
+            |bundles| Ok(Encoded::new(&x509_bundles(bundles))),
+        )
+        .await
     }
 
     async fn fetch_jwtsvid(
@@ -326,13 +365,18 @@ impl<S: IdentitySource> SpiffeWorkloadApi for WorkloadApi<S> {
         }))
     }
 
-    type FetchJWTBundlesStream = ResponseStream<JwtBundlesResponse>;
+    type FetchJWTBundlesStream = ResponseStream;
 
     async fn fetch_jwt_bundles(
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        self.follow_bundles(caller(&request)?, jwt_bundles).await
+        self.follow_bundles(
+            caller(&request)?,
+            |responses| &responses.jwt_bundles,
+            |bundles| Ok(Encoded::new(&jwt_bundles(bundles)?)),
+        )
+        .await
     }
 
     async fn validate_jwtsvid(

@@ -1,5 +1,6 @@
 //! Where a Workload API server gets identities from.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -38,8 +39,18 @@ pub struct X509Svid {
     pub hint: String,
 }
 
+// Hashed by what tells two SVIDs apart cheaply (the leaf certificate is unique per signature);
+// equality still compares everything, the key included.
+impl Hash for X509Svid {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.spiffe_id.hash(state);
+        self.hint.hash(state);
+        self.chain.first().hash(state);
+    }
+}
+
 /// Everything `FetchX509SVID` sends one caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct X509View {
     /// The caller's SVIDs; empty when it has no identity.
     pub svids: Vec<X509Svid>,
