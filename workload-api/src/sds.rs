@@ -11,7 +11,7 @@
 //! again, a NACK (a request with `error_detail`) is logged, and every rotation or bundle change is
 //! pushed. Delta streams (Envoy's `DELTA_GRPC`) track subscriptions and send only the resources
 //! whose version changed, each with its own version. Each secret is encoded once per content
-//! and the encoding shared by every stream that serves it (see [`crate::shared`]).
+//! and the encoding shared by every stream that serves it (the crate's `shared` module).
 //!
 //! Every request is bounded by [`Sds::with_max_resource_names`] (default
 //! [`DEFAULT_MAX_RESOURCE_NAMES`]): a request naming more resources, or a delta stream subscribing
